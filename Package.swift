@@ -1,0 +1,62 @@
+// swift-tools-version:6.0
+import PackageDescription
+
+/// A pkg-config system library that only contributes link and compile flags;
+/// its declarations are reached through `CHeaders`.
+func systemLibrary(_ name: String, dir: String, pkg: String, apt: String) -> Target {
+    .systemLibrary(name: name, path: "Sources/CHeaders/system/\(dir)", pkgConfig: pkg, providers: [.apt([apt])])
+}
+
+let package = Package(
+    name: "erofs-compat",
+    platforms: [.macOS(.v13)],
+    products: [
+        .executable(name: "erofs-compat", targets: ["ErofsCompatCLI"]),
+        .library(name: "Probe", targets: ["Probe"]),
+        .library(name: "EROFS", targets: ["EROFS"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
+        .package(url: "https://github.com/apple/swift-log", from: "1.16.2"),
+        .package(url: "https://github.com/apple/swift-system", from: "1.8.1"),
+    ],
+    targets: [
+        systemLibrary("CKmod", dir: "kmod", pkg: "libkmod", apt: "libkmod-dev"),
+        systemLibrary("CBlkid", dir: "blkid", pkg: "blkid", apt: "libblkid-dev"),
+        systemLibrary("CCurl", dir: "curl", pkg: "libcurl", apt: "libcurl4-openssl-dev"),
+        systemLibrary("CFuse3", dir: "fuse3", pkg: "fuse3", apt: "libfuse3-dev"),
+        systemLibrary("CLz4", dir: "lz4", pkg: "liblz4", apt: "liblz4-dev"),
+        systemLibrary("CLzma", dir: "lzma", pkg: "liblzma", apt: "liblzma-dev"),
+        systemLibrary("CZstd", dir: "zstd", pkg: "libzstd", apt: "libzstd-dev"),
+        systemLibrary("CZlib", dir: "zlib", pkg: "zlib", apt: "zlib1g-dev"),
+        .target(
+            name: "CHeaders",
+            dependencies: ["CKmod", "CBlkid", "CCurl", "CFuse3", "CLz4", "CLzma", "CZstd", "CZlib"],
+            exclude: ["system"]
+        ),
+        .target(
+            name: "Syscall",
+            dependencies: ["CHeaders", .product(name: "SystemPackage", package: "swift-system")]
+        ),
+        .target(name: "EROFS", dependencies: ["Syscall"]),
+        .target(
+            name: "Probe",
+            dependencies: ["Syscall", "EROFS", .product(name: "SystemPackage", package: "swift-system")]
+        ),
+        .executableTarget(
+            name: "ErofsCompatCLI",
+            dependencies: [
+                "Probe", "EROFS",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "Logging", package: "swift-log"),
+            ],
+            path: "Sources/erofs-compat"
+        ),
+        .target(name: "TestSupport", dependencies: ["Syscall", "EROFS"], path: "Tests/TestSupport"),
+        .testTarget(name: "SyscallTests", dependencies: ["Syscall", "TestSupport"]),
+        .testTarget(name: "EROFSTests", dependencies: ["EROFS", "TestSupport"]),
+        .testTarget(name: "ProbeTests", dependencies: ["Probe", "EROFS", "TestSupport"]),
+        .testTarget(name: "CLITests", dependencies: ["TestSupport"]),
+    ],
+    swiftLanguageModes: [.v5]
+)

@@ -1,0 +1,72 @@
+import Foundation
+import Glibc
+import EROFS
+import Syscall
+import SystemPackage
+
+/// With IMAGE: libblkid's verdict, the superblock's feature bits against the kernel's, and a
+/// side-effect-free superblock trial with the image itself.
+enum ImageChecks {
+    static func run(_ ctx: ProbeContext, image: String, kernelFeatures: Set<String>) -> [Finding] {
+        var out: [Finding] = []
+        let (rc, values) = Libraries.blkid(path: image)
+        let summary = ["TYPE", "UUID", "LABEL", "BLOCK_SIZE"].compactMap { k in values[k].map { "\(k)=\($0)" } }.joined(separator: " ")
+        out.append(Finding("image.blkid", "libblkid identification", values["TYPE"] == "erofs" ? .present : .absent,
+                           value: summary.isEmpty ? nil : summary,
+                           evidence: [.init("blkid_do_safeprobe (libblkid \(Libraries.blkidVersion))", rc == 0 ? summary : (rc == 1 ? "no known signature" : "error \(rc)"))]))
+
+        let sb: Superblock
+        do {
+            let fd = try Sys.open(image, O_RDONLY)
+            defer { Sys.close(fd.rawValue) }
+            let head = try Sys.preadFully(fd.rawValue, count: 65536, at: Int64(Superblock.offset))
+            sb = try Superblock(parsing: head)
+            out.append(Finding("image.superblock", "EROFS superblock", .present,
+                               value: "block size \(sb.blockSize), \(sb.inodeCount) inodes, \(sb.blocks) blocks",
+                               evidence: [.init("superblock at 1024", "magic ok" + (sb.featureCompat & CompatFeature.sbChecksum.rawValue != 0 ? ", crc32c ok" : ", no checksum")
+                                                + ", uuid \(sb.uuidString)")]))
+        } catch {
+            out.append(Finding("image.superblock", "EROFS superblock", .absent, evidence: [.init("superblock at 1024", "\(error)")]))
+            out.append(Finding("image.mountable", "mountable here", .absent, evidence: [.init("superblock", "not an EROFS image")]))
+            return out
+        }
+
+        let used = Feature.table.filter { sb.featureIncompat & $0.bit != 0 }
+        var unsupported: [String] = []
+        for f in used {
+            if f.sysfs.isEmpty {
+                if !kernelAtLeast(ctx.release, 6, 4) { unsupported.append(f.name) }
+            } else if kernelFeatures.isDisjoint(with: f.sysfs) {
+                unsupported.append(f.name)
+            }
+        }
+        let unknownBits = sb.featureIncompat & ~Feature.table.reduce(0) { $0 | $1.bit }
+        if unknownBits != 0 { unsupported.append("unknown bits 0x\(String(unknownBits, radix: 16))") }
+        out.append(Finding("image.features", "image features supported by this kernel", unsupported.isEmpty ? .present : .absent,
+                           value: sb.incompatFeatureNames.joined(separator: " "),
+                           evidence: [.init("feature_incompat", "0x\(String(sb.featureIncompat, radix: 16)) = [\(sb.incompatFeatureNames.joined(separator: ", "))]"),
+                                      .init("/sys/fs/erofs/features", unsupported.isEmpty ? "all understood" : "missing: \(unsupported.joined(separator: ", "))")]))
+
+        // The image itself: build a superblock from it without attaching it.
+        if ctx.host.isLive, ctx.privileged {
+            switch Result(catching: { try EROFSChecks.trialCreate(source: image) }) {
+            case .success:
+                out.append(Finding("image.mountable", "mountable here", .present, value: "file-backed",
+                                   evidence: [.init("fsopen+fsconfig(source=IMAGE)+FSCONFIG_CMD_CREATE", "ok; nothing attached")]))
+            case .failure(let e):
+                out.append(Finding("image.mountable", "mountable here", unsupported.isEmpty ? .unknown : .absent,
+                                   evidence: [.init("FSCONFIG_CMD_CREATE with the image", "\(e)" + ((e as? Errno) == .notBlockDevice ? " (file-backed unavailable for this file; a loop device may still work)" : ""))]))
+            }
+        } else {
+            out.append(Finding("image.mountable", "mountable here", unsupported.isEmpty ? .unknown : .absent,
+                               evidence: [.init("trial", ctx.privileged ? "not the live host" : "needs CAP_SYS_ADMIN")]))
+        }
+        return out
+    }
+
+    static func kernelAtLeast(_ release: String, _ major: Int, _ minor: Int) -> Bool {
+        let parts = release.split(whereSeparator: { !$0.isNumber }).prefix(2).compactMap { Int($0) }
+        guard parts.count == 2 else { return false }
+        return (parts[0], parts[1]) >= (major, minor)
+    }
+}

@@ -1,0 +1,37 @@
+import Foundation
+import Syscall
+
+/// Read access to the host's /proc, /sys, /dev, /lib/modules and /etc, rooted at `root` so the parsers
+/// can be tested against fixture trees.
+public struct Host: Sendable {
+    public var root: String
+
+    public init(root: String = "/") {
+        self.root = root.hasSuffix("/") ? String(root.dropLast()) : root
+    }
+
+    /// True when this is the running system (live syscalls allowed).
+    public var isLive: Bool { root.isEmpty || root == "/" }
+
+    public func path(_ p: String) -> String { root + p }
+
+    public func read(_ p: String) -> String? {
+        guard let d = FileManager.default.contents(atPath: path(p)) else { return nil }
+        return String(decoding: d, as: UTF8.self)
+    }
+
+    public func readBytes(_ p: String) -> [UInt8]? {
+        FileManager.default.contents(atPath: path(p)).map { [UInt8]($0) }
+    }
+
+    public func exists(_ p: String) -> Bool { FileManager.default.fileExists(atPath: path(p)) }
+
+    public func isDirectory(_ p: String) -> Bool {
+        var d: ObjCBool = false
+        return FileManager.default.fileExists(atPath: path(p), isDirectory: &d) && d.boolValue
+    }
+
+    public func list(_ p: String) -> [String] {
+        ((try? FileManager.default.contentsOfDirectory(atPath: path(p))) ?? []).sorted()
+    }
+}

@@ -1,0 +1,97 @@
+import Foundation
+import Glibc
+import Syscall
+import SystemPackage
+
+/// Options of one probe run.
+public struct ProbeOptions: Sendable {
+    /// Where the lazy cache would live; pre-content marks are tried on its filesystem.
+    public var cacheDir: String
+    public var allowModuleLoad: Bool
+    public var image: String?
+    public var host: Host
+
+    public static let defaultCacheDir = "/var/cache/erofs-compat"
+
+    public init(cacheDir: String = ProbeOptions.defaultCacheDir, allowModuleLoad: Bool = false, image: String? = nil, host: Host = Host()) {
+        self.cacheDir = cacheDir
+        self.allowModuleLoad = allowModuleLoad
+        self.image = image
+        self.host = host
+    }
+}
+
+/// Shared facts every check needs.
+struct ProbeContext {
+    let options: ProbeOptions
+    var host: Host { options.host }
+    let release: String
+    let config: KernelConfig?
+    let privileged: Bool
+    let filesystems: Set<String>
+    /// The nearest existing directory at or above the cache dir: temporary files for trials go there.
+    let trialDir: String
+    let trialFSType: String
+    let trialFSMemoryBacked: Bool
+
+    init(options: ProbeOptions) {
+        self.options = options
+        let host = options.host
+        release = host.isLive ? Sys.uname().release : (host.read("/proc/sys/kernel/osrelease")?.trimmingCharacters(in: .whitespacesAndNewlines) ?? "unknown")
+        config = Self.loadConfig(host: host, release: release)
+        let caps = host.read("/proc/self/status").flatMap(ProcStatus.effectiveCapabilities)
+        privileged = caps.map { $0 & (1 << UInt64(ProcStatus.capSysAdmin)) != 0 } ?? false
+        filesystems = host.read("/proc/filesystems").map(ProcFilesystems.parse) ?? []
+        var dir = options.cacheDir
+        while !host.isDirectory(dir), dir != "/", !dir.isEmpty {
+            dir = (dir as NSString).deletingLastPathComponent
+        }
+        trialDir = dir.isEmpty ? "/" : dir
+        if host.isLive, let st = try? Sys.statfs(trialDir) {
+            let t = UInt64(bitPattern: Int64(st.f_type))
+            trialFSType = FilesystemMagic.name(t)
+            trialFSMemoryBacked = FilesystemMagic.isMemoryBacked(t)
+        } else {
+            trialFSType = "unknown"
+            trialFSMemoryBacked = false
+        }
+    }
+
+    /// /proc/config.gz first, then /boot/config-RELEASE.
+    static func loadConfig(host: Host, release: String) -> KernelConfig? {
+        if let gz = host.readBytes("/proc/config.gz"), let raw = Libraries.gunzip(gz) {
+            return KernelConfig(parsing: String(decoding: raw, as: UTF8.self), source: "/proc/config.gz")
+        }
+        if let text = host.read("/boot/config-\(release)") {
+            return KernelConfig(parsing: text, source: "/boot/config-\(release)")
+        }
+        return nil
+    }
+
+    func configEvidence(_ key: String) -> Finding.Evidence? {
+        guard let config else { return nil }
+        return .init(config.source, "\(key)=\(config.value(key))")
+    }
+
+    /// A privilege-related failure turns into "unknown" with the reason.
+    func unknownWithoutPrivilege(_ id: String, _ title: String, _ what: String) -> Finding {
+        Finding(id, title, .unknown, evidence: [.init(what, privileged ? "not attempted" : "needs CAP_SYS_ADMIN; run as root to decide")])
+    }
+
+    /// An unnamed temporary file in the trial directory (O_TMPFILE: nothing is left behind).
+    func temporaryFile() throws -> FileDescriptor {
+        try Sys.openTemporary(in: trialDir)
+    }
+}
+
+/// errno as a stable name for evidence text ("ENOENT").
+func errnoName(_ e: Errno) -> String {
+    let names: [Int32: String] = [
+        EPERM: "EPERM", ENOENT: "ENOENT", EINTR: "EINTR", EIO: "EIO", EBADF: "EBADF", EAGAIN: "EAGAIN",
+        ENOMEM: "ENOMEM", EACCES: "EACCES", EBUSY: "EBUSY", EEXIST: "EEXIST", ENODEV: "ENODEV",
+        ENOTDIR: "ENOTDIR", EINVAL: "EINVAL", ENOSPC: "ENOSPC", EROFS: "EROFS", ENOSYS: "ENOSYS",
+        ENOTTY: "ENOTTY", ENOTBLK: "ENOTBLK", EOPNOTSUPP: "EOPNOTSUPP", ENXIO: "ENXIO", ETIMEDOUT: "ETIMEDOUT",
+        EUCLEAN: "EUCLEAN", ENODATA: "ENODATA", EXDEV: "EXDEV", EMFILE: "EMFILE",
+    ]
+    return names[e.rawValue] ?? "errno \(e.rawValue)"
+}

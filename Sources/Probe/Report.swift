@@ -1,0 +1,100 @@
+import Foundation
+
+/// Everything one probe run found, ready for `--json` or the table.
+public struct ProbeReport: Codable, Sendable {
+    public static let currentSchemaVersion = 1
+
+    public var schemaVersion: Int = ProbeReport.currentSchemaVersion
+    public var tool: String
+    public var cacheDir: String
+    public var image: String?
+    public var durationMs: Double
+    public var findings: Findings
+    public var plans: [Plan]
+    /// What this build implements (the planner rejects the rest).
+    public var implementedBackends: [Backend]
+
+    /// 0: at least one backend can mount a local image here; 1: none can.
+    public var exitCode: Int32 {
+        plans.first { $0.source == .local }?.chosen != nil ? 0 : 1
+    }
+
+    public func json() throws -> String {
+        let enc = JSONEncoder()
+        enc.outputFormatting = [.prettyPrinted, .sortedKeys, .withoutEscapingSlashes]
+        return String(decoding: try enc.encode(self), as: UTF8.self)
+    }
+
+    /// A grouped, aligned table; `color` adds ANSI colours for a terminal.
+    public func table(color: Bool) -> String {
+        func paint(_ s: String, _ code: String) -> String { color ? "\u{1B}[\(code)m\(s)\u{1B}[0m" : s }
+        func mark(_ s: Finding.Status) -> String {
+            switch s {
+            case .present: return paint("yes    ", "32")
+            case .absent: return paint("no     ", "31")
+            case .unknown: return paint("unknown", "33")
+            }
+        }
+        var lines: [String] = []
+        var group = ""
+        let width = findings.all.map(\.title.count).max() ?? 20
+        for f in findings.all {
+            if f.group != group {
+                group = f.group
+                lines.append("")
+                lines.append(paint(group, "1"))
+            }
+            let title = f.title.padding(toLength: width, withPad: " ", startingAt: 0)
+            var line = "  \(title)  \(mark(f.status))"
+            if let v = f.value, !v.isEmpty { line += "  \(v)" }
+            lines.append(line)
+            for e in f.evidence {
+                lines.append(paint("      \(e.source): \(e.result)", "2"))
+            }
+        }
+        for plan in plans {
+            lines.append("")
+            let chosen = plan.chosen.map { "\($0.rawValue)" } ?? "none"
+            lines.append(paint("backend for a \(plan.source.rawValue) image: \(chosen)", "1"))
+            for c in plan.candidates {
+                let v: String
+                switch c.verdict {
+                case .viable: v = paint("viable    ", "32")
+                case .unverified: v = paint("unverified", "33")
+                case .rejected: v = paint("rejected  ", "31")
+                }
+                lines.append("  \(c.backend.rawValue.padding(toLength: 9, withPad: " ", startingAt: 0)) \(v)  \(c.reasons.joined(separator: "; "))")
+            }
+        }
+        lines.append("")
+        lines.append(String(format: "probe took %.1f ms", durationMs))
+        return lines.joined(separator: "\n").trimmingCharacters(in: CharacterSet(charactersIn: "\n")) + "\n"
+    }
+}
+
+/// Runs every check against the host.
+public enum HostProbe {
+    public static func run(_ options: ProbeOptions, implemented: Set<Backend>, tool: String = "erofs-compat") -> ProbeReport {
+        let start = DispatchTime.now()
+        let ctx = ProbeContext(options: options)
+        var findings = Findings()
+        let groups: [[Finding]] = [
+            SystemChecks.kernel(ctx),
+            FanotifyChecks.run(ctx),
+            EROFSChecks.run(ctx),
+            BlockChecks.run(ctx),
+            FuseChecks.run(ctx),
+            SystemChecks.system(ctx),
+        ]
+        for g in groups { g.forEach { findings.add($0) } }
+        if let image = options.image {
+            let kernelFeatures = Set(findings["erofs.features"]?.value?.split(separator: " ").map(String.init) ?? [])
+            ImageChecks.run(ctx, image: image, kernelFeatures: kernelFeatures).forEach { findings.add($0) }
+        }
+        let plans = [Planner.plan(findings, source: .local, implemented: implemented),
+                     Planner.plan(findings, source: .remote, implemented: implemented)]
+        let ms = Double(DispatchTime.now().uptimeNanoseconds - start.uptimeNanoseconds) / 1e6
+        return ProbeReport(tool: tool, cacheDir: options.cacheDir, image: options.image, durationMs: ms,
+                           findings: findings, plans: plans, implementedBackends: Backend.allCases.filter(implemented.contains))
+    }
+}

@@ -1,0 +1,103 @@
+import CHeaders
+import Glibc
+import SystemPackage
+
+/// Thin wrappers over the Debian C libraries that CHeaders brings in.
+package enum Libraries {
+    /// libkmod's view of one module.
+    package struct KmodAnswer: Sendable, Equatable {
+        /// kmod_load_resources result (0, or a negative errno such as -ENOENT without /lib/modules).
+        package var loadResources: Int32
+        /// "builtin", "live", "coming", "going", or nil when libkmod reported an error.
+        package var initState: String?
+        package var initStateError: Int32?
+        /// Path of the .ko when the module is loadable.
+        package var path: String?
+        package var libraryVersion: String
+    }
+
+    package static func kmod(module name: String) -> KmodAnswer? {
+        guard let ctx = kmod_new(nil, nil) else { return nil }
+        defer { kmod_unref(ctx) }
+        let load = kmod_load_resources(ctx)
+        var mod: OpaquePointer?
+        let version = "libkmod"
+        guard kmod_module_new_from_name(ctx, name, &mod) == 0, let mod else {
+            return KmodAnswer(loadResources: load, initState: nil, initStateError: -ENOENT, path: nil, libraryVersion: version)
+        }
+        defer { kmod_module_unref(mod) }
+        let st = kmod_module_get_initstate(mod)
+        var state: String?
+        switch st {
+        case ecx_kmod_builtin: state = "builtin"
+        case ecx_kmod_live: state = "live"
+        case ecx_kmod_coming: state = "coming"
+        case ecx_kmod_going: state = "going"
+        default: state = nil
+        }
+        let path = kmod_module_get_path(mod).map { String(cString: $0) }
+        return KmodAnswer(loadResources: load, initState: state, initStateError: st < 0 ? st : nil, path: path, libraryVersion: version)
+    }
+
+    /// libblkid's superblock probe of a file: TYPE, UUID, LABEL, BLOCK_SIZE, ... (empty when unknown).
+    package static func blkid(path: String) -> (result: Int32, values: [String: String]) {
+        guard let pr = blkid_new_probe_from_filename(path) else { return (-1, [:]) }
+        defer { blkid_free_probe(pr) }
+        blkid_probe_enable_superblocks(pr, 1)
+        blkid_probe_set_superblocks_flags(pr, ecx_blkid_sublks_flags)
+        let rc = blkid_do_safeprobe(pr)
+        var values: [String: String] = [:]
+        if rc == 0 {
+            let n = blkid_probe_numof_values(pr)
+            for i in 0..<max(n, 0) {
+                var name: UnsafePointer<CChar>?
+                var data: UnsafePointer<CChar>?
+                var len: Int = 0
+                if blkid_probe_get_value(pr, i, &name, &data, &len) == 0, let name, let data {
+                    values[String(cString: name)] = String(cString: data)
+                }
+            }
+        }
+        return (rc, values)
+    }
+
+    /// libblkid's own version string.
+    package static var blkidVersion: String {
+        var ver: UnsafePointer<CChar>?
+        var date: UnsafePointer<CChar>?
+        _ = blkid_get_library_version(&ver, &date)
+        return ver.map { String(cString: $0) } ?? "?"
+    }
+
+    /// The libfuse3 the binary runs against: fuse_version() (e.g. 314) and fuse_pkgversion().
+    package static var libfuse: (api: Int32, package: String) {
+        (ecx_libfuse_version(), String(cString: ecx_libfuse_pkgversion()))
+    }
+
+    package static var curlVersion: String { String(cString: ecx_curl_version_string()) }
+
+    /// gunzip (for /proc/config.gz); nil when the data is not valid gzip.
+    package static func gunzip(_ data: [UInt8]) -> [UInt8]? {
+        var s = z_stream()
+        guard inflateInit2_(&s, 15 + 32, ZLIB_VERSION, Int32(MemoryLayout<z_stream>.size)) == Z_OK else { return nil }
+        defer { inflateEnd(&s) }
+        var out = [UInt8]()
+        var chunk = [UInt8](repeating: 0, count: 1 << 16)
+        var input = data
+        let ok: Bool = input.withUnsafeMutableBufferPointer { inBuf in
+            s.next_in = inBuf.baseAddress
+            s.avail_in = uInt(inBuf.count)
+            while true {
+                let r: Int32 = chunk.withUnsafeMutableBufferPointer { cb in
+                    s.next_out = cb.baseAddress
+                    s.avail_out = uInt(cb.count)
+                    return inflate(&s, Z_NO_FLUSH)
+                }
+                out.append(contentsOf: chunk[0..<(chunk.count - Int(s.avail_out))])
+                if r == Z_STREAM_END { return true }
+                if r != Z_OK { return false }
+            }
+        }
+        return ok ? out : nil
+    }
+}

@@ -1,0 +1,226 @@
+import CHeaders
+import Glibc
+import SystemPackage
+
+/// The single syscall shim layer: every call into the kernel goes through here. A `-1` return becomes a
+/// thrown `Errno`, and `EINTR` is retried.
+package enum Sys {
+    /// Runs `body` until it returns something other than `-1`/`EINTR`; `-1` with another errno throws.
+    @inline(__always)
+    package static func call<T: FixedWidthInteger>(_ body: () -> T) throws -> T {
+        while true {
+            let r = body()
+            if r == -1 {
+                let e = Errno(rawValue: ecx_errno())
+                if e == .interrupted { continue }
+                throw e
+            }
+            return r
+        }
+    }
+
+    /// Like `call`, but reports the errno as a value instead of throwing (for probes that expect failure).
+    package static func attempt<T: FixedWidthInteger>(_ body: () -> T) -> Result<T, Errno> {
+        do { return .success(try call(body)) } catch { return .failure(error as! Errno) }
+    }
+
+    // MARK: files
+
+    package static func open(_ path: String, _ flags: Int32, mode: UInt32 = 0o600) throws -> FileDescriptor {
+        FileDescriptor(rawValue: try call { ecx_open(path, flags | O_CLOEXEC, mode) })
+    }
+
+    package static func openAt(_ dir: FileDescriptor, _ path: String, _ flags: Int32, mode: UInt32 = 0o600) throws -> FileDescriptor {
+        FileDescriptor(rawValue: try call { ecx_openat(dir.rawValue, path, flags | O_CLOEXEC, mode) })
+    }
+
+    /// An unnamed temporary file in `directory` (O_TMPFILE): nothing can be left behind, even on a crash.
+    package static func openTemporary(in directory: String) throws -> FileDescriptor {
+        try open(directory, ecx_o_tmpfile | O_RDWR, mode: 0o600)
+    }
+
+    /// Re-opens a descriptor through /proc/self/fd, giving a fresh open file description.
+    package static func reopen(_ fd: FileDescriptor, _ flags: Int32) throws -> FileDescriptor {
+        try open("/proc/self/fd/\(fd.rawValue)", flags)
+    }
+
+    package static func close(_ fd: Int32) { _ = Glibc.close(fd) }
+
+    package static func pread(_ fd: Int32, into buffer: UnsafeMutableRawBufferPointer, at offset: Int64) throws -> Int {
+        try call { Glibc.pread(fd, buffer.baseAddress, buffer.count, off_t(offset)) }
+    }
+
+    package static func pwrite(_ fd: Int32, _ buffer: UnsafeRawBufferPointer, at offset: Int64) throws -> Int {
+        try call { Glibc.pwrite(fd, buffer.baseAddress, buffer.count, off_t(offset)) }
+    }
+
+    /// Writes all of `buffer` at `offset`, looping over short writes.
+    package static func pwriteAll(_ fd: Int32, _ buffer: UnsafeRawBufferPointer, at offset: Int64) throws {
+        var done = 0
+        while done < buffer.count {
+            let n = try pwrite(fd, UnsafeRawBufferPointer(rebasing: buffer[done...]), at: offset + Int64(done))
+            done += n
+        }
+    }
+
+    /// Reads exactly `count` bytes at `offset` unless EOF comes first; returns what was read.
+    package static func preadFully(_ fd: Int32, count: Int, at offset: Int64) throws -> [UInt8] {
+        var out = [UInt8](repeating: 0, count: count)
+        var done = 0
+        try out.withUnsafeMutableBytes { buf in
+            while done < count {
+                let n = try pread(fd, into: UnsafeMutableRawBufferPointer(rebasing: buf[done...]), at: offset + Int64(done))
+                if n == 0 { break }
+                done += n
+            }
+        }
+        if done < count { out.removeSubrange(done...) }
+        return out
+    }
+
+    package static func read(_ fd: Int32, into buffer: UnsafeMutableRawBufferPointer) throws -> Int {
+        try call { Glibc.read(fd, buffer.baseAddress, buffer.count) }
+    }
+
+    package static func write(_ fd: Int32, _ buffer: UnsafeRawBufferPointer) throws -> Int {
+        try call { Glibc.write(fd, buffer.baseAddress, buffer.count) }
+    }
+
+    package static func ftruncate(_ fd: Int32, _ size: Int64) throws {
+        _ = try call { Glibc.ftruncate(fd, off_t(size)) }
+    }
+
+    package static func fsync(_ fd: Int32) throws { _ = try call { Glibc.fsync(fd) } }
+
+    package static func fstat(_ fd: Int32) throws -> FileStatus {
+        var st = FileStatus()
+        _ = try call { cFstat(fd, &st) }
+        return st
+    }
+
+    package static func stat(_ path: String) throws -> FileStatus {
+        var st = FileStatus()
+        _ = try call { cFstatat(AT_FDCWD, path, &st, 0) }
+        return st
+    }
+
+    package static func lstat(_ path: String) throws -> FileStatus {
+        var st = FileStatus()
+        _ = try call { cFstatat(AT_FDCWD, path, &st, AT_SYMLINK_NOFOLLOW) }
+        return st
+    }
+
+    package static func statfs(_ path: String) throws -> FilesystemStatus {
+        var st = FilesystemStatus()
+        _ = try call { cStatfs(path, &st) }
+        return st
+    }
+
+    package static func fstatfs(_ fd: Int32) throws -> FilesystemStatus {
+        var st = FilesystemStatus()
+        _ = try call { cFstatfs(fd, &st) }
+        return st
+    }
+
+    /// The statfs f_type of the filesystem holding `path`.
+    package static func filesystemType(_ path: String) throws -> UInt64 {
+        UInt64(bitPattern: Int64(try statfs(path).f_type))
+    }
+
+    package static func realpath(_ path: String) throws -> String {
+        guard let p = Glibc.realpath(path, nil) else { throw Errno(rawValue: ecx_errno()) }
+        defer { free(p) }
+        return String(cString: p)
+    }
+
+    package static func mkdir(_ path: String, mode: UInt32 = 0o755) throws {
+        _ = try call { Glibc.mkdir(path, mode_t(mode)) }
+    }
+
+    package static func unlink(_ path: String) throws { _ = try call { Glibc.unlink(path) } }
+
+    package static func rename(_ from: String, _ to: String) throws { _ = try call { Glibc.rename(from, to) } }
+
+    /// flock(2); `nonBlocking` turns a held lock into `EWOULDBLOCK`.
+    package static func flock(_ fd: Int32, exclusive: Bool, nonBlocking: Bool = false) throws {
+        let op = (exclusive ? ecx_lock_ex : ecx_lock_sh) | (nonBlocking ? ecx_lock_nb : 0)
+        _ = try call { ecx_flock(fd, op) }
+    }
+
+    package static func unlock(_ fd: Int32) { _ = ecx_flock(fd, ecx_lock_un) }
+
+    // MARK: process & identity
+
+    package static func uname() -> (release: String, machine: String) {
+        func field(_ which: Int32) -> String {
+            var buf = [CChar](repeating: 0, count: 65)
+            _ = ecx_uname_field(which, &buf, buf.count)
+            return String(cString: buf)
+        }
+        return (field(0), field(1))
+    }
+
+    package static var effectiveUID: UInt32 { geteuid() }
+    package static var processID: Int32 { getpid() }
+    package static var threadID: Int { Int(ecx_gettid()) }
+
+    /// Gives the calling thread its own mount namespace (mounts made afterwards vanish with the thread)
+    /// and makes every mount in it private so nothing propagates to the host.
+    package static func unshareMountNamespace() throws {
+        _ = try call { ecx_unshare(ecx_clone_newns) }
+        _ = try call { Glibc.mount(nil, "/", nil, ecx_ms_rec | ecx_ms_private, nil) }
+    }
+
+    package static func kill(_ pid: Int32, _ signal: Int32) throws { _ = try call { Glibc.kill(pid, signal) } }
+
+    /// Whether a process exists (kill with signal 0; EPERM still means it exists).
+    package static func processExists(_ pid: Int32) -> Bool {
+        if Glibc.kill(pid, 0) == 0 { return true }
+        return ecx_errno() == EPERM
+    }
+
+    // MARK: poll
+
+    /// poll(2) on one descriptor; true when `events` are ready before `timeoutMs`.
+    package static func poll(_ fd: Int32, events: Int16 = Int16(POLLIN), timeoutMs: Int32) throws -> Bool {
+        var p = pollfd(fd: fd, events: events, revents: 0)
+        return try call { Glibc.poll(&p, 1, timeoutMs) } > 0
+    }
+
+    // MARK: ioctl
+
+    package static func ioctl(_ fd: Int32, _ request: UInt, _ arg: UnsafeMutableRawPointer?) throws -> Int32 {
+        try call { ecx_ioctl_ptr(fd, request, arg) }
+    }
+
+    package static func ioctl(_ fd: Int32, _ request: UInt, value: UInt) throws -> Int32 {
+        try call { ecx_ioctl_val(fd, request, value) }
+    }
+
+    // MARK: sockets (netlink)
+
+    package static func socket(_ domain: Int32, _ type: Int32, _ proto: Int32) throws -> FileDescriptor {
+        FileDescriptor(rawValue: try call { Glibc.socket(domain, type | Int32(SOCK_CLOEXEC.rawValue), proto) })
+    }
+
+    package static func send(_ fd: Int32, _ bytes: [UInt8]) throws -> Int {
+        try bytes.withUnsafeBytes { b in try call { Glibc.send(fd, b.baseAddress, b.count, 0) } }
+    }
+
+    package static func recv(_ fd: Int32, maxBytes: Int) throws -> [UInt8] {
+        var buf = [UInt8](repeating: 0, count: maxBytes)
+        let n = try buf.withUnsafeMutableBytes { b in try call { Glibc.recv(fd, b.baseAddress, b.count, 0) } }
+        return Array(buf.prefix(n))
+    }
+}
+
+/// struct stat and struct statfs under names that do not collide with the functions.
+package typealias FileStatus = CHeaders.stat
+package typealias FilesystemStatus = CHeaders.statfs
+
+private func cFstat(_ fd: Int32, _ st: UnsafeMutablePointer<FileStatus>) -> Int32 { fstat(fd, st) }
+private func cFstatat(_ dir: Int32, _ path: String, _ st: UnsafeMutablePointer<FileStatus>, _ flags: Int32) -> Int32 {
+    fstatat(dir, path, st, flags)
+}
+private func cStatfs(_ path: String, _ st: UnsafeMutablePointer<FilesystemStatus>) -> Int32 { statfs(path, st) }
+private func cFstatfs(_ fd: Int32, _ st: UnsafeMutablePointer<FilesystemStatus>) -> Int32 { fstatfs(fd, st) }
