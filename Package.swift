@@ -53,9 +53,9 @@ let package = Package(
             path: "Sources/erofs-compat"
         ),
         .target(name: "TestSupport", dependencies: ["Syscall", "EROFS"], path: "Tests/TestSupport"),
-        .testTarget(name: "SyscallTests", dependencies: ["Syscall", "TestSupport"]),
+        .testTarget(name: "SyscallTests", dependencies: ["Syscall", "TestSupport", .product(name: "SystemPackage", package: "swift-system")]),
         .testTarget(name: "EROFSTests", dependencies: ["EROFS", "TestSupport"]),
-        .testTarget(name: "ProbeTests", dependencies: ["Probe", "EROFS", "TestSupport"]),
+        .testTarget(name: "ProbeTests", dependencies: ["Probe", "EROFS", "Syscall", "TestSupport", .product(name: "SystemPackage", package: "swift-system")]),
         .testTarget(name: "CLITests", dependencies: ["TestSupport"]),
     ],
     swiftLanguageModes: [.v5]

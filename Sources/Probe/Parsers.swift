@@ -19,13 +19,28 @@ public struct KernelConfig: Sendable, Equatable {
     public var source: String
 
     public init(parsing text: String, source: String) {
+        self.init(parsing: Array(text.utf8), source: source)
+    }
+
+    /// Parses raw bytes line by line (a distribution config has thousands of lines).
+    public init(parsing bytes: [UInt8], source: String) {
         var v: [String: String] = [:]
-        for line in text.split(separator: "\n") {
-            if line.hasPrefix("CONFIG_"), let eq = line.firstIndex(of: "=") {
-                v[String(line[..<eq])] = String(line[line.index(after: eq)...]).trimmingCharacters(in: CharacterSet(charactersIn: "\""))
-            } else if line.hasPrefix("# CONFIG_"), line.hasSuffix(" is not set") {
-                let name = line.dropFirst(2).dropLast(" is not set".count)
-                v[String(name)] = "n"
+        let prefix = Array("CONFIG_".utf8), unsetPrefix = Array("# CONFIG_".utf8), unsetSuffix = Array(" is not set".utf8)
+        bytes.withUnsafeBufferPointer { buf in
+            var start = 0
+            while start < buf.count {
+                var end = start
+                while end < buf.count, buf[end] != 0x0A { end += 1 }
+                let line = UnsafeBufferPointer(rebasing: buf[start..<end])
+                if line.starts(with: prefix), let eq = line.firstIndex(of: 0x3D) {
+                    var value = line[(eq + 1)...]
+                    if value.first == 0x22, value.last == 0x22, value.count >= 2 { value = value.dropFirst().dropLast() }
+                    v[String(decoding: line[..<eq], as: UTF8.self)] = String(decoding: value, as: UTF8.self)
+                } else if line.starts(with: unsetPrefix), line.count > unsetPrefix.count + unsetSuffix.count,
+                          line[(line.count - unsetSuffix.count)...].elementsEqual(unsetSuffix) {
+                    v[String(decoding: line[2..<(line.count - unsetSuffix.count)], as: UTF8.self)] = "n"
+                }
+                start = end + 1
             }
         }
         values = v

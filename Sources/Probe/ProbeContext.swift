@@ -60,10 +60,10 @@ struct ProbeContext {
     /// /proc/config.gz first, then /boot/config-RELEASE.
     static func loadConfig(host: Host, release: String) -> KernelConfig? {
         if let gz = host.readBytes("/proc/config.gz"), let raw = Libraries.gunzip(gz) {
-            return KernelConfig(parsing: String(decoding: raw, as: UTF8.self), source: "/proc/config.gz")
+            return KernelConfig(parsing: raw, source: "/proc/config.gz")
         }
         if let text = host.read("/boot/config-\(release)") {
-            return KernelConfig(parsing: text, source: "/boot/config-\(release)")
+            return KernelConfig(parsing: Array(text.utf8), source: "/boot/config-\(release)")
         }
         return nil
     }

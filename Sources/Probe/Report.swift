@@ -9,6 +9,8 @@ public struct ProbeReport: Codable, Sendable {
     public var cacheDir: String
     public var image: String?
     public var durationMs: Double
+    /// Wall time of each check group, for `make bench`.
+    public var groupDurationsMs: [String: Double]
     public var findings: Findings
     public var plans: [Plan]
     /// What this build implements (the planner rejects the rest).
@@ -74,27 +76,29 @@ public struct ProbeReport: Codable, Sendable {
 
 /// Runs every check against the host.
 public enum HostProbe {
+    static func ms(since t: DispatchTime) -> Double { Double(DispatchTime.now().uptimeNanoseconds - t.uptimeNanoseconds) / 1e6 }
+
     public static func run(_ options: ProbeOptions, implemented: Set<Backend>, tool: String = "erofs-compat") -> ProbeReport {
         let start = DispatchTime.now()
         let ctx = ProbeContext(options: options)
         var findings = Findings()
-        let groups: [[Finding]] = [
-            SystemChecks.kernel(ctx),
-            FanotifyChecks.run(ctx),
-            EROFSChecks.run(ctx),
-            BlockChecks.run(ctx),
-            FuseChecks.run(ctx),
-            SystemChecks.system(ctx),
+        var times: [String: Double] = ["context": ms(since: start)]
+        let groups: [(String, (ProbeContext) -> [Finding])] = [
+            ("kernel", SystemChecks.kernel), ("fanotify", FanotifyChecks.run), ("erofs", EROFSChecks.run),
+            ("block", BlockChecks.run), ("fuse", FuseChecks.run), ("system", SystemChecks.system),
         ]
-        for g in groups { g.forEach { findings.add($0) } }
+        for (name, check) in groups {
+            let t = DispatchTime.now()
+            check(ctx).forEach { findings.add($0) }
+            times[name] = ms(since: t)
+        }
         if let image = options.image {
             let kernelFeatures = Set(findings["erofs.features"]?.value?.split(separator: " ").map(String.init) ?? [])
             ImageChecks.run(ctx, image: image, kernelFeatures: kernelFeatures).forEach { findings.add($0) }
         }
         let plans = [Planner.plan(findings, source: .local, implemented: implemented),
                      Planner.plan(findings, source: .remote, implemented: implemented)]
-        let ms = Double(DispatchTime.now().uptimeNanoseconds - start.uptimeNanoseconds) / 1e6
-        return ProbeReport(tool: tool, cacheDir: options.cacheDir, image: options.image, durationMs: ms,
+        return ProbeReport(tool: tool, cacheDir: options.cacheDir, image: options.image, durationMs: ms(since: start), groupDurationsMs: times,
                            findings: findings, plans: plans, implementedBackends: Backend.allCases.filter(implemented.contains))
     }
 }

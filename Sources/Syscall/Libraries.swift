@@ -14,6 +14,14 @@ package enum Libraries {
         /// Path of the .ko when the module is loadable.
         package var path: String?
         package var libraryVersion: String
+
+        package init(loadResources: Int32, initState: String?, initStateError: Int32?, path: String?, libraryVersion: String) {
+            self.loadResources = loadResources
+            self.initState = initState
+            self.initStateError = initStateError
+            self.path = path
+            self.libraryVersion = libraryVersion
+        }
     }
 
     package static func kmod(module name: String) -> KmodAnswer? {

@@ -101,3 +101,45 @@ public func run(_ executable: String, _ args: [String], environment: [String: St
                      stdout: String(decoding: outData, as: UTF8.self),
                      stderr: String(decoding: errData, as: UTF8.self))
 }
+
+/// A fake host root for parser tests: files written under a scratch directory.
+public final class FixtureRoot: @unchecked Sendable {
+    public let dir: ScratchDir
+    public var root: String { dir.path }
+
+    public init() throws { dir = try ScratchDir("root") }
+
+    /// Writes `text` to `path` (absolute inside the fake root), creating parents.
+    public func write(_ path: String, _ text: String) throws {
+        let full = root + path
+        try FileManager.default.createDirectory(atPath: (full as NSString).deletingLastPathComponent, withIntermediateDirectories: true)
+        try text.write(toFile: full, atomically: false, encoding: .utf8)
+    }
+
+    public func mkdir(_ path: String) throws {
+        try FileManager.default.createDirectory(atPath: root + path, withIntermediateDirectories: true)
+    }
+
+    public func remove() { dir.remove() }
+}
+
+/// Mount points currently present, for leak checks.
+public func currentMounts() -> [String] {
+    ((try? String(contentsOfFile: "/proc/self/mountinfo", encoding: .utf8)) ?? "")
+        .split(separator: "\n").map { String($0.split(separator: " ")[4]) }
+}
+
+/// Loop devices with a backing file, for leak checks.
+public func boundLoopDevices() -> [String] {
+    ((try? FileManager.default.contentsOfDirectory(atPath: "/sys/block")) ?? [])
+        .filter { $0.hasPrefix("loop") && FileManager.default.fileExists(atPath: "/sys/block/\($0)/loop/backing_file") }
+        .sorted()
+}
+
+/// The built CLI binary (built by `swift build` before `swift test`, as `make check` does).
+public var cliBinary: String {
+    for p in ["/.build/debug/erofs-compat", "/.build/release/erofs-compat"] where FileManager.default.isExecutableFile(atPath: TestEnv.repoRoot + p) {
+        return TestEnv.repoRoot + p
+    }
+    return TestEnv.repoRoot + "/.build/debug/erofs-compat"
+}

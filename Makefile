@@ -1,0 +1,50 @@
+# erofs-compat — build, test, demo, bench, install.
+SHELL := /bin/bash
+SWIFT ?= $(shell command -v swift 2>/dev/null || echo /opt/swift/usr/bin/swift)
+PREFIX ?= /usr/local
+DESTDIR ?=
+BINDIR = $(DESTDIR)$(PREFIX)/bin
+CONFIG ?= debug
+
+# Debian packages: to build, to test, to package.
+BUILD_DEPS = pkg-config libkmod-dev libblkid-dev libcurl4-openssl-dev libfuse3-dev \
+             liblz4-dev liblzma-dev libzstd-dev zlib1g-dev
+TEST_DEPS  = erofs-utils fuse3 util-linux attr
+DEB_DEPS   = debhelper dpkg-dev lintian
+
+.PHONY: all build release check test deps demo bench install clean
+
+all: build
+
+## Install missing Debian packages (only when running as root; otherwise just report them).
+deps:
+	@scripts/apt-deps.sh $(BUILD_DEPS) $(TEST_DEPS)
+
+build: deps
+	$(SWIFT) build
+
+release: deps
+	$(SWIFT) build -c release
+
+## All tests: the live kernel tests need root; without it they are skipped with the reason.
+check: deps
+	$(SWIFT) build
+	$(SWIFT) test
+
+test: check
+
+## End to end on a built-in sample image.
+demo: release
+	scripts/demo.sh .build/release/erofs-compat
+
+## Speed figures as ratios against baselines measured in the same run.
+bench: release
+	scripts/bench.sh .build/release/erofs-compat
+
+install: release
+	install -d $(BINDIR)
+	install -m 0755 .build/release/erofs-compat $(BINDIR)/erofs-compat
+
+clean:
+	$(SWIFT) package clean
+	rm -rf .build
