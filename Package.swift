@@ -48,7 +48,7 @@ let package = Package(
             dependencies: [
                 "Probe", "EROFS",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
-                .product(name: "Logging", package: "swift-log"),
+                .product(name: "SystemPackage", package: "swift-system"),
             ],
             path: "Sources/erofs-compat"
         ),

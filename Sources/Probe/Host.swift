@@ -1,4 +1,8 @@
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
 import Foundation
+#endif
 import Syscall
 
 /// Read access to the host's /proc, /sys, /dev, /lib/modules and /etc, rooted at `root` so the parsers
@@ -27,8 +31,7 @@ public struct Host: Sendable {
     public func exists(_ p: String) -> Bool { FileManager.default.fileExists(atPath: path(p)) }
 
     public func isDirectory(_ p: String) -> Bool {
-        var d: ObjCBool = false
-        return FileManager.default.fileExists(atPath: path(p), isDirectory: &d) && d.boolValue
+        Sys.isDirectory(path(p))
     }
 
     public func list(_ p: String) -> [String] {

@@ -39,7 +39,7 @@ public enum ModuleState: String, Sendable, Codable {
     package static func gather(_ name: String, host: Host, release: String, config: KernelConfig?,
                               configKey: String, filesystem: String?) -> Inputs {
         let sysDir = host.isDirectory("/sys/module/\(name)")
-        let initState = host.read("/sys/module/\(name)/initstate")?.trimmingCharacters(in: .whitespacesAndNewlines)
+        let initState = host.read("/sys/module/\(name)/initstate")?.trimmed
         let modDir = "/lib/modules/\(release)"
         let builtinList = host.read(modDir + "/modules.builtin") ?? ""
         let listed = builtinList.split(separator: "\n").contains { $0.hasSuffix("/\(name).ko") }

@@ -1,4 +1,8 @@
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
 import Foundation
+#endif
 
 /// /proc/filesystems: the registered filesystem types (with `nodev` stripped).
 public enum ProcFilesystems {
@@ -122,7 +126,7 @@ public enum ProcStatus {
     /// The CapEff mask, nil when the field is missing.
     public static func effectiveCapabilities(_ text: String) -> UInt64? {
         for line in text.split(separator: "\n") where line.hasPrefix("CapEff:") {
-            return UInt64(line.dropFirst("CapEff:".count).trimmingCharacters(in: .whitespaces), radix: 16)
+            return UInt64(String(line.dropFirst("CapEff:".count)).trimmed, radix: 16)
         }
         return nil
     }

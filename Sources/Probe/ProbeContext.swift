@@ -1,4 +1,8 @@
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
 import Foundation
+#endif
 import Glibc
 import Syscall
 import SystemPackage
@@ -37,14 +41,14 @@ struct ProbeContext {
     init(options: ProbeOptions) {
         self.options = options
         let host = options.host
-        release = host.isLive ? Sys.uname().release : (host.read("/proc/sys/kernel/osrelease")?.trimmingCharacters(in: .whitespacesAndNewlines) ?? "unknown")
+        release = host.isLive ? Sys.uname().release : (host.read("/proc/sys/kernel/osrelease")?.trimmed ?? "unknown")
         config = Self.loadConfig(host: host, release: release)
         let caps = host.read("/proc/self/status").flatMap(ProcStatus.effectiveCapabilities)
         privileged = caps.map { $0 & (1 << UInt64(ProcStatus.capSysAdmin)) != 0 } ?? false
         filesystems = host.read("/proc/filesystems").map(ProcFilesystems.parse) ?? []
         var dir = options.cacheDir
         while !host.isDirectory(dir), dir != "/", !dir.isEmpty {
-            dir = (dir as NSString).deletingLastPathComponent
+            dir = dir.parentPath
         }
         trialDir = dir.isEmpty ? "/" : dir
         if host.isLive, let st = try? Sys.statfs(trialDir) {

@@ -1,4 +1,10 @@
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
 import Foundation
+#endif
+import Dispatch
+import Syscall
 
 /// Everything one probe run found, ready for `--json` or the table.
 public struct ProbeReport: Codable, Sendable {
@@ -46,7 +52,7 @@ public struct ProbeReport: Codable, Sendable {
                 lines.append("")
                 lines.append(paint(group, "1"))
             }
-            let title = f.title.padding(toLength: width, withPad: " ", startingAt: 0)
+            let title = f.title.padded(to: width)
             var line = "  \(title)  \(mark(f.status))"
             if let v = f.value, !v.isEmpty { line += "  \(v)" }
             lines.append(line)
@@ -65,12 +71,13 @@ public struct ProbeReport: Codable, Sendable {
                 case .unverified: v = paint("unverified", "33")
                 case .rejected: v = paint("rejected  ", "31")
                 }
-                lines.append("  \(c.backend.rawValue.padding(toLength: 9, withPad: " ", startingAt: 0)) \(v)  \(c.reasons.joined(separator: "; "))")
+                lines.append("  \(c.backend.rawValue.padded(to: 9)) \(v)  \(c.reasons.joined(separator: "; "))")
             }
         }
         lines.append("")
-        lines.append(String(format: "probe took %.1f ms", durationMs))
-        return lines.joined(separator: "\n").trimmingCharacters(in: CharacterSet(charactersIn: "\n")) + "\n"
+        lines.append("probe took \(formatDecimal(durationMs)) ms")
+        while lines.first == "" { lines.removeFirst() }
+        return lines.joined(separator: "\n") + "\n"
     }
 }
 

@@ -1,5 +1,11 @@
 import ArgumentParser
+import Glibc
+import SystemPackage
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
 import Foundation
+#endif
 
 /// `erofs-compat`: what this kernel supports for EROFS, and how to mount images here.
 struct ErofsCompat: ParsableCommand {
@@ -26,22 +32,22 @@ enum EntryPoint {
             var command = try ErofsCompat.parseAsRoot()
             try command.run()
         } catch let exit as ExitCode {
-            Foundation.exit(exit.rawValue)
+            Glibc.exit(exit.rawValue)
         } catch let failure as CLIFailure {
-            FileHandle.standardError.write(Data(("erofs-compat: " + failure.message + "\n").utf8))
-            Foundation.exit(failure.code)
+            printError(failure.message)
+            Glibc.exit(failure.code)
         } catch {
             let code = ErofsCompat.exitCode(for: error)
             if code == .success {
                 ErofsCompat.exit(withError: error)
             }
             let message = ErofsCompat.message(for: error)
-            FileHandle.standardError.write(Data(("erofs-compat: " + message.split(separator: "\n").joined(separator: " ") + "\n").utf8))
+            printError(message.split(separator: "\n").joined(separator: " "))
             if code == .validationFailure {
-                FileHandle.standardError.write(Data("Run 'erofs-compat --help' for usage.\n".utf8))
-                Foundation.exit(2)
+                printError("run 'erofs-compat --help' for usage", prefix: false)
+                Glibc.exit(2)
             }
-            Foundation.exit(code.rawValue == 0 ? 1 : code.rawValue)
+            Glibc.exit(code.rawValue == 0 ? 1 : code.rawValue)
         }
     }
 }
@@ -50,4 +56,10 @@ enum EntryPoint {
 struct CLIFailure: Error {
     var message: String
     var code: Int32
+}
+
+/// Writes one line to standard error, prefixed with the tool name.
+func printError(_ message: String, prefix: Bool = true) {
+    let line = (prefix ? "erofs-compat: " : "") + message + "\n"
+    _ = try? FileDescriptor.standardError.writeAll(Array(line.utf8))
 }

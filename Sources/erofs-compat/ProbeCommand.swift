@@ -1,5 +1,9 @@
 import ArgumentParser
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
 import Foundation
+#endif
 import Probe
 
 /// `erofs-compat probe`: prove with live syscalls what this host supports.
@@ -30,11 +34,12 @@ struct ProbeCommand: ParsableCommand {
 
     func validate() throws {
         if let image {
-            var isDir: ObjCBool = false
-            guard FileManager.default.fileExists(atPath: image, isDirectory: &isDir) else {
+            guard FileManager.default.fileExists(atPath: image) else {
                 throw ValidationError("image '\(image)' does not exist; pass the path of an EROFS image file")
             }
-            guard !isDir.boolValue else { throw ValidationError("image '\(image)' is a directory; pass an EROFS image file") }
+            guard (try? FileManager.default.contentsOfDirectory(atPath: image)) == nil else {
+                throw ValidationError("image '\(image)' is a directory; pass an EROFS image file")
+            }
             guard FileManager.default.isReadableFile(atPath: image) else {
                 throw ValidationError("image '\(image)' is not readable; check its permissions")
             }
@@ -60,11 +65,4 @@ struct ProbeCommand: ParsableCommand {
 enum Backends {
     /// The backends this build can actually mount with.
     static let implemented: Set<Backend> = []
-}
-
-enum Terminal {
-    /// Colour only on a terminal, and never with NO_COLOR set.
-    static var wantsColor: Bool {
-        ProcessInfo.processInfo.environment["NO_COLOR"].map { $0.isEmpty } ?? true && isatty(STDOUT_FILENO) == 1
-    }
 }

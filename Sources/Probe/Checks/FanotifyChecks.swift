@@ -1,4 +1,9 @@
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
 import Foundation
+#endif
+import Dispatch
 import Glibc
 import Syscall
 import SystemPackage
@@ -139,17 +144,16 @@ enum FanotifyChecks {
             let reader = try Sys.reopen(file, O_RDONLY)
             defer { Sys.close(reader.rawValue) }
             let done = DispatchSemaphore(value: 0)
-            let readResult = LockedBox<Result<Int, Error>?>(nil)
-            let thread = Thread {
+            let readResult = Locked<Result<Int, Error>?>(nil)
+            Threads.detach {
                 var buf = [UInt8](repeating: 0xFF, count: 10)
                 let r = Result { try buf.withUnsafeMutableBytes { try Sys.pread(reader.rawValue, into: $0, at: 5000) } }
                 readResult.set(r)
                 done.signal()
             }
-            thread.start()
             var event: Fanotify.Event?
-            let deadline = Date().addingTimeInterval(2)
-            while event == nil, Date() < deadline {
+            let deadline = DispatchTime.now() + .seconds(2)
+            while event == nil, DispatchTime.now() < deadline {
                 guard try Sys.poll(group.rawValue, timeoutMs: 200) else { continue }
                 var buf = [UInt8](repeating: 0, count: 4096)
                 let n = try buf.withUnsafeMutableBytes { try Sys.read(group.rawValue, into: $0) }
@@ -223,11 +227,3 @@ enum FanotifyChecks {
     }
 }
 
-/// A value shared with a helper thread.
-final class LockedBox<T>: @unchecked Sendable {
-    private var value: T
-    private let lock = NSLock()
-    init(_ v: T) { value = v }
-    func set(_ v: T) { lock.lock(); value = v; lock.unlock() }
-    func get() -> T { lock.lock(); defer { lock.unlock() }; return value }
-}

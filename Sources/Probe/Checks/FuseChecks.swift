@@ -1,4 +1,9 @@
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
 import Foundation
+#endif
+import Dispatch
 import Glibc
 import Syscall
 import SystemPackage
@@ -51,7 +56,7 @@ enum FuseChecks {
                             kernelEv: kernelEv, libOK: libVersion >= [3, 17], lib: lib.package, config: ctx.configEvidence("CONFIG_FUSE_PASSTHROUGH")))
         var uringEv = [ctx.configEvidence("CONFIG_FUSE_IO_URING")].compactMap { $0 }
         if let p = ctx.host.read("/sys/module/fuse/parameters/enable_uring") {
-            uringEv.append(.init("/sys/module/fuse/parameters/enable_uring", p.trimmingCharacters(in: .whitespacesAndNewlines)))
+            uringEv.append(.init("/sys/module/fuse/parameters/enable_uring", p.trimmed))
         }
         var uring = combined("fuse.io_uring", "FUSE over io_uring (kernel FUSE_OVER_IO_URING + libfuse ≥ 3.18)", kernel: flags.map { $0 & FuseWire.overIoUring != 0 },
                              kernelEv: kernelEv, libOK: libVersion >= [3, 18], lib: lib.package, config: nil)
@@ -90,10 +95,10 @@ enum FuseChecks {
     /// INIT request; the mount dies with the thread's namespace and the closed device.
     static func kernelInit(_ ctx: ProbeContext) -> Result<(minor: UInt32, flags: UInt64), Error> {
         guard ctx.host.isLive, ctx.privileged else { return .failure(FuseProbeError.noPrivilege) }
-        let box = LockedBox<Result<(minor: UInt32, flags: UInt64), Error>>(.failure(FuseProbeError.timeout))
+        let box = Locked<Result<(minor: UInt32, flags: UInt64), Error>>(.failure(FuseProbeError.timeout))
         let done = DispatchSemaphore(value: 0)
         let target = ctx.trialDir
-        let thread = Thread {
+        Threads.detach {
             defer { done.signal() }
             box.set(Result {
                 try Sys.unshareMountNamespace()
@@ -109,7 +114,6 @@ enum FuseChecks {
                 return try FuseInit.parse(Array(buf[0..<n]))
             })
         }
-        thread.start()
         _ = done.wait(timeout: .now() + 3)
         return box.get()
     }

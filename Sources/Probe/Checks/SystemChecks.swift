@@ -1,4 +1,8 @@
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
 import Foundation
+#endif
 import Syscall
 
 /// Kernel release, privileges, systemd and PSI.
@@ -24,7 +28,7 @@ enum SystemChecks {
 
     static func system(_ ctx: ProbeContext) -> [Finding] {
         var out: [Finding] = []
-        let pid1 = ctx.host.read("/proc/1/comm")?.trimmingCharacters(in: .whitespacesAndNewlines)
+        let pid1 = ctx.host.read("/proc/1/comm")?.trimmed
         out.append(Finding("systemd.pid1", "systemd is PID 1", pid1 == nil ? .unknown : (pid1 == "systemd" ? .present : .absent),
                            value: pid1, evidence: [.init("/proc/1/comm", pid1 ?? "unreadable")]))
         // The version is in the shared library's file name; no process is spawned.

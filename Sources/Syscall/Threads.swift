@@ -1,0 +1,87 @@
+import Dispatch
+import Glibc
+
+/// Small concurrency helpers that avoid Foundation (which would pull ICU into every start-up).
+package enum Threads {
+    private final class Box: @unchecked Sendable {
+        let body: () -> Void
+        init(_ body: @escaping () -> Void) { self.body = body }
+    }
+
+    /// Runs `body` on a new detached OS thread (its own kernel task, so per-thread state such as a
+    /// private mount namespace stays with it).
+    package static func detach(_ body: @escaping () -> Void) {
+        let box = Unmanaged.passRetained(Box(body)).toOpaque()
+        var tid = pthread_t()
+        let rc = pthread_create(&tid, nil, { arg in
+            let b = Unmanaged<Box>.fromOpaque(arg!).takeRetainedValue()
+            b.body()
+            return nil
+        }, box)
+        if rc == 0 {
+            pthread_detach(tid)
+        } else {
+            Unmanaged<Box>.fromOpaque(box).release()
+            body()
+        }
+    }
+}
+
+/// A value guarded by a mutex.
+package final class Locked<T>: @unchecked Sendable {
+    private var value: T
+    private var mutex = pthread_mutex_t()
+
+    package init(_ value: T) {
+        self.value = value
+        pthread_mutex_init(&mutex, nil)
+    }
+
+    deinit { pthread_mutex_destroy(&mutex) }
+
+    package func withLock<R>(_ body: (inout T) throws -> R) rethrows -> R {
+        pthread_mutex_lock(&mutex)
+        defer { pthread_mutex_unlock(&mutex) }
+        return try body(&value)
+    }
+
+    package func get() -> T { withLock { $0 } }
+    package func set(_ v: T) { withLock { $0 = v } }
+}
+
+/// Text helpers that Foundation would otherwise provide.
+package extension String {
+    /// Without leading and trailing whitespace and newlines.
+    var trimmed: String {
+        var s = Substring(self)
+        while let f = s.first, f.isWhitespace { s = s.dropFirst() }
+        while let l = s.last, l.isWhitespace { s = s.dropLast() }
+        return String(s)
+    }
+
+    /// Right-padded with spaces to `width` characters.
+    func padded(to width: Int) -> String {
+        count >= width ? self : self + String(repeating: " ", count: width - count)
+    }
+
+    /// The path without its last component ("/" for top-level paths).
+    var parentPath: String {
+        guard let i = lastIndex(of: "/") else { return "." }
+        return i == startIndex ? "/" : String(self[..<i])
+    }
+}
+
+/// "12.3" style formatting of a Double with `digits` decimals.
+package func formatDecimal(_ v: Double, digits: Int = 1) -> String {
+    var p = 1.0
+    for _ in 0..<digits { p *= 10 }
+    let r = (v * p).rounded() / p
+    var s = "\(r)"
+    if let dot = s.firstIndex(of: ".") {
+        let decimals = s.distance(from: dot, to: s.endIndex) - 1
+        if decimals < digits { s += String(repeating: "0", count: digits - decimals) }
+    } else if digits > 0 {
+        s += "." + String(repeating: "0", count: digits)
+    }
+    return s
+}
