@@ -14,6 +14,7 @@ let package = Package(
         .executable(name: "erofs-compat", targets: ["ErofsCompatCLI"]),
         .library(name: "Probe", targets: ["Probe"]),
         .library(name: "EROFS", targets: ["EROFS"]),
+        .library(name: "Runtime", targets: ["Runtime"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
@@ -43,10 +44,14 @@ let package = Package(
             name: "Probe",
             dependencies: ["Syscall", "EROFS", .product(name: "SystemPackage", package: "swift-system")]
         ),
+        .target(
+            name: "Runtime",
+            dependencies: ["Probe", "Syscall", "EROFS", .product(name: "SystemPackage", package: "swift-system")]
+        ),
         .executableTarget(
             name: "ErofsCompatCLI",
             dependencies: [
-                "Probe", "EROFS",
+                "Probe", "EROFS", "Runtime",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "SystemPackage", package: "swift-system"),
             ],
@@ -56,6 +61,7 @@ let package = Package(
         .testTarget(name: "SyscallTests", dependencies: ["Syscall", "TestSupport", .product(name: "SystemPackage", package: "swift-system")]),
         .testTarget(name: "EROFSTests", dependencies: ["EROFS", "TestSupport"]),
         .testTarget(name: "ProbeTests", dependencies: ["Probe", "EROFS", "Syscall", "TestSupport", .product(name: "SystemPackage", package: "swift-system")]),
+        .testTarget(name: "RuntimeTests", dependencies: ["Runtime", "Probe", "EROFS", "Syscall", "TestSupport"]),
         .testTarget(name: "CLITests", dependencies: ["TestSupport"]),
     ],
     swiftLanguageModes: [.v5]

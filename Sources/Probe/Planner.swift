@@ -130,7 +130,9 @@ public enum Planner {
     }
 
     static func absentDetail(_ f: Finding?) -> String {
-        guard let f, let ev = f.evidence.last(where: { !$0.result.isEmpty }) else { return "" }
+        guard let f else { return "" }
+        if let v = f.value, !v.isEmpty { return "(\(v))" }
+        guard let ev = f.evidence.last(where: { !$0.result.isEmpty }) else { return "" }
         return "(\(ev.source): \(ev.result))"
     }
 }

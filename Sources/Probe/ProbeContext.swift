@@ -38,11 +38,12 @@ struct ProbeContext {
     let trialFSType: String
     let trialFSMemoryBacked: Bool
 
-    init(options: ProbeOptions) {
+    /// `lightweight` skips reading the kernel config (the mount path decides from sysfs and trials).
+    init(options: ProbeOptions, lightweight: Bool = false) {
         self.options = options
         let host = options.host
         release = host.isLive ? Sys.uname().release : (host.read("/proc/sys/kernel/osrelease")?.trimmed ?? "unknown")
-        config = Self.loadConfig(host: host, release: release)
+        config = lightweight ? nil : Self.loadConfig(host: host, release: release)
         let caps = host.read("/proc/self/status").flatMap(ProcStatus.effectiveCapabilities)
         privileged = caps.map { $0 & (1 << UInt64(ProcStatus.capSysAdmin)) != 0 } ?? false
         filesystems = host.read("/proc/filesystems").map(ProcFilesystems.parse) ?? []

@@ -48,9 +48,14 @@ package enum Libraries {
     }
 
     /// libblkid's superblock probe of a file: TYPE, UUID, LABEL, BLOCK_SIZE, ... (empty when unknown).
-    package static func blkid(path: String) -> (result: Int32, values: [String: String]) {
+    package static func blkid(path: String, offset: UInt64 = 0) -> (result: Int32, values: [String: String]) {
         guard let pr = blkid_new_probe_from_filename(path) else { return (-1, [:]) }
         defer { blkid_free_probe(pr) }
+        if offset > 0 {
+            let st = try? Sys.stat(path)
+            let size = Int64(st?.st_size ?? 0) - Int64(offset)
+            guard size > 0, blkid_probe_set_device(pr, blkid_probe_get_fd(pr), blkid_loff_t(offset), blkid_loff_t(size)) == 0 else { return (-1, [:]) }
+        }
         blkid_probe_enable_superblocks(pr, 1)
         blkid_probe_set_superblocks_flags(pr, ecx_blkid_sublks_flags)
         let rc = blkid_do_safeprobe(pr)

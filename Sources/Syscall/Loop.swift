@@ -22,12 +22,22 @@ package enum Loop {
     }
 
     /// LOOP_CONFIGURE: binds `backing` to the open loop device in one call.
-    package static func configure(device: Int32, backing: Int32, flags: Flags, blockSize: UInt32 = 0) throws {
+    package static func configure(device: Int32, backing: Int32, flags: Flags, blockSize: UInt32 = 0, offset: UInt64 = 0) throws {
         var cfg = ecx_loop_config()
         cfg.fd = UInt32(bitPattern: backing)
         cfg.block_size = blockSize
         cfg.info.lo_flags = flags.rawValue
+        cfg.info.lo_offset = offset
         _ = try Sys.ioctl(device, ecx_loop_configure, &cfg)
+    }
+
+    /// The backing file of /dev/loopN from sysfs (nil when unbound).
+    package static func backingFile(_ n: Int32) -> String? {
+        guard let fd = try? Sys.open("/sys/block/loop\(n)/loop/backing_file", O_RDONLY) else { return nil }
+        defer { Sys.close(fd.rawValue) }
+        guard let bytes = try? Sys.preadFully(fd.rawValue, count: 4096, at: 0) else { return nil }
+        let s = String(decoding: bytes, as: UTF8.self)
+        return s.hasSuffix("\n") ? String(s.dropLast()) : s
     }
 
     package static func clear(device: Int32) throws {

@@ -5,8 +5,9 @@ import SystemPackage
 /// The new mount API (fsopen/fsconfig/fsmount/move_mount, Linux 5.2) and mount(2)/umount2(2).
 package enum MountAPI {
     /// A filesystem context; closing it without `mount` leaves nothing anywhere.
-    package struct Context: ~Copyable {
+    package final class Context {
         package let fd: FileDescriptor
+        init(fd: FileDescriptor) { self.fd = fd }
         deinit { Sys.close(fd.rawValue) }
     }
 
@@ -14,17 +15,29 @@ package enum MountAPI {
         Context(fd: FileDescriptor(rawValue: try Sys.call { ecx_fsopen(fsType, ecx_fsopen_cloexec) }))
     }
 
-    package static func setString(_ ctx: borrowing Context, _ key: String, _ value: String) throws {
+    package static func setString(_ ctx: Context, _ key: String, _ value: String) throws {
         _ = try Sys.call { ecx_fsconfig(ctx.fd.rawValue, ecx_fsconfig_set_string, key, value, 0) }
     }
 
-    package static func setFlag(_ ctx: borrowing Context, _ key: String) throws {
+    package static func setFlag(_ ctx: Context, _ key: String) throws {
         _ = try Sys.call { ecx_fsconfig(ctx.fd.rawValue, ecx_fsconfig_set_flag, key, nil, 0) }
     }
 
     /// FSCONFIG_CMD_CREATE: builds the superblock (reads and checks the image) without attaching it.
-    package static func create(_ ctx: borrowing Context) throws {
+    package static func create(_ ctx: Context) throws {
         _ = try Sys.call { ecx_fsconfig(ctx.fd.rawValue, ecx_fsconfig_cmd_create, nil, nil, 0) }
+    }
+
+    /// Messages the kernel left in the context's log ("e erofs: …"), for error reports.
+    package static func log(_ ctx: Context) -> [String] {
+        var out: [String] = []
+        var buf = [UInt8](repeating: 0, count: 1024)
+        while out.count < 16 {
+            let n = buf.withUnsafeMutableBytes { b in Glibc.read(ctx.fd.rawValue, b.baseAddress, b.count) }
+            if n <= 0 { break }
+            out.append(String(decoding: buf[0..<n], as: UTF8.self))
+        }
+        return out
     }
 
     /// Mount attribute flags for fsmount.
@@ -50,7 +63,7 @@ package enum MountAPI {
     }
 
     /// fsmount + move_mount onto `target`.
-    package static func attach(_ ctx: borrowing Context, attributes: Attributes, at target: String) throws {
+    package static func attach(_ ctx: Context, attributes: Attributes, at target: String) throws {
         let mfd = try Sys.call { ecx_fsmount(ctx.fd.rawValue, ecx_fsmount_cloexec, attributes.rawValue) }
         defer { Sys.close(mfd) }
         _ = try Sys.call { ecx_move_mount(mfd, "", AT_FDCWD, target, ecx_move_mount_f_empty_path) }

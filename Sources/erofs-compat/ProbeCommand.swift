@@ -5,6 +5,7 @@ import FoundationEssentials
 import Foundation
 #endif
 import Probe
+import Runtime
 
 /// `erofs-compat probe`: prove with live syscalls what this host supports.
 struct ProbeCommand: ParsableCommand {
@@ -52,7 +53,7 @@ struct ProbeCommand: ParsableCommand {
     func run() throws {
         let options = ProbeOptions(cacheDir: cacheDir, allowModuleLoad: allowModuleLoad,
                                    image: image.map { URL(fileURLWithPath: $0).standardizedFileURL.path })
-        let report = HostProbe.run(options, implemented: Backends.implemented)
+        let report = HostProbe.run(options, implemented: Runtime.implemented)
         if json {
             print(try report.json())
         } else {
@@ -62,7 +63,3 @@ struct ProbeCommand: ParsableCommand {
     }
 }
 
-enum Backends {
-    /// The backends this build can actually mount with.
-    static let implemented: Set<Backend> = []
-}

@@ -1,6 +1,7 @@
 import Foundation
 import Testing
 @testable import Probe
+@testable import Syscall
 import TestSupport
 
 @Suite struct ParserTests {

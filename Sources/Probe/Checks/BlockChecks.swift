@@ -32,6 +32,17 @@ enum BlockChecks {
         return out
     }
 
+    /// What the mount planner needs: loop, and whether an nbd driver exists at all.
+    static func planning(_ ctx: ProbeContext) -> [Finding] {
+        let loop = ModuleState.finding(id: "loop.module", title: "loop driver",
+                                       ModuleState.gather("loop", host: ctx.host, release: ctx.release, config: nil,
+                                                          configKey: "CONFIG_BLK_DEV_LOOP", filesystem: nil))
+        let nbd = ModuleState.finding(id: "nbd.module", title: "nbd driver",
+                                      ModuleState.gather("nbd", host: ctx.host, release: ctx.release, config: nil,
+                                                         configKey: "CONFIG_BLK_DEV_NBD", filesystem: nil))
+        return [loop, loopConfigure(ctx, control: ctx.host.exists(Loop.controlPath)), nbd]
+    }
+
     /// LOOP_CONFIGURE (5.8) on an unbound existing device with fd -1: EBADF proves the ioctl exists,
     /// EINVAL says it does not; nothing is bound either way.
     static func loopConfigure(_ ctx: ProbeContext, control: Bool) -> Finding {

@@ -50,6 +50,14 @@ enum EROFSChecks {
         return out
     }
 
+    /// What the mount planner needs: the driver and file-backed mounts.
+    static func planning(_ ctx: ProbeContext) -> [Finding] {
+        let module = ModuleState.finding(id: "erofs.module", title: "erofs driver",
+                                         ModuleState.gather("erofs", host: ctx.host, release: ctx.release, config: nil,
+                                                            configKey: "CONFIG_EROFS_FS", filesystem: "erofs"))
+        return [module, fileBacked(ctx, module: module)]
+    }
+
     /// fsopen("erofs") + fsconfig(source=tiny image) + FSCONFIG_CMD_CREATE builds a superblock without
     /// attaching it anywhere; closing the context leaves nothing.
     static func fileBacked(_ ctx: ProbeContext, module: Finding) -> Finding {

@@ -73,6 +73,15 @@ enum FuseChecks {
         return out
     }
 
+    /// What the mount planner needs: the device and the unprivileged helper.
+    static func planning(_ ctx: ProbeContext) -> [Finding] {
+        let dev = ctx.host.exists("/dev/fuse")
+        let helper = ["/usr/bin/fusermount3", "/bin/fusermount3"].first { ctx.host.exists($0) }
+        return [Finding("fuse.device", "/dev/fuse", dev ? .present : .absent, evidence: [.init("/dev/fuse", dev ? "present" : "absent")]),
+                Finding("fuse.fusermount3", "fusermount3", helper == nil ? .absent : .present, value: helper,
+                        evidence: [.init("PATH", helper ?? "fusermount3 not found")])]
+    }
+
     static func combined(_ id: String, _ title: String, kernel: Bool?, kernelEv: Finding.Evidence, libOK: Bool, lib: String, config: Finding.Evidence?) -> Finding {
         let status: Finding.Status = kernel == nil ? (libOK ? .unknown : .absent) : (kernel! && libOK ? .present : .absent)
         let value = "kernel: " + (kernel.map { $0 ? "yes" : "no" } ?? "unknown") + ", libfuse \(lib): " + (libOK ? "yes" : "no")

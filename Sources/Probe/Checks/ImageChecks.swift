@@ -11,9 +11,9 @@ import SystemPackage
 /// With IMAGE: libblkid's verdict, the superblock's feature bits against the kernel's, and a
 /// side-effect-free superblock trial with the image itself.
 enum ImageChecks {
-    static func run(_ ctx: ProbeContext, image: String, kernelFeatures: Set<String>) -> [Finding] {
+    static func run(_ ctx: ProbeContext, image: String, offset: UInt64 = 0, kernelFeatures: Set<String>, trial: Bool = true) -> [Finding] {
         var out: [Finding] = []
-        let (rc, values) = Libraries.blkid(path: image)
+        let (rc, values) = Libraries.blkid(path: image, offset: offset)
         let summary = ["TYPE", "UUID", "LABEL", "BLOCK_SIZE"].compactMap { k in values[k].map { "\(k)=\($0)" } }.joined(separator: " ")
         out.append(Finding("image.blkid", "libblkid identification", values["TYPE"] == "erofs" ? .present : .absent,
                            value: summary.isEmpty ? nil : summary,
@@ -23,7 +23,7 @@ enum ImageChecks {
         do {
             let fd = try Sys.open(image, O_RDONLY)
             defer { Sys.close(fd.rawValue) }
-            let head = try Sys.preadFully(fd.rawValue, count: 65536, at: Int64(Superblock.offset))
+            let head = try Sys.preadFully(fd.rawValue, count: 65536, at: Int64(offset + Superblock.offset))
             sb = try Superblock(parsing: head)
             out.append(Finding("image.superblock", "EROFS superblock", .present,
                                value: "block size \(sb.blockSize), \(sb.inodeCount) inodes, \(sb.blocks) blocks",
@@ -52,7 +52,8 @@ enum ImageChecks {
                                       .init("/sys/fs/erofs/features", unsupported.isEmpty ? "all understood" : "missing: \(unsupported.joined(separator: ", "))")]))
 
         // The image itself: build a superblock from it without attaching it.
-        if ctx.host.isLive, ctx.privileged {
+        guard trial else { return out }
+        if ctx.host.isLive, ctx.privileged, offset == 0 {
             switch Result(catching: { try EROFSChecks.trialCreate(source: image) }) {
             case .success:
                 out.append(Finding("image.mountable", "mountable here", .present, value: "file-backed",

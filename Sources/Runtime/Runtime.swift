@@ -1,0 +1,285 @@
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
+import Foundation
+#endif
+import EROFS
+import Glibc
+import Probe
+import Syscall
+import SystemPackage
+
+/// A `mount` request as the CLI received it.
+public struct MountRequest: Sendable {
+    public var source: String
+    public var mountpoint: String
+    /// nil: the planner's first viable candidate (`--backend auto`).
+    public var backend: Backend?
+    public var options: MountOptions
+    public var dryRun: Bool
+
+    public init(source: String, mountpoint: String, backend: Backend? = nil, options: MountOptions = MountOptions(), dryRun: Bool = false) {
+        self.source = source
+        self.mountpoint = mountpoint
+        self.backend = backend
+        self.options = options
+        self.dryRun = dryRun
+    }
+}
+
+/// What `mount` did.
+public struct MountOutcome: Sendable {
+    public var plan: Plan
+    /// nil for a dry run.
+    public var record: MountRecord?
+    /// Fallbacks taken, in order ("file failed: …; trying loop").
+    public var notes: [String]
+}
+
+/// The health of one recorded mount.
+public struct MountStatus: Codable, Sendable {
+    public var record: MountRecord
+    public var mounted: Bool
+    public var deviceBound: Bool?
+    public var workerAlive: Bool?
+    /// Empty when healthy; otherwise why the record no longer matches reality.
+    public var problems: [String]
+    public var stale: Bool { !problems.isEmpty }
+}
+
+/// Mounts, unmounts and reports local EROFS images with the backend the planner chooses.
+public struct Runtime: Sendable {
+    /// The backends this build implements.
+    public static let implemented: Set<Backend> = [.file, .loop]
+
+    public var state: StateStore
+
+    public init(state: StateStore = StateStore()) {
+        self.state = state
+    }
+
+    // MARK: mount
+
+    /// Validates, plans and mounts. `override` feeds the planner findings (to simulate other hosts);
+    /// `note` receives one line per fallback as it happens.
+    public func mount(_ req: MountRequest, override: [Finding] = [], note: (String) -> Void = { _ in }) throws -> MountOutcome {
+        let source = try canonicalSource(req.source)
+        let mountpoint = try canonicalMountpoint(req.mountpoint)
+        let planned = MountPlanning.planLocal(image: source, offset: req.options.fsOffset, implemented: Self.implemented, override: override)
+        let blockSize = try validateImage(source, planned.findings, options: req.options)
+        let plan = planned.plan
+        if req.dryRun { return MountOutcome(plan: plan, record: nil, notes: []) }
+        guard Sys.hasCapSysAdmin() else { throw RuntimeError.notPrivileged("mounting") }
+
+        return try state.withLock {
+            if let existing = MountInfo.mount(at: mountpoint, in: MountInfo.current()) {
+                if let rec = state.load(mountpoint), rec.source == source {
+                    throw RuntimeError.alreadyMounted(mountpoint, source: source)
+                }
+                throw RuntimeError.mountpointBusy(mountpoint, by: "\(existing.fsType) from \(existing.source)")
+            }
+            let candidates = try choose(plan, requested: req.backend)
+            var notes: [String] = []
+            let prepared = PreparedMount(source: source, mountpoint: mountpoint, options: req.options, blockSize: blockSize)
+            let identity = (try? Sys.stat(source)).map { "\($0.st_dev):\($0.st_ino)" } ?? ""
+            for (i, backend) in candidates.enumerated() {
+                guard let impl = Backends.all[backend] else { continue }
+                let attachment: Attachment
+                do {
+                    attachment = try impl.attach(prepared)
+                } catch let f as BackendFailure {
+                    let canFallBack = req.backend == nil && f.fallback && i + 1 < candidates.count
+                    guard canFallBack else { throw RuntimeError.mountFailed(backend: backend.rawValue, detail: f.detail) }
+                    let line = "\(backend.rawValue) backend failed (\(f.detail)); trying \(candidates[i + 1].rawValue)"
+                    notes.append(line)
+                    note(line)
+                    continue
+                }
+                let record = MountRecord(source: source, sourceKind: "local", backend: backend.rawValue, mountpoint: mountpoint,
+                                         options: req.options.summary, device: attachment.device, workerPID: attachment.workerPID,
+                                         since: Date().timeIntervalSince1970, sourceIdentity: identity)
+                do {
+                    try state.save(record)
+                } catch {
+                    // Never leave a mount without its record.
+                    try? MountAPI.umount(mountpoint)
+                    impl.release(record)
+                    throw error
+                }
+                return MountOutcome(plan: plan, record: record, notes: notes)
+            }
+            throw RuntimeError.noBackend(notes.joined(separator: "; "))
+        }
+    }
+
+    /// The candidates to try, in order: the named backend alone, or every viable one.
+    func choose(_ plan: Plan, requested: Backend?) throws -> [Backend] {
+        if let requested {
+            guard let c = plan.candidates.first(where: { $0.backend == requested }) else {
+                throw RuntimeError.backendUnavailable(requested.rawValue, reasons: "not a candidate for a local image")
+            }
+            guard c.verdict != .rejected else {
+                throw RuntimeError.backendUnavailable(requested.rawValue, reasons: c.reasons.joined(separator: "; "))
+            }
+            return [requested]
+        }
+        // Viable first; an unverified candidate (nothing known missing, a trial was inconclusive, e.g.
+        // the image sits on tmpfs) is still worth a try, with fallback on failure.
+        let viable = plan.candidates.filter { $0.verdict == .viable || $0.verdict == .unverified }.map(\.backend)
+        guard !viable.isEmpty else {
+            let why = plan.candidates.filter { Self.implemented.contains($0.backend) }
+                .map { "\($0.backend.rawValue): \($0.reasons.joined(separator: ", "))" }.joined(separator: "; ")
+            throw RuntimeError.noBackend(why)
+        }
+        return viable
+    }
+
+    func canonicalSource(_ path: String) throws -> String {
+        guard let st = try? Sys.stat(path) else { throw RuntimeError.sourceMissing(path) }
+        guard st.st_mode & S_IFMT == S_IFREG else { throw RuntimeError.sourceNotFile(path) }
+        return try Sys.realpath(path)
+    }
+
+    func canonicalMountpoint(_ path: String) throws -> String {
+        guard let st = try? Sys.stat(path) else { throw RuntimeError.mountpointMissing(path) }
+        guard st.st_mode & S_IFMT == S_IFDIR else { throw RuntimeError.mountpointNotDirectory(path) }
+        return try Sys.realpath(path)
+    }
+
+    /// libblkid + superblock + feature bits, from the planner's findings; returns the block size.
+    func validateImage(_ source: String, _ f: Findings, options: MountOptions) throws -> Int {
+        if f.status("image.superblock") != .present {
+            throw RuntimeError.notEROFS(source, detail: f["image.superblock"]?.evidence.first?.result ?? "no superblock")
+        }
+        if let blkid = f["image.blkid"]?.value, let type = blkid.split(separator: " ").first(where: { $0.hasPrefix("TYPE=") }), type != "TYPE=erofs" {
+            throw RuntimeError.notEROFS(source, detail: "libblkid identifies it as \(type.dropFirst(5))")
+        }
+        if f.status("image.features") == .absent {
+            let missing = f["image.features"]?.evidence.last?.result ?? "unknown features"
+            throw RuntimeError.unsupportedFeatures(source, features: missing.replacingPrefix("missing: "))
+        }
+        let fd = try Sys.open(source, O_RDONLY)
+        defer { Sys.close(fd.rawValue) }
+        let head = try Sys.preadFully(fd.rawValue, count: 128, at: Int64(options.fsOffset + Superblock.offset))
+        let sb = try Superblock(parsing: head, verifyChecksum: false)
+        if options.fsOffset % UInt64(sb.blockSize) != 0 {
+            throw RuntimeError.badOptionValue("fsoffset=\(options.fsOffset)", detail: "must be a multiple of the image's block size \(sb.blockSize)")
+        }
+        return sb.blockSize
+    }
+
+    // MARK: umount
+
+    /// Unmounts what this tool mounted at `path` (any path form), releases its device or worker and
+    /// removes its record. A record whose mount is already gone is cleaned up as stale.
+    @discardableResult
+    public func umount(_ path: String, lazy: Bool = false) throws -> (record: MountRecord, wasStale: Bool) {
+        let mountpoint = canonicalExisting(path)
+        guard Sys.hasCapSysAdmin() else { throw RuntimeError.notPrivileged("unmounting") }
+        return try state.withLock {
+            let mounts = MountInfo.current()
+            guard let record = state.load(mountpoint) else {
+                if let m = MountInfo.mount(at: mountpoint, in: mounts) {
+                    throw RuntimeError.notOurs(mountpoint, owner: "a \(m.fsType) mount of \(m.source)")
+                }
+                throw RuntimeError.notMounted(mountpoint)
+            }
+            let impl = Backend(rawValue: record.backend).flatMap { Backends.all[$0] }
+            var wasStale = false
+            if isOurMount(record, mounts) {
+                do {
+                    try MountAPI.umount(mountpoint, detach: lazy)
+                } catch let e as Errno where e == .resourceBusy {
+                    throw RuntimeError.mountFailed(backend: record.backend, detail: "umount \(mountpoint): busy (files are open); close them or use --lazy")
+                } catch {
+                    throw RuntimeError.mountFailed(backend: record.backend, detail: "umount \(mountpoint): \(error)")
+                }
+            } else {
+                wasStale = true
+            }
+            stopWorker(record)
+            impl?.release(record)
+            state.remove(mountpoint)
+            return (record, wasStale)
+        }
+    }
+
+    func stopWorker(_ record: MountRecord) {
+        guard let pid = record.workerPID, Sys.processExists(pid) else { return }
+        try? Sys.kill(pid, SIGTERM)
+    }
+
+    /// realpath when the path exists, else a lexically normalised absolute path.
+    func canonicalExisting(_ path: String) -> String {
+        if let p = try? Sys.realpath(path) { return p }
+        let abs = path.hasPrefix("/") ? path : FileManager.default.currentDirectoryPath + "/" + path
+        var parts: [Substring] = []
+        for c in abs.split(separator: "/") {
+            if c == "." { continue }
+            if c == ".." { _ = parts.popLast(); continue }
+            parts.append(c)
+        }
+        return "/" + parts.joined(separator: "/")
+    }
+
+    /// The mount at the record's mountpoint is EROFS from the recorded source or device.
+    func isOurMount(_ r: MountRecord, _ mounts: [MountInfoEntry]) -> Bool {
+        mounts.contains { $0.mountPoint == r.mountpoint && $0.fsType == "erofs" && ($0.source == r.source || $0.source == r.device) }
+    }
+
+    // MARK: status
+
+    /// Every recorded mount (or the one at `path`) with its health.
+    public func status(_ path: String? = nil) throws -> [MountStatus] {
+        let mounts = MountInfo.current()
+        var records = state.all()
+        if let path {
+            let mp = canonicalExisting(path)
+            records = records.filter { $0.mountpoint == mp }
+            if records.isEmpty {
+                if let m = MountInfo.mount(at: mp, in: mounts) {
+                    throw RuntimeError.notOurs(mp, owner: "a \(m.fsType) mount of \(m.source)")
+                }
+                throw RuntimeError.notMounted(mp)
+            }
+        }
+        return records.map { health($0, mounts) }
+    }
+
+    func health(_ r: MountRecord, _ mounts: [MountInfoEntry]) -> MountStatus {
+        var problems: [String] = []
+        let mounted = isOurMount(r, mounts)
+        if !mounted { problems.append("no longer mounted (plain umount(8)?)") }
+        var bound: Bool?
+        if let dev = r.device, let n = Int32(dev.dropFirst("/dev/loop".count)) {
+            bound = Loop.backingFile(n) == r.source
+            if bound == false, mounted { problems.append("\(dev) no longer backed by the image") }
+        }
+        var alive: Bool?
+        if let pid = r.workerPID {
+            alive = Sys.processExists(pid)
+            if alive == false { problems.append("worker \(pid) is gone") }
+        }
+        return MountStatus(record: r, mounted: mounted, deviceBound: bound, workerAlive: alive, problems: problems)
+    }
+
+    /// Removes stale records (their mounts are gone), releasing what is left of them.
+    public func prune() throws -> [MountRecord] {
+        guard Sys.hasCapSysAdmin() else { throw RuntimeError.notPrivileged("pruning state") }
+        return try state.withLock {
+            let mounts = MountInfo.current()
+            var pruned: [MountRecord] = []
+            for r in state.all() where !isOurMount(r, mounts) {
+                stopWorker(r)
+                Backend(rawValue: r.backend).flatMap { Backends.all[$0] }?.release(r)
+                state.remove(r.mountpoint)
+                pruned.append(r)
+            }
+            return pruned
+        }
+    }
+}
+
+extension String {
+    func replacingPrefix(_ p: String) -> String { hasPrefix(p) ? String(dropFirst(p.count)) : self }
+}

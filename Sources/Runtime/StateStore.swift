@@ -1,0 +1,131 @@
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
+import Foundation
+#endif
+import Glibc
+import Syscall
+import SystemPackage
+
+/// One mount made by erofs-compat, as recorded in the state directory.
+public struct MountRecord: Codable, Sendable, Equatable {
+    public static let currentVersion = 1
+
+    public var version = MountRecord.currentVersion
+    public var source: String
+    public var sourceKind: String
+    public var backend: String
+    public var mountpoint: String
+    public var options: String
+    /// The loop device, for the loop backend.
+    public var device: String?
+    /// A helper process, for backends that have one.
+    public var workerPID: Int32?
+    /// Seconds since the epoch.
+    public var since: Double
+    /// dev:ino of the source file when mounted, to recognise it again.
+    public var sourceIdentity: String
+}
+
+/// The state directory (/run/erofs-compat by default): one JSON record per mount, keyed by the
+/// canonical mountpoint, written atomically (temp + fsync + rename, 0600), and a lock file that
+/// serialises concurrent mount/umount calls.
+public struct StateStore: Sendable {
+    public static let defaultRoot = "/run/erofs-compat"
+
+    public let root: String
+    public var mountsDir: String { root + "/mounts" }
+
+    /// `root`, or $EROFS_COMPAT_STATE_DIR, or /run/erofs-compat.
+    public init(root: String? = nil) {
+        self.root = root ?? ProcessInfo.processInfo.environment["EROFS_COMPAT_STATE_DIR"] ?? Self.defaultRoot
+    }
+
+    /// The file name for a mountpoint: '/' becomes '-', bytes outside [A-Za-z0-9._] become _xx.
+    public static func key(for mountpoint: String) -> String {
+        var out = ""
+        for b in mountpoint.utf8.dropFirst(mountpoint.hasPrefix("/") ? 1 : 0) {
+            switch b {
+            case UInt8(ascii: "/"): out += "-"
+            case UInt8(ascii: "a")...UInt8(ascii: "z"), UInt8(ascii: "A")...UInt8(ascii: "Z"), UInt8(ascii: "0")...UInt8(ascii: "9"), UInt8(ascii: "."):
+                out.unicodeScalars.append(UnicodeScalar(b))
+            default:
+                out += "_" + String(format2hex: b)
+            }
+        }
+        return (out.isEmpty ? "-" : out) + ".json"
+    }
+
+    func ensureDirectories() throws {
+        for d in [root, mountsDir] where !Sys.isDirectory(d) {
+            do { try Sys.mkdir(d, mode: 0o700) } catch let e as Errno where e == .fileExists {}
+            catch { throw RuntimeError.state("cannot create \(d): \(error)") }
+        }
+    }
+
+    /// Runs `body` holding the exclusive state lock.
+    public func withLock<T>(_ body: () throws -> T) throws -> T {
+        try ensureDirectories()
+        let fd: FileDescriptor
+        do { fd = try Sys.open(root + "/lock", O_RDWR | O_CREAT, mode: 0o600) } catch {
+            throw RuntimeError.state("cannot open \(root)/lock: \(error)")
+        }
+        defer { Sys.close(fd.rawValue) }
+        try Sys.flock(fd.rawValue, exclusive: true)
+        defer { Sys.unlock(fd.rawValue) }
+        return try body()
+    }
+
+    public func path(for mountpoint: String) -> String { mountsDir + "/" + Self.key(for: mountpoint) }
+
+    public func load(_ mountpoint: String) -> MountRecord? {
+        guard let data = FileManager.default.contents(atPath: path(for: mountpoint)) else { return nil }
+        return try? JSONDecoder().decode(MountRecord.self, from: data)
+    }
+
+    public func all() -> [MountRecord] {
+        let names = (try? FileManager.default.contentsOfDirectory(atPath: mountsDir)) ?? []
+        return names.filter { $0.hasSuffix(".json") }.sorted().compactMap { name in
+            FileManager.default.contents(atPath: mountsDir + "/" + name).flatMap { try? JSONDecoder().decode(MountRecord.self, from: $0) }
+        }
+    }
+
+    /// Writes the record atomically: a temporary file in the same directory, fsync, rename, fsync dir.
+    public func save(_ record: MountRecord) throws {
+        try ensureDirectories()
+        let enc = JSONEncoder()
+        enc.outputFormatting = [.prettyPrinted, .sortedKeys, .withoutEscapingSlashes]
+        let bytes = [UInt8](try enc.encode(record))
+        let final = path(for: record.mountpoint)
+        let tmp = final + ".tmp.\(Sys.processID)"
+        do {
+            let fd = try Sys.open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_EXCL, mode: 0o600)
+            defer { Sys.close(fd.rawValue) }
+            try bytes.withUnsafeBytes { try Sys.pwriteAll(fd.rawValue, $0, at: 0) }
+            try Sys.fsync(fd.rawValue)
+        } catch {
+            try? Sys.unlink(tmp)
+            throw RuntimeError.state("cannot write \(tmp): \(error)")
+        }
+        do {
+            try Sys.rename(tmp, final)
+            let dir = try Sys.open(mountsDir, O_RDONLY | O_DIRECTORY)
+            defer { Sys.close(dir.rawValue) }
+            try Sys.fsync(dir.rawValue)
+        } catch {
+            try? Sys.unlink(tmp)
+            throw RuntimeError.state("cannot commit \(final): \(error)")
+        }
+    }
+
+    public func remove(_ mountpoint: String) {
+        try? Sys.unlink(path(for: mountpoint))
+    }
+}
+
+extension String {
+    init(format2hex b: UInt8) {
+        let s = String(b, radix: 16)
+        self = s.count == 1 ? "0" + s : s
+    }
+}

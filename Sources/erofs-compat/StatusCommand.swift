@@ -1,0 +1,64 @@
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
+import Foundation
+#endif
+import ArgumentParser
+import Runtime
+
+/// `erofs-compat status [--json] [--prune] [MOUNTPOINT]`.
+struct StatusCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "status",
+        abstract: "List the mounts erofs-compat made, with their health.",
+        discussion: """
+            A mount is stale when its record no longer matches reality (the mount is gone, its loop device
+            was released). --prune removes stale records; 'umount' does the same for one mountpoint.
+
+            Exit codes: 0 listed (even if some are stale), 2 usage error, 5 --prune without root,
+            6 MOUNTPOINT is not an erofs-compat mount.
+            """
+    )
+
+    @Flag(help: "Print JSON.")
+    var json = false
+
+    @Flag(help: "Remove stale records.")
+    var prune = false
+
+    @Argument(help: "Only this mountpoint.")
+    var mountpoint: String?
+
+    func run() throws {
+        let runtime = Runtime()
+        if prune {
+            let pruned = try runtimeCall { try runtime.prune() }
+            for r in pruned where !json { print("pruned stale record for \(r.mountpoint)") }
+        }
+        let list = try runtimeCall { try runtime.status(mountpoint) }
+        if json {
+            let enc = JSONEncoder()
+            enc.outputFormatting = [.prettyPrinted, .sortedKeys, .withoutEscapingSlashes]
+            print(String(decoding: try enc.encode(StatusDocument(mounts: list)), as: UTF8.self))
+            return
+        }
+        if list.isEmpty {
+            print("no mounts made by erofs-compat")
+            return
+        }
+        for s in list {
+            let r = s.record
+            let since = Date(timeIntervalSince1970: r.since)
+            print("\(r.mountpoint)")
+            print("  source   \(r.source)")
+            print("  backend  \(r.backend)\(r.device.map { " (\($0))" } ?? "")  options \(r.options)")
+            print("  since    \(since)")
+            print("  health   \(s.stale ? "STALE: " + s.problems.joined(separator: "; ") : "ok")")
+        }
+    }
+}
+
+struct StatusDocument: Codable {
+    var schemaVersion = 1
+    var mounts: [MountStatus]
+}
