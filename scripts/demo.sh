@@ -26,4 +26,29 @@ set +e
 rc=$?
 set -e
 echo "probe exit code: $rc (0: a backend can mount a local image here, 1: none can)"
+if [ "$(id -u)" -ne 0 ]; then
+    echo "not root: skipping the mount part of the demo (mount needs CAP_SYS_ADMIN)"
+    exit 0
+fi
+export EROFS_COMPAT_STATE_DIR="$work/state"
+mkdir -p "$work/mnt"
+echo
+echo "== erofs-compat mount --explain $work/sample.erofs $work/mnt"
+"$BIN" mount --explain "$work/sample.erofs" "$work/mnt"
+echo
+echo "== what the mount holds"
+ls -l "$work/mnt" | head
+echo "bytes identical to the source tree: $(diff -r "$work/tree" "$work/mnt" >/dev/null && echo yes || echo NO)"
+echo
+echo "== erofs-compat status"
+"$BIN" status
+echo
+echo "== erofs-compat umount (from another directory, by a relative path)"
+(cd "$work/tree" && "$BIN" umount ../mnt)
+echo
+echo "== the same image on a loop device, then removed behind the tool's back with umount(8)"
+"$BIN" mount --backend loop "$work/sample.erofs" "$work/mnt"
+umount "$work/mnt"
+"$BIN" status || true
+"$BIN" status --prune
 exit 0

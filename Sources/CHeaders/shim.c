@@ -4,6 +4,7 @@
 #include <fcntl.h>
 #include <sched.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <sys/utsname.h>
 #include "CHeaders.h"
 
@@ -20,5 +21,21 @@ int ecx_uname_field(int which, char *buf, size_t len) {
     const char *src = which == 0 ? u.release : u.machine;
     strncpy(buf, src, len - 1);
     buf[len - 1] = 0;
+    return 0;
+}
+
+#ifndef STATX_MNT_ID
+#define STATX_MNT_ID 0x00001000U
+#endif
+#ifndef STATX_ATTR_MOUNT_ROOT
+#define STATX_ATTR_MOUNT_ROOT 0x00002000
+#endif
+
+int ecx_mount_identity(const char *path, uint64_t *mnt_id, int *is_root) {
+    struct statx st;
+    memset(&st, 0, sizeof(st));
+    if (statx(AT_FDCWD, path, 0, STATX_MNT_ID, &st) != 0) return -1;
+    *mnt_id = (st.stx_mask & STATX_MNT_ID) ? st.stx_mnt_id : 0;
+    *is_root = (st.stx_attributes_mask & STATX_ATTR_MOUNT_ROOT) ? ((st.stx_attributes & STATX_ATTR_MOUNT_ROOT) != 0) : -1;
     return 0;
 }

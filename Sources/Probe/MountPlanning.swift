@@ -1,28 +1,68 @@
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
+import Foundation
+#endif
 import Syscall
 
-/// The planner as `mount` uses it: gathers only the findings the decision needs (cheap checks, no
-/// FUSE or fanotify round trips for a local image) and judges the backends.
+/// The planner as `mount` uses it: the findings the decision needs (no FUSE or fanotify round trips
+/// for a local image), the image's own checks, and the planner's judgement.
 public enum MountPlanning {
     /// What the planner decided and the findings it decided on (including `image.*`).
     public struct Result: Sendable {
         public var plan: Plan
         public var findings: Findings
+        /// True when the host findings came from the cache.
+        public var cached: Bool
     }
 
     /// Plans a mount of the local `image` (its EROFS superblock starting `offset` bytes in).
     /// `override` replaces findings before planning (used to simulate hosts that lack a feature).
+    /// `cacheFile` keeps host findings between mounts; they are reused only while the boot, the
+    /// kernel, the loaded modules, the privileges and the image's filesystem type are unchanged.
     public static func planLocal(image: String, offset: UInt64, implemented: Set<Backend>,
-                                 override: [Finding] = []) -> Result {
+                                 override: [Finding] = [], cacheFile: String? = nil) -> Result {
         // Trials run on the image's own filesystem: that is where file-backed mounts must work.
         let ctx = ProbeContext(options: ProbeOptions(cacheDir: image.parentPath, image: image), lightweight: true)
         var findings = Findings()
-        SystemChecks.kernel(ctx).forEach { findings.add($0) }
-        EROFSChecks.planning(ctx).forEach { findings.add($0) }
-        BlockChecks.planning(ctx).forEach { findings.add($0) }
-        FuseChecks.planning(ctx).forEach { findings.add($0) }
+        let key = cacheKey(ctx)
+        var cached = false
+        if let cacheFile, let data = FileManager.default.contents(atPath: cacheFile),
+           let entry = try? JSONDecoder().decode(CacheEntry.self, from: data), entry.key == key {
+            findings = entry.findings
+            cached = true
+        } else {
+            SystemChecks.kernel(ctx).forEach { findings.add($0) }
+            EROFSChecks.planning(ctx).forEach { findings.add($0) }
+            BlockChecks.planning(ctx).forEach { findings.add($0) }
+            FuseChecks.planning(ctx).forEach { findings.add($0) }
+            if let cacheFile { store(CacheEntry(key: key, findings: findings), at: cacheFile) }
+        }
         let kernelFeatures = Set(ctx.host.list("/sys/fs/erofs/features"))
         ImageChecks.run(ctx, image: image, offset: offset, kernelFeatures: kernelFeatures, trial: false).forEach { findings.add($0) }
         override.forEach { findings.add($0) }
-        return Result(plan: Planner.plan(findings, source: .local, implemented: implemented), findings: findings)
+        return Result(plan: Planner.plan(findings, source: .local, implemented: implemented), findings: findings, cached: cached)
+    }
+
+    struct CacheEntry: Codable {
+        var key: String
+        var findings: Findings
+    }
+
+    /// Everything that can change what the host supports without the cache noticing otherwise.
+    static func cacheKey(_ ctx: ProbeContext) -> String {
+        let boot = ctx.host.read("/proc/sys/kernel/random/boot_id")?.trimmed ?? "?"
+        let modules = ctx.host.read("/proc/modules") ?? ""
+        var h: UInt64 = 0xcbf2_9ce4_8422_2325
+        for b in modules.utf8 { h = (h ^ UInt64(b)) &* 0x100_0000_01b3 }
+        let fs = ctx.trialFSType
+        return "v1 \(boot) \(ctx.release) modules:\(String(h, radix: 16)) admin:\(ctx.privileged) fs:\(fs)"
+    }
+
+    static func store(_ entry: CacheEntry, at path: String) {
+        guard let data = try? JSONEncoder().encode(entry) else { return }
+        let tmp = path + ".tmp.\(Sys.processID)"
+        guard FileManager.default.createFile(atPath: tmp, contents: data) else { return }
+        do { try Sys.rename(tmp, path) } catch { try? Sys.unlink(tmp) }
     }
 }

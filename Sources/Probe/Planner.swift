@@ -100,9 +100,7 @@ public enum Planner {
             if imageUnsupported, b != .fuse {
                 missing.append("an image this kernel can read (" + (findings["image.features"]?.evidence.last?.result ?? "not an EROFS image") + ")")
             }
-            if source == .remote, b == .file || b == .loop {
-                present.append("after downloading the whole image first")
-            }
+            let note = source == .remote && (b == .file || b == .loop) ? ["needs the whole image downloaded first"] : []
             let built = implemented.contains(b)
             var reasons: [String]
             let verdict: Candidate.Verdict
@@ -117,7 +115,7 @@ public enum Planner {
                 reasons = undecided
             } else {
                 verdict = .viable
-                reasons = present.map { "has " + $0 }
+                reasons = present.map { "has " + $0 } + note
             }
             out.append(Candidate(backend: b, verdict: verdict, reasons: reasons))
         }

@@ -44,8 +44,12 @@ struct ProbeContext {
         let host = options.host
         release = host.isLive ? Sys.uname().release : (host.read("/proc/sys/kernel/osrelease")?.trimmed ?? "unknown")
         config = lightweight ? nil : Self.loadConfig(host: host, release: release)
-        let caps = host.read("/proc/self/status").flatMap(ProcStatus.effectiveCapabilities)
-        privileged = caps.map { $0 & (1 << UInt64(ProcStatus.capSysAdmin)) != 0 } ?? false
+        if host.isLive {
+            privileged = Sys.hasCapSysAdmin()
+        } else {
+            let caps = host.read("/proc/self/status").flatMap(ProcStatus.effectiveCapabilities)
+            privileged = caps.map { $0 & (1 << UInt64(ProcStatus.capSysAdmin)) != 0 } ?? false
+        }
         filesystems = host.read("/proc/filesystems").map(ProcFilesystems.parse) ?? []
         var dir = options.cacheDir
         while !host.isDirectory(dir), dir != "/", !dir.isEmpty {

@@ -65,18 +65,21 @@ public struct Runtime: Sendable {
     public func mount(_ req: MountRequest, override: [Finding] = [], note: (String) -> Void = { _ in }) throws -> MountOutcome {
         let source = try canonicalSource(req.source)
         let mountpoint = try canonicalMountpoint(req.mountpoint)
-        let planned = MountPlanning.planLocal(image: source, offset: req.options.fsOffset, implemented: Self.implemented, override: override)
+        try? state.ensureDirectories()
+        let planned = MountPlanning.planLocal(image: source, offset: req.options.fsOffset, implemented: Self.implemented,
+                                              override: override, cacheFile: Sys.hasCapSysAdmin() ? state.hostCache : nil)
         let blockSize = try validateImage(source, planned.findings, options: req.options)
         let plan = planned.plan
         if req.dryRun { return MountOutcome(plan: plan, record: nil, notes: []) }
         guard Sys.hasCapSysAdmin() else { throw RuntimeError.notPrivileged("mounting") }
 
         return try state.withLock {
-            if let existing = MountInfo.mount(at: mountpoint, in: MountInfo.current()) {
+            if try isMountRoot(mountpoint) {
                 if let rec = state.load(mountpoint), rec.source == source {
                     throw RuntimeError.alreadyMounted(mountpoint, source: source)
                 }
-                throw RuntimeError.mountpointBusy(mountpoint, by: "\(existing.fsType) from \(existing.source)")
+                let existing = MountInfo.mount(at: mountpoint, in: MountInfo.current())
+                throw RuntimeError.mountpointBusy(mountpoint, by: existing.map { "\($0.fsType) from \($0.source)" } ?? "mounted")
             }
             let candidates = try choose(plan, requested: req.backend)
             var notes: [String] = []
@@ -97,7 +100,8 @@ public struct Runtime: Sendable {
                 }
                 let record = MountRecord(source: source, sourceKind: "local", backend: backend.rawValue, mountpoint: mountpoint,
                                          options: req.options.summary, device: attachment.device, workerPID: attachment.workerPID,
-                                         since: Date().timeIntervalSince1970, sourceIdentity: identity)
+                                         since: Date().timeIntervalSince1970, sourceIdentity: identity,
+                                         mountID: try? Sys.mountIdentity(mountpoint).id)
                 do {
                     try state.save(record)
                 } catch {
@@ -177,16 +181,15 @@ public struct Runtime: Sendable {
         let mountpoint = canonicalExisting(path)
         guard Sys.hasCapSysAdmin() else { throw RuntimeError.notPrivileged("unmounting") }
         return try state.withLock {
-            let mounts = MountInfo.current()
             guard let record = state.load(mountpoint) else {
-                if let m = MountInfo.mount(at: mountpoint, in: mounts) {
+                if let m = MountInfo.mount(at: mountpoint, in: MountInfo.current()) {
                     throw RuntimeError.notOurs(mountpoint, owner: "a \(m.fsType) mount of \(m.source)")
                 }
                 throw RuntimeError.notMounted(mountpoint)
             }
             let impl = Backend(rawValue: record.backend).flatMap { Backends.all[$0] }
             var wasStale = false
-            if isOurMount(record, mounts) {
+            if isOurMount(record) {
                 do {
                     try MountAPI.umount(mountpoint, detach: lazy)
                 } catch let e as Errno where e == .resourceBusy {
@@ -222,7 +225,21 @@ public struct Runtime: Sendable {
         return "/" + parts.joined(separator: "/")
     }
 
-    /// The mount at the record's mountpoint is EROFS from the recorded source or device.
+    /// Whether `path` is the root of a mount (statx; mountinfo where the kernel does not say).
+    func isMountRoot(_ path: String) throws -> Bool {
+        if let root = try Sys.mountIdentity(path).isRoot { return root }
+        return MountInfo.mount(at: path, in: MountInfo.current()) != nil
+    }
+
+    /// The mount at the record's mountpoint is still the one this tool made: same mount id when
+    /// recorded (cheap), else EROFS from the recorded source or device in mountinfo.
+    func isOurMount(_ r: MountRecord) -> Bool {
+        if let id = r.mountID, let now = try? Sys.mountIdentity(r.mountpoint), now.isRoot != nil {
+            return now.isRoot == true && now.id == id
+        }
+        return isOurMount(r, MountInfo.current())
+    }
+
     func isOurMount(_ r: MountRecord, _ mounts: [MountInfoEntry]) -> Bool {
         mounts.contains { $0.mountPoint == r.mountpoint && $0.fsType == "erofs" && ($0.source == r.source || $0.source == r.device) }
     }

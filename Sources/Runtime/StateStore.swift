@@ -25,6 +25,8 @@ public struct MountRecord: Codable, Sendable, Equatable {
     public var since: Double
     /// dev:ino of the source file when mounted, to recognise it again.
     public var sourceIdentity: String
+    /// The kernel's mount id (statx STATX_MNT_ID) of the mount, to recognise it without mountinfo.
+    public var mountID: UInt64?
 }
 
 /// The state directory (/run/erofs-compat by default): one JSON record per mount, keyed by the
@@ -35,6 +37,8 @@ public struct StateStore: Sendable {
 
     public let root: String
     public var mountsDir: String { root + "/mounts" }
+    /// Host findings reused by the mount planner while nothing relevant changed.
+    public var hostCache: String { root + "/host-findings.json" }
 
     /// `root`, or $EROFS_COMPAT_STATE_DIR, or /run/erofs-compat.
     public init(root: String? = nil) {
@@ -56,7 +60,7 @@ public struct StateStore: Sendable {
         return (out.isEmpty ? "-" : out) + ".json"
     }
 
-    func ensureDirectories() throws {
+    package func ensureDirectories() throws {
         for d in [root, mountsDir] where !Sys.isDirectory(d) {
             do { try Sys.mkdir(d, mode: 0o700) } catch let e as Errno where e == .fileExists {}
             catch { throw RuntimeError.state("cannot create \(d): \(error)") }

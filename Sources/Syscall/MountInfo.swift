@@ -3,6 +3,7 @@ import FoundationEssentials
 #else
 import Foundation
 #endif
+import CHeaders
 
 /// One line of /proc/self/mountinfo.
 package struct MountInfoEntry: Sendable, Equatable {
@@ -83,13 +84,18 @@ extension MountInfo {
 }
 
 extension Sys {
-    /// CAP_SYS_ADMIN in the effective set (from /proc/self/status).
+    /// CAP_SYS_ADMIN in the effective set (capget).
     package static func hasCapSysAdmin() -> Bool {
-        guard let d = FileManager.default.contents(atPath: "/proc/self/status") else { return false }
-        for line in String(decoding: d, as: UTF8.self).split(separator: "\n") where line.hasPrefix("CapEff:") {
-            let hex = line.dropFirst("CapEff:".count).filter { !$0.isWhitespace }
-            return (UInt64(hex, radix: 16) ?? 0) & (1 << 21) != 0
-        }
-        return false
+        var caps: UInt64 = 0
+        guard ecx_effective_caps(&caps) == 0 else { return false }
+        return caps & (1 << 21) != 0
+    }
+
+    /// The id of the mount holding `path` (statx STATX_MNT_ID) and whether `path` is its root.
+    package static func mountIdentity(_ path: String) throws -> (id: UInt64, isRoot: Bool?) {
+        var id: UInt64 = 0
+        var root: Int32 = 0
+        _ = try call { ecx_mount_identity(path, &id, &root) }
+        return (id, root < 0 ? nil : root == 1)
     }
 }

@@ -143,3 +143,67 @@ public var cliBinary: String {
     }
     return TestEnv.repoRoot + "/.build/debug/erofs-compat"
 }
+
+/// Sample trees and images built with Debian's mkfs.erofs.
+public enum Samples {
+    /// Writes a small but varied tree: nested dirs, empty and block-boundary-sized files, random data,
+    /// a symlink, a long name.
+    public static func makeTree(at root: String, seed: UInt64 = 42) throws {
+        let fm = FileManager.default
+        try fm.createDirectory(atPath: root + "/dir/sub/deeper", withIntermediateDirectories: true)
+        var rng = SplitMix(seed: seed)
+        for (name, size) in [("empty", 0), ("one", 1), ("block", 4096), ("block+1", 4097), ("dir/a.txt", 100),
+                             ("dir/sub/big.bin", 300_000), ("dir/sub/deeper/c", 8191), (String(repeating: "n", count: 200), 10)] {
+            var bytes = [UInt8](repeating: 0, count: size)
+            for i in 0..<size { bytes[i] = UInt8(truncatingIfNeeded: rng.next() >> 7) }
+            if name.hasSuffix(".txt") { bytes = Array(String(repeating: "text line\n", count: 10).utf8) }
+            try Data(bytes).write(to: URL(fileURLWithPath: root + "/" + name))
+        }
+        try fm.createSymbolicLink(atPath: root + "/link", withDestinationPath: "dir/a.txt")
+        chmod(root + "/dir/a.txt", 0o640)
+    }
+
+    /// mkfs.erofs --quiet [extra] IMAGE TREE.
+    public static func mkfs(_ tree: String, _ image: String, _ extra: [String] = []) throws {
+        guard let mk = TestEnv.which("mkfs.erofs") else { throw POSIXError(.ENOENT) }
+        let r = try run(mk, ["--quiet"] + extra + [image, tree])
+        guard r.status == 0 else { throw SampleError.mkfs(r.stderr) }
+    }
+
+    public enum SampleError: Error { case mkfs(String) }
+
+    /// Differences between two trees: bytes of every file, symlink targets, permission bits, names.
+    public static func compare(_ a: String, _ b: String) -> [String] {
+        var diffs: [String] = []
+        let fm = FileManager.default
+        let left = Set((fm.subpaths(atPath: a) ?? []))
+        let right = Set((fm.subpaths(atPath: b) ?? []))
+        if left != right { diffs.append("names differ: only in source \(left.subtracting(right).sorted()), only in mount \(right.subtracting(left).sorted())") }
+        for p in left.intersection(right).sorted() {
+            var sa = stat(), sb = stat()
+            lstat(a + "/" + p, &sa); lstat(b + "/" + p, &sb)
+            if sa.st_mode & 0o7777 != sb.st_mode & 0o7777 || sa.st_mode & S_IFMT != sb.st_mode & S_IFMT { diffs.append("\(p): mode"); continue }
+            switch sa.st_mode & S_IFMT {
+            case S_IFLNK:
+                if (try? fm.destinationOfSymbolicLink(atPath: a + "/" + p)) != (try? fm.destinationOfSymbolicLink(atPath: b + "/" + p)) { diffs.append("\(p): link target") }
+            case S_IFREG:
+                if fm.contents(atPath: a + "/" + p) != fm.contents(atPath: b + "/" + p) { diffs.append("\(p): content") }
+            default: break
+            }
+        }
+        return diffs
+    }
+}
+
+/// A small deterministic PRNG for test data.
+public struct SplitMix {
+    var state: UInt64
+    public init(seed: UInt64) { state = seed }
+    public mutating func next() -> UInt64 {
+        state &+= 0x9E37_79B9_7F4A_7C15
+        var z = state
+        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
+        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
+        return z ^ (z >> 31)
+    }
+}

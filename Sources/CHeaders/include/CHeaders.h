@@ -408,6 +408,24 @@ static const int ecx_o_cloexec = O_CLOEXEC;
 static const int ecx_o_directory = O_DIRECTORY;
 static const int ecx_o_nofollow = O_NOFOLLOW;
 
+/* ---------------------------------------------------------------- statx mount identity, capabilities */
+
+#include <linux/capability.h>
+
+/** The mount id of the mount holding `path` and whether `path` is that mount's root (Linux 5.8+);
+ * is_root is -1 when the kernel does not report it. In shim.c (statx needs _GNU_SOURCE). */
+int ecx_mount_identity(const char *path, uint64_t *mnt_id, int *is_root);
+
+/** The effective capability set (capget, version 3). */
+static inline int ecx_effective_caps(uint64_t *out) {
+    struct __user_cap_header_struct hdr = { _LINUX_CAPABILITY_VERSION_3, 0 };
+    struct __user_cap_data_struct data[2];
+    memset(data, 0, sizeof(data));
+    if (syscall(SYS_capget, &hdr, data) != 0) return -1;
+    *out = (uint64_t)data[0].effective | ((uint64_t)data[1].effective << 32);
+    return 0;
+}
+
 /* ---------------------------------------------------------------- libcurl / libfuse3 variadics */
 
 static inline CURLcode ecx_curl_setopt_long(CURL *h, CURLoption opt, long v) { return curl_easy_setopt(h, opt, v); }

@@ -23,7 +23,11 @@ enum ImageChecks {
         do {
             let fd = try Sys.open(image, O_RDONLY)
             defer { Sys.close(fd.rawValue) }
-            let head = try Sys.preadFully(fd.rawValue, count: 65536, at: Int64(offset + Superblock.offset))
+            // The checksum covers the rest of the first block: read that much, more only for big blocks.
+            var head = try Sys.preadFully(fd.rawValue, count: 4096 - Int(Superblock.offset), at: Int64(offset + Superblock.offset))
+            if head.count > 12, head[12] > 12, head[12] <= 16 {
+                head = try Sys.preadFully(fd.rawValue, count: (1 << Int(head[12])) - Int(Superblock.offset), at: Int64(offset + Superblock.offset))
+            }
             sb = try Superblock(parsing: head)
             out.append(Finding("image.superblock", "EROFS superblock", .present,
                                value: "block size \(sb.blockSize), \(sb.inodeCount) inodes, \(sb.blocks) blocks",
