@@ -39,7 +39,7 @@ let package = Package(
             name: "Syscall",
             dependencies: ["CHeaders", .product(name: "SystemPackage", package: "swift-system")]
         ),
-        .target(name: "EROFS", dependencies: ["Syscall"]),
+        .target(name: "EROFS", dependencies: ["Syscall", .product(name: "SystemPackage", package: "swift-system")]),
         .target(
             name: "Probe",
             dependencies: ["Syscall", "EROFS", .product(name: "SystemPackage", package: "swift-system")]

@@ -207,3 +207,71 @@ public struct SplitMix {
         return z ^ (z >> 31)
     }
 }
+
+/// Trees that exercise the EROFS reader.
+public enum ReaderTrees {
+    /// Several MB of real files: licenses, time zones (symlinks and hard links) and shared libraries.
+    public static func makeReal(at root: String, budget: Int = 4 << 20) throws {
+        let fm = FileManager.default
+        try fm.createDirectory(atPath: root, withIntermediateDirectories: true)
+        for dir in ["/usr/share/common-licenses", "/usr/share/zoneinfo/Europe", "/usr/share/zoneinfo/America"] where fm.fileExists(atPath: dir) {
+            _ = try run("/bin/cp", ["-a", dir, root + "/" + dir.split(separator: "/").joined(separator: "_")])
+        }
+        var used = 0
+        try fm.createDirectory(atPath: root + "/lib", withIntermediateDirectories: true)
+        let libdir = "/usr/lib/x86_64-linux-gnu"
+        for name in ((try? fm.contentsOfDirectory(atPath: libdir)) ?? []).sorted() where name.contains(".so.") {
+            let p = libdir + "/" + name
+            guard let attrs = try? fm.attributesOfItem(atPath: p), attrs[.type] as? FileAttributeType == .typeRegular,
+                  let size = attrs[.size] as? Int, size < 1 << 20 else { continue }
+            if used + size > budget { break }
+            _ = try run("/bin/cp", ["-a", p, root + "/lib/" + name])
+            used += size
+        }
+    }
+
+    /// Edge cases: empty files, sizes around block boundaries, deep paths, long names, hard links,
+    /// a directory with thousands of entries, xattrs, devices and a FIFO (as root), symlinks.
+    public static func makeEdge(at root: String) throws {
+        let fm = FileManager.default
+        try fm.createDirectory(atPath: root, withIntermediateDirectories: true)
+        var rng = SplitMix(seed: 7)
+        func file(_ path: String, _ size: Int, compressible: Bool = false) throws {
+            var b = [UInt8](repeating: 0, count: size)
+            for i in 0..<size { b[i] = compressible ? UInt8(truncatingIfNeeded: i / 64 % 7 + 97) : UInt8(truncatingIfNeeded: rng.next()) }
+            try Data(b).write(to: URL(fileURLWithPath: root + "/" + path))
+        }
+        try fm.createDirectory(atPath: root + "/sizes", withIntermediateDirectories: true)
+        for s in [0, 1, 511, 512, 513, 4095, 4096, 4097, 8191, 8192, 8193, 65535, 65536, 65537, 200_000] {
+            try file("sizes/r\(s)", s)
+            try file("sizes/c\(s)", s, compressible: true)
+        }
+        var deep = "deep"
+        for i in 0..<24 { deep += "/level\(i)" }
+        try fm.createDirectory(atPath: root + "/" + deep, withIntermediateDirectories: true)
+        try file(deep + "/leaf", 1234)
+        try file(String(repeating: "L", count: 200), 10)  // mkfs.erofs 1.5 fails on 255-byte names
+        try fm.createDirectory(atPath: root + "/many", withIntermediateDirectories: true)
+        for i in 0..<3000 { try Data("entry \(i)\n".utf8).write(to: URL(fileURLWithPath: root + "/many/f\(String(i, radix: 36))-\(i % 7)")) }
+        try file("hard-a", 5000)
+        try fm.linkItem(atPath: root + "/hard-a", toPath: root + "/hard-b")
+        try fm.linkItem(atPath: root + "/hard-a", toPath: root + "/sizes/hard-c")
+        try fm.createSymbolicLink(atPath: root + "/sym-short", withDestinationPath: "hard-a")
+        try fm.createSymbolicLink(atPath: root + "/sym-long", withDestinationPath: String(repeating: "x/", count: 1000) + "end")
+        try fm.createSymbolicLink(atPath: root + "/sym-dangling", withDestinationPath: "/nonexistent/target")
+        try file("xattrs", 100)
+        try Sys.lsetxattr(root + "/xattrs", "user.comment", Array("hello".utf8))
+        try Sys.lsetxattr(root + "/xattrs", "user.empty", [])
+        try Sys.lsetxattr(root + "/xattrs", "user.big", [UInt8](repeating: 0x42, count: 300))
+        for name in ["r1", "r512", "r4096"] { try Sys.lsetxattr(root + "/sizes/" + name, "user.shared", Array("same-value".utf8)) }
+        if geteuid() == 0 {
+            try Sys.lsetxattr(root + "/xattrs", "trusted.t", Array("trusted-value".utf8))
+            try Sys.mknod(root + "/chardev", mode: UInt32(S_IFCHR) | 0o640, device: Sys.makedev(1, 3))
+            try Sys.mknod(root + "/blockdev", mode: UInt32(S_IFBLK) | 0o600, device: Sys.makedev(7, 300))
+            chown(root + "/sizes/r1", 1234, 5678)
+        }
+        mkfifo(root + "/fifo", 0o644)
+        chmod(root + "/sizes/r512", 0o4755)
+        chmod(root + "/deep", 0o1777)
+    }
+}

@@ -31,6 +31,7 @@
 #include <sys/uio.h>
 #include <sys/fanotify.h>
 #include <sys/file.h>
+#include <sys/xattr.h>
 #include <linux/loop.h>
 #include <linux/netlink.h>
 #include <linux/genetlink.h>

@@ -1,0 +1,404 @@
+import Syscall
+
+/// Compressed inodes: the map header, full and compact logical-cluster indexes, big pclusters,
+/// ztailpacking (inline tail pcluster), fragments (tail in the packed inode) and partial references
+/// (dedupe), decompressed with the Debian libraries.
+struct Compressed {
+    /// Logical cluster types.
+    enum LType: UInt8 { case plain = 0, head1 = 1, nonhead = 2, head2 = 3 }
+
+    struct LCluster {
+        var type: LType
+        var clusterofs: UInt64
+        var pblk: UInt64 = 0
+        var delta0: UInt64 = 0
+        var compressedBlocks: UInt64 = 0
+        var partialRef = false
+    }
+
+    /// One extent of the file: logical [start, end) stored in one pcluster.
+    struct Extent {
+        var start: UInt64
+        var end: UInt64
+        var headType: LType
+        enum Storage { case blocks(UInt64, UInt64), inline(UInt64, UInt64), fragment }
+        var storage: Storage
+        var partialRef: Bool
+    }
+
+    static let advCompacted2B: UInt16 = 0x1, advBig1: UInt16 = 0x2, advBig2: UInt16 = 0x4, advInline: UInt16 = 0x8,
+               advInterlaced: UInt16 = 0x10, advFragment: UInt16 = 0x20
+    static let d0CblkCnt: UInt64 = 1 << 11
+    static let maxExtent: UInt64 = 16 << 20
+
+    let image: EROFSImage
+    let inode: Inode
+    let headerPos: UInt64
+    let advise: UInt16
+    let algorithms: (UInt8, UInt8)
+    let lclusterBits: UInt64
+    let totalIndexes: UInt64
+    let idataSize: UInt64
+    let fragmentOffset: UInt64
+    let wholeFragment: Bool
+
+    init(image: EROFSImage, inode: Inode) throws {
+        self.image = image
+        self.inode = inode
+        headerPos = (inode.bodyEnd + 7) & ~7
+        let h = try image.bytes(headerPos, 8, "compression map header of inode \(inode.nid)")
+        fragmentOffset = UInt64(LEBytesValue.u32(Array(h[0..<4])))
+        idataSize = UInt64(LEBytesValue.u16(Array(h[2..<4])))
+        advise = LEBytesValue.u16(Array(h[4..<6]))
+        algorithms = (h[6] & 0xF, h[6] >> 4)
+        wholeFragment = h[7] & 0x80 != 0
+        lclusterBits = UInt64(image.superblock.blockSizeBits) + UInt64(h[7] & 0x7)
+        guard lclusterBits <= 20 else {
+            throw EROFSError.corrupt(structure: "compression map header of inode \(inode.nid)", offset: headerPos, detail: "cluster bits \(lclusterBits)")
+        }
+        totalIndexes = (inode.size + (1 << lclusterBits) - 1) >> lclusterBits
+        if inode.layout == .compressedCompact, advise & Self.advCompacted2B != 0, lclusterBits > 14 {
+            throw EROFSError.corrupt(structure: "compression map header of inode \(inode.nid)", offset: headerPos, detail: "2-byte indexes need cluster bits <= 14")
+        }
+    }
+
+    /// Full (legacy) indexes follow 8 bytes of padding after the map header; compact ones follow it directly.
+    var indexBase: UInt64 { headerPos + (inode.layout == .compressedFull ? 16 : 8) }
+
+    // MARK: index decoding
+
+    /// The compact layout: a few 4-byte-amortised packs up to a 32-byte boundary, then 2-byte packs of
+    /// 16 entries (if enabled), then 4-byte packs again.
+    var compactLayout: (initial4B: UInt64, compacted2B: UInt64) {
+        var initial = (32 - indexBase % 32) / 4
+        if initial == 8 { initial = 0 }
+        var c2b: UInt64 = 0
+        if advise & Self.advCompacted2B != 0, initial < totalIndexes {
+            c2b = (totalIndexes - initial) / 16 * 16
+        }
+        return (initial, c2b)
+    }
+
+    /// Where the index area ends (the inline pcluster of ztailpacking follows it): the end of the
+    /// index, or of the compact pack, holding the last logical cluster.
+    var indexEnd: UInt64 {
+        guard totalIndexes > 0 else { return indexBase }
+        if inode.layout == .compressedFull { return indexBase + totalIndexes * 8 }
+        let (pos, packSize) = compactPosition(totalIndexes - 1)
+        return pos - pos % packSize + packSize
+    }
+
+    /// Byte position of a logical cluster's compact entry and the size of its pack.
+    func compactPosition(_ lcnIn: UInt64) -> (pos: UInt64, packSize: UInt64) {
+        let (initial, c2b) = compactLayout
+        var lcn = lcnIn
+        var pos = indexBase
+        var shift: UInt64 = 2
+        if lcn >= initial {
+            pos += initial * 4
+            lcn -= initial
+            if lcn < c2b {
+                shift = 1
+            } else {
+                pos += c2b * 2
+                lcn -= c2b
+            }
+        }
+        return (pos + (lcn << shift), (shift == 1 ? 16 : 2) << shift)
+    }
+
+    func load(_ lcn: UInt64) throws -> LCluster {
+        guard lcn < totalIndexes else {
+            throw EROFSError.corrupt(structure: "compression index of inode \(inode.nid)", offset: headerPos, detail: "logical cluster \(lcn) of \(totalIndexes)")
+        }
+        return inode.layout == .compressedFull ? try loadFull(lcn) : try loadCompact(lcn)
+    }
+
+    func loadFull(_ lcn: UInt64) throws -> LCluster {
+        let pos = indexBase + lcn * 8
+        let b = try image.bytes(pos, 8, "compression index of inode \(inode.nid)")
+        let adv = LEBytesValue.u16(Array(b[0..<2]))
+        let type = LType(rawValue: UInt8(adv & 3))!
+        if type == .nonhead {
+            var c = LCluster(type: type, clusterofs: 1 << lclusterBits)
+            let d0 = UInt64(LEBytesValue.u16(Array(b[4..<6])))
+            if d0 & Self.d0CblkCnt != 0 {
+                c.compressedBlocks = d0 & ~Self.d0CblkCnt
+                c.delta0 = 1
+            } else {
+                c.delta0 = d0
+            }
+            return c
+        }
+        return LCluster(type: type, clusterofs: UInt64(LEBytesValue.u16(Array(b[2..<4]))),
+                        pblk: UInt64(LEBytesValue.u32(Array(b[4..<8]))), partialRef: adv & 0x8000 != 0)
+    }
+
+    func loadCompact(_ lcn: UInt64) throws -> LCluster {
+        let (pos, packSize) = compactPosition(lcn)
+        let shift: UInt64 = packSize == 32 ? 1 : 2
+        let vcnt: UInt64 = shift == 1 ? 16 : 2
+        let encodeBits = (packSize - 4) * 8 / vcnt
+        let eofs = pos % packSize
+        let base = pos - eofs
+        let pack = try image.bytes(base, Int(packSize), "compact index pack of inode \(inode.nid)")
+        let bits = lclusterBits
+        func decode(_ i: Int64) -> (lo: UInt64, type: LType) {
+            let bitPos = UInt64(i) * encodeBits
+            let byte = Int(bitPos / 8)
+            var v: UInt64 = 0
+            for k in 0..<4 where byte + k < pack.count { v |= UInt64(pack[byte + k]) << (8 * UInt64(k)) }
+            v >>= bitPos & 7
+            return (v & ((1 << bits) - 1), LType(rawValue: UInt8((v >> bits) & 3))!)
+        }
+        var i = Int64(eofs >> shift)
+        let (lo0, type) = decode(i)
+        if type == .nonhead {
+            var c = LCluster(type: .nonhead, clusterofs: 1 << bits)
+            if lo0 & Self.d0CblkCnt != 0 {
+                guard advise & (Self.advBig1 | Self.advBig2) != 0 else {
+                    throw EROFSError.corrupt(structure: "compact index of inode \(inode.nid)", offset: base, detail: "CBLKCNT without big pclusters")
+                }
+                c.compressedBlocks = lo0 & ~Self.d0CblkCnt
+                c.delta0 = 1
+                return c
+            }
+            if UInt64(i + 1) != vcnt {
+                c.delta0 = lo0
+                return c
+            }
+            // The last entry of a pack stores delta[1]; delta[0] comes from the previous entry.
+            var lo = decode(i - 1).type == .nonhead ? decode(i - 1).lo : 0
+            if decode(i - 1).type == .nonhead, lo & Self.d0CblkCnt != 0 { lo = 1 }
+            c.delta0 = lo + 1
+            return c
+        }
+        var c = LCluster(type: type, clusterofs: lo0)
+        var nblk: Int64
+        if advise & (Self.advBig1 | Self.advBig2) == 0 {
+            nblk = 1
+            while i > 0 {
+                i -= 1
+                let (lo, t) = decode(i)
+                if t == .nonhead { i -= Int64(lo) }
+                if i >= 0 { nblk += 1 }
+            }
+        } else {
+            nblk = 0
+            while i > 0 {
+                i -= 1
+                let (lo, t) = decode(i)
+                if t == .nonhead {
+                    if lo & Self.d0CblkCnt != 0 {
+                        i -= 1
+                        nblk += Int64(lo & ~Self.d0CblkCnt)
+                        continue
+                    }
+                    guard lo > 1 else {
+                        throw EROFSError.corrupt(structure: "compact index of inode \(inode.nid)", offset: base, detail: "big pcluster with delta 1")
+                    }
+                    i -= Int64(lo) - 2
+                    continue
+                }
+                nblk += 1
+            }
+        }
+        let pblkBase = UInt64(LEBytesValue.u32(Array(pack[(pack.count - 4)...])))
+        c.pblk = UInt64(Int64(pblkBase) + nblk)
+        return c
+    }
+
+    // MARK: extents
+
+    /// The head logical cluster of the extent containing logical offset `la`.
+    func head(containing la: UInt64) throws -> (lcn: UInt64, cluster: LCluster) {
+        var lcn = la >> lclusterBits
+        var c = try load(lcn)
+        var distance: UInt64
+        if c.type != .nonhead {
+            if la & ((1 << lclusterBits) - 1) >= c.clusterofs { return (lcn, c) }
+            guard lcn > 0 else {
+                throw EROFSError.corrupt(structure: "compression index of inode \(inode.nid)", offset: headerPos, detail: "first cluster starts late")
+            }
+            distance = 1
+        } else {
+            distance = c.delta0
+        }
+        var steps: UInt64 = 0
+        while true {
+            guard distance > 0, distance <= lcn, steps <= min(totalIndexes, (Self.maxExtent >> lclusterBits) + 2) else {
+                throw EROFSError.corrupt(structure: "compression index of inode \(inode.nid)", offset: headerPos, detail: "bad lookback from cluster \(lcn)")
+            }
+            lcn -= distance
+            steps += 1
+            c = try load(lcn)
+            if c.type != .nonhead { return (lcn, c) }
+            distance = c.delta0
+        }
+    }
+
+    /// The head cluster of the extent that holds the last byte (the tail extent).
+    func tailHeadLcn() throws -> UInt64 {
+        try head(containing: inode.size - 1).lcn
+    }
+
+    func extent(containing la: UInt64) throws -> Extent {
+        if wholeFragment {
+            return Extent(start: 0, end: inode.size, headType: .head1, storage: .fragment, partialRef: false)
+        }
+        let (lcn, h) = try head(containing: la)
+        let start = (lcn << lclusterBits) | h.clusterofs
+        var end = inode.size
+        var next = lcn + 1
+        let maxClusters = (Self.maxExtent >> lclusterBits) + 2
+        while next < totalIndexes {
+            guard next - lcn <= maxClusters else {
+                throw EROFSError.corrupt(structure: "compressed extent of inode \(inode.nid)", offset: headerPos, detail: "no next head within \(maxClusters) clusters")
+            }
+            let c = try load(next)
+            if c.type != .nonhead {
+                end = min((next << lclusterBits) | c.clusterofs, inode.size)
+                break
+            }
+            next += 1
+        }
+        guard end > start, end - start <= Self.maxExtent else {
+            throw EROFSError.corrupt(structure: "compressed extent of inode \(inode.nid)", offset: headerPos, detail: "extent [\(start), \(end))")
+        }
+        let hasTail = (advise & (Self.advInline | Self.advFragment)) != 0
+        let isTail = try hasTail && lcn == tailHeadLcn()
+        var storage: Extent.Storage
+        if isTail, advise & Self.advInline != 0 {
+            storage = .inline(indexEnd, idataSize)
+        } else if isTail, advise & Self.advFragment != 0 {
+            storage = .fragment
+        } else {
+            var plen: UInt64 = 1 << lclusterBits
+            let big = (h.type == .head1 && advise & Self.advBig1 != 0) || (h.type == .head2 && advise & Self.advBig2 != 0)
+            if big {
+                var blocks: UInt64 = 1
+                if lcn + 1 < totalIndexes {
+                    let n = try load(lcn + 1)
+                    if n.type == .nonhead {
+                        guard n.delta0 == 1, n.compressedBlocks > 0 else {
+                            throw EROFSError.corrupt(structure: "compression index of inode \(inode.nid)", offset: headerPos, detail: "big pcluster without a block count")
+                        }
+                        blocks = n.compressedBlocks
+                    }
+                }
+                plen = blocks * image.blockSize
+            }
+            storage = .blocks(h.pblk * image.blockSize, plen)
+        }
+        return Extent(start: start, end: end, headType: h.type, storage: storage, partialRef: h.partialRef)
+    }
+
+    /// Every extent in order (for metadata ranges and whole-file reads).
+    func extents() throws -> [Extent] {
+        var out: [Extent] = []
+        var la: UInt64 = 0
+        while la < inode.size {
+            let e = try extent(containing: la)
+            guard e.end > la else { throw EROFSError.loop(structure: "compressed extents of inode \(inode.nid)", offset: headerPos) }
+            out.append(e)
+            la = e.end
+        }
+        return out
+    }
+
+    // MARK: reading
+
+    func read(at offset: UInt64, count: Int) throws -> [UInt8] {
+        var out: [UInt8] = []
+        out.reserveCapacity(count)
+        var la = offset
+        let end = offset + UInt64(count)
+        while la < end {
+            let e = try extent(containing: la)
+            let data = try decompress(e)
+            let from = Int(la - e.start)
+            let to = Int(min(e.end, end) - e.start)
+            guard to <= data.count else {
+                throw EROFSError.decompression(algorithm: algorithmName(e), offset: offsetOf(e), detail: "produced \(data.count) of \(e.end - e.start) bytes")
+            }
+            out += data[from..<to]
+            la = e.start + UInt64(to)
+        }
+        return out
+    }
+
+    func offsetOf(_ e: Extent) -> UInt64 {
+        switch e.storage {
+        case .blocks(let p, _), .inline(let p, _): return p
+        case .fragment: return image.superblock.packedNid
+        }
+    }
+
+    func algorithmName(_ e: Extent) -> String {
+        if e.headType == .plain { return "uncompressed" }
+        let alg = e.headType == .head2 ? algorithms.1 : algorithms.0
+        return ["lz4", "lzma", "deflate", "zstd"][safe: Int(alg)] ?? "algorithm \(alg)"
+    }
+
+    /// The decompressed bytes of an extent, starting at its logical start.
+    func decompress(_ e: Extent) throws -> [UInt8] {
+        let llen = Int(e.end - e.start)
+        let input: [UInt8]
+        switch e.storage {
+        case .fragment:
+            guard image.superblock.packedNid != 0 else {
+                throw EROFSError.corrupt(structure: "inode \(inode.nid)", offset: headerPos, detail: "fragment without a packed inode")
+            }
+            let packed = try image.inode(image.superblock.packedNid)
+            guard packed.nid != inode.nid else { throw EROFSError.loop(structure: "packed inode", offset: packed.position) }
+            let data = try image.readData(packed, at: fragmentOffset + (wholeFragment ? e.start : 0), count: llen)
+            guard data.count == llen else { throw EROFSError.truncated(structure: "fragment of inode \(inode.nid)", offset: packed.position) }
+            return data
+        case .blocks(let pa, let plen), .inline(let pa, let plen):
+            guard plen > 0, plen <= 1 << 20 else { throw EROFSError.corrupt(structure: "pcluster of inode \(inode.nid)", offset: pa, detail: "size \(plen)") }
+            input = try image.bytes(pa, Int(plen), "pcluster of inode \(inode.nid)")
+        }
+        if e.headType == .plain {
+            guard llen <= input.count else { throw EROFSError.corrupt(structure: "plain pcluster of inode \(inode.nid)", offset: offsetOf(e), detail: "\(llen) bytes from a \(input.count)-byte pcluster") }
+            if advise & Self.advInterlaced != 0 {
+                let ofs = Int(e.start % image.blockSize)
+                guard ofs < input.count else { throw EROFSError.corrupt(structure: "plain pcluster of inode \(inode.nid)", offset: offsetOf(e), detail: "interlace offset \(ofs)") }
+                let right = min(llen, input.count - ofs)
+                return Array(input[ofs..<(ofs + right)]) + Array(input[0..<(llen - right)])
+            }
+            return Array(input[0..<llen])
+        }
+        let alg = e.headType == .head2 ? algorithms.1 : algorithms.0
+        // With zero padding the stream is right-aligned in the pcluster: skip the leading zeros.
+        var margin = 0
+        if image.superblock.featureIncompat & Feature.zeroPadding.rawValue != 0 {
+            while margin < input.count, input[margin] == 0 { margin += 1 }
+            guard margin < input.count else { throw EROFSError.decompression(algorithm: algorithmName(e), offset: offsetOf(e), detail: "empty pcluster") }
+        }
+        let stream = input[margin...]
+        let result: Result<[UInt8], DecompressError>
+        switch alg {
+        case 0: result = Decompress.lz4(stream, outputSize: llen)
+        case 1:
+            let cfg = image.compressionConfigs[1] ?? []
+            let dict = cfg.count >= 4 ? LEBytesValue.u32(Array(cfg[0..<4])) : 8 << 20
+            result = Decompress.microLZMA(stream, outputSize: llen, exact: !e.partialRef, dictSize: dict)
+        case 2: result = Decompress.deflate(stream, outputSize: llen)
+        case 3: result = Decompress.zstd(stream, outputSize: llen, limit: Int(Self.maxExtent))
+        default: throw EROFSError.unsupportedAlgorithm("algorithm \(alg)")
+        }
+        switch result {
+        case .success(let d):
+            guard d.count == llen else {
+                throw EROFSError.decompression(algorithm: algorithmName(e), offset: offsetOf(e), detail: "produced \(d.count) of \(llen) bytes")
+            }
+            return d
+        case .failure(let err):
+            throw EROFSError.decompression(algorithm: algorithmName(e), offset: offsetOf(e), detail: err.description)
+        }
+    }
+}
+
+extension Array {
+    subscript(safe i: Int) -> Element? { i >= 0 && i < count ? self[i] : nil }
+}

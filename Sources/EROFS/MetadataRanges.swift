@@ -1,0 +1,163 @@
+/// The parts of an image a mount may read before any file data: superblock, device table, inode
+/// bodies, xattrs, inline tails, chunk and compression indexes, directory and symlink data, the
+/// packed inode. A file-backed mount reads these without fanotify pre-content events, so a lazy
+/// loader must have them in place before mounting.
+public struct MetadataRanges: Sendable, Codable, Equatable {
+    /// Merged, block-aligned ranges, in order.
+    public var ranges: [ByteRange]
+    /// Sum of the range lengths.
+    public var totalBytes: UInt64
+    public var inodes: Int
+    public var directories: Int
+    public var imageSize: UInt64
+    public var blockSize: UInt64
+}
+
+extension EROFSImage {
+    /// Computes the metadata ranges by walking the whole tree from the root.
+    public func metadataRanges() throws -> MetadataRanges {
+        var raw: [ByteRange] = [ByteRange(offset: 0, length: max(blockSize, Superblock.offset + UInt64(superblock.size)))]
+        if superblock.extraDevices > 0 {
+            raw.append(ByteRange(offset: UInt64(superblock.deviceTableSlotOffset) * 128, length: UInt64(superblock.extraDevices) * 128))
+        }
+        var visited = Set<UInt64>()
+        var queue: [UInt64] = [superblock.rootNid]
+        if superblock.packedNid != 0 { queue.append(superblock.packedNid) }
+        var directories = 0
+        let limit = max(Int(min(superblock.inodeCount, 1 << 26)) * 2, 1024)
+        while let nid = queue.popLast() {
+            guard visited.insert(nid).inserted else { continue }
+            guard visited.count <= limit else {
+                throw EROFSError.corrupt(structure: "directory tree", offset: inodePosition(nid), detail: "more inodes reachable than the superblock counts")
+            }
+            let ino = try inode(nid)
+            raw += try inodeMetadata(ino)
+            switch ino.type {
+            case .directory:
+                directories += 1
+                let list = try entries(ino)
+                raw += try dataRanges(ino, from: 0, to: ino.size)
+                for e in list where e.nameBytes != [0x2E] && e.nameBytes != [0x2E, 0x2E] {
+                    if !visited.contains(e.nid) { queue.append(e.nid) }
+                }
+            case .symlink:
+                raw += try dataRanges(ino, from: 0, to: ino.size)
+            default:
+                break
+            }
+        }
+        if superblock.featureIncompat & Feature.xattrPrefixes.rawValue != 0, superblock.xattrPrefixCount > 0 {
+            let start = UInt64(superblock.xattrPrefixStart) << 2
+            var len: UInt64 = 0
+            for p in longPrefixes { len += (2 + 1 + UInt64(p.infix.count) + 3) & ~3 }
+            if superblock.packedNid != 0 {
+                raw += try dataRanges(try inode(superblock.packedNid), from: start, to: start + len)
+            } else {
+                raw.append(ByteRange(offset: start, length: len))
+            }
+        }
+        let merged = ByteRange.normalize(raw, blockSize: blockSize, limit: source.size)
+        return MetadataRanges(ranges: merged, totalBytes: merged.reduce(0) { $0 + $1.length }, inodes: visited.count,
+                              directories: directories, imageSize: source.size, blockSize: blockSize)
+    }
+
+    /// The inode itself, its xattrs, and whatever of its mapping lives in the metadata area.
+    func inodeMetadata(_ ino: Inode) throws -> [ByteRange] {
+        var out = [ByteRange(offset: ino.position, length: ino.inodeSize + ino.xattrIbodySize)]
+        out += try xattrRanges(ino)
+        switch ino.layout {
+        case .flatInline:
+            let tail = ino.size % blockSize == 0 ? (ino.size > 0 ? blockSize : 0) : ino.size % blockSize
+            out.append(ByteRange(offset: ino.bodyEnd, length: tail))
+        case .chunkBased:
+            let fmt = UInt16(truncatingIfNeeded: ino.union)
+            let chunkBits = UInt64(superblock.blockSizeBits) + UInt64(fmt & 0x1F)
+            guard chunkBits < 48 else { break }
+            let chunks = (ino.size + (1 << chunkBits) - 1) >> chunkBits
+            if fmt & 0x20 != 0 {
+                out.append(ByteRange(offset: (ino.bodyEnd + 7) & ~7, length: chunks * 8))
+            } else {
+                out.append(ByteRange(offset: ino.bodyEnd, length: chunks * 4))
+            }
+        case .compressedFull, .compressedCompact:
+            let c = try Compressed(image: self, inode: ino)
+            var end = c.wholeFragment ? c.headerPos + 8 : c.indexEnd
+            if c.advise & Compressed.advInline != 0 { end += c.idataSize }
+            out.append(ByteRange(offset: c.headerPos, length: end - c.headerPos))
+        case .flatPlain:
+            break
+        }
+        return out
+    }
+
+    /// Physical ranges that hold the logical bytes [from, to) of an inode.
+    func dataRanges(_ ino: Inode, from: UInt64, to: UInt64) throws -> [ByteRange] {
+        let end = min(to, ino.size)
+        guard from < end else { return [] }
+        var out: [ByteRange] = []
+        if ino.layout.isCompressed {
+            let c = try Compressed(image: self, inode: ino)
+            var la = from
+            while la < end {
+                let e = try c.extent(containing: la)
+                switch e.storage {
+                case .blocks(let pa, let plen), .inline(let pa, let plen):
+                    out.append(ByteRange(offset: pa, length: plen))
+                case .fragment:
+                    let packed = try inode(superblock.packedNid)
+                    guard packed.nid != ino.nid else { throw EROFSError.loop(structure: "packed inode", offset: packed.position) }
+                    let base = c.fragmentOffset + (c.wholeFragment ? e.start : 0)
+                    out += try dataRanges(packed, from: base + (la - e.start), to: base + (min(e.end, end) - e.start))
+                }
+                la = e.end
+            }
+            return out
+        }
+        var pos = from
+        while pos < end {
+            let seg = try mapFlat(ino, pos)
+            let take = min(seg.length, end - pos)
+            if let phys = seg.physical { out.append(ByteRange(offset: phys, length: take)) }
+            pos += take
+        }
+        return out
+    }
+}
+
+/// One mapped piece of a file: logical bytes and where they are stored.
+public struct DataExtent: Sendable, Equatable {
+    public var logical: ByteRange
+    /// nil for a hole.
+    public var physical: ByteRange?
+    /// "plain", "inline", "lz4", "lzma", "deflate", "zstd", "uncompressed", "fragment", "hole".
+    public var kind: String
+}
+
+extension EROFSImage {
+    /// The extents of an inode's data, as dump.erofs -e shows them.
+    public func extents(_ ino: Inode) throws -> [DataExtent] {
+        var out: [DataExtent] = []
+        if ino.layout.isCompressed {
+            let c = try Compressed(image: self, inode: ino)
+            for e in try c.extents() {
+                let logical = ByteRange(offset: e.start, length: e.end - e.start)
+                switch e.storage {
+                case .blocks(let pa, let plen): out.append(DataExtent(logical: logical, physical: ByteRange(offset: pa, length: plen), kind: c.algorithmName(e)))
+                case .inline(let pa, let plen): out.append(DataExtent(logical: logical, physical: ByteRange(offset: pa, length: plen), kind: c.algorithmName(e) + " (inline)"))
+                case .fragment: out.append(DataExtent(logical: logical, physical: nil, kind: "fragment"))
+                }
+            }
+            return out
+        }
+        var pos: UInt64 = 0
+        while pos < ino.size {
+            let seg = try mapFlat(ino, pos)
+            let take = min(seg.length, ino.size - pos)
+            let inline = seg.physical.map { $0 >= ino.bodyEnd && $0 < ino.bodyEnd + blockSize && ino.layout == .flatInline } ?? false
+            out.append(DataExtent(logical: ByteRange(offset: pos, length: take), physical: seg.physical.map { ByteRange(offset: $0, length: take) },
+                                  kind: seg.physical == nil ? "hole" : (inline ? "inline" : "plain")))
+            pos += take
+        }
+        return out
+    }
+}

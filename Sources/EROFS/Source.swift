@@ -1,0 +1,94 @@
+import Glibc
+import Syscall
+import SystemPackage
+
+/// Random access to the bytes of an image. Implementations never assume the whole image is present
+/// (the lazy cache of a remote image is one).
+public protocol ImageSource: AnyObject {
+    /// The image size in bytes.
+    var size: UInt64 { get }
+    /// Exactly `count` bytes at `offset`; fewer only at the end of the image.
+    func read(at offset: UInt64, count: Int) throws -> [UInt8]
+}
+
+/// An image file read with pread(2).
+public final class FileSource: ImageSource {
+    public let path: String
+    public let size: UInt64
+    private let fd: Int32
+
+    public init(path: String) throws {
+        self.path = path
+        let f = try Sys.open(path, O_RDONLY)
+        fd = f.rawValue
+        do { size = UInt64(try Sys.fstat(fd).st_size) } catch { Sys.close(fd); throw error }
+    }
+
+    deinit { Sys.close(fd) }
+
+    public func read(at offset: UInt64, count: Int) throws -> [UInt8] {
+        guard count > 0, offset < size else { return [] }
+        do {
+            return try Sys.preadFully(fd, count: Int(min(UInt64(count), size - offset)), at: Int64(offset))
+        } catch {
+            throw EROFSError.io(offset: offset, length: count, errno: (error as? Errno)?.rawValue ?? -1)
+        }
+    }
+}
+
+/// An in-memory image (tests, fuzzing).
+public final class MemorySource: ImageSource {
+    public let bytes: [UInt8]
+    public var size: UInt64 { UInt64(bytes.count) }
+    public init(_ bytes: [UInt8]) { self.bytes = bytes }
+    public func read(at offset: UInt64, count: Int) throws -> [UInt8] {
+        guard count > 0, offset < size else { return [] }
+        let end = Int(min(offset + UInt64(count), size))
+        return Array(bytes[Int(offset)..<end])
+    }
+}
+
+/// A byte range of the image.
+public struct ByteRange: Sendable, Equatable, Hashable, Codable, Comparable {
+    public var offset: UInt64
+    public var length: UInt64
+    public var end: UInt64 { offset + length }
+
+    public init(offset: UInt64, length: UInt64) {
+        self.offset = offset
+        self.length = length
+    }
+
+    public static func < (a: ByteRange, b: ByteRange) -> Bool { (a.offset, a.length) < (b.offset, b.length) }
+
+    /// Sorted, block-aligned and merged (touching or overlapping ranges become one).
+    public static func normalize(_ ranges: [ByteRange], blockSize: UInt64, limit: UInt64) -> [ByteRange] {
+        var aligned = ranges.filter { $0.length > 0 }.map { r -> ByteRange in
+            let s = r.offset / blockSize * blockSize
+            let e = min((r.end + blockSize - 1) / blockSize * blockSize, max(limit, s))
+            return ByteRange(offset: s, length: e - s)
+        }.filter { $0.length > 0 }
+        aligned.sort()
+        var out: [ByteRange] = []
+        for r in aligned {
+            if let last = out.last, r.offset <= last.end {
+                out[out.count - 1].length = max(last.end, r.end) - last.offset
+            } else {
+                out.append(r)
+            }
+        }
+        return out
+    }
+}
+
+/// Wraps a source and records every range read through it.
+public final class RecordingSource: ImageSource {
+    public let base: ImageSource
+    public private(set) var ranges: [ByteRange] = []
+    public var size: UInt64 { base.size }
+    public init(_ base: ImageSource) { self.base = base }
+    public func read(at offset: UInt64, count: Int) throws -> [UInt8] {
+        ranges.append(ByteRange(offset: offset, length: UInt64(count)))
+        return try base.read(at: offset, count: count)
+    }
+}
