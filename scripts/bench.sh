@@ -32,4 +32,57 @@ for i in $(seq 10); do
     e=$(now_us); echo $(( e - s ))
 done | median | awk '{printf "erofs-compat mount + umount (CLI): %.1f ms\n", $1/1000}'
 rm -rf "$state_base/erofs-compat-bench-cli"
+
+echo
+echo "== image extract: ~200 MiB lz4hc image, erofs-compat vs fsck.erofs --extract (median of 3, same run)"
+mkdir -p "$work/big"
+python3 - "$work/big" <<'PY'
+import os, random, sys
+random.seed(1)
+root = sys.argv[1]
+words = [bytes(random.choice(b"abcdefghijklmnopqrstuvwxyz") for _ in range(random.randint(2, 9))) for _ in range(4000)]
+total = 0
+i = 0
+while total < 200 << 20:
+    size = random.randint(1, 16) << 20
+    with open(os.path.join(root, f"f{i:02d}"), "wb") as f:
+        if i % 2:
+            f.write(os.urandom(size))
+        else:
+            out = bytearray()
+            while len(out) < size:
+                out += b" ".join(random.choices(words, k=512)) + b"\n"
+            f.write(out[:size])
+    total += size
+    i += 1
+PY
+mkfs.erofs --quiet -zlz4hc "$work/big.erofs" "$work/big"
+ls -l "$work/big.erofs" | awk '{printf "image: %.0f MiB\n", $5/1048576}'
+ours=(); theirs=()
+for i in 1 2 3; do
+    rm -rf "$work/x1" "$work/x2"
+    s=$(now_us); "$BIN" image extract "$work/big.erofs" "$work/x1" >/dev/null; e=$(now_us); ours+=($((e - s)))
+    s=$(now_us); fsck.erofs --extract="$work/x2" "$work/big.erofs" >/dev/null 2>&1; e=$(now_us); theirs+=($((e - s)))
+done
+o=$(printf '%s\n' "${ours[@]}" | median); t=$(printf '%s\n' "${theirs[@]}" | median)
+diff -rq "$work/x1" "$work/x2" >/dev/null && same=identical || same=DIFFERENT
+awk -v o="$o" -v t="$t" -v s="$same" 'BEGIN {printf "extract: erofs-compat %.2f s, fsck.erofs %.2f s, ratio %.2f (outputs %s)\n", o/1e6, t/1e6, o/t, s}'
+rm -rf "$work/x1" "$work/x2" "$work/big" "$work/big.erofs"
+
+echo
+echo "== meta-ranges on a 10k-file image (median of 5)"
+python3 - "$work/many" <<'PY'
+import os, sys
+root = sys.argv[1]
+for d in range(100):
+    os.makedirs(os.path.join(root, f"d{d:03d}"))
+    for f in range(100):
+        with open(os.path.join(root, f"d{d:03d}", f"file{f:03d}.txt"), "w") as fh:
+            fh.write(f"{d} {f}\n" * (f % 40 + 1))
+PY
+mkfs.erofs --quiet -zlz4hc "$work/many.erofs" "$work/many"
+for i in 1 2 3 4 5; do
+    s=$(now_us); "$BIN" image meta-ranges "$work/many.erofs" >/dev/null; e=$(now_us); echo $((e - s))
+done | median | awk '{printf "meta-ranges (10k files, CLI incl. start-up): %.1f ms\n", $1/1000}'
+"$BIN" image meta-ranges "$work/many.erofs" | tail -1
 exit 0

@@ -299,7 +299,7 @@ struct Compressed {
         var la: UInt64 = 0
         while la < inode.size {
             let e = try extent(containing: la)
-            guard e.end > la else { throw EROFSError.loop(structure: "compressed extents of inode \(inode.nid)", offset: headerPos) }
+            guard e.start <= la, e.end > la else { throw EROFSError.loop(structure: "compressed extents of inode \(inode.nid)", offset: headerPos) }
             out.append(e)
             la = e.end
         }
@@ -315,6 +315,10 @@ struct Compressed {
         let end = offset + UInt64(count)
         while la < end {
             let e = try extent(containing: la)
+            guard e.start <= la, la < e.end else {
+                throw EROFSError.corrupt(structure: "compression index of inode \(inode.nid)", offset: headerPos,
+                                         detail: "offset \(la) maps to extent [\(e.start), \(e.end))")
+            }
             let data = try decompress(e)
             let from = Int(la - e.start)
             let to = Int(min(e.end, end) - e.start)

@@ -27,6 +27,8 @@ public final class EROFSImage {
         blockSize = UInt64(sb.blockSize)
         if sb.featureIncompat & Feature.bits48.rawValue != 0 { throw EROFSError.unsupportedFeature("48bit") }
         if sb.featureIncompat & Feature.metabox.rawValue != 0 { throw EROFSError.unsupportedFeature("metabox") }
+        // Reserved: directory blocks are filesystem blocks (the kernel refuses other values too).
+        if sb.dirBlockBits != 0 { throw EROFSError.unsupportedFeature("dirblkbits \(sb.dirBlockBits)") }
         let known = Feature.table.reduce(UInt32(0)) { $0 | $1.bit }
         if sb.featureIncompat & ~known != 0 {
             throw EROFSError.unsupportedFeature("unknown incompat bits 0x\(String(sb.featureIncompat & ~known, radix: 16))")

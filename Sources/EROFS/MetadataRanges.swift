@@ -100,6 +100,10 @@ extension EROFSImage {
             var la = from
             while la < end {
                 let e = try c.extent(containing: la)
+                guard e.start <= la, la < e.end else {
+                    throw EROFSError.corrupt(structure: "compression index of inode \(ino.nid)", offset: c.headerPos,
+                                             detail: "offset \(la) maps to extent [\(e.start), \(e.end))")
+                }
                 switch e.storage {
                 case .blocks(let pa, let plen), .inline(let pa, let plen):
                     out.append(ByteRange(offset: pa, length: plen))

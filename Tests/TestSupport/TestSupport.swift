@@ -156,7 +156,7 @@ public enum Samples {
                              ("dir/sub/big.bin", 300_000), ("dir/sub/deeper/c", 8191), (String(repeating: "n", count: 200), 10)] {
             var bytes = [UInt8](repeating: 0, count: size)
             for i in 0..<size { bytes[i] = UInt8(truncatingIfNeeded: rng.next() >> 7) }
-            if name.hasSuffix(".txt") { bytes = Array(String(repeating: "text line\n", count: 10).utf8) }
+            if name.hasSuffix(".txt") { bytes = Array(String(repeating: "text line\n", count: 1000).utf8) }
             try Data(bytes).write(to: URL(fileURLWithPath: root + "/" + name))
         }
         try fm.createSymbolicLink(atPath: root + "/link", withDestinationPath: "dir/a.txt")
