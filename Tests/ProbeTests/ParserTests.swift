@@ -59,6 +59,25 @@ import TestSupport
         #expect(blk["misc"] == nil)
     }
 
+    /// A host with erofs as a loadable, not yet loaded module (Debian 6.1): the probe does not trigger
+    /// an autoload unless allowed, and says so.
+    @Test func loadableErofsIsNotAutoloaded() throws {
+        let root = try FixtureRoot()
+        defer { root.remove() }
+        try root.write("/proc/filesystems", "nodev\ttmpfs\n\text4\n")
+        try root.write("/proc/sys/kernel/osrelease", "6.1.0-fixture\n")
+        try root.write("/boot/config-6.1.0-fixture", "CONFIG_EROFS_FS=m\nCONFIG_BLK_DEV_NBD=m\n")
+        try root.write("/lib/modules/6.1.0-fixture/modules.dep", "kernel/fs/erofs/erofs.ko:\n")
+        let report = HostProbe.run(ProbeOptions(host: Host(root: root.root)), implemented: [])
+        #expect(report.findings["erofs.module"]?.value == "loadable")
+        #expect(report.findings["nbd.module"]?.value == "loadable")
+        let fb = try #require(report.findings["erofs.file_backed"])
+        #expect(fb.status == .unknown)
+        #expect(fb.evidence.contains { $0.result.contains("--allow-module-load") })
+        let allowed = HostProbe.run(ProbeOptions(allowModuleLoad: true, host: Host(root: root.root)), implemented: [])
+        #expect(allowed.findings["erofs.file_backed"]?.evidence.contains { $0.result.contains("--allow-module-load") } == false)
+    }
+
     /// The parsers as the probe uses them, on a fixture host root.
     @Test func fixtureHostRoot() throws {
         let root = try FixtureRoot()

@@ -63,10 +63,10 @@ enum EROFSChecks {
     static func fileBacked(_ ctx: ProbeContext, module: Finding) -> Finding {
         let id = "erofs.file_backed", title = "file-backed mounts (no loop device)"
         var ev = [ctx.configEvidence("CONFIG_EROFS_FS_BACKED_BY_FILE")].compactMap { $0 }
-        guard ctx.host.isLive else { return Finding(id, title, .unknown, evidence: ev + [.init("trial", "not the live host")]) }
         if module.value == ModuleState.loadable.rawValue, !ctx.filesystems.contains("erofs"), !ctx.options.allowModuleLoad {
             return Finding(id, title, .unknown, evidence: ev + [.init("fsopen(\"erofs\")", "not attempted: it would autoload the erofs module; pass --allow-module-load")])
         }
+        guard ctx.host.isLive else { return Finding(id, title, .unknown, evidence: ev + [.init("trial", "not the live host")]) }
         if !ctx.filesystems.contains("erofs") {
             ev.append(.init("note", "fsopen(\"erofs\") can autoload the erofs module on hosts with modules"))
         }
