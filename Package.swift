@@ -44,9 +44,10 @@ let package = Package(
             name: "Probe",
             dependencies: ["Syscall", "EROFS", .product(name: "SystemPackage", package: "swift-system")]
         ),
+        .target(name: "Remote", dependencies: ["Syscall", "EROFS"]),
         .target(
             name: "Runtime",
-            dependencies: ["Probe", "Syscall", "EROFS", .product(name: "SystemPackage", package: "swift-system")]
+            dependencies: ["Probe", "Syscall", "EROFS", "Remote", .product(name: "SystemPackage", package: "swift-system")]
         ),
         .executableTarget(
             name: "ErofsCompatCLI",
@@ -62,6 +63,7 @@ let package = Package(
         .testTarget(name: "SyscallTests", dependencies: ["Syscall", "TestSupport", .product(name: "SystemPackage", package: "swift-system")]),
         .testTarget(name: "EROFSTests", dependencies: ["EROFS", "TestSupport"]),
         .testTarget(name: "ProbeTests", dependencies: ["Probe", "EROFS", "Syscall", "TestSupport", .product(name: "SystemPackage", package: "swift-system")]),
+        .testTarget(name: "RemoteTests", dependencies: ["Remote", "EROFS", "Syscall", "TestSupport"]),
         .testTarget(name: "RuntimeTests", dependencies: ["Runtime", "Probe", "EROFS", "Syscall", "TestSupport"]),
         .testTarget(name: "CLITests", dependencies: ["TestSupport"]),
     ],

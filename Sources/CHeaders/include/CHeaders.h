@@ -441,6 +441,31 @@ static inline const char *ecx_curl_version_string(void) {
 static inline int ecx_libfuse_version(void) { return fuse_version(); }
 static inline const char *ecx_libfuse_pkgversion(void) { return fuse_pkgversion(); }
 
+/* ---------------------------------------------------------------- HTTP transfers (libcurl) */
+
+/** What one HTTP request produced. `headers` is malloc'd (free with ecx_http_result_free). */
+struct ecx_http_result {
+    long status;
+    int curl_code;
+    size_t body_len;
+    int body_truncated;
+    char *headers;
+    size_t headers_len;
+    char error[256];
+};
+
+/**
+ * One request on a reusable easy handle (connection reuse comes from reusing the handle).
+ * `range` ("a-b") may be NULL; `head_only` sends HEAD; the body goes into `body` up to `body_cap`
+ * bytes (the transfer is aborted beyond that and body_truncated set). `headers` is an array of
+ * "Name: value" strings. Timeouts: connect and low-speed limits derived from `timeout_ms`.
+ */
+int ecx_http_request(CURL *handle, const char *url, const char *range, int head_only,
+                     const char *const *headers, size_t n_headers,
+                     unsigned char *body, size_t body_cap, long timeout_ms,
+                     struct ecx_http_result *result);
+void ecx_http_result_free(struct ecx_http_result *result);
+
 /* ---------------------------------------------------------------- EROFS decompression helpers */
 
 static const int ecx_lzma_ok = LZMA_OK;

@@ -1,0 +1,111 @@
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
+import Foundation
+#endif
+import Glibc
+import Syscall
+import SystemPackage
+
+/// Which granules of a cached blob are present, kept crash-consistent beside the data: a bit is set
+/// only after the data it covers is durable (fdatasync of the cache file first), and several
+/// granules are committed at once (no fsync per range).
+public final class PopulationRecord: @unchecked Sendable {
+    static let magic = Array("ECXPOP1\0".utf8)
+    static let headerSize = 24
+
+    public let size: UInt64
+    public let granule: UInt64
+    public var granules: Int { Int((size + granule - 1) / granule) }
+    private let fd: FileDescriptor
+    private let bits: Locked<[UInt8]>
+
+    /// Opens or creates the record at `path` for a blob of `size` bytes.
+    public init(path: String, size: UInt64, granule: UInt64) throws {
+        self.size = size
+        self.granule = granule
+        fd = try Sys.open(path, O_RDWR | O_CREAT, mode: 0o600)
+        let count = (Int((size + granule - 1) / granule) + 7) / 8
+        let existing = try Sys.preadFully(fd.rawValue, count: Self.headerSize + count, at: 0)
+        var header = Self.magic + [UInt8](repeating: 0, count: 16)
+        header.putLE64(size, at: 8)
+        header.putLE64(granule, at: 16)
+        if existing.count == Self.headerSize + count, Array(existing[0..<Self.headerSize]) == header {
+            bits = Locked(Array(existing[Self.headerSize...]))
+        } else {
+            // New, or from another blob/granule: start empty.
+            bits = Locked([UInt8](repeating: 0, count: count))
+            let fresh = header + [UInt8](repeating: 0, count: count)
+            try Sys.ftruncate(fd.rawValue, 0)
+            try fresh.withUnsafeBytes { try Sys.pwriteAll(fd.rawValue, $0, at: 0) }
+            try Sys.fsync(fd.rawValue)
+        }
+    }
+
+    deinit { Sys.close(fd.rawValue) }
+
+    public func isPresent(granule g: Int) -> Bool {
+        bits.withLock { $0[g / 8] & (1 << UInt8(g % 8)) != 0 }
+    }
+
+    /// True when every granule overlapping [offset, offset+length) is present.
+    public func isPresent(offset: UInt64, length: UInt64) -> Bool {
+        guard length > 0 else { return true }
+        let first = Int(offset / granule), last = Int(min(offset + length - 1, size - 1) / granule)
+        return bits.withLock { b in (first...last).allSatisfy { b[$0 / 8] & (1 << UInt8($0 % 8)) != 0 } }
+    }
+
+    /// The granules in [first, last] that are missing.
+    public func missing(_ range: ClosedRange<Int>) -> [Int] {
+        bits.withLock { b in range.filter { b[$0 / 8] & (1 << UInt8($0 % 8)) == 0 } }
+    }
+
+    public var presentCount: Int { bits.withLock { $0.reduce(0) { $0 + $1.nonzeroBitCount } } }
+    public var isComplete: Bool { presentCount == granules }
+
+    /// Marks granules present and persists the record. Call only after the covered data is durable.
+    public func markPresent(_ gs: [Int]) throws {
+        let snapshot: [UInt8] = bits.withLock { b in
+            for g in gs { b[g / 8] |= 1 << UInt8(g % 8) }
+            return b
+        }
+        try snapshot.withUnsafeBytes { try Sys.pwriteAll(fd.rawValue, $0, at: Int64(Self.headerSize)) }
+        try Sys.fsync(fd.rawValue)
+    }
+}
+
+/// The on-disk cache: `<dir>/blobs/sha256/<hex>` (sparse data), `<hex>.pop` (population record),
+/// `<hex>.json` (what the blob is: URL, size, validators, digest).
+public struct BlobCache: Sendable {
+    public static let defaultDirectory = "/var/cache/erofs-compat"
+    public let directory: String
+    public var blobsDir: String { directory + "/blobs/sha256" }
+
+    public init(directory: String = BlobCache.defaultDirectory) {
+        self.directory = directory
+    }
+
+    /// Where a blob lives: its digest when known, else the sha256 of its URL.
+    public func paths(key: String) -> (data: String, record: String, info: String, lock: String) {
+        let base = blobsDir + "/" + key
+        return (base, base + ".pop", base + ".json", base + ".lock")
+    }
+
+    public func ensureDirectories() throws {
+        var path = ""
+        for comp in blobsDir.split(separator: "/") {
+            path += "/" + comp
+            if !Sys.isDirectory(path) {
+                do { try Sys.mkdir(path, mode: 0o700) } catch let e as Errno where e == .fileExists {} catch {
+                    throw RemoteError.cache("cannot create \(path): \(error)")
+                }
+            }
+        }
+    }
+}
+
+extension Array where Element == UInt8 {
+    mutating func putLE64(_ v: UInt64, at off: Int) {
+        for i in 0..<8 { self[off + i] = UInt8(truncatingIfNeeded: v >> (8 * UInt64(i))) }
+    }
+}

@@ -1,0 +1,147 @@
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
+import Foundation
+#endif
+import Glibc
+import Syscall
+
+/// Errors of remote sources, each naming the URL and what to do.
+public enum RemoteError: Error, Equatable, CustomStringConvertible {
+    case unreachable(url: String, detail: String)
+    case httpStatus(url: String, status: Int)
+    case rangesUnsupported(url: String)
+    case blobChanged(url: String, detail: String)
+    case shortRead(url: String, offset: UInt64, got: Int, wanted: Int)
+    case badURL(String)
+    case cache(String)
+    case digestMismatch(expected: String, actual: String)
+
+    public var description: String {
+        switch self {
+        case .unreachable(let u, let d): return "cannot reach \(u): \(d); check the URL and the network"
+        case .httpStatus(let u, let s): return "\(u) answered HTTP \(s)"
+        case .rangesUnsupported(let u): return "\(u) ignores Range requests (answers 200 with the whole blob); pass --allow-full-download to download it whole"
+        case .blobChanged(let u, let d): return "the blob at \(u) changed since it was first seen (\(d)); clear its cache entry and mount again"
+        case .shortRead(let u, let o, let g, let w): return "\(u) returned \(g) of \(w) bytes at offset \(o)"
+        case .badURL(let u): return "'\(u)' is not an http(s) URL"
+        case .cache(let d): return "cache: \(d)"
+        case .digestMismatch(let e, let a): return "downloaded blob does not match its digest (expected sha256:\(e), got sha256:\(a)); the cache entry was discarded"
+        }
+    }
+}
+
+/// A blob served over HTTP(S) with Range support: size and validators from the first response,
+/// range reads with retries (exponential backoff with jitter on 5xx, 429 and transport errors), and
+/// detection of a blob that changes underneath (ETag / Last-Modified).
+public final class HTTPBlob: @unchecked Sendable {
+    public let url: String
+    public private(set) var size: UInt64 = 0
+    public private(set) var etag: String?
+    public private(set) var lastModified: String?
+    /// True when the server ignores Range and only whole downloads work.
+    public private(set) var wholeOnly = false
+    public var attempts = 5
+    public var baseDelayMs = 100
+    public var timeoutMs = 30_000
+    private let pool = Locked<[HTTPHandle]>([])
+    /// Requests made, for progress reports and tests.
+    package let requestCount = Locked<Int>(0)
+    package let bytesFetched = Locked<UInt64>(0)
+
+    public init(url: String) throws {
+        guard url.hasPrefix("http://") || url.hasPrefix("https://") else { throw RemoteError.badURL(url) }
+        self.url = url
+    }
+
+    /// Learns size and validators: a 1-byte Range GET (206 with Content-Range proves Range support).
+    public func open(allowFullDownload: Bool) throws {
+        let r = try withRetries { h in h.request(url, range: "0-0", bodyLimit: 1, timeoutMs: timeoutMs) }
+        switch r.status {
+        case 206:
+            guard let total = r.header("content-range").flatMap(Self.totalFromContentRange) else {
+                throw RemoteError.unreachable(url: url, detail: "206 without a usable Content-Range")
+            }
+            size = total
+        case 200:
+            guard allowFullDownload else { throw RemoteError.rangesUnsupported(url: url) }
+            wholeOnly = true
+            // The 1-byte limit cut the transfer; ask HEAD for the length.
+            let head = try withRetries { h in h.request(url, headOnly: true, bodyLimit: 0, timeoutMs: timeoutMs) }
+            guard let len = head.header("content-length").flatMap({ UInt64($0) }) else {
+                throw RemoteError.unreachable(url: url, detail: "no Content-Length for a server without Range support")
+            }
+            size = len
+        default:
+            throw RemoteError.httpStatus(url: url, status: r.status)
+        }
+        etag = r.header("etag")
+        lastModified = r.header("last-modified")
+    }
+
+    static func totalFromContentRange(_ v: String) -> UInt64? {
+        // "bytes 0-0/12345"
+        guard let slash = v.lastIndex(of: "/") else { return nil }
+        return UInt64(v[v.index(after: slash)...].trimmingSpaces)
+    }
+
+    /// Reads [offset, offset+length) with a Range GET; throws on anything but exactly those bytes.
+    public func read(offset: UInt64, length: Int) throws -> [UInt8] {
+        precondition(!wholeOnly, "range read on a whole-only blob")
+        let last = offset + UInt64(length) - 1
+        let r = try withRetries { h in h.request(url, range: "\(offset)-\(last)", bodyLimit: length, timeoutMs: timeoutMs) }
+        guard r.status == 206 else {
+            if r.status == 200 { throw RemoteError.blobChanged(url: url, detail: "server stopped honouring Range") }
+            throw RemoteError.httpStatus(url: url, status: r.status)
+        }
+        if let e = etag, let now = r.header("etag"), now != e { throw RemoteError.blobChanged(url: url, detail: "ETag \(e) → \(now)") }
+        if let m = lastModified, let now = r.header("last-modified"), now != m {
+            throw RemoteError.blobChanged(url: url, detail: "Last-Modified \(m) → \(now)")
+        }
+        if let cr = r.header("content-range"), let total = Self.totalFromContentRange(cr), total != size {
+            throw RemoteError.blobChanged(url: url, detail: "size \(size) → \(total)")
+        }
+        guard r.body.count == length else { throw RemoteError.shortRead(url: url, offset: offset, got: r.body.count, wanted: length) }
+        bytesFetched.withLock { $0 += UInt64(length) }
+        return r.body
+    }
+
+    /// Downloads everything (for servers without Range support, or a warm-up).
+    public func readAll(into fd: Int32) throws {
+        let r = try withRetries { h in h.request(url, bodyLimit: Int(size), timeoutMs: timeoutMs) }
+        guard r.status == 200 || r.status == 206, r.body.count == Int(size) else {
+            throw RemoteError.shortRead(url: url, offset: 0, got: r.body.count, wanted: Int(size))
+        }
+        try r.body.withUnsafeBytes { try Sys.pwriteAll(fd, $0, at: 0) }
+        bytesFetched.withLock { $0 += size }
+    }
+
+    /// Runs a request on a pooled handle, retrying transport errors, 5xx and 429 with backoff.
+    func withRetries(_ body: (HTTPHandle) -> HTTPResponse) throws -> HTTPResponse {
+        let handle = pool.withLock { $0.popLast() } ?? HTTPHandle()
+        defer { pool.withLock { $0.append(handle) } }
+        var last = ""
+        for attempt in 0..<attempts {
+            if attempt > 0 {
+                let delay = baseDelayMs << min(attempt - 1, 6)
+                usleep(UInt32((delay + Int.random(in: 0...delay)) * 1000))
+            }
+            requestCount.withLock { $0 += 1 }
+            let r = body(handle)
+            if r.curlCode == 0 || (r.curlCode == 23 && r.bodyTruncated) {
+                if r.status >= 500 || r.status == 429 {
+                    last = "HTTP \(r.status)"
+                    continue
+                }
+                return r
+            }
+            last = r.error
+            guard HTTPHandle.transferErrorsWorthRetrying.contains(r.curlCode) else { break }
+        }
+        throw RemoteError.unreachable(url: url, detail: last)
+    }
+}
+
+extension Substring {
+    var trimmingSpaces: String { String(self).trimmed }
+}

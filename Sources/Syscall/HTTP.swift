@@ -1,0 +1,72 @@
+import CHeaders
+import Glibc
+
+/// One HTTP response as libcurl delivered it.
+package struct HTTPResponse: Sendable {
+    package var status: Int
+    /// Header names lower-cased; the last response's headers only (after redirects).
+    package var headers: [String: String]
+    package var body: [UInt8]
+    package var bodyTruncated: Bool
+    /// CURLE_* (0 = the transfer itself worked).
+    package var curlCode: Int32
+    package var error: String
+
+    package func header(_ name: String) -> String? { headers[name.lowercased()] }
+}
+
+/// A reusable libcurl easy handle: reusing it keeps the connection alive between requests.
+/// Not thread-safe; use one per thread.
+package final class HTTPHandle {
+    private let handle: UnsafeMutableRawPointer
+    private static let globalInit: Void = { _ = curl_global_init(Int(CURL_GLOBAL_DEFAULT)) }()
+
+    package init() {
+        _ = Self.globalInit
+        handle = curl_easy_init()!
+    }
+
+    deinit { curl_easy_cleanup(handle) }
+
+    /// Performs one request. `range` is "first-last" (inclusive); `bodyLimit` bounds the body kept
+    /// (the transfer is cut beyond it and `bodyTruncated` set).
+    package func request(_ url: String, range: String? = nil, headOnly: Bool = false, headers: [String] = [],
+                         bodyLimit: Int, timeoutMs: Int = 30_000) -> HTTPResponse {
+        var body = [UInt8](repeating: 0, count: max(bodyLimit, 1))
+        var result = ecx_http_result()
+        let cHeaders = headers.map { strdup($0) }
+        defer { cHeaders.forEach { free($0) } }
+        var ptrs: [UnsafePointer<CChar>?] = cHeaders.map { UnsafePointer($0) }
+        _ = body.withUnsafeMutableBufferPointer { b in
+            ptrs.withUnsafeMutableBufferPointer { hp in
+                ecx_http_request(handle, url, range, headOnly ? 1 : 0, hp.baseAddress, hp.count,
+                                 b.baseAddress, bodyLimit, timeoutMs, &result)
+            }
+        }
+        defer { ecx_http_result_free(&result) }
+        let raw = result.headers.map { String(cString: $0) } ?? ""
+        let error = withUnsafeBytes(of: result.error) { String(decoding: $0.prefix(while: { $0 != 0 }), as: UTF8.self) }
+        body.removeSubrange(result.body_len...)
+        return HTTPResponse(status: result.status, headers: Self.parseHeaders(raw), body: body,
+                            bodyTruncated: result.body_truncated != 0, curlCode: result.curl_code, error: error)
+    }
+
+    /// Headers of the last response block (redirects and 100-continue produce several).
+    static func parseHeaders(_ raw: String) -> [String: String] {
+        var out: [String: String] = [:]
+        for line in raw.split(omittingEmptySubsequences: false, whereSeparator: { $0 == "\n" }) {
+            let l = line.hasSuffix("\r") ? line.dropLast() : line[...]
+            if l.hasPrefix("HTTP/") { out = [:]; continue }
+            guard let colon = l.firstIndex(of: ":") else { continue }
+            let name = l[..<colon].lowercased()
+            let value = String(l[l.index(after: colon)...]).trimmed
+            out[name] = out[name].map { $0 + ", " + value } ?? value
+        }
+        return out
+    }
+
+    package static var transferErrorsWorthRetrying: Set<Int32> {
+        // couldn't connect, partial file, operation timed out, send/recv errors, got nothing
+        [7, 18, 28, 52, 55, 56, 16, 92]
+    }
+}
