@@ -20,6 +20,7 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
         .package(url: "https://github.com/apple/swift-log", from: "1.16.2"),
         .package(url: "https://github.com/apple/swift-system", from: "1.8.1"),
+        .package(url: "https://github.com/apple/swift-crypto", from: "3.12.3"),
     ],
     targets: [
         systemLibrary("CKmod", dir: "kmod", pkg: "libkmod", apt: "libkmod-dev"),
@@ -44,7 +45,7 @@ let package = Package(
             name: "Probe",
             dependencies: ["Syscall", "EROFS", .product(name: "SystemPackage", package: "swift-system")]
         ),
-        .target(name: "Remote", dependencies: ["Syscall", "EROFS"]),
+        .target(name: "Remote", dependencies: ["Syscall", "EROFS", .product(name: "Crypto", package: "swift-crypto")]),
         .target(
             name: "Runtime",
             dependencies: ["Probe", "Syscall", "EROFS", "Remote", .product(name: "SystemPackage", package: "swift-system")]

@@ -54,8 +54,8 @@ package final class HTTPHandle {
     /// Headers of the last response block (redirects and 100-continue produce several).
     static func parseHeaders(_ raw: String) -> [String: String] {
         var out: [String: String] = [:]
-        for line in raw.split(omittingEmptySubsequences: false, whereSeparator: { $0 == "\n" }) {
-            let l = line.hasSuffix("\r") ? line.dropLast() : line[...]
+        // "\r\n" is one Character in Swift: split on any newline.
+        for l in raw.split(whereSeparator: { $0.isNewline }) {
             if l.hasPrefix("HTTP/") { out = [:]; continue }
             guard let colon = l.firstIndex(of: ":") else { continue }
             let name = l[..<colon].lowercased()

@@ -275,3 +275,93 @@ public enum ReaderTrees {
         chmod(root + "/deep", 0o1777)
     }
 }
+
+/// A real nginx on 127.0.0.1 serving a scratch directory: `/` honours Range, `/norange/` answers
+/// every request with 200 and the whole file (max_ranges 0).
+public final class NginxServer: @unchecked Sendable {
+    public let dir: ScratchDir
+    public let port: Int
+    public var root: String { dir.file("www") }
+    public var base: String { "http://127.0.0.1:\(port)" }
+    private var process: Process?
+
+    public static var available: Bool { TestEnv.which("nginx") != nil }
+
+    public init() throws {
+        dir = try ScratchDir("nginx")
+        try FileManager.default.createDirectory(atPath: dir.file("www"), withIntermediateDirectories: true)
+        try FileManager.default.createDirectory(atPath: dir.file("tmp"), withIntermediateDirectories: true)
+        var lastError = ""
+        for _ in 0..<10 {
+            let port = Int.random(in: 20000...60000)
+            let conf = """
+                daemon off;
+                user root;
+                worker_processes 2;
+                pid \(dir.file("nginx.pid"));
+                error_log \(dir.file("error.log")) warn;
+                events { worker_connections 256; }
+                http {
+                    access_log off;
+                    client_body_temp_path \(dir.file("tmp"));
+                    proxy_temp_path \(dir.file("tmp"));
+                    fastcgi_temp_path \(dir.file("tmp"));
+                    uwsgi_temp_path \(dir.file("tmp"));
+                    scgi_temp_path \(dir.file("tmp"));
+                    keepalive_requests 100000;
+                    server {
+                        listen 127.0.0.1:\(port);
+                        root \(dir.file("www"));
+                        location /norange/ { alias \(dir.file("www"))/; max_ranges 0; }
+                    }
+                }
+                """
+            try conf.write(toFile: dir.file("nginx.conf"), atomically: false, encoding: .utf8)
+            let p = Process()
+            p.executableURL = URL(fileURLWithPath: TestEnv.which("nginx")!)
+            p.arguments = ["-c", dir.file("nginx.conf"), "-p", dir.path]
+            p.standardOutput = FileHandle.nullDevice
+            p.standardError = FileHandle.nullDevice
+            try p.run()
+            // Ready when the port accepts connections.
+            for _ in 0..<100 {
+                if Self.canConnect(port) { break }
+                if !p.isRunning { break }
+                usleep(20_000)
+            }
+            if p.isRunning, Self.canConnect(port) {
+                self.port = port
+                process = p
+                return
+            }
+            p.terminate()
+            p.waitUntilExit()
+            lastError = (try? String(contentsOfFile: dir.file("error.log"), encoding: .utf8)) ?? "nginx did not start"
+        }
+        dir.remove()
+        throw POSIXError(.EADDRINUSE, userInfo: ["nginx": lastError])
+    }
+
+    static func canConnect(_ port: Int) -> Bool {
+        let s = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        defer { close(s) }
+        var addr = sockaddr_in()
+        addr.sin_family = sa_family_t(AF_INET)
+        addr.sin_port = in_port_t(UInt16(port).bigEndian)
+        addr.sin_addr.s_addr = inet_addr("127.0.0.1")
+        return withUnsafePointer(to: &addr) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(s, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) } } == 0
+    }
+
+    /// Stops the server (it can be started again only by a new instance).
+    public func stop() {
+        guard let p = process else { return }
+        p.terminate()
+        p.waitUntilExit()
+        process = nil
+    }
+
+    public func remove() {
+        stop()
+        dir.remove()
+    }
+}

@@ -1,0 +1,175 @@
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
+import Foundation
+#endif
+import Crypto
+import Dispatch
+import EROFS
+import Glibc
+import Syscall
+import SystemPackage
+
+/// A remote blob materialised lazily into a sparse cache file. Ranges are fetched in whole granules,
+/// coalesced with neighbours and with fetches already in flight (no duplicate downloads), written
+/// through a descriptor opened before any fanotify mark (so the writes raise no events), and marked
+/// present in the population record once durable. Also an `ImageSource` for the EROFS reader.
+public final class LazyBlob: ImageSource, @unchecked Sendable {
+    public let blob: HTTPBlob
+    public let record: PopulationRecord
+    public let dataPath: String
+    /// Written by this process; opened before the mark, so writes through it raise no events.
+    let writer: FileDescriptor
+    public var size: UInt64 { blob.size }
+    public var granule: UInt64 { record.granule }
+    /// Largest single Range request.
+    public var maxRequest: UInt64 = 4 << 20
+
+    /// Granules in page cache (readers can be allowed) but not yet durable in the record.
+    private let state = Locked<(inFlight: Set<Int>, written: Set<Int>)>(([], []))
+    private let cond = DispatchSemaphore(value: 0)
+    private var waiters = Locked<Int>(0)
+
+    public init(blob: HTTPBlob, dataPath: String, recordPath: String, granule: UInt64 = 64 << 10) throws {
+        self.blob = blob
+        self.dataPath = dataPath
+        writer = try Sys.open(dataPath, O_RDWR | O_CREAT, mode: 0o600)
+        do {
+            let st = try Sys.fstat(writer.rawValue)
+            if UInt64(st.st_size) != blob.size { try Sys.ftruncate(writer.rawValue, Int64(blob.size)) }
+            record = try PopulationRecord(path: recordPath, size: blob.size, granule: granule)
+        } catch {
+            Sys.close(writer.rawValue)
+            throw error
+        }
+    }
+
+    deinit {
+        try? commit()
+        Sys.close(writer.rawValue)
+    }
+
+    func granuleRange(_ offset: UInt64, _ length: UInt64) -> ClosedRange<Int>? {
+        guard length > 0, offset < size else { return nil }
+        let end = min(offset + length, size)
+        return Int(offset / granule)...Int((end - 1) / granule)
+    }
+
+    /// True when every byte of the range is readable from the cache file now.
+    public func isAvailable(offset: UInt64, length: UInt64) -> Bool {
+        guard let r = granuleRange(offset, length) else { return true }
+        let missing = record.missing(r)
+        if missing.isEmpty { return true }
+        return state.withLock { s in missing.allSatisfy { s.written.contains($0) } }
+    }
+
+    /// Makes [offset, offset+length) readable: fetches what is missing (joining fetches in flight).
+    public func ensure(offset: UInt64, length: UInt64) throws {
+        guard let range = granuleRange(offset, length) else { return }
+        while true {
+            // Claim the missing granules nobody is fetching; note those someone else is fetching.
+            let (mine, others): ([Int], [Int]) = state.withLock { s in
+                var mine: [Int] = [], others: [Int] = []
+                for g in record.missing(range) where !s.written.contains(g) {
+                    if s.inFlight.contains(g) { others.append(g) } else { mine.append(g); s.inFlight.insert(g) }
+                }
+                return (mine, others)
+            }
+            if mine.isEmpty && others.isEmpty { return }
+            if !mine.isEmpty {
+                do {
+                    try fetch(mine)
+                } catch {
+                    state.withLock { s in for g in mine { s.inFlight.remove(g) } }
+                    wakeWaiters()
+                    throw error
+                }
+                state.withLock { s in for g in mine { s.inFlight.remove(g); s.written.insert(g) } }
+                wakeWaiters()
+            }
+            if !others.isEmpty {
+                waiters.withLock { $0 += 1 }
+                _ = cond.wait(timeout: .now() + .milliseconds(50))
+                waiters.withLock { $0 -= 1 }
+            }
+        }
+    }
+
+    private func wakeWaiters() {
+        let n = waiters.get()
+        for _ in 0..<n { cond.signal() }
+    }
+
+    /// Fetches granules as runs of consecutive granules, each run one or more Range requests.
+    func fetch(_ gs: [Int]) throws {
+        var runs: [(Int, Int)] = []
+        for g in gs.sorted() {
+            if let last = runs.last, last.1 + 1 == g, UInt64(g - last.0 + 1) * granule <= maxRequest {
+                runs[runs.count - 1].1 = g
+            } else {
+                runs.append((g, g))
+            }
+        }
+        for (first, last) in runs {
+            let off = UInt64(first) * granule
+            let end = min(UInt64(last + 1) * granule, size)
+            let bytes = try blob.read(offset: off, length: Int(end - off))
+            try bytes.withUnsafeBytes { try Sys.pwriteAll(writer.rawValue, $0, at: Int64(off)) }
+        }
+    }
+
+    /// Makes written data durable, then records it present (one fdatasync for many ranges).
+    public func commit() throws {
+        let pending: [Int] = state.withLock { Array($0.written) }
+        guard !pending.isEmpty else { return }
+        _ = fdatasync(writer.rawValue)
+        try record.markPresent(pending)
+        state.withLock { s in for g in pending { s.written.remove(g) } }
+    }
+
+    /// The ImageSource view: fetch on demand, then read the cache file.
+    public func read(at offset: UInt64, count: Int) throws -> [UInt8] {
+        guard count > 0, offset < size else { return [] }
+        let n = Int(min(UInt64(count), size - offset))
+        try ensure(offset: offset, length: UInt64(n))
+        return try Sys.preadFully(writer.rawValue, count: n, at: Int64(offset))
+    }
+
+    /// Fetches every metadata range of the image (what a mount reads without raising events) with
+    /// `parallel` concurrent requests, walking the tree through this lazy source.
+    public func fetchMetadata(parallel: Int = 4) throws -> MetadataRanges {
+        let image = try EROFSImage(source: self)
+        let ranges = try image.metadataRanges()
+        // The walk fetched what it read; fetch the rest of each range in parallel.
+        let errors = Locked<[Error]>([])
+        DispatchQueue.concurrentPerform(iterations: max(parallel, 1)) { worker in
+            for (i, r) in ranges.ranges.enumerated() where i % max(parallel, 1) == worker {
+                do { try ensure(offset: r.offset, length: r.length) } catch { errors.withLock { $0.append(error) } }
+            }
+        }
+        if let e = errors.get().first { throw e }
+        try commit()
+        return ranges
+    }
+
+    /// Verifies the complete blob against a sha256 digest (hex).
+    public func verify(sha256 expected: String) throws {
+        var hasher = SHA256()
+        var pos: UInt64 = 0
+        while pos < size {
+            let chunk = try Sys.preadFully(writer.rawValue, count: Int(min(8 << 20, size - pos)), at: Int64(pos))
+            guard !chunk.isEmpty else { throw RemoteError.cache("\(dataPath) is shorter than \(size) bytes") }
+            hasher.update(data: chunk)
+            pos += UInt64(chunk.count)
+        }
+        let actual = hasher.finalize().map { String(format2hex: $0) }.joined()
+        guard actual == expected.lowercased() else { throw RemoteError.digestMismatch(expected: expected, actual: actual) }
+    }
+}
+
+extension String {
+    init(format2hex b: UInt8) {
+        let s = String(b, radix: 16)
+        self = s.count == 1 ? "0" + s : s
+    }
+}
