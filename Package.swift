@@ -48,7 +48,8 @@ let package = Package(
         .target(name: "Remote", dependencies: ["Syscall", "EROFS", .product(name: "Crypto", package: "swift-crypto")]),
         .target(
             name: "Runtime",
-            dependencies: ["Probe", "Syscall", "EROFS", "Remote", .product(name: "SystemPackage", package: "swift-system")]
+            dependencies: ["Probe", "Syscall", "EROFS", "Remote", .product(name: "SystemPackage", package: "swift-system"),
+                           .product(name: "Crypto", package: "swift-crypto")]
         ),
         .executableTarget(
             name: "ErofsCompatCLI",

@@ -13,6 +13,9 @@ const int ecx_o_tmpfile = O_TMPFILE;
 const int ecx_o_path = O_PATH;
 const int ecx_o_largefile = O_LARGEFILE;
 const int ecx_clone_newns = CLONE_NEWNS;
+#include <spawn.h>
+const short ecx_posix_spawn_setsid = POSIX_SPAWN_SETSID;
+int ecx_pipe2(int fds[2], int flags) { return pipe2(fds, flags); }
 
 int ecx_unshare(int flags) { return unshare(flags); }
 

@@ -1,3 +1,5 @@
+import Syscall
+
 /// The EROFS superblock (128 bytes at offset 1024, plus `sb_extslots` × 16).
 public struct Superblock: Sendable, Equatable {
     public static let offset: UInt64 = 1024
@@ -31,7 +33,7 @@ public struct Superblock: Sendable, Equatable {
     public var blockSize: Int { 1 << Int(blockSizeBits) }
     public var size: Int { 128 + Int(extSlots) * 16 }
     public var uuidString: String {
-        let h = uuid.map { String(format2: $0) }
+        let h = uuid.map { String(hexByte: $0) }
         return [h[0..<4], h[4..<6], h[6..<8], h[8..<10], h[10..<16]].map { $0.joined() }.joined(separator: "-")
     }
 
@@ -143,12 +145,5 @@ public struct Feature: OptionSet, Sendable {
             unknown &= ~b
         }
         return out
-    }
-}
-
-extension String {
-    init(format2 byte: UInt8) {
-        let s = String(byte, radix: 16)
-        self = s.count == 1 ? "0" + s : s
     }
 }

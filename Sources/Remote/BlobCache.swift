@@ -16,6 +16,7 @@ public final class PopulationRecord: @unchecked Sendable {
 
     public let size: UInt64
     public let granule: UInt64
+    public let path: String
     public var granules: Int { Int((size + granule - 1) / granule) }
     private let fd: FileDescriptor
     private let bits: Locked<[UInt8]>
@@ -24,6 +25,7 @@ public final class PopulationRecord: @unchecked Sendable {
     public init(path: String, size: UInt64, granule: UInt64) throws {
         self.size = size
         self.granule = granule
+        self.path = path
         fd = try Sys.open(path, O_RDWR | O_CREAT, mode: 0o600)
         let count = (Int((size + granule - 1) / granule) + 7) / 8
         let existing = try Sys.preadFully(fd.rawValue, count: Self.headerSize + count, at: 0)

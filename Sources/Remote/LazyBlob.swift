@@ -162,14 +162,7 @@ public final class LazyBlob: ImageSource, @unchecked Sendable {
             hasher.update(data: chunk)
             pos += UInt64(chunk.count)
         }
-        let actual = hasher.finalize().map { String(format2hex: $0) }.joined()
+        let actual = hasher.finalize().map { String(hexByte: $0) }.joined()
         guard actual == expected.lowercased() else { throw RemoteError.digestMismatch(expected: expected, actual: actual) }
-    }
-}
-
-extension String {
-    init(format2hex b: UInt8) {
-        let s = String(b, radix: 16)
-        self = s.count == 1 ? "0" + s : s
     }
 }

@@ -17,8 +17,12 @@ public struct MountRequest: Sendable {
     public var backend: Backend?
     public var options: MountOptions
     public var dryRun: Bool
+    /// For http(s) sources.
+    public var remote: RemoteOptions
 
-    public init(source: String, mountpoint: String, backend: Backend? = nil, options: MountOptions = MountOptions(), dryRun: Bool = false) {
+    public init(source: String, mountpoint: String, backend: Backend? = nil, options: MountOptions = MountOptions(),
+                dryRun: Bool = false, remote: RemoteOptions = RemoteOptions()) {
+        self.remote = remote
         self.source = source
         self.mountpoint = mountpoint
         self.backend = backend
@@ -44,13 +48,15 @@ public struct MountStatus: Codable, Sendable {
     public var workerAlive: Bool?
     /// Empty when healthy; otherwise why the record no longer matches reality.
     public var problems: [String]
+    /// The lazy worker's progress (fanotify backend).
+    public var progress: FanotifyServer.Stats?
     public var stale: Bool { !problems.isEmpty }
 }
 
 /// Mounts, unmounts and reports local EROFS images with the backend the planner chooses.
 public struct Runtime: Sendable {
     /// The backends this build implements.
-    public static let implemented: Set<Backend> = [.file, .loop]
+    public static let implemented: Set<Backend> = [.file, .loop, .fanotify]
 
     public var state: StateStore
 
@@ -63,6 +69,9 @@ public struct Runtime: Sendable {
     /// Validates, plans and mounts. `override` feeds the planner findings (to simulate other hosts);
     /// `note` receives one line per fallback as it happens.
     public func mount(_ req: MountRequest, override: [Finding] = [], note: (String) -> Void = { _ in }) throws -> MountOutcome {
+        if req.source.hasPrefix("http://") || req.source.hasPrefix("https://") {
+            return try mountRemote(req, override: override, note: note)
+        }
         let source = try canonicalSource(req.source)
         let mountpoint = try canonicalMountpoint(req.mountpoint)
         try? state.ensureDirectories()
@@ -207,8 +216,11 @@ public struct Runtime: Sendable {
         }
     }
 
+    /// Stops a mount's worker unless another recorded mount still uses it.
     func stopWorker(_ record: MountRecord) {
         guard let pid = record.workerPID, Sys.processExists(pid) else { return }
+        let others = state.all().filter { $0.workerPID == pid && $0.mountpoint != record.mountpoint }
+        guard others.isEmpty else { return }
         try? Sys.kill(pid, SIGTERM)
     }
 
@@ -241,7 +253,7 @@ public struct Runtime: Sendable {
     }
 
     func isOurMount(_ r: MountRecord, _ mounts: [MountInfoEntry]) -> Bool {
-        mounts.contains { $0.mountPoint == r.mountpoint && $0.fsType == "erofs" && ($0.source == r.source || $0.source == r.device) }
+        mounts.contains { $0.mountPoint == r.mountpoint && $0.fsType == "erofs" && ($0.source == r.source || $0.source == r.device || $0.source == r.cachePath) }
     }
 
     // MARK: status
@@ -277,7 +289,9 @@ public struct Runtime: Sendable {
             alive = Sys.processExists(pid)
             if alive == false { problems.append("worker \(pid) is gone") }
         }
-        return MountStatus(record: r, mounted: mounted, deviceBound: bound, workerAlive: alive, problems: problems)
+        let progress = r.statsPath.flatMap { FileManager.default.contents(atPath: $0) }.flatMap { try? JSONDecoder().decode(FanotifyServer.Stats.self, from: $0) }
+        if progress?.verified == false { problems.append("cache failed verification: \(progress?.error ?? "digest mismatch")") }
+        return MountStatus(record: r, mounted: mounted, deviceBound: bound, workerAlive: alive, problems: problems, progress: progress)
     }
 
     /// Removes stale records (their mounts are gone), releasing what is left of them.

@@ -28,6 +28,7 @@ public enum RuntimeError: Error, Equatable, CustomStringConvertible {
     case notMounted(String)
     case notOurs(String, owner: String)
     case state(String)
+    case remote(String)
 
     public var exitCode: ExitCode {
         switch self {
@@ -36,6 +37,7 @@ public enum RuntimeError: Error, Equatable, CustomStringConvertible {
         case .notPrivileged: return .notPermitted
         case .unknownOption, .badOptionValue: return .usage
         case .backendUnavailable, .noBackend, .mountFailed, .state: return .mountFailed
+        case .remote: return .badSource
         case .notMounted, .notOurs: return .notOurs
         }
     }
@@ -59,6 +61,7 @@ public enum RuntimeError: Error, Equatable, CustomStringConvertible {
         case .notMounted(let p): return "nothing is mounted on '\(p)'; 'erofs-compat status' lists the mounts this tool made"
         case .notOurs(let p, let owner): return "'\(p)' was not mounted by erofs-compat (it is \(owner)); use umount(8) for it"
         case .state(let d): return "state directory problem: \(d)"
+        case .remote(let d): return d
         }
     }
 }

@@ -27,6 +27,9 @@ public struct MountRecord: Codable, Sendable, Equatable {
     public var sourceIdentity: String
     /// The kernel's mount id (statx STATX_MNT_ID) of the mount, to recognise it without mountinfo.
     public var mountID: UInt64?
+    /// For remote sources: the cache file that is mounted, and the worker's progress file.
+    public var cachePath: String?
+    public var statsPath: String?
 }
 
 /// The state directory (/run/erofs-compat by default): one JSON record per mount, keyed by the
@@ -54,7 +57,7 @@ public struct StateStore: Sendable {
             case UInt8(ascii: "a")...UInt8(ascii: "z"), UInt8(ascii: "A")...UInt8(ascii: "Z"), UInt8(ascii: "0")...UInt8(ascii: "9"), UInt8(ascii: "."):
                 out.unicodeScalars.append(UnicodeScalar(b))
             default:
-                out += "_" + String(format2hex: b)
+                out += "_" + String(hexByte: b)
             }
         }
         return (out.isEmpty ? "-" : out) + ".json"
@@ -124,12 +127,5 @@ public struct StateStore: Sendable {
 
     public func remove(_ mountpoint: String) {
         try? Sys.unlink(path(for: mountpoint))
-    }
-}
-
-extension String {
-    init(format2hex b: UInt8) {
-        let s = String(b, radix: 16)
-        self = s.count == 1 ? "0" + s : s
     }
 }

@@ -64,6 +64,12 @@ package extension String {
         count >= width ? self : self + String(repeating: " ", count: width - count)
     }
 
+    /// Two lower-case hex digits.
+    init(hexByte b: UInt8) {
+        let s = String(b, radix: 16)
+        self = s.count == 1 ? "0" + s : s
+    }
+
     /// The path without its last component ("/" for top-level paths).
     var parentPath: String {
         guard let i = lastIndex(of: "/") else { return "." }

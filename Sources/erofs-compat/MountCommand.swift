@@ -4,7 +4,7 @@ import Runtime
 
 /// The backends `--backend` accepts: auto plus what this build implements.
 enum BackendChoice: String, ExpressibleByArgument, CaseIterable {
-    case auto, file, loop
+    case auto, fanotify, file, loop
 
     var backend: Backend? { self == .auto ? nil : Backend(rawValue: rawValue) }
 }
@@ -13,12 +13,16 @@ enum BackendChoice: String, ExpressibleByArgument, CaseIterable {
 struct MountCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "mount",
-        abstract: "Mount a local EROFS image with the best backend this host supports.",
+        abstract: "Mount a local or http(s) EROFS image with the best backend this host supports.",
         discussion: """
-            SOURCE is a local EROFS image file. The backend is chosen by the same planner 'probe' uses:
-            file (kernel EROFS straight from the file, Linux 6.12+) before loop (a read-only, auto-clearing
-            loop device). With --backend auto, a failure the planner could not foresee (ENOTBLK, ENODEV,
-            EOPNOTSUPP) moves on to the next candidate and says so; a backend you name is never replaced.
+            SOURCE is a local EROFS image file or an http(s) URL. The backend is chosen by the same planner
+            'probe' uses. Local: file (kernel EROFS straight from the file, Linux 6.12+) before loop (a
+            read-only, auto-clearing loop device). Remote: fanotify (the image is fetched lazily into a
+            sparse cache file as it is read, Linux 6.14+ with the cache on ext4/xfs/btrfs; metadata is
+            fetched before mounting; an unfetchable range fails the read with EIO) before file or loop
+            after a whole download. With --backend auto, a failure the planner could not foresee
+            (ENOTBLK, ENODEV, EOPNOTSUPP) moves on to the next candidate and says so; a backend you name
+            is never replaced.
 
             Options for -o: ro (always), nosuid, nodev, noexec, noatime, directio,
             cache_strategy=disabled|readahead|readaround, fsoffset=BYTES, user_xattr, nouser_xattr, acl, noacl.
@@ -26,13 +30,23 @@ struct MountCommand: ParsableCommand {
             State: one record per mount in /run/erofs-compat/mounts ($EROFS_COMPAT_STATE_DIR overrides).
 
             Exit codes: 0 mounted (or planned, with --dry-run), 1 the mount failed, 2 usage error or bad -o
-            option, 3 bad source (missing, not EROFS, features this kernel lacks), 4 bad mountpoint (missing,
-            not a directory, already a mount point), 5 not root.
+            option, 3 bad source (missing, not EROFS, features this kernel lacks, unreachable URL, a server
+            without Range support, digest mismatch), 4 bad mountpoint (missing, not a directory, already a
+            mount point), 5 not root.
             """
     )
 
-    @Option(help: "Backend: auto, file or loop.")
+    @Option(help: "Backend: auto, fanotify (remote sources), file or loop.")
     var backend: BackendChoice = .auto
+
+    @Option(help: ArgumentHelp("Cache directory for remote images (ext4, xfs or btrfs for lazy mounts).", valueName: "DIR"))
+    var cacheDir: String = "/var/cache/erofs-compat"
+
+    @Flag(help: "Accept a server that ignores Range requests by downloading the whole image first.")
+    var allowFullDownload = false
+
+    @Option(help: ArgumentHelp("Expected sha256 of the remote image, checked when the cache is complete.", valueName: "sha256:HEX"))
+    var digest: String?
 
     @Option(name: .customShort("o"), help: ArgumentHelp("Comma-separated mount options (repeatable).", valueName: "OPTIONS"))
     var options: [String] = []
@@ -51,8 +65,10 @@ struct MountCommand: ParsableCommand {
 
     func run() throws {
         let runtime = Runtime()
+        let remote = RemoteOptions(cacheDir: cacheDir, allowFullDownload: allowFullDownload,
+                                   digest: digest.map { $0.hasPrefix("sha256:") ? String($0.dropFirst(7)) : $0 })
         let request = MountRequest(source: source, mountpoint: mountpoint, backend: backend.backend,
-                                   options: try runtimeCall { try MountOptions(parsing: options) }, dryRun: dryRun)
+                                   options: try runtimeCall { try MountOptions(parsing: options) }, dryRun: dryRun, remote: remote)
         let outcome = try runtimeCall { try runtime.mount(request) { printError($0) } }
         if explain || dryRun {
             print(PlanText.render(outcome.plan, chosen: outcome.record.flatMap { Backend(rawValue: $0.backend) }))

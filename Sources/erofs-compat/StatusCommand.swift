@@ -53,6 +53,11 @@ struct StatusCommand: ParsableCommand {
             print("  source   \(r.source)")
             print("  backend  \(r.backend)\(r.device.map { " (\($0))" } ?? "")  options \(r.options)")
             print("  since    \(since)")
+            if let c = r.cachePath { print("  cache    \(c)") }
+            if let p = s.progress {
+                print("  progress \(formatPercent(p.population)) present, \(p.bytesFetched) bytes in \(p.requests) requests, \(p.events) events (\(p.allowedFromCache) from cache, \(p.fetched) fetched, \(p.denied) denied), p50 \(formatMs(p.p50Ms)) p99 \(formatMs(p.p99Ms))\(p.complete ? ", complete" : "")\(p.verified == true ? ", verified" : "")")
+                if let e = p.error { print("  error    \(e)") }
+            }
             print("  health   \(s.stale ? "STALE: " + s.problems.joined(separator: "; ") : "ok")")
         }
     }
@@ -62,3 +67,6 @@ struct StatusDocument: Codable {
     var schemaVersion = 1
     var mounts: [MountStatus]
 }
+
+func formatPercent(_ v: Double) -> String { "\((v * 10).rounded() / 10)%" }
+func formatMs(_ v: Double) -> String { "\((v * 100).rounded() / 100) ms" }

@@ -280,7 +280,7 @@ public enum ReaderTrees {
 /// every request with 200 and the whole file (max_ranges 0).
 public final class NginxServer: @unchecked Sendable {
     public let dir: ScratchDir
-    public let port: Int
+    public private(set) var port: Int = 0
     public var root: String { dir.file("www") }
     public var base: String { "http://127.0.0.1:\(port)" }
     private var process: Process?
@@ -294,52 +294,57 @@ public final class NginxServer: @unchecked Sendable {
         var lastError = ""
         for _ in 0..<10 {
             let port = Int.random(in: 20000...60000)
-            let conf = """
-                daemon off;
-                user root;
-                worker_processes 2;
-                pid \(dir.file("nginx.pid"));
-                error_log \(dir.file("error.log")) warn;
-                events { worker_connections 256; }
-                http {
-                    access_log off;
-                    client_body_temp_path \(dir.file("tmp"));
-                    proxy_temp_path \(dir.file("tmp"));
-                    fastcgi_temp_path \(dir.file("tmp"));
-                    uwsgi_temp_path \(dir.file("tmp"));
-                    scgi_temp_path \(dir.file("tmp"));
-                    keepalive_requests 100000;
-                    server {
-                        listen 127.0.0.1:\(port);
-                        root \(dir.file("www"));
-                        location /norange/ { alias \(dir.file("www"))/; max_ranges 0; }
-                    }
-                }
-                """
-            try conf.write(toFile: dir.file("nginx.conf"), atomically: false, encoding: .utf8)
-            let p = Process()
-            p.executableURL = URL(fileURLWithPath: TestEnv.which("nginx")!)
-            p.arguments = ["-c", dir.file("nginx.conf"), "-p", dir.path]
-            p.standardOutput = FileHandle.nullDevice
-            p.standardError = FileHandle.nullDevice
-            try p.run()
-            // Ready when the port accepts connections.
-            for _ in 0..<100 {
-                if Self.canConnect(port) { break }
-                if !p.isRunning { break }
-                usleep(20_000)
-            }
-            if p.isRunning, Self.canConnect(port) {
-                self.port = port
-                process = p
-                return
-            }
-            p.terminate()
-            p.waitUntilExit()
+            self.port = port
+            if try start() { return }
             lastError = (try? String(contentsOfFile: dir.file("error.log"), encoding: .utf8)) ?? "nginx did not start"
         }
         dir.remove()
         throw POSIXError(.EADDRINUSE, userInfo: ["nginx": lastError])
+    }
+
+    /// Starts (or restarts, on the same port) nginx; false when it could not listen.
+    @discardableResult
+    public func start() throws -> Bool {
+        let conf = """
+            daemon off;
+            user root;
+            worker_processes 2;
+            pid \(dir.file("nginx.pid"));
+            error_log \(dir.file("error.log")) warn;
+            events { worker_connections 256; }
+            http {
+                access_log off;
+                client_body_temp_path \(dir.file("tmp"));
+                proxy_temp_path \(dir.file("tmp"));
+                fastcgi_temp_path \(dir.file("tmp"));
+                uwsgi_temp_path \(dir.file("tmp"));
+                scgi_temp_path \(dir.file("tmp"));
+                keepalive_requests 100000;
+                server {
+                    listen 127.0.0.1:\(port);
+                    root \(dir.file("www"));
+                    location /norange/ { alias \(dir.file("www"))/; max_ranges 0; }
+                }
+            }
+            """
+        try conf.write(toFile: dir.file("nginx.conf"), atomically: false, encoding: .utf8)
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: TestEnv.which("nginx")!)
+        p.arguments = ["-c", dir.file("nginx.conf"), "-p", dir.path]
+        p.standardOutput = FileHandle.nullDevice
+        p.standardError = FileHandle.nullDevice
+        try p.run()
+        for _ in 0..<100 {
+            if Self.canConnect(port) || !p.isRunning { break }
+            usleep(20_000)
+        }
+        if p.isRunning, Self.canConnect(port) {
+            process = p
+            return true
+        }
+        p.terminate()
+        p.waitUntilExit()
+        return false
     }
 
     static func canConnect(_ port: Int) -> Bool {

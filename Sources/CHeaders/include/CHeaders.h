@@ -400,6 +400,8 @@ extern const int ecx_o_tmpfile;
 extern const int ecx_o_path;
 extern const int ecx_o_largefile;
 extern const int ecx_clone_newns;
+extern const short ecx_posix_spawn_setsid;
+int ecx_pipe2(int fds[2], int flags);
 static const int ecx_lock_sh = LOCK_SH;
 static const int ecx_lock_ex = LOCK_EX;
 static const int ecx_lock_nb = LOCK_NB;

@@ -1,0 +1,166 @@
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
+import Foundation
+#endif
+import Crypto
+import EROFS
+import Glibc
+import Probe
+import Remote
+import Syscall
+import SystemPackage
+
+/// Options for http(s) sources.
+public struct RemoteOptions: Sendable {
+    public var cacheDir: String
+    public var allowFullDownload: Bool
+    /// Expected sha256 of the whole blob (hex), checked when the cache is complete.
+    public var digest: String?
+
+    public init(cacheDir: String = BlobCache.defaultDirectory, allowFullDownload: Bool = false, digest: String? = nil) {
+        self.cacheDir = cacheDir
+        self.allowFullDownload = allowFullDownload
+        self.digest = digest
+    }
+}
+
+extension Runtime {
+    /// Mounts an http(s) image: lazily through a fanotify worker when the planner allows it, else
+    /// after downloading it whole into the cache.
+    func mountRemote(_ req: MountRequest, override: [Finding], note: (String) -> Void) throws -> MountOutcome {
+        let mountpoint = try canonicalMountpoint(req.mountpoint)
+        if let d = req.remote.digest, d.count != 64 || !d.allSatisfy(\.isHexDigit) {
+            throw RuntimeError.badOptionValue("--digest", detail: "expected sha256:<64 hex digits>")
+        }
+        guard Sys.hasCapSysAdmin() else { throw RuntimeError.notPrivileged("mounting") }
+        let cache = BlobCache(directory: req.remote.cacheDir)
+        do { try cache.ensureDirectories() } catch { throw RuntimeError.state("\(error)") }
+        let planned = MountPlanning.planRemote(cacheDir: cache.blobsDir, implemented: Self.implemented, override: override)
+        let plan = planned.plan
+        let blob: HTTPBlob
+        do {
+            blob = try HTTPBlob(url: req.source)
+            try blob.open(allowFullDownload: req.remote.allowFullDownload)
+        } catch let e as RemoteError {
+            throw RuntimeError.remote(e.description)
+        }
+        if req.dryRun { return MountOutcome(plan: plan, record: nil, notes: []) }
+        let key = req.remote.digest?.lowercased() ?? SHA256.hash(data: Array(req.source.utf8)).map { String(hexByte: $0) }.joined()
+        let paths = cache.paths(key: key)
+        return try state.withLock {
+            if try isMountRoot(mountpoint) {
+                if let rec = state.load(mountpoint), rec.source == req.source { throw RuntimeError.alreadyMounted(mountpoint, source: req.source) }
+                let existing = MountInfo.mount(at: mountpoint, in: MountInfo.current())
+                throw RuntimeError.mountpointBusy(mountpoint, by: existing.map { "\($0.fsType) from \($0.source)" } ?? "mounted")
+            }
+            var candidates = try choose(plan, requested: req.backend)
+            if blob.wholeOnly { candidates.removeAll { $0 == .fanotify } }
+            guard let backend = candidates.first else {
+                throw RuntimeError.noBackend("the server does not support Range requests, which lazy mounting needs")
+            }
+            if backend != plan.candidates.first(where: { $0.verdict == .viable })?.backend, req.backend == nil {
+                note("using \(backend.rawValue): the server answers without Range support")
+            }
+            var record = MountRecord(source: req.source, sourceKind: "http", backend: backend.rawValue, mountpoint: mountpoint,
+                                     options: req.options.summary, device: nil, workerPID: nil, since: Date().timeIntervalSince1970,
+                                     sourceIdentity: blob.etag ?? blob.lastModified ?? "", mountID: nil,
+                                     cachePath: paths.data, statsPath: nil)
+            if backend == .fanotify {
+                // A blob already served by a live worker: its mark covers every mount of the cache
+                // file, so this mount shares it (a second group on the same file could deadlock).
+                if let shared = state.all().first(where: { $0.cachePath == paths.data && $0.workerPID.map(Sys.processExists) == true }) {
+                    do {
+                        try attachEROFS(source: paths.data, at: mountpoint, options: req.options, passOffset: true)
+                    } catch {
+                        throw RuntimeError.mountFailed(backend: "fanotify", detail: "\((error as? BackendFailure)?.detail ?? "\(error)")")
+                    }
+                    record.workerPID = shared.workerPID
+                    record.statsPath = shared.statsPath
+                    record.mountID = try? Sys.mountIdentity(mountpoint).id
+                    try state.save(record)
+                    return MountOutcome(plan: plan, record: record, notes: ["sharing the worker of \(shared.mountpoint)"])
+                }
+                let stats = state.root + "/workers/" + StateStore.key(for: mountpoint)
+                try? Sys.mkdir(state.root + "/workers", mode: 0o700)
+                let pid = try startWorker(req, paths: paths, mountpoint: mountpoint, statsPath: stats)
+                do {
+                    try attachEROFS(source: paths.data, at: mountpoint, options: req.options, passOffset: true)
+                } catch {
+                    try? Sys.kill(pid, SIGKILL)
+                    _ = Sys.reap(pid)
+                    throw RuntimeError.mountFailed(backend: "fanotify", detail: "\((error as? BackendFailure)?.detail ?? "\(error)")")
+                }
+                record.workerPID = pid
+                record.statsPath = stats
+            } else {
+                // Whole download, verified, then a local mount of the cache file.
+                do {
+                    let lazy = try LazyBlob(blob: blob, dataPath: paths.data, recordPath: paths.record)
+                    if blob.wholeOnly {
+                        try blob.readAll(into: try Sys.open(paths.data, O_RDWR).rawValue)
+                    } else {
+                        try lazy.ensure(offset: 0, length: blob.size)
+                        try lazy.commit()
+                    }
+                    if let d = req.remote.digest { try lazy.verify(sha256: d) }
+                } catch let e as RemoteError {
+                    if case .digestMismatch = e { try? Sys.unlink(paths.data); try? Sys.unlink(paths.record) }
+                    throw RuntimeError.remote(e.description)
+                }
+                guard let impl = Backends.all[backend] else { throw RuntimeError.noBackend("\(backend.rawValue) is not available") }
+                let sb = try Superblock(parsing: try Sys.preadFully(try Sys.open(paths.data, O_RDONLY).rawValue, count: 128, at: 1024), verifyChecksum: false)
+                do {
+                    let a = try impl.attach(PreparedMount(source: paths.data, mountpoint: mountpoint, options: req.options, blockSize: sb.blockSize))
+                    record.device = a.device
+                } catch let f as BackendFailure {
+                    throw RuntimeError.mountFailed(backend: backend.rawValue, detail: f.detail)
+                }
+            }
+            record.mountID = try? Sys.mountIdentity(mountpoint).id
+            do { try state.save(record) } catch {
+                try? MountAPI.umount(mountpoint)
+                stopWorker(record)
+                throw error
+            }
+            return MountOutcome(plan: plan, record: record, notes: [])
+        }
+    }
+
+    /// Spawns the worker and waits until it has marked the cache and fetched all metadata.
+    func startWorker(_ req: MountRequest, paths: (data: String, record: String, info: String, lock: String),
+                     mountpoint: String, statsPath: String) throws -> Int32 {
+        let (r, w) = try Sys.pipe()
+        defer { Sys.close(r) }
+        var args = ["__serve", "--url", req.source, "--data", paths.data, "--record", paths.record, "--mountpoint", mountpoint,
+                    "--stats", statsPath, "--ready-fd", String(w)]
+        if let d = req.remote.digest { args += ["--digest", d] }
+        let log = state.root + "/workers/" + StateStore.key(for: mountpoint).replacingOccurrences(of: ".json", with: ".log")
+        let pid: Int32
+        do {
+            pid = try Sys.spawnDetached(Runtime.workerExecutable, args, keep: [w], logPath: log)
+        } catch {
+            Sys.close(w)
+            throw RuntimeError.mountFailed(backend: "fanotify", detail: "cannot start the worker: \(error)")
+        }
+        Sys.close(w)
+        var line = [UInt8]()
+        var buf = [UInt8](repeating: 0, count: 512)
+        while !line.contains(0x0A) {
+            guard (try? Sys.poll(r, timeoutMs: 300_000)) == true else { break }
+            let n = (try? buf.withUnsafeMutableBytes { try Sys.read(r, into: $0) }) ?? 0
+            if n <= 0 { break }
+            line += buf[0..<n]
+        }
+        let text = String(decoding: line, as: UTF8.self).trimmed
+        guard text == "ready" else {
+            try? Sys.kill(pid, SIGKILL)
+            _ = Sys.reap(pid)
+            throw RuntimeError.remote(text.hasPrefix("error: ") ? String(text.dropFirst(7)) : "the worker exited before it was ready (log: \(log))")
+        }
+        return pid
+    }
+
+    /// The binary to run as worker: this executable, unless overridden (tests run in-process).
+    nonisolated(unsafe) public static var workerExecutable = Sys.executablePath()
+}

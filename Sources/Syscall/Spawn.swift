@@ -1,0 +1,50 @@
+import CHeaders
+import Glibc
+import SystemPackage
+
+extension Sys {
+    /// Starts `path` with `args` in a new session, stdin/stdout on /dev/null, stderr appended to
+    /// `logPath`, keeping only `keep` (plus 0–2) open in the child. Returns the child's pid.
+    package static func spawnDetached(_ path: String, _ args: [String], keep: [Int32], logPath: String) throws -> Int32 {
+        var actions = posix_spawn_file_actions_t()
+        posix_spawn_file_actions_init(&actions)
+        defer { posix_spawn_file_actions_destroy(&actions) }
+        posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
+        posix_spawn_file_actions_addopen(&actions, 1, "/dev/null", O_WRONLY, 0)
+        posix_spawn_file_actions_addopen(&actions, 2, logPath, O_WRONLY | O_CREAT | O_APPEND, 0o600)
+        for fd in keep {
+            // Clear close-on-exec for the descriptors the child must inherit.
+            let flags = fcntl(fd, F_GETFD)
+            _ = ecx_fcntl_int(fd, F_SETFD, flags & ~FD_CLOEXEC)
+        }
+        defer { for fd in keep { _ = ecx_fcntl_int(fd, F_SETFD, FD_CLOEXEC) } }
+        var attr = posix_spawnattr_t()
+        posix_spawnattr_init(&attr)
+        defer { posix_spawnattr_destroy(&attr) }
+        posix_spawnattr_setflags(&attr, ecx_posix_spawn_setsid)
+        let argv: [UnsafeMutablePointer<CChar>?] = ([path] + args).map { strdup($0) } + [nil]
+        defer { argv.forEach { free($0) } }
+        var pid: pid_t = 0
+        let rc = posix_spawn(&pid, path, &actions, &attr, argv, environ)
+        guard rc == 0 else { throw Errno(rawValue: rc) }
+        return pid
+    }
+
+    /// A pipe (both ends close-on-exec).
+    package static func pipe() throws -> (read: Int32, write: Int32) {
+        var fds: [Int32] = [0, 0]
+        _ = try call { ecx_pipe2(&fds, O_CLOEXEC) }
+        return (fds[0], fds[1])
+    }
+
+    /// Reaps a child without blocking; true when it has exited.
+    package static func reap(_ pid: Int32) -> Bool {
+        var status: Int32 = 0
+        return waitpid(pid, &status, WNOHANG) == pid
+    }
+
+    /// This executable's path.
+    package static func executablePath() -> String {
+        (try? realpath("/proc/self/exe")) ?? CommandLine.arguments[0]
+    }
+}

@@ -1,0 +1,22 @@
+import ArgumentParser
+import Runtime
+
+/// `erofs-compat __serve`: the fanotify worker process that `mount` starts for a remote image.
+/// Internal: not shown in --help.
+struct ServeCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "__serve", shouldDisplay: false)
+
+    @Option var url: String
+    @Option var data: String
+    @Option var record: String
+    @Option var mountpoint: String
+    @Option var stats: String
+    @Option var readyFd: Int32
+    @Option var digest: String?
+
+    func run() throws {
+        let code = LazyWorker.run(.init(url: url, dataPath: data, recordPath: record, mountpoint: mountpoint, statsPath: stats,
+                                        readyFD: readyFd, digest: digest, allowFullDownload: false))
+        throw ExitCode(code)
+    }
+}

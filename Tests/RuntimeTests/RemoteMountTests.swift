@@ -1,0 +1,199 @@
+import Foundation
+import Glibc
+import Testing
+@testable import EROFS
+@testable import Probe
+@testable import Runtime
+import Syscall
+import TestSupport
+
+let remoteReason = "needs root, mkfs.erofs and nginx (Debian nginx-light) for lazy mounts over HTTP"
+let canMountRemote = TestEnv.isRoot && TestEnv.which("mkfs.erofs") != nil && NginxServer.available
+
+/// An image served by nginx, a private state and cache directory, and the kernel's view of the
+/// same image mounted locally as the oracle.
+struct RemoteFixture {
+    let server: NginxServer
+    let dir: ScratchDir
+    let runtime: Runtime
+    var url: String { server.base + "/img.erofs" }
+    var mnt: String { dir.file("mnt") }
+    var remote: RemoteOptions { RemoteOptions(cacheDir: dir.file("cache")) }
+
+    init(_ label: String) throws {
+        server = try NginxServer()
+        dir = try ScratchDir(label)
+        try ReaderTrees.makeEdge(at: dir.file("tree/edge"))
+        try ReaderTrees.makeReal(at: dir.file("tree/real"), budget: 3 << 20)
+        try Samples.mkfs(dir.file("tree"), server.root + "/img.erofs", ["-zlz4hc"])
+        for d in ["mnt", "mnt2", "oracle"] { try FileManager.default.createDirectory(atPath: dir.file(d), withIntermediateDirectories: true) }
+        runtime = Runtime(state: StateStore(root: dir.file("state")))
+        Runtime.workerExecutable = cliBinary
+    }
+
+    /// Every file of the image as the kernel shows it from the complete local image.
+    func oracle() throws -> TreeFactsLite {
+        try withLocalMount(server.root + "/img.erofs", dir.file("oracle")) { TreeFactsLite(dir.file("oracle")) }
+    }
+
+    func remove() {
+        for m in currentMounts().filter({ $0.hasPrefix(dir.path) }).reversed() { try? MountAPI.umount(m, detach: true) }
+        for r in runtime.state.all() { if let pid = r.workerPID { try? Sys.kill(pid, SIGKILL) } }
+        server.remove()
+        dir.remove()
+    }
+}
+
+/// Names, types, sizes and full contents (a read error is recorded as such, never as bytes).
+struct TreeFactsLite: Equatable {
+    var entries: [String: String] = [:]
+    init(_ root: String) {
+        for p in (FileManager.default.subpaths(atPath: root) ?? []).sorted() {
+            var st = stat()
+            lstat(root + "/" + p, &st)
+            var d = "mode \(String(st.st_mode, radix: 8))"
+            if st.st_mode & S_IFMT == S_IFREG { d += " " + Self.digest(root + "/" + p) }
+            entries[p] = d
+        }
+    }
+    static func digest(_ path: String) -> String {
+        guard let fd = try? Sys.open(path, O_RDONLY) else { return "open-error" }
+        defer { Sys.close(fd.rawValue) }
+        var h: UInt64 = 1469598103934665603
+        var pos: Int64 = 0
+        var buf = [UInt8](repeating: 0, count: 1 << 16)
+        while true {
+            let n: Int
+            do { n = try buf.withUnsafeMutableBytes { try Sys.pread(fd.rawValue, into: $0, at: pos) } } catch { return "read-error \(error)" }
+            if n == 0 { break }
+            for b in buf[0..<n] { h = (h ^ UInt64(b)) &* 1099511628211 }
+            pos += Int64(n)
+        }
+        return "size \(pos) sum \(h)"
+    }
+}
+
+func withLocalMount<T>(_ image: String, _ mnt: String, _ body: () throws -> T) throws -> T {
+    let fc = try MountAPI.fsopen("erofs")
+    try MountAPI.setString(fc, "source", image)
+    try MountAPI.setFlag(fc, "ro")
+    try MountAPI.create(fc)
+    try MountAPI.attach(fc, attributes: [.readOnly], at: mnt)
+    defer { try? MountAPI.umount(mnt, detach: true) }
+    return try body()
+}
+
+func workerRunning(_ pid: Int32?) -> Bool {
+    guard let pid else { return false }
+    _ = Sys.reap(pid)
+    return Sys.processExists(pid)
+}
+
+@Suite(.serialized, .enabled(if: canMountRemote, Comment(rawValue: remoteReason)))
+struct RemoteMountTests {
+    @Test func coldLazyMountServesEveryByte() throws {
+        let f = try RemoteFixture("lazy")
+        defer { f.remove() }
+        let expected = try f.oracle()
+        let out = try f.runtime.mount(MountRequest(source: f.url, mountpoint: f.mnt, remote: f.remote))
+        let rec = try #require(out.record)
+        #expect(rec.backend == "fanotify")
+        #expect(workerRunning(rec.workerPID))
+        usleep(600_000)
+        let before = try #require(try f.runtime.status().first?.progress)
+        #expect(before.population < 100, "only metadata before reading")
+        let got = TreeFactsLite(f.mnt)
+        #expect(got == expected, "\(Set(got.entries.map { "\($0.key) \($0.value)" }).symmetricDifference(expected.entries.map { "\($0.key) \($0.value)" }).prefix(4))")
+        usleep(600_000)
+        let after = try #require(try f.runtime.status().first?.progress)
+        #expect(after.events > 0 && after.denied == 0)
+        try f.runtime.umount(f.mnt)
+        for _ in 0..<50 where workerRunning(rec.workerPID) { usleep(100_000) }
+        #expect(!workerRunning(rec.workerPID), "worker exits with its mount")
+        #expect(f.runtime.state.all().isEmpty)
+    }
+
+    /// The server goes away mid-way: unfetched ranges fail with EIO, never zeros; fetched data
+    /// stays readable; when the server is back the same reads succeed.
+    @Test func serverDownMeansEIONotZeros() throws {
+        let f = try RemoteFixture("down")
+        defer { f.remove() }
+        let expected = try f.oracle()
+        let out = try f.runtime.mount(MountRequest(source: f.url, mountpoint: f.mnt, remote: f.remote))
+        defer { try? f.runtime.umount(f.mnt) }
+        let first = "edge/sizes/r4096"
+        #expect(TreeFactsLite.digest(f.mnt + "/" + first) == expected.entries[first]!.split(separator: " ", maxSplits: 2).last.map(String.init))
+        f.server.stop()
+        var eio = 0, correct = 0
+        // Each failing read costs the worker's retries (about 3 s): sample the files.
+        for (path, facts) in expected.entries.sorted(by: { $0.key < $1.key }) where facts.contains("size") {
+            if eio >= 4 { break }
+            let got = TreeFactsLite.digest(f.mnt + "/" + path)
+            if got.hasPrefix("read-error") {
+                #expect(got.contains("I/O error") || got.contains("EIO") || got.contains("Input/output"), "\(path): \(got)")
+                eio += 1
+            } else {
+                #expect(facts.hasSuffix(got), "\(path): wrong bytes while the server was down")
+                correct += 1
+            }
+        }
+        #expect(eio > 0, "some unfetched file failed with EIO")
+        try f.server.start()
+        #expect(TreeFactsLite(f.mnt) == expected, "after the server returned")
+        _ = out
+    }
+
+    @Test func serverWithoutRangeIsRefusedOrDownloadedWhole() throws {
+        let f = try RemoteFixture("norange")
+        defer { f.remove() }
+        let url = f.server.base + "/norange/img.erofs"
+        do {
+            _ = try f.runtime.mount(MountRequest(source: url, mountpoint: f.mnt, remote: f.remote))
+            Issue.record("a server without Range support was accepted")
+        } catch let e as RuntimeError {
+            #expect(e.exitCode == .badSource)
+            #expect(e.description.contains("--allow-full-download"))
+        }
+        #expect(!currentMounts().contains(f.mnt))
+        var opts = f.remote
+        opts.allowFullDownload = true
+        let out = try f.runtime.mount(MountRequest(source: url, mountpoint: f.mnt, remote: opts))
+        #expect(out.record?.backend == "file")
+        #expect(TreeFactsLite(f.mnt) == (try f.oracle()))
+        try f.runtime.umount(f.mnt)
+    }
+
+    @Test func wrongDigestFailsLoudly() throws {
+        let f = try RemoteFixture("digest")
+        defer { f.remove() }
+        var opts = f.remote
+        opts.digest = String(repeating: "ab", count: 32)
+        let out = try f.runtime.mount(MountRequest(source: f.url, mountpoint: f.mnt, remote: opts))
+        defer { try? f.runtime.umount(f.mnt) }
+        _ = TreeFactsLite(f.mnt)  // reads everything, completing the cache
+        var status: MountStatus?
+        for _ in 0..<40 {
+            usleep(250_000)
+            status = try f.runtime.status().first
+            if status?.progress?.verified != nil { break }
+        }
+        #expect(status?.progress?.verified == false)
+        #expect(status?.stale == true)
+        #expect(!FileManager.default.fileExists(atPath: out.record!.cachePath!), "the cache entry is discarded")
+    }
+
+    @Test func twoMountsOfOneBlobShareTheWorker() throws {
+        let f = try RemoteFixture("shared")
+        defer { f.remove() }
+        let a = try f.runtime.mount(MountRequest(source: f.url, mountpoint: f.mnt, remote: f.remote))
+        let b = try f.runtime.mount(MountRequest(source: f.url, mountpoint: f.dir.file("mnt2"), remote: f.remote))
+        #expect(a.record?.workerPID == b.record?.workerPID)
+        try f.runtime.umount(f.mnt)
+        usleep(300_000)
+        #expect(workerRunning(b.record?.workerPID), "the second mount still has its worker")
+        #expect(TreeFactsLite(f.dir.file("mnt2")) == (try f.oracle()))
+        try f.runtime.umount(f.dir.file("mnt2"))
+        for _ in 0..<50 where workerRunning(b.record?.workerPID) { usleep(100_000) }
+        #expect(!workerRunning(b.record?.workerPID))
+    }
+}
