@@ -30,10 +30,12 @@ public final class LazyBlob: ImageSource, @unchecked Sendable {
     private let cond = DispatchSemaphore(value: 0)
     private var waiters = Locked<Int>(0)
 
-    public init(blob: HTTPBlob, dataPath: String, recordPath: String, granule: UInt64 = 64 << 10) throws {
+    /// `writerFD`: an inherited descriptor of the cache file opened before the fanotify mark (a
+    /// restarted worker gets its supervisor's); nil opens one now.
+    public init(blob: HTTPBlob, dataPath: String, recordPath: String, granule: UInt64 = 64 << 10, writerFD: Int32? = nil) throws {
         self.blob = blob
         self.dataPath = dataPath
-        writer = try Sys.open(dataPath, O_RDWR | O_CREAT, mode: 0o600)
+        writer = try writerFD.map { FileDescriptor(rawValue: $0) } ?? Sys.open(dataPath, O_RDWR | O_CREAT, mode: 0o600)
         do {
             let st = try Sys.fstat(writer.rawValue)
             if UInt64(st.st_size) != blob.size { try Sys.ftruncate(writer.rawValue, Int64(blob.size)) }
@@ -48,6 +50,9 @@ public final class LazyBlob: ImageSource, @unchecked Sendable {
         try? commit()
         Sys.close(writer.rawValue)
     }
+
+    /// The writer descriptor (to hand to a restarted worker).
+    public var writerFD: Int32 { writer.rawValue }
 
     func granuleRange(_ offset: UInt64, _ length: UInt64) -> ClosedRange<Int>? {
         guard length > 0, offset < size else { return nil }

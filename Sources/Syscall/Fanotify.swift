@@ -48,6 +48,13 @@ package enum Fanotify {
         /// The FAN_EVENT_INFO_TYPE_RANGE record, if the event carried one.
         package var range: (offset: UInt64, count: UInt64)?
 
+        package init(mask: UInt64, fd: Int32, pid: Int32, range: (offset: UInt64, count: UInt64)?) {
+            self.mask = mask
+            self.fd = fd
+            self.pid = pid
+            self.range = range
+        }
+
         package static func == (a: Event, b: Event) -> Bool {
             a.mask == b.mask && a.fd == b.fd && a.pid == b.pid && a.range?.offset == b.range?.offset && a.range?.count == b.range?.count
         }

@@ -21,7 +21,16 @@ extension Sys {
         var attr = posix_spawnattr_t()
         posix_spawnattr_init(&attr)
         defer { posix_spawnattr_destroy(&attr) }
-        posix_spawnattr_setflags(&attr, ecx_posix_spawn_setsid)
+        // A clean signal state: callers on thread pools have most signals blocked, which the child
+        // would otherwise inherit (and then ignore SIGTERM).
+        var empty = sigset_t()
+        sigemptyset(&empty)
+        posix_spawnattr_setsigmask(&attr, &empty)
+        var defaults = sigset_t()
+        sigemptyset(&defaults)
+        for sig in [SIGTERM, SIGINT, SIGHUP, SIGPIPE, SIGQUIT] { sigaddset(&defaults, sig) }
+        posix_spawnattr_setsigdefault(&attr, &defaults)
+        posix_spawnattr_setflags(&attr, ecx_posix_spawn_setsid | Int16(POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF))
         let argv: [UnsafeMutablePointer<CChar>?] = ([path] + args).map { strdup($0) } + [nil]
         defer { argv.forEach { free($0) } }
         var pid: pid_t = 0
@@ -41,6 +50,16 @@ extension Sys {
     package static func reap(_ pid: Int32) -> Bool {
         var status: Int32 = 0
         return waitpid(pid, &status, WNOHANG) == pid
+    }
+
+    /// Waits for a child: its exit code, or the signal that killed it.
+    package static func wait(_ pid: Int32) -> (code: Int32?, signal: Int32?) {
+        var status: Int32 = 0
+        while waitpid(pid, &status, 0) < 0 {
+            if errno != EINTR { return (nil, nil) }
+        }
+        if status & 0x7f == 0 { return ((status >> 8) & 0xff, nil) }
+        return (nil, status & 0x7f)
     }
 
     /// This executable's path.

@@ -13,10 +13,17 @@ struct ServeCommand: ParsableCommand {
     @Option var stats: String
     @Option var readyFd: Int32
     @Option var digest: String?
+    @Flag var worker = false
+    @Option var groupFd: Int32 = -1
+    @Option var writerFd: Int32 = -1
+    @Option var journal: String = ""
 
     func run() throws {
-        let code = LazyWorker.run(.init(url: url, dataPath: data, recordPath: record, mountpoint: mountpoint, statsPath: stats,
-                                        readyFD: readyFd, digest: digest, allowFullDownload: false))
-        throw ExitCode(code)
+        let options = LazyWorker.Options(url: url, dataPath: data, recordPath: record, mountpoint: mountpoint, statsPath: stats,
+                                         readyFD: readyFd, digest: digest, allowFullDownload: false)
+        if worker {
+            throw ExitCode(LazyWorker.runWorker(options, groupFD: groupFd, writerFD: writerFd, journal: journal))
+        }
+        throw ExitCode(LazyWorker.run(options))
     }
 }

@@ -182,6 +182,50 @@ struct RemoteMountTests {
         #expect(!FileManager.default.fileExists(atPath: out.record!.cachePath!), "the cache entry is discarded")
     }
 
+    /// SIGKILL of the serving worker during a parallel cold read of every file: the supervisor keeps
+    /// the fanotify group alive and restarts the worker, which answers the events its predecessor
+    /// had read; every reader gets correct bytes (never zeros).
+    @Test func killedWorkerNeverHandsOutZeros() throws {
+        let f = try RemoteFixture("kill")
+        defer { f.remove() }
+        let expected = try f.oracle()
+        let out = try f.runtime.mount(MountRequest(source: f.url, mountpoint: f.mnt, remote: f.remote))
+        defer { try? f.runtime.umount(f.mnt) }
+        let supervisor = try #require(out.record?.workerPID)
+        func worker() -> Int32? {
+            (try? String(contentsOfFile: "/proc/\(supervisor)/task/\(supervisor)/children", encoding: .utf8))?
+                .split(separator: " ").first.flatMap { Int32($0) }
+        }
+        let files = expected.entries.filter { $0.value.contains("size") }.map(\.key).sorted()
+        let results = Locked<[String: String]>([:])
+        let group = DispatchGroup()
+        for chunk in 0..<4 {
+            group.enter()
+            DispatchQueue.global().async {
+                defer { group.leave() }
+                for (i, p) in files.enumerated() where i % 4 == chunk {
+                    let got = TreeFactsLite.digest(f.mnt + "/" + p)
+                    results.withLock { $0[p] = got }
+                }
+            }
+        }
+        var kills = 0
+        for _ in 0..<3 {
+            usleep(150_000)
+            if let w = worker() {
+                try? Sys.kill(w, SIGKILL)
+                kills += 1
+            }
+        }
+        group.wait()
+        #expect(kills > 0)
+        for p in files {
+            let got = results.get()[p] ?? "missing"
+            #expect(expected.entries[p]!.hasSuffix(got), "\(p): \(got)")
+        }
+        #expect(workerRunning(supervisor), "the supervisor survives")
+    }
+
     @Test func twoMountsOfOneBlobShareTheWorker() throws {
         let f = try RemoteFixture("shared")
         defer { f.remove() }

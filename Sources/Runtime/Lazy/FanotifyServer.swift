@@ -45,21 +45,68 @@ public final class FanotifyServer: @unchecked Sendable {
 
     /// Creates the group and places the mark. The lazy blob's writer was opened before, so its
     /// writes raise no events.
-    public init(lazy: LazyBlob, digest: String?, workers: Int = 4, log: @escaping (String) -> Void) throws {
+    /// Events read but not yet answered, journaled so a restarted worker can answer them: a response
+    /// is matched by the event's fd number within the group, so it still works after the reader of
+    /// the event died.
+    let journal: FileDescriptor?
+
+    /// Serves an existing group (inherited from the supervisor, mark already placed).
+    public init(lazy: LazyBlob, groupFD: Int32, journalPath: String?, digest: String?, workers: Int = 4, log: @escaping (String) -> Void) throws {
         self.lazy = lazy
         self.digest = digest
         self.workers = workers
         self.log = log
-        group = try Fanotify.initGroup(Fanotify.classPreContent | Fanotify.cloexec | Fanotify.nonblock)
+        group = FileDescriptor(rawValue: groupFD)
+        journal = try journalPath.map { try Sys.open($0, O_RDWR | O_CREAT | O_APPEND, mode: 0o600) }
+    }
+
+    /// Creates a group and places the FAN_PRE_ACCESS mark on the cache file.
+    public static func makeGroup(marking path: String) throws -> FileDescriptor {
+        let group = try Fanotify.initGroup(Fanotify.classPreContent | Fanotify.cloexec | Fanotify.nonblock)
         do {
-            try Fanotify.mark(group, flags: Fanotify.markAdd, mask: Fanotify.preAccess, path: lazy.dataPath)
+            try Fanotify.mark(group, flags: Fanotify.markAdd, mask: Fanotify.preAccess, path: path)
         } catch {
             Sys.close(group.rawValue)
             throw error
         }
+        return group
     }
 
-    deinit { Sys.close(group.rawValue) }
+    func journalAppend(_ line: String) {
+        guard let journal else { return }
+        _ = try? Array(line.utf8).withUnsafeBytes { try Sys.write(journal.rawValue, $0) }
+    }
+
+    /// Answers the events a previous worker read but did not answer (from the journal), then
+    /// empties the journal. Runs before any new event is read, so fd numbers cannot collide.
+    public func replayJournal() {
+        guard let journal else { return }
+        let size = (try? Sys.fstat(journal.rawValue).st_size) ?? 0
+        let bytes = (try? Sys.preadFully(journal.rawValue, count: Int(size), at: 0)) ?? []
+        var pending: [Int32: (UInt64, UInt64)] = [:]
+        for line in String(decoding: bytes, as: UTF8.self).split(separator: "\n") {
+            let f = line.split(separator: " ")
+            if f.count == 4, f[0] == "R", let fd = Int32(f[1]), let off = UInt64(f[2]), let cnt = UInt64(f[3]) { pending[fd] = (off, cnt) }
+            if f.count == 2, f[0] == "A", let fd = Int32(f[1]) { pending[fd] = nil }
+        }
+        if !pending.isEmpty { log("answering \(pending.count) events left by a previous worker") }
+        for (fd, r) in pending {
+            let ev = Fanotify.Event(mask: Fanotify.preAccess, fd: fd, pid: 0, range: r)
+            let start = DispatchTime.now().uptimeNanoseconds
+            do {
+                try fetch(offset: r.0, count: r.1)
+                answer(ev, Fanotify.allow, start: start, closeFD: false)
+            } catch {
+                answer(ev, Fanotify.denyErrno(.ioError), start: start, closeFD: false)
+            }
+        }
+        try? Sys.ftruncate(journal.rawValue, 0)
+    }
+
+    deinit {
+        Sys.close(group.rawValue)
+        if let journal { Sys.close(journal.rawValue) }
+    }
 
     public var snapshot: Stats {
         var s = stats.get()
@@ -108,6 +155,7 @@ public final class FanotifyServer: @unchecked Sendable {
             do { n = try buf.withUnsafeMutableBytes { try Sys.read(group.rawValue, into: $0) } } catch { continue }
             guard let events = try? buf.withUnsafeBytes({ try Fanotify.decode(UnsafeRawBufferPointer(rebasing: $0[0..<n])) }) else { continue }
             stats.withLock { $0.events += events.count }
+            journalAppend(events.map { "R \($0.fd) \($0.range?.offset ?? 0) \($0.range?.count ?? lazy.size)\n" }.joined())
             for ev in events {
                 let start = DispatchTime.now().uptimeNanoseconds
                 // Present data (or a truncate, count 0) is answered right here without I/O.
@@ -159,11 +207,12 @@ public final class FanotifyServer: @unchecked Sendable {
         }
     }
 
-    func answer(_ ev: Fanotify.Event, _ response: UInt32, start: UInt64) {
+    func answer(_ ev: Fanotify.Event, _ response: UInt32, start: UInt64, closeFD: Bool = true) {
         if stats.get().verified == false { try? Fanotify.respond(group, fd: ev.fd, response: Fanotify.denyErrno(.ioError)) } else {
             try? Fanotify.respond(group, fd: ev.fd, response: response)
         }
-        if ev.fd >= 0 { Sys.close(ev.fd) }
+        journalAppend("A \(ev.fd)\n")
+        if closeFD, ev.fd >= 0 { Sys.close(ev.fd) }
         let ms = Double(DispatchTime.now().uptimeNanoseconds - start) / 1e6
         latencies.withLock { l in
             l.append(ms)

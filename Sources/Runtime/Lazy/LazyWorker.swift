@@ -42,19 +42,24 @@ public enum LazyWorker {
         _ = try? FileDescriptor.standardError.writeAll(Array(line.utf8))
     }
 
-    /// Runs the worker; returns its exit status.
+    /// The supervisor: owns the fanotify group and the cache writer, fetches the metadata, reports
+    /// readiness, then runs the serving worker as a child and restarts it if it dies. Because the
+    /// supervisor keeps the group open, a worker crash never lets the kernel answer pending reads
+    /// with FAN_ALLOW (which would hand readers zeros); the restarted worker answers the events its
+    /// predecessor had read, from the journal. Returns its exit status.
     public static func run(_ o: Options) -> Int32 {
         func ready(_ line: String) {
             _ = try? Array((line + "\n").utf8).withUnsafeBytes { try Sys.write(o.readyFD, $0) }
             Sys.close(o.readyFD)
         }
-        let server: FanotifyServer
+        let lazy: LazyBlob
+        let group: FileDescriptor
         do {
             let blob = try HTTPBlob(url: o.url)
             try blob.open(allowFullDownload: false)
-            // The writer is opened inside LazyBlob before the mark below: its writes raise no events.
-            let lazy = try LazyBlob(blob: blob, dataPath: o.dataPath, recordPath: o.recordPath)
-            server = try FanotifyServer(lazy: lazy, digest: o.digest, log: log)
+            // The writer is opened inside LazyBlob before the mark: its writes raise no events.
+            lazy = try LazyBlob(blob: blob, dataPath: o.dataPath, recordPath: o.recordPath)
+            group = try FanotifyServer.makeGroup(marking: o.dataPath)
             let meta = try lazy.fetchMetadata()
             log("metadata ready: \(meta.totalBytes) bytes in \(meta.ranges.count) ranges of \(blob.size)")
         } catch {
@@ -62,7 +67,84 @@ public enum LazyWorker {
             ready("error: \(error)")
             return 1
         }
-        ready("ready")
+        let journal = o.statsPath.replacingOccurrences(of: ".json", with: ".journal")
+        try? Sys.unlink(journal)
+        var restarts = 0
+        var readySent = false
+        while true {
+            var args = ["__serve", "--worker", "--url", o.url, "--data", o.dataPath, "--record", o.recordPath, "--mountpoint", o.mountpoint,
+                        "--stats", o.statsPath, "--ready-fd=-1", "--group-fd", String(group.rawValue),
+                        "--writer-fd", String(lazy.writerFD), "--journal", journal]
+            if let d = o.digest { args += ["--digest", d] }
+            let pid: Int32
+            do {
+                pid = try Sys.spawnDetached(Sys.executablePath(), args, keep: [group.rawValue, lazy.writerFD], logPath: o.statsPath.replacingOccurrences(of: ".json", with: ".log"))
+            } catch {
+                log("cannot start the worker: \(error)")
+                if !readySent { ready("error: cannot start the worker: \(error)") }
+                return 1
+            }
+            if !readySent {
+                ready("ready")
+                readySent = true
+            }
+            let (code, signal) = Sys.wait(pid)
+            if code == 0 { return 0 }
+            restarts += 1
+            log("worker \(pid) died (\(signal.map { "signal \($0)" } ?? "exit \(code ?? -1)")); restart \(restarts)")
+            guard restarts <= 50 else {
+                log("giving up after \(restarts) restarts: denying every read with EIO until the mount is gone")
+                denyUntilUnmounted(group: group, journal: journal, o)
+                return 1
+            }
+            usleep(UInt32(min(restarts, 10)) * 50_000)
+        }
+    }
+
+    /// Last resort when no worker can run: the group must stay open (closing it would let the kernel
+    /// allow pending reads, handing out zeros), so answer everything with EIO until the mount goes.
+    static func denyUntilUnmounted(group: FileDescriptor, journal: String, _ o: Options) {
+        let bytes = (try? Sys.open(journal, O_RDONLY)).map { fd -> [UInt8] in
+            defer { Sys.close(fd.rawValue) }
+            return (try? Sys.preadFully(fd.rawValue, count: 1 << 22, at: 0)) ?? []
+        } ?? []
+        var pending = Set<Int32>()
+        for line in String(decoding: bytes, as: UTF8.self).split(separator: "\n") {
+            let f = line.split(separator: " ")
+            if f.count == 4, f[0] == "R", let fd = Int32(f[1]) { pending.insert(fd) }
+            if f.count == 2, f[0] == "A", let fd = Int32(f[1]) { pending.remove(fd) }
+        }
+        for fd in pending { try? Fanotify.respond(group, fd: fd, response: Fanotify.denyErrno(.ioError)) }
+        let gone = Locked(false)
+        Threads.detach {
+            watchMount(o.mountpoint, source: o.dataPath)
+            gone.set(true)
+        }
+        var buf = [UInt8](repeating: 0, count: 64 << 10)
+        while !gone.get() {
+            guard (try? Sys.poll(group.rawValue, timeoutMs: 200)) == true,
+                  let n = try? buf.withUnsafeMutableBytes({ try Sys.read(group.rawValue, into: $0) }),
+                  let events = try? buf.withUnsafeBytes({ try Fanotify.decode(UnsafeRawBufferPointer(rebasing: $0[0..<n])) }) else { continue }
+            for ev in events {
+                try? Fanotify.respond(group, fd: ev.fd, response: Fanotify.denyErrno(.ioError))
+                if ev.fd >= 0 { Sys.close(ev.fd) }
+            }
+        }
+    }
+
+    /// The serving worker, started by the supervisor with the group and writer descriptors.
+    public static func runWorker(_ o: Options, groupFD: Int32, writerFD: Int32, journal: String) -> Int32 {
+        let server: FanotifyServer
+        do {
+            let blob = try HTTPBlob(url: o.url)
+            try blob.open(allowFullDownload: false)
+            let lazy = try LazyBlob(blob: blob, dataPath: o.dataPath, recordPath: o.recordPath, writerFD: writerFD)
+            server = try FanotifyServer(lazy: lazy, groupFD: groupFD, journalPath: journal, digest: o.digest, log: log)
+        } catch {
+            log("worker failed to start: \(error)")
+            return 2
+        }
+        server.replayJournal()
         let stop = Locked(false)
         Threads.detach {
             watchMount(o.mountpoint, source: o.dataPath)
@@ -99,7 +181,10 @@ public enum LazyWorker {
         guard let fd = try? Sys.open("/proc/self/mountinfo", O_RDONLY) else { return }
         defer { Sys.close(fd.rawValue) }
         let deadline = DispatchTime.now() + .seconds(120)
+        let parent = getppid()
         while true {
+            // A supervisor that is gone (umount stops it) means the mount was made: exit with the last one.
+            if getppid() != parent { seen = true }
             let now = present()
             if now { seen = true }
             if seen && !now { return }
