@@ -39,6 +39,7 @@ demo: release
 
 ## Speed figures as ratios against baselines measured in the same run.
 bench: release
+	@scripts/apt-deps.sh curl nginx-light python3
 	scripts/bench.sh .build/release/erofs-compat
 
 install: release

@@ -85,4 +85,7 @@ for i in 1 2 3 4 5; do
     s=$(now_us); "$BIN" image meta-ranges "$work/many.erofs" >/dev/null; e=$(now_us); echo $((e - s))
 done | median | awk '{printf "meta-ranges (10k files, CLI incl. start-up): %.1f ms\n", $1/1000}'
 "$BIN" image meta-ranges "$work/many.erofs" | tail -1
+
+echo
+"$(dirname "$0")/bench-remote.sh" "$BIN" "$work"
 exit 0

@@ -1,0 +1,93 @@
+#!/usr/bin/env bash
+# Remote-image figures (part of `make bench`): lazy fanotify mounts over nginx on 127.0.0.1 against
+# what a user does without this tool, each measured in the same run, page cache dropped before each.
+set -euo pipefail
+BIN=$(readlink -f "$1")
+work=$2
+median() { sort -n | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }
+now_us() { echo $(( $(date +%s%N) / 1000 )); }
+drop() { sync; echo 3 > /proc/sys/vm/drop_caches; }
+if [ "$(id -u)" -ne 0 ] || ! command -v nginx >/dev/null; then echo "remote benches skipped: need root and nginx"; exit 0; fi
+
+www="$work/www"; mkdir -p "$www" "$work/ngx" "$work/m1" "$work/m2"
+port=$((20000 + RANDOM % 30000))
+cat > "$work/ngx/nginx.conf" <<CONF
+daemon on; user root; worker_processes 2; pid $work/ngx/pid; error_log $work/ngx/err;
+events { worker_connections 256; }
+http { access_log off; client_body_temp_path $work/ngx; proxy_temp_path $work/ngx; fastcgi_temp_path $work/ngx;
+       uwsgi_temp_path $work/ngx; scgi_temp_path $work/ngx; keepalive_requests 100000;
+       server { listen 127.0.0.1:$port; root $www; } }
+CONF
+nginx -c "$work/ngx/nginx.conf" -p "$work/ngx"
+state=/dev/shm/erofs-compat-bench-remote
+cleanup() {
+    for m in "$work/m1" "$work/m2"; do mountpoint -q "$m" && { EROFS_COMPAT_STATE_DIR=$state "$BIN" umount "$m" >/dev/null 2>&1 || umount -l "$m"; }; done
+    nginx -c "$work/ngx/nginx.conf" -p "$work/ngx" -s stop 2>/dev/null || true
+    rm -rf "$state"
+}
+trap cleanup EXIT
+export EROFS_COMPAT_STATE_DIR=$state
+
+mkimage() {  # NAME MiB
+    python3 - "$work/t-$1" "$2" <<'PY'
+import os, random, sys
+random.seed(7)
+root, budget = sys.argv[1], int(sys.argv[2]) << 20
+os.makedirs(root)
+total, i = 0, 0
+while total < budget:
+    size = min(random.randint(1, 16) << 20, budget - total)
+    with open(os.path.join(root, f"f{i:03d}.bin"), "wb") as f: f.write(os.urandom(size))
+    total += size; i += 1
+for j in range(40):
+    with open(os.path.join(root, f"text{j:02d}.txt"), "w") as f: f.write(f"small file {j}\n" * 100)
+os.symlink("text00.txt", os.path.join(root, "link"))
+PY
+    mkfs.erofs --quiet "$www/$1.erofs" "$work/t-$1"
+    rm -rf "$work/t-$1"
+}
+readall() { find "$1" -type f -print0 | xargs -0 -P 4 -n 8 cat > /dev/null; }
+
+mkimage img256 256
+url="http://127.0.0.1:$port/img256.erofs"
+echo "== (a) cold: lazy mount + read every file vs download whole + file-backed mount + read (256 MiB, median of 3)"
+lazy=(); base=()
+for i in 1 2 3; do
+    rm -rf "$work/cache"; drop
+    s=$(now_us); "$BIN" mount --cache-dir "$work/cache" "$url" "$work/m1" >/dev/null; readall "$work/m1"; e=$(now_us)
+    lazy+=($((e - s))); "$BIN" umount "$work/m1" >/dev/null
+    rm -f "$work/dl.erofs"; drop
+    s=$(now_us); curl -s -o "$work/dl.erofs" "$url"; mount -t erofs -o ro,loop "$work/dl.erofs" "$work/m2"; readall "$work/m2"; e=$(now_us)
+    base+=($((e - s))); umount "$work/m2"
+done
+l=$(printf '%s\n' "${lazy[@]}" | median); b=$(printf '%s\n' "${base[@]}" | median)
+awk -v l="$l" -v b="$b" 'BEGIN {printf "cold: erofs-compat %.2f s, download+mount %.2f s, ratio %.2f (target <= 1.25)\n", l/1e6, b/1e6, l/b}'
+
+echo "== (b) warm: full read with the cache complete vs the local image file-backed (median of 3)"
+rm -rf "$work/cache"; "$BIN" mount --cache-dir "$work/cache" "$url" "$work/m1" >/dev/null; readall "$work/m1"; sleep 1
+warm=(); loc=()
+for i in 1 2 3; do
+    drop; s=$(now_us); readall "$work/m1"; e=$(now_us); warm+=($((e - s)))
+    mount -t erofs -o ro "$www/img256.erofs" "$work/m2" 2>/dev/null || mount -t erofs -o ro,loop "$www/img256.erofs" "$work/m2"
+    drop; s=$(now_us); readall "$work/m2"; e=$(now_us); loc+=($((e - s))); umount "$work/m2"
+done
+"$BIN" status "$work/m1" | grep -E "progress" || true
+"$BIN" umount "$work/m1" >/dev/null
+w=$(printf '%s\n' "${warm[@]}" | median); o=$(printf '%s\n' "${loc[@]}" | median)
+awk -v w="$w" -v o="$o" 'BEGIN {printf "warm: erofs-compat %.3f s, local file-backed %.3f s, ratio %.2f (target <= 1.05)\n", w/1e6, o/1e6, w/o}'
+
+mkimage img1g 1024
+url="http://127.0.0.1:$port/img1g.erofs"
+echo "== (c) 1 GiB image: cold lazy mount + read one small file vs downloading the whole blob (median of 3)"
+one=(); dl=()
+for i in 1 2 3; do
+    rm -rf "$work/cache"; drop
+    s=$(now_us); "$BIN" mount --cache-dir "$work/cache" "$url" "$work/m1" >/dev/null; cat "$work/m1/text05.txt" > /dev/null; e=$(now_us)
+    one+=($((e - s))); "$BIN" umount "$work/m1" >/dev/null
+    rm -f "$work/dl.erofs"; drop
+    s=$(now_us); curl -s -o "$work/dl.erofs" "$url"; e=$(now_us); dl+=($((e - s)))
+done
+x=$(printf '%s\n' "${one[@]}" | median); d=$(printf '%s\n' "${dl[@]}" | median)
+awk -v x="$x" -v d="$d" 'BEGIN {printf "one small file: erofs-compat %.3f s, whole download %.3f s, ratio %.1f%% (target <= 5%%)\n", x/1e6, d/1e6, 100*x/d}'
+echo "(d) the figures above are against nginx; an OCI registry source is not implemented yet"
+rm -f "$work/dl.erofs"
