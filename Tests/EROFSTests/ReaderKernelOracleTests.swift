@@ -60,17 +60,6 @@ struct TreeFacts: Equatable, CustomStringConvertible {
     }
 }
 
-/// Mounts `image` file-backed read-only at `mnt` for the duration of `body`.
-func withKernelMount<T>(_ image: String, _ mnt: String, _ body: () throws -> T) throws -> T {
-    let fc = try MountAPI.fsopen("erofs")
-    try MountAPI.setString(fc, "source", image)
-    try MountAPI.setFlag(fc, "ro")
-    try MountAPI.create(fc)
-    try MountAPI.attach(fc, attributes: [.readOnly], at: mnt)
-    defer { try? MountAPI.umount(mnt, detach: true) }
-    return try body()
-}
-
 @Suite(.serialized, .enabled(if: TestEnv.isRoot && mkfsAvailable, Comment(rawValue: oracleReason)))
 struct ReaderKernelOracleTests {
     /// Every variant of both trees: `image extract` output equals what the kernel shows when it mounts

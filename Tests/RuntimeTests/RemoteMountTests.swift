@@ -33,7 +33,7 @@ struct RemoteFixture {
 
     /// Every file of the image as the kernel shows it from the complete local image.
     func oracle() throws -> TreeFactsLite {
-        try withLocalMount(server.root + "/img.erofs", dir.file("oracle")) { TreeFactsLite(dir.file("oracle")) }
+        try withKernelMount(server.root + "/img.erofs", dir.file("oracle")) { TreeFactsLite(dir.file("oracle")) }
     }
 
     func remove() {
@@ -71,16 +71,6 @@ struct TreeFactsLite: Equatable {
         }
         return "size \(pos) sum \(h)"
     }
-}
-
-func withLocalMount<T>(_ image: String, _ mnt: String, _ body: () throws -> T) throws -> T {
-    let fc = try MountAPI.fsopen("erofs")
-    try MountAPI.setString(fc, "source", image)
-    try MountAPI.setFlag(fc, "ro")
-    try MountAPI.create(fc)
-    try MountAPI.attach(fc, attributes: [.readOnly], at: mnt)
-    defer { try? MountAPI.umount(mnt, detach: true) }
-    return try body()
 }
 
 func workerRunning(_ pid: Int32?) -> Bool {

@@ -370,3 +370,14 @@ public final class NginxServer: @unchecked Sendable {
         dir.remove()
     }
 }
+
+/// Mounts `image` file-backed and read-only at `mnt` (the kernel as an oracle) for `body`.
+public func withKernelMount<T>(_ image: String, _ mnt: String, _ body: () throws -> T) throws -> T {
+    let fc = try MountAPI.fsopen("erofs")
+    try MountAPI.setString(fc, "source", image)
+    try MountAPI.setFlag(fc, "ro")
+    try MountAPI.create(fc)
+    try MountAPI.attach(fc, attributes: [.readOnly], at: mnt)
+    defer { try? MountAPI.umount(mnt, detach: true) }
+    return try body()
+}
