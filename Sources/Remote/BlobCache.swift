@@ -46,6 +46,21 @@ public final class PopulationRecord: @unchecked Sendable {
 
     deinit { Sys.close(fd.rawValue) }
 
+    /// The fraction of granules present, read without opening the record for writing (for listings
+    /// while a worker owns it); nil when the file is not a record.
+    public static func presentFraction(path: String) -> Double? {
+        guard let fd = try? Sys.open(path, O_RDONLY) else { return nil }
+        defer { Sys.close(fd.rawValue) }
+        guard let head = try? Sys.preadFully(fd.rawValue, count: headerSize, at: 0), head.count == headerSize,
+              Array(head[0..<8]) == magic else { return nil }
+        let size = (8..<16).reduce(UInt64(0)) { $0 | UInt64(head[$1]) << (8 * UInt64($1 - 8)) }
+        let granule = (16..<24).reduce(UInt64(0)) { $0 | UInt64(head[$1]) << (8 * UInt64($1 - 16)) }
+        guard granule > 0 else { return nil }
+        let granules = Int((size + granule - 1) / granule)
+        guard let bits = try? Sys.preadFully(fd.rawValue, count: (granules + 7) / 8, at: Int64(headerSize)) else { return nil }
+        return Double(bits.reduce(0) { $0 + $1.nonzeroBitCount }) / Double(max(granules, 1))
+    }
+
     public func isPresent(granule g: Int) -> Bool {
         bits.withLock { $0[g / 8] & (1 << UInt8(g % 8)) != 0 }
     }

@@ -48,6 +48,8 @@ extension Runtime {
         if req.dryRun { return MountOutcome(plan: plan, record: nil, notes: []) }
         let key = req.remote.digest?.lowercased() ?? SHA256.hash(data: Array(req.source.utf8)).map { String(hexByte: $0) }.joined()
         let paths = cache.paths(key: key)
+        let info = CacheInfo(url: req.source, size: blob.size, etag: blob.etag, lastModified: blob.lastModified, digest: req.remote.digest?.lowercased())
+        if let data = try? JSONEncoder().encode(info) { _ = FileManager.default.createFile(atPath: paths.info, contents: data) }
         return try state.withLock {
             if try isMountRoot(mountpoint) {
                 if let rec = state.load(mountpoint), rec.source == req.source { throw RuntimeError.alreadyMounted(mountpoint, source: req.source) }

@@ -252,7 +252,7 @@ public struct Runtime: Sendable {
         return isOurMount(r, MountInfo.current())
     }
 
-    func isOurMount(_ r: MountRecord, _ mounts: [MountInfoEntry]) -> Bool {
+    package func isOurMount(_ r: MountRecord, _ mounts: [MountInfoEntry]) -> Bool {
         mounts.contains { $0.mountPoint == r.mountpoint && $0.fsType == "erofs" && ($0.source == r.source || $0.source == r.device || $0.source == r.cachePath) }
     }
 

@@ -231,3 +231,33 @@ struct RemoteMountTests {
         #expect(!workerRunning(b.record?.workerPID))
     }
 }
+
+@Suite(.serialized, .enabled(if: canMountRemote, Comment(rawValue: remoteReason)))
+struct CacheCommandTests {
+    @Test func lsVerifyPruneNeverTouchABlobInUse() throws {
+        let f = try RemoteFixture("cachecmd")
+        defer { f.remove() }
+        let digest = String(try run("/usr/bin/sha256sum", [f.server.root + "/img.erofs"]).stdout.prefix(64))
+        var opts = f.remote
+        opts.digest = digest
+        _ = try f.runtime.mount(MountRequest(source: f.url, mountpoint: f.mnt, remote: opts))
+        let manager = CacheManager(directory: opts.cacheDir, runtime: f.runtime)
+        var entries = manager.entries()
+        #expect(entries.count == 1)
+        #expect(entries.first?.key == digest)
+        #expect(entries.first?.usedBy == [f.mnt])
+        #expect((entries.first?.presentPercent ?? 100) < 100)
+        #expect(try manager.prune(maxSize: 0).isEmpty, "a blob in use is never pruned")
+        _ = TreeFactsLite(f.mnt)
+        usleep(800_000)
+        entries = manager.entries()
+        #expect(entries.first?.presentPercent == 100)
+        #expect(try manager.verify().map(\.1) == [.ok])
+        try f.runtime.umount(f.mnt)
+        usleep(300_000)
+        let removed = try manager.prune(maxSize: nil)
+        #expect(removed.map(\.key) == [digest])
+        #expect(manager.entries().isEmpty)
+        #expect(CacheManager.parseSize("10G") == 10 << 30 && CacheManager.parseSize("x") == nil)
+    }
+}
