@@ -35,6 +35,7 @@ test: check
 
 ## End to end on a built-in sample image.
 demo: release
+	@scripts/apt-deps.sh nginx-light
 	scripts/demo.sh .build/release/erofs-compat
 
 ## Speed figures as ratios against baselines measured in the same run.

@@ -5,8 +5,11 @@ BIN=${1:-.build/release/erofs-compat}
 BIN=$(readlink -f "$BIN")
 work=$(mktemp -d /var/tmp/erofs-compat-demo.XXXXXX)
 cleanup() {
-    mountpoint -q "$work/mnt" 2>/dev/null && "$BIN" umount "$work/mnt" >/dev/null 2>&1 || true
-    mountpoint -q "$work/mnt" 2>/dev/null && umount "$work/mnt" || true
+    for m in "$work/mnt" "$work/lazy"; do
+        mountpoint -q "$m" 2>/dev/null && "$BIN" umount "$m" >/dev/null 2>&1 || true
+        mountpoint -q "$m" 2>/dev/null && umount -l "$m" || true
+    done
+    [ -f "$work/ngx/nginx.conf" ] && nginx -c "$work/ngx/nginx.conf" -p "$work/ngx" -s stop 2>/dev/null || true
     rm -rf "$work"
 }
 trap cleanup EXIT
@@ -51,4 +54,27 @@ echo "== the same image on a loop device, then removed behind the tool's back wi
 umount "$work/mnt"
 "$BIN" status || true
 "$BIN" status --prune
+
+if command -v nginx >/dev/null; then
+    echo
+    echo "== the same image over HTTP, mounted lazily (fanotify pre-content events; nginx on 127.0.0.1)"
+    mkdir -p "$work/ngx" "$work/www" "$work/lazy"
+    cp "$work/sample.erofs" "$work/www/"
+    port=$((20000 + RANDOM % 30000))
+    cat > "$work/ngx/nginx.conf" <<CONF
+daemon on; user root; pid $work/ngx/pid; error_log $work/ngx/err; events {}
+http { access_log off; client_body_temp_path $work/ngx; proxy_temp_path $work/ngx; fastcgi_temp_path $work/ngx;
+       uwsgi_temp_path $work/ngx; scgi_temp_path $work/ngx; server { listen 127.0.0.1:$port; root $work/www; } }
+CONF
+    nginx -c "$work/ngx/nginx.conf" -p "$work/ngx"
+    digest=$(sha256sum "$work/sample.erofs" | cut -c1-64)
+    "$BIN" mount --explain --cache-dir "$work/cache" --digest "sha256:$digest" "http://127.0.0.1:$port/sample.erofs" "$work/lazy"
+    echo "right after mounting (metadata only):"
+    "$BIN" status "$work/lazy" | grep -E "progress|health" || true
+    echo "bytes identical to the source tree: $(diff -r "$work/tree" "$work/lazy" >/dev/null && echo yes || echo NO)"
+    sleep 1
+    "$BIN" status "$work/lazy" | grep -E "progress|health" || true
+    "$BIN" cache ls --cache-dir "$work/cache"
+    "$BIN" umount "$work/lazy"
+fi
 exit 0

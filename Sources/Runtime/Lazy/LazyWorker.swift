@@ -145,6 +145,7 @@ public enum LazyWorker {
             return 2
         }
         server.replayJournal()
+        writeStats(server.snapshot, to: o.statsPath)
         let stop = Locked(false)
         Threads.detach {
             watchMount(o.mountpoint, source: o.dataPath)
