@@ -97,23 +97,25 @@ extension Runtime {
                 record.statsPath = stats
             } else {
                 // Whole download, verified, then a local mount of the cache file.
+                let blockSize: Int
                 do {
                     let lazy = try LazyBlob(blob: blob, dataPath: paths.data, recordPath: paths.record)
                     if blob.wholeOnly {
-                        try blob.readAll(into: try Sys.open(paths.data, O_RDWR).rawValue)
+                        try blob.readAll(into: lazy.writerFD)
                     } else {
                         try lazy.ensure(offset: 0, length: blob.size)
                         try lazy.commit()
                     }
                     if let d = req.remote.digest { try lazy.verify(sha256: d) }
+                    blockSize = try Superblock(parsing: Sys.preadFully(lazy.writerFD, count: 128, at: Int64(Superblock.offset)),
+                                               verifyChecksum: false).blockSize
                 } catch let e as RemoteError {
                     if case .digestMismatch = e { try? Sys.unlink(paths.data); try? Sys.unlink(paths.record) }
                     throw RuntimeError.remote(e.description)
                 }
                 guard let impl = Backends.all[backend] else { throw RuntimeError.noBackend("\(backend.rawValue) is not available") }
-                let sb = try Superblock(parsing: try Sys.preadFully(try Sys.open(paths.data, O_RDONLY).rawValue, count: 128, at: 1024), verifyChecksum: false)
                 do {
-                    let a = try impl.attach(PreparedMount(source: paths.data, mountpoint: mountpoint, options: req.options, blockSize: sb.blockSize))
+                    let a = try impl.attach(PreparedMount(source: paths.data, mountpoint: mountpoint, options: req.options, blockSize: blockSize))
                     record.device = a.device
                 } catch let f as BackendFailure {
                     throw RuntimeError.mountFailed(backend: backend.rawValue, detail: f.detail)

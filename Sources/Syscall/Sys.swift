@@ -19,11 +19,6 @@ package enum Sys {
         }
     }
 
-    /// Like `call`, but reports the errno as a value instead of throwing (for probes that expect failure).
-    package static func attempt<T: FixedWidthInteger>(_ body: () -> T) -> Result<T, Errno> {
-        do { return .success(try call(body)) } catch { return .failure(error as! Errno) }
-    }
-
     // MARK: files
 
     package static func open(_ path: String, _ flags: Int32, mode: UInt32 = 0o600) throws -> FileDescriptor {
@@ -126,12 +121,6 @@ package enum Sys {
     package static func isDirectory(_ path: String) -> Bool {
         guard let st = try? stat(path) else { return false }
         return st.st_mode & S_IFMT == S_IFDIR
-    }
-
-    /// True when `path` exists and is a regular file (following symlinks).
-    package static func isRegularFile(_ path: String) -> Bool {
-        guard let st = try? stat(path) else { return false }
-        return st.st_mode & S_IFMT == S_IFREG
     }
 
     /// The statfs f_type of the filesystem holding `path`.

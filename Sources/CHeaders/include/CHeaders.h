@@ -429,13 +429,8 @@ static inline int ecx_effective_caps(uint64_t *out) {
     return 0;
 }
 
-/* ---------------------------------------------------------------- libcurl / libfuse3 variadics */
+/* ---------------------------------------------------------------- library versions (libcurl, libfuse3) */
 
-static inline CURLcode ecx_curl_setopt_long(CURL *h, CURLoption opt, long v) { return curl_easy_setopt(h, opt, v); }
-static inline CURLcode ecx_curl_setopt_ptr(CURL *h, CURLoption opt, const void *v) { return curl_easy_setopt(h, opt, v); }
-static inline CURLcode ecx_curl_setopt_off(CURL *h, CURLoption opt, curl_off_t v) { return curl_easy_setopt(h, opt, v); }
-static inline CURLcode ecx_curl_getinfo_long(CURL *h, CURLINFO info, long *v) { return curl_easy_getinfo(h, info, v); }
-static inline CURLcode ecx_curl_getinfo_off(CURL *h, CURLINFO info, curl_off_t *v) { return curl_easy_getinfo(h, info, v); }
 static inline const char *ecx_curl_version_string(void) {
     const curl_version_info_data *d = curl_version_info(CURLVERSION_NOW);
     return d ? d->version : "";

@@ -28,14 +28,7 @@ enum FuseChecks {
         out.append(dev)
         out.append(Finding("fuse.device", "/dev/fuse", devPresent ? .present : .absent, evidence: dev.evidence.suffix(1)))
 
-        let fusermount = ["/usr/bin/fusermount3", "/bin/fusermount3", "/usr/local/bin/fusermount3"].first { ctx.host.exists($0) }
-        if let fusermount, let st = try? Sys.stat(ctx.host.path(fusermount)) {
-            let setuid = st.st_mode & S_ISUID != 0 && st.st_uid == 0
-            out.append(Finding("fuse.fusermount3", "fusermount3 (setuid root, for unprivileged mounts)", setuid ? .present : .absent,
-                               value: fusermount, evidence: [.init("stat \(fusermount)", setuid ? "setuid root" : "present but not setuid root")]))
-        } else {
-            out.append(Finding("fuse.fusermount3", "fusermount3 (setuid root, for unprivileged mounts)", .absent, evidence: [.init("PATH", "fusermount3 not found (Debian: fuse3)")]))
-        }
+        out.append(fusermount(ctx))
 
         let lib = Libraries.libfuse
         out.append(Finding("fuse.libfuse", "libfuse runtime", .present, value: lib.package,
@@ -76,10 +69,20 @@ enum FuseChecks {
     /// What the mount planner needs: the device and the unprivileged helper.
     static func planning(_ ctx: ProbeContext) -> [Finding] {
         let dev = ctx.host.exists("/dev/fuse")
-        let helper = ["/usr/bin/fusermount3", "/bin/fusermount3"].first { ctx.host.exists($0) }
         return [Finding("fuse.device", "/dev/fuse", dev ? .present : .absent, evidence: [.init("/dev/fuse", dev ? "present" : "absent")]),
-                Finding("fuse.fusermount3", "fusermount3", helper == nil ? .absent : .present, value: helper,
-                        evidence: [.init("PATH", helper ?? "fusermount3 not found")])]
+                fusermount(ctx)]
+    }
+
+    /// fusermount3 is only useful to unprivileged callers when it is setuid root.
+    static func fusermount(_ ctx: ProbeContext) -> Finding {
+        let title = "fusermount3 (setuid root, for unprivileged mounts)"
+        guard let path = ["/usr/bin/fusermount3", "/bin/fusermount3", "/usr/local/bin/fusermount3"].first(where: { ctx.host.exists($0) }),
+              let st = try? Sys.stat(ctx.host.path(path)) else {
+            return Finding("fuse.fusermount3", title, .absent, evidence: [.init("PATH", "fusermount3 not found (Debian: fuse3)")])
+        }
+        let setuid = st.st_mode & S_ISUID != 0 && st.st_uid == 0
+        return Finding("fuse.fusermount3", title, setuid ? .present : .absent, value: path,
+                       evidence: [.init("stat \(path)", setuid ? "setuid root" : "present but not setuid root")])
     }
 
     static func combined(_ id: String, _ title: String, kernel: Bool?, kernelEv: Finding.Evidence, libOK: Bool, lib: String, config: Finding.Evidence?) -> Finding {
