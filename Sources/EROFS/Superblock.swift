@@ -33,8 +33,15 @@ public struct Superblock: Sendable, Equatable {
     public var blockSize: Int { 1 << Int(blockSizeBits) }
     public var size: Int { 128 + Int(extSlots) * 16 }
     public var uuidString: String {
-        let h = uuid.map { String(hexByte: $0) }
-        return [h[0..<4], h[4..<6], h[6..<8], h[8..<10], h[10..<16]].map { $0.joined() }.joined(separator: "-")
+        let digits = Array("0123456789abcdef".utf8)
+        var out: [UInt8] = []
+        out.reserveCapacity(36)
+        for (i, b) in uuid.enumerated() {
+            if i == 4 || i == 6 || i == 8 || i == 10 { out.append(UInt8(ascii: "-")) }
+            out.append(digits[Int(b >> 4)])
+            out.append(digits[Int(b & 0xf)])
+        }
+        return String(decoding: out, as: UTF8.self)
     }
 
     /// Parses a superblock from the bytes starting at image offset 1024 (at least 128 bytes;

@@ -20,12 +20,12 @@ public struct Host: Sendable {
     public func path(_ p: String) -> String { root + p }
 
     public func read(_ p: String) -> String? {
-        guard let d = FileManager.default.contents(atPath: path(p)) else { return nil }
+        guard let d = try? Sys.readFile(path(p)) else { return nil }
         return String(decoding: d, as: UTF8.self)
     }
 
     public func readBytes(_ p: String) -> [UInt8]? {
-        FileManager.default.contents(atPath: path(p)).map { [UInt8]($0) }
+        try? Sys.readFile(path(p))
     }
 
     public func exists(_ p: String) -> Bool { FileManager.default.fileExists(atPath: path(p)) }

@@ -3,6 +3,7 @@ import FoundationEssentials
 #else
 import Foundation
 #endif
+import EROFS
 import Syscall
 
 /// The planner as `mount` uses it: the findings the decision needs (no FUSE or fanotify round trips
@@ -14,7 +15,13 @@ public enum MountPlanning {
         public var findings: Findings
         /// True when the host findings came from the cache.
         public var cached: Bool
+        /// The image's superblock (nil when it has none).
+        public var superblock: Superblock?
     }
+
+    /// Host findings already decoded in this process, by cache key (a runtime mounting many images
+    /// decodes them once).
+    private static let memo = Locked<[String: (findings: Findings, kernelFeatures: Set<String>)]>([:])
 
     /// Plans a mount of the local `image` (its EROFS superblock starting `offset` bytes in).
     /// `override` replaces findings before planning (used to simulate hosts that lack a feature).
@@ -27,21 +34,30 @@ public enum MountPlanning {
         var findings = Findings()
         let key = cacheKey(ctx)
         var cached = false
-        if let cacheFile, let data = FileManager.default.contents(atPath: cacheFile),
-           let entry = try? JSONDecoder().decode(CacheEntry.self, from: data), entry.key == key {
-            findings = entry.findings
+        var kernelFeatures: Set<String>
+        if cacheFile != nil, let hit = memo.withLock({ $0[key] }) {
+            (findings, kernelFeatures) = hit
             cached = true
         } else {
-            SystemChecks.kernel(ctx).forEach { findings.add($0) }
-            EROFSChecks.planning(ctx).forEach { findings.add($0) }
-            BlockChecks.planning(ctx).forEach { findings.add($0) }
-            FuseChecks.planning(ctx).forEach { findings.add($0) }
-            if let cacheFile { store(CacheEntry(key: key, findings: findings), at: cacheFile) }
+            if let cacheFile, let bytes = try? Sys.readFile(cacheFile),
+               let entry = try? JSONDecoder().decode(CacheEntry.self, from: Data(bytes)), entry.key == key {
+                findings = entry.findings
+                cached = true
+            } else {
+                SystemChecks.kernel(ctx).forEach { findings.add($0) }
+                EROFSChecks.planning(ctx).forEach { findings.add($0) }
+                BlockChecks.planning(ctx).forEach { findings.add($0) }
+                FuseChecks.planning(ctx).forEach { findings.add($0) }
+                if let cacheFile { store(CacheEntry(key: key, findings: findings), at: cacheFile) }
+            }
+            kernelFeatures = Set(ctx.host.list("/sys/fs/erofs/features"))
+            if cacheFile != nil { memo.withLock { [findings, kernelFeatures] in $0[key] = (findings, kernelFeatures) } }
         }
-        let kernelFeatures = Set(ctx.host.list("/sys/fs/erofs/features"))
-        ImageChecks.run(ctx, image: image, offset: offset, kernelFeatures: kernelFeatures, trial: false).forEach { findings.add($0) }
+        let image = ImageChecks.inspect(ctx, image: image, offset: offset, kernelFeatures: kernelFeatures, trial: false)
+        image.findings.forEach { findings.add($0) }
         override.forEach { findings.add($0) }
-        return Result(plan: Planner.plan(findings, source: .local, implemented: implemented), findings: findings, cached: cached)
+        return Result(plan: Planner.plan(findings, source: .local, implemented: implemented), findings: findings, cached: cached,
+                      superblock: image.superblock)
     }
 
     struct CacheEntry: Codable {
@@ -51,13 +67,16 @@ public enum MountPlanning {
 
     /// Everything that can change what the host supports without the cache noticing otherwise.
     static func cacheKey(_ ctx: ProbeContext) -> String {
-        let boot = ctx.host.read("/proc/sys/kernel/random/boot_id")?.trimmed ?? "?"
+        let boot = ctx.host.isLive ? liveBootID : (ctx.host.read("/proc/sys/kernel/random/boot_id")?.trimmed ?? "?")
         let modules = ctx.host.read("/proc/modules") ?? ""
         var h: UInt64 = 0xcbf2_9ce4_8422_2325
         for b in modules.utf8 { h = (h ^ UInt64(b)) &* 0x100_0000_01b3 }
         let fs = ctx.trialFSType
         return "v1 \(boot) \(ctx.release) modules:\(String(h, radix: 16)) admin:\(ctx.privileged) fs:\(fs)"
     }
+
+    /// The boot cannot change under a running process.
+    static let liveBootID = Host().read("/proc/sys/kernel/random/boot_id")?.trimmed ?? "?"
 
     static func store(_ entry: CacheEntry, at path: String) {
         guard let data = try? JSONEncoder().encode(entry) else { return }

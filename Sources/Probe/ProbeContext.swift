@@ -32,7 +32,16 @@ struct ProbeContext {
     let release: String
     let config: KernelConfig?
     let privileged: Bool
-    let filesystems: Set<String>
+    /// /proc/filesystems, read on first use.
+    var filesystems: Set<String> {
+        filesystemsBox.withLock { cached in
+            if let cached { return cached }
+            let v = options.host.read("/proc/filesystems").map(ProcFilesystems.parse) ?? []
+            cached = v
+            return v
+        }
+    }
+    private let filesystemsBox = Locked<Set<String>?>(nil)
     /// The nearest existing directory at or above the cache dir: temporary files for trials go there.
     let trialDir: String
     let trialFSType: String
@@ -42,7 +51,7 @@ struct ProbeContext {
     init(options: ProbeOptions, lightweight: Bool = false) {
         self.options = options
         let host = options.host
-        release = host.isLive ? Sys.uname().release : (host.read("/proc/sys/kernel/osrelease")?.trimmed ?? "unknown")
+        release = host.isLive ? Self.liveRelease : (host.read("/proc/sys/kernel/osrelease")?.trimmed ?? "unknown")
         config = lightweight ? nil : Self.loadConfig(host: host, release: release)
         if host.isLive {
             privileged = Sys.hasCapSysAdmin()
@@ -50,7 +59,6 @@ struct ProbeContext {
             let caps = host.read("/proc/self/status").flatMap(ProcStatus.effectiveCapabilities)
             privileged = caps.map { $0 & (1 << UInt64(ProcStatus.capSysAdmin)) != 0 } ?? false
         }
-        filesystems = host.read("/proc/filesystems").map(ProcFilesystems.parse) ?? []
         var dir = options.cacheDir
         while !host.isDirectory(dir), dir != "/", !dir.isEmpty {
             dir = dir.parentPath
@@ -65,6 +73,8 @@ struct ProbeContext {
             trialFSMemoryBacked = false
         }
     }
+
+    static let liveRelease = Sys.uname().release
 
     /// /proc/config.gz first, then /boot/config-RELEASE.
     static func loadConfig(host: Host, release: String) -> KernelConfig? {

@@ -77,7 +77,7 @@ public struct Runtime: Sendable {
         try? state.ensureDirectories()
         let planned = MountPlanning.planLocal(image: source, offset: req.options.fsOffset, implemented: Self.implemented,
                                               override: override, cacheFile: Sys.hasCapSysAdmin() ? state.hostCache : nil)
-        let blockSize = try validateImage(source, planned.findings, options: req.options)
+        let blockSize = try validateImage(source, planned.findings, superblock: planned.superblock, options: req.options)
         let plan = planned.plan
         if req.dryRun { return MountOutcome(plan: plan, record: nil, notes: []) }
         guard Sys.hasCapSysAdmin() else { throw RuntimeError.notPrivileged("mounting") }
@@ -160,7 +160,7 @@ public struct Runtime: Sendable {
     }
 
     /// libblkid + superblock + feature bits, from the planner's findings; returns the block size.
-    func validateImage(_ source: String, _ f: Findings, options: MountOptions) throws -> Int {
+    func validateImage(_ source: String, _ f: Findings, superblock: Superblock?, options: MountOptions) throws -> Int {
         if f.status("image.superblock") != .present {
             throw RuntimeError.notEROFS(source, detail: f["image.superblock"]?.evidence.first?.result ?? "no superblock")
         }
@@ -171,10 +171,9 @@ public struct Runtime: Sendable {
             let missing = f["image.features"]?.evidence.last?.result ?? "unknown features"
             throw RuntimeError.unsupportedFeatures(source, features: missing.replacingPrefix("missing: "))
         }
-        let fd = try Sys.open(source, O_RDONLY)
-        defer { Sys.close(fd.rawValue) }
-        let head = try Sys.preadFully(fd.rawValue, count: 128, at: Int64(options.fsOffset + Superblock.offset))
-        let sb = try Superblock(parsing: head, verifyChecksum: false)
+        guard let sb = superblock else {
+            throw RuntimeError.notEROFS(source, detail: f["image.superblock"]?.evidence.first?.result ?? "no superblock")
+        }
         if options.fsOffset % UInt64(sb.blockSize) != 0 {
             throw RuntimeError.badOptionValue("fsoffset=\(options.fsOffset)", detail: "must be a multiple of the image's block size \(sb.blockSize)")
         }

@@ -64,6 +64,7 @@ public struct StateStore: Sendable {
     }
 
     package func ensureDirectories() throws {
+        if Sys.isDirectory(mountsDir) { return }
         for d in [root, mountsDir] where !Sys.isDirectory(d) {
             do { try Sys.mkdir(d, mode: 0o700) } catch let e as Errno where e == .fileExists {}
             catch { throw RuntimeError.state("cannot create \(d): \(error)") }
@@ -86,23 +87,21 @@ public struct StateStore: Sendable {
     public func path(for mountpoint: String) -> String { mountsDir + "/" + Self.key(for: mountpoint) }
 
     public func load(_ mountpoint: String) -> MountRecord? {
-        guard let data = FileManager.default.contents(atPath: path(for: mountpoint)) else { return nil }
-        return try? JSONDecoder().decode(MountRecord.self, from: data)
+        guard let bytes = try? Sys.readFile(path(for: mountpoint)) else { return nil }
+        return MountRecord.decode(bytes)
     }
 
     public func all() -> [MountRecord] {
         let names = (try? FileManager.default.contentsOfDirectory(atPath: mountsDir)) ?? []
         return names.filter { $0.hasSuffix(".json") }.sorted().compactMap { name in
-            FileManager.default.contents(atPath: mountsDir + "/" + name).flatMap { try? JSONDecoder().decode(MountRecord.self, from: $0) }
+            (try? Sys.readFile(mountsDir + "/" + name)).flatMap(MountRecord.decode)
         }
     }
 
     /// Writes the record atomically: a temporary file in the same directory, fsync, rename, fsync dir.
     public func save(_ record: MountRecord) throws {
         try ensureDirectories()
-        let enc = JSONEncoder()
-        enc.outputFormatting = [.prettyPrinted, .sortedKeys, .withoutEscapingSlashes]
-        let bytes = [UInt8](try enc.encode(record))
+        let bytes = record.jsonBytes()
         let final = path(for: record.mountpoint)
         let tmp = final + ".tmp.\(Sys.processID)"
         do {

@@ -49,15 +49,26 @@ package enum Libraries {
 
     /// libblkid's superblock probe of a file: TYPE, UUID, LABEL, BLOCK_SIZE, ... (empty when unknown).
     package static func blkid(path: String, offset: UInt64 = 0) -> (result: Int32, values: [String: String]) {
-        guard let pr = blkid_new_probe_from_filename(path) else { return (-1, [:]) }
+        guard let fd = try? Sys.open(path, O_RDONLY) else { return (-1, [:]) }
+        defer { Sys.close(fd.rawValue) }
+        return blkid(fd: fd.rawValue, offset: offset)
+    }
+
+    /// libblkid's superblock probe of an open file from `offset` to its end. `onlyTypes` restricts the
+    /// probe to those filesystem types (one confirmation instead of trying every known signature).
+    package static func blkid(fd: Int32, offset: UInt64 = 0, onlyTypes: [String] = []) -> (result: Int32, values: [String: String]) {
+        guard let pr = blkid_new_probe() else { return (-1, [:]) }
         defer { blkid_free_probe(pr) }
-        if offset > 0 {
-            let st = try? Sys.stat(path)
-            let size = Int64(st?.st_size ?? 0) - Int64(offset)
-            guard size > 0, blkid_probe_set_device(pr, blkid_probe_get_fd(pr), blkid_loff_t(offset), blkid_loff_t(size)) == 0 else { return (-1, [:]) }
-        }
+        guard let st = try? Sys.fstat(fd) else { return (-1, [:]) }
+        let size = Int64(st.st_size) - Int64(offset)
+        guard size > 0, blkid_probe_set_device(pr, fd, blkid_loff_t(offset), blkid_loff_t(size)) == 0 else { return (-1, [:]) }
         blkid_probe_enable_superblocks(pr, 1)
         blkid_probe_set_superblocks_flags(pr, ecx_blkid_sublks_flags)
+        if !onlyTypes.isEmpty {
+            var cstrs = onlyTypes.map { strdup($0) } + [nil]
+            defer { cstrs.forEach { free($0) } }
+            guard blkid_probe_filter_superblocks_type(pr, ecx_blkid_fltr_onlyin, &cstrs) == 0 else { return (-1, [:]) }
+        }
         let rc = blkid_do_safeprobe(pr)
         var values: [String: String] = [:]
         if rc == 0 {

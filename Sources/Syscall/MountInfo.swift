@@ -73,7 +73,7 @@ package enum MountInfo {
 extension MountInfo {
     /// The current mount table of this process's mount namespace.
     package static func current() -> [MountInfoEntry] {
-        guard let d = FileManager.default.contents(atPath: "/proc/self/mountinfo") else { return [] }
+        guard let d = try? Sys.readFile("/proc/self/mountinfo") else { return [] }
         return parse(String(decoding: d, as: UTF8.self))
     }
 

@@ -73,6 +73,20 @@ package enum Sys {
         return out
     }
 
+    /// The whole content of a small file (procfs, sysfs, state records): open, read to EOF, close.
+    package static func readFile(_ path: String) throws -> [UInt8] {
+        let fd = try open(path, O_RDONLY)
+        defer { close(fd.rawValue) }
+        var out: [UInt8] = []
+        var chunk = [UInt8](repeating: 0, count: 4096)
+        while true {
+            let n = try chunk.withUnsafeMutableBytes { try read(fd.rawValue, into: $0) }
+            if n == 0 { return out }
+            out.append(contentsOf: chunk[..<n])
+            if n == chunk.count, chunk.count < 1 << 20 { chunk = [UInt8](repeating: 0, count: chunk.count * 4) }
+        }
+    }
+
     package static func read(_ fd: Int32, into buffer: UnsafeMutableRawBufferPointer) throws -> Int {
         try call { Glibc.read(fd, buffer.baseAddress, buffer.count) }
     }

@@ -66,8 +66,8 @@ package extension String {
 
     /// Two lower-case hex digits.
     init(hexByte b: UInt8) {
-        let s = String(b, radix: 16)
-        self = s.count == 1 ? "0" + s : s
+        let digits = Array("0123456789abcdef".utf8)
+        self = String(decoding: [digits[Int(b >> 4)], digits[Int(b & 0xf)]], as: UTF8.self)
     }
 
     /// The path without its last component ("/" for top-level paths).

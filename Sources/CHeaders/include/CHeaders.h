@@ -507,6 +507,7 @@ static inline long ecx_raw_inflate(const uint8_t *in, size_t in_len, uint8_t *ou
 #endif
 static const int ecx_blkid_sublks_flags =
     BLKID_SUBLKS_LABEL | BLKID_SUBLKS_UUID | BLKID_SUBLKS_TYPE | BLKID_SUBLKS_VERSION | BLKID_SUBLKS_FSINFO;
+static const int ecx_blkid_fltr_onlyin = BLKID_FLTR_ONLYIN;
 static const int ecx_kmod_builtin = KMOD_MODULE_BUILTIN;
 static const int ecx_kmod_live = KMOD_MODULE_LIVE;
 static const int ecx_kmod_coming = KMOD_MODULE_COMING;

@@ -12,31 +12,52 @@ import SystemPackage
 /// side-effect-free superblock trial with the image itself.
 enum ImageChecks {
     static func run(_ ctx: ProbeContext, image: String, offset: UInt64 = 0, kernelFeatures: Set<String>, trial: Bool = true) -> [Finding] {
+        inspect(ctx, image: image, offset: offset, kernelFeatures: kernelFeatures, trial: trial).findings
+    }
+
+    /// The image's findings and, when it has one, its superblock. The superblock is read first; libblkid
+    /// then confirms an EROFS signature (probing only for erofs), or names what the file is otherwise.
+    static func inspect(_ ctx: ProbeContext, image: String, offset: UInt64 = 0, kernelFeatures: Set<String>,
+                        trial: Bool = true) -> (findings: [Finding], superblock: Superblock?) {
         var out: [Finding] = []
-        let (rc, values) = Libraries.blkid(path: image, offset: offset)
+        let fd: FileDescriptor
+        do {
+            fd = try Sys.open(image, O_RDONLY)
+        } catch {
+            out.append(Finding("image.blkid", "libblkid identification", .unknown, evidence: [.init("open", "\(error)")]))
+            out.append(Finding("image.superblock", "EROFS superblock", .absent, evidence: [.init("open", "\(error)")]))
+            out.append(Finding("image.mountable", "mountable here", .absent, evidence: [.init("open", "\(error)")]))
+            return (out, nil)
+        }
+        defer { Sys.close(fd.rawValue) }
+        let parsed = Result<Superblock, Error> {
+            // The checksum covers the rest of the first block: read that much, more only for big blocks.
+            var head = try Sys.preadFully(fd.rawValue, count: 4096 - Int(Superblock.offset), at: Int64(offset + Superblock.offset))
+            if head.count > 12, head[12] > 12, head[12] <= 16 {
+                head = try Sys.preadFully(fd.rawValue, count: (1 << Int(head[12])) - Int(Superblock.offset), at: Int64(offset + Superblock.offset))
+            }
+            return try Superblock(parsing: head)
+        }
+        var (rc, values) = (Int32(1), [String: String]())
+        if case .success = parsed { (rc, values) = Libraries.blkid(fd: fd.rawValue, offset: offset, onlyTypes: ["erofs"]) }
+        if rc != 0 { (rc, values) = Libraries.blkid(fd: fd.rawValue, offset: offset) }
         let summary = ["TYPE", "UUID", "LABEL", "BLOCK_SIZE"].compactMap { k in values[k].map { "\(k)=\($0)" } }.joined(separator: " ")
         out.append(Finding("image.blkid", "libblkid identification", values["TYPE"] == "erofs" ? .present : .absent,
                            value: summary.isEmpty ? nil : summary,
                            evidence: [.init("blkid_do_safeprobe (libblkid \(Libraries.blkidVersion))", rc == 0 ? summary : (rc == 1 ? "no known signature" : "error \(rc)"))]))
 
         let sb: Superblock
-        do {
-            let fd = try Sys.open(image, O_RDONLY)
-            defer { Sys.close(fd.rawValue) }
-            // The checksum covers the rest of the first block: read that much, more only for big blocks.
-            var head = try Sys.preadFully(fd.rawValue, count: 4096 - Int(Superblock.offset), at: Int64(offset + Superblock.offset))
-            if head.count > 12, head[12] > 12, head[12] <= 16 {
-                head = try Sys.preadFully(fd.rawValue, count: (1 << Int(head[12])) - Int(Superblock.offset), at: Int64(offset + Superblock.offset))
-            }
-            sb = try Superblock(parsing: head)
+        switch parsed {
+        case .success(let s):
+            sb = s
             out.append(Finding("image.superblock", "EROFS superblock", .present,
                                value: "block size \(sb.blockSize), \(sb.inodeCount) inodes, \(sb.blocks) blocks",
                                evidence: [.init("superblock at 1024", "magic ok" + (sb.featureCompat & CompatFeature.sbChecksum.rawValue != 0 ? ", crc32c ok" : ", no checksum")
                                                 + ", uuid \(sb.uuidString)")]))
-        } catch {
+        case .failure(let error):
             out.append(Finding("image.superblock", "EROFS superblock", .absent, evidence: [.init("superblock at 1024", "\(error)")]))
             out.append(Finding("image.mountable", "mountable here", .absent, evidence: [.init("superblock", "not an EROFS image")]))
-            return out
+            return (out, nil)
         }
 
         let used = Feature.table.filter { sb.featureIncompat & $0.bit != 0 }
@@ -56,7 +77,7 @@ enum ImageChecks {
                                       .init("/sys/fs/erofs/features", unsupported.isEmpty ? "all understood" : "missing: \(unsupported.joined(separator: ", "))")]))
 
         // The image itself: build a superblock from it without attaching it.
-        guard trial else { return out }
+        guard trial else { return (out, sb) }
         if ctx.host.isLive, ctx.privileged, offset == 0 {
             switch Result(catching: { try EROFSChecks.trialCreate(source: image) }) {
             case .success:
@@ -70,7 +91,7 @@ enum ImageChecks {
             out.append(Finding("image.mountable", "mountable here", unsupported.isEmpty ? .unknown : .absent,
                                evidence: [.init("trial", ctx.privileged ? "not the live host" : "needs CAP_SYS_ADMIN")]))
         }
-        return out
+        return (out, sb)
     }
 
     static func kernelAtLeast(_ release: String, _ major: Int, _ minor: Int) -> Bool {

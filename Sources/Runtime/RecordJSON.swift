@@ -1,0 +1,157 @@
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
+import Foundation
+#endif
+
+/// A direct JSON form of `MountRecord` for the mount/umount hot path: the record is a flat object of
+/// strings and numbers, and Codable's generic machinery costs more than the mount itself. The output
+/// is the same JSON a `JSONEncoder` with sorted keys writes; reading falls back to `JSONDecoder` for
+/// anything this reader does not recognise.
+extension MountRecord {
+    /// The record as pretty-printed JSON with sorted keys.
+    func jsonBytes() -> [UInt8] {
+        var fields: [(String, [UInt8])] = [
+            ("backend", Self.quoted(backend)), ("mountpoint", Self.quoted(mountpoint)), ("options", Self.quoted(options)),
+            ("since", Array("\(since)".utf8)), ("source", Self.quoted(source)), ("sourceIdentity", Self.quoted(sourceIdentity)),
+            ("sourceKind", Self.quoted(sourceKind)), ("version", Array("\(version)".utf8)),
+        ]
+        if let cachePath { fields.append(("cachePath", Self.quoted(cachePath))) }
+        if let device { fields.append(("device", Self.quoted(device))) }
+        if let mountID { fields.append(("mountID", Array("\(mountID)".utf8))) }
+        if let statsPath { fields.append(("statsPath", Self.quoted(statsPath))) }
+        if let workerPID { fields.append(("workerPID", Array("\(workerPID)".utf8))) }
+        fields.sort { $0.0 < $1.0 }
+        var out: [UInt8] = Array("{\n".utf8)
+        for (i, (k, v)) in fields.enumerated() {
+            out += Array("  \"\(k)\" : ".utf8) + v + Array((i + 1 < fields.count ? ",\n" : "\n").utf8)
+        }
+        out += Array("}".utf8)
+        return out
+    }
+
+    /// Parses a record written by `jsonBytes()` or by `JSONEncoder`.
+    static func decode(_ bytes: [UInt8]) -> MountRecord? {
+        if let fields = FlatJSON.parse(bytes), let r = MountRecord(fields: fields) { return r }
+        return try? JSONDecoder().decode(MountRecord.self, from: Data(bytes))
+    }
+
+    private init?(fields f: [String: FlatJSON.Value]) {
+        guard case .string(let source)? = f["source"], case .string(let kind)? = f["sourceKind"],
+              case .string(let backend)? = f["backend"], case .string(let mountpoint)? = f["mountpoint"],
+              case .string(let options)? = f["options"], case .number(let since)? = f["since"],
+              case .string(let identity)? = f["sourceIdentity"], case .number(let version)? = f["version"]
+        else { return nil }
+        func string(_ k: String) -> String? { if case .string(let s)? = f[k] { return s } else { return nil } }
+        func integer<T: FixedWidthInteger>(_ k: String) -> T?? {
+            switch f[k] {
+            case nil, .null?: return .some(nil)
+            case .number(let d)?: return T(exactly: d).map { .some($0) } ?? nil
+            default: return nil
+            }
+        }
+        guard let pid: Int32? = integer("workerPID"), let mid: UInt64? = integer("mountID"), let v = Int(exactly: version) else { return nil }
+        self.init(source: source, sourceKind: kind, backend: backend, mountpoint: mountpoint, options: options,
+                  device: string("device"), workerPID: pid, since: since, sourceIdentity: identity, mountID: mid,
+                  cachePath: string("cachePath"), statsPath: string("statsPath"))
+        self.version = v
+    }
+
+    private static func quoted(_ s: String) -> [UInt8] {
+        var out: [UInt8] = [UInt8(ascii: "\"")]
+        for b in s.utf8 {
+            switch b {
+            case UInt8(ascii: "\""): out += [0x5C, b]
+            case UInt8(ascii: "\\"): out += [0x5C, b]
+            case 0x0A: out += Array("\\n".utf8)
+            case 0x0D: out += Array("\\r".utf8)
+            case 0x09: out += Array("\\t".utf8)
+            case 0..<0x20: out += Array("\\u00".utf8) + Array(String(hexByte: b).utf8)
+            default: out.append(b)
+            }
+        }
+        out.append(UInt8(ascii: "\""))
+        return out
+    }
+}
+
+/// A reader for one flat JSON object whose values are strings, numbers, booleans or null.
+enum FlatJSON {
+    enum Value: Equatable { case string(String), number(Double), bool(Bool), null }
+
+    static func parse(_ b: [UInt8]) -> [String: Value]? {
+        var i = 0
+        func skip() { while i < b.count, b[i] == 0x20 || b[i] == 0x0A || b[i] == 0x0D || b[i] == 0x09 { i += 1 } }
+        func expect(_ c: UInt8) -> Bool { skip(); guard i < b.count, b[i] == c else { return false }; i += 1; return true }
+        func hex4() -> UInt32? {
+            guard i + 4 <= b.count, let v = UInt32(String(decoding: b[i..<i + 4], as: UTF8.self), radix: 16) else { return nil }
+            i += 4
+            return v
+        }
+        func string() -> String? {
+            guard expect(UInt8(ascii: "\"")) else { return nil }
+            var out: [UInt8] = []
+            while i < b.count {
+                let c = b[i]; i += 1
+                switch c {
+                case UInt8(ascii: "\""): return String(validating: out, as: UTF8.self)
+                case 0x5C:
+                    guard i < b.count else { return nil }
+                    let e = b[i]; i += 1
+                    switch e {
+                    case UInt8(ascii: "\""), UInt8(ascii: "\\"), UInt8(ascii: "/"): out.append(e)
+                    case UInt8(ascii: "n"): out.append(0x0A)
+                    case UInt8(ascii: "r"): out.append(0x0D)
+                    case UInt8(ascii: "t"): out.append(0x09)
+                    case UInt8(ascii: "b"): out.append(0x08)
+                    case UInt8(ascii: "f"): out.append(0x0C)
+                    case UInt8(ascii: "u"):
+                        guard var v = hex4() else { return nil }
+                        if (0xD800..<0xDC00).contains(v) {
+                            guard i + 2 <= b.count, b[i] == 0x5C, b[i + 1] == UInt8(ascii: "u") else { return nil }
+                            i += 2
+                            guard let lo = hex4(), (0xDC00..<0xE000).contains(lo) else { return nil }
+                            v = 0x10000 + ((v - 0xD800) << 10) + (lo - 0xDC00)
+                        }
+                        guard let scalar = Unicode.Scalar(v) else { return nil }
+                        out += Array(String(Character(scalar)).utf8)
+                    default: return nil
+                    }
+                case 0..<0x20: return nil
+                default: out.append(c)
+                }
+            }
+            return nil
+        }
+        func value() -> Value? {
+            skip()
+            guard i < b.count else { return nil }
+            switch b[i] {
+            case UInt8(ascii: "\""): return string().map(Value.string)
+            case UInt8(ascii: "n"): guard b[i...].starts(with: "null".utf8) else { return nil }; i += 4; return .null
+            case UInt8(ascii: "t"): guard b[i...].starts(with: "true".utf8) else { return nil }; i += 4; return .bool(true)
+            case UInt8(ascii: "f"): guard b[i...].starts(with: "false".utf8) else { return nil }; i += 5; return .bool(false)
+            default:
+                let start = i
+                while i < b.count, b[i] == UInt8(ascii: "-") || b[i] == UInt8(ascii: "+") || b[i] == UInt8(ascii: ".")
+                        || b[i] == UInt8(ascii: "e") || b[i] == UInt8(ascii: "E") || (0x30...0x39).contains(b[i]) { i += 1 }
+                return Double(String(decoding: b[start..<i], as: UTF8.self)).map(Value.number)
+            }
+        }
+        guard expect(UInt8(ascii: "{")) else { return nil }
+        var out: [String: Value] = [:]
+        skip()
+        if i < b.count, b[i] == UInt8(ascii: "}") { i += 1; skip(); return i == b.count ? out : nil }
+        while true {
+            guard let k = string(), expect(UInt8(ascii: ":")), let v = value() else { return nil }
+            out[k] = v
+            skip()
+            guard i < b.count else { return nil }
+            if b[i] == UInt8(ascii: ",") { i += 1; continue }
+            guard b[i] == UInt8(ascii: "}") else { return nil }
+            i += 1
+            skip()
+            return i == b.count ? out : nil
+        }
+    }
+}

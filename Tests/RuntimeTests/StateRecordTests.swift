@@ -1,0 +1,52 @@
+import Foundation
+import Testing
+@testable import Runtime
+
+/// The state record's direct JSON form agrees with Foundation's JSON in both directions.
+@Suite struct StateRecordTests {
+    static let awkward = ["/mnt/plain", "/mnt/with space/and \"quotes\"", "/m\\back/slash", "/tab\there\nnewline\r",
+                          "/ctl\u{01}\u{1f}", "/ünïcödé/日本/🙂", "/x/./y//z", ""]
+
+    func records() -> [MountRecord] {
+        var out: [MountRecord] = []
+        for (i, s) in Self.awkward.enumerated() {
+            out.append(MountRecord(source: s, sourceKind: i % 2 == 0 ? "local" : "http", backend: "file", mountpoint: "/mnt/\(s)",
+                                   options: "ro,nosuid", device: i % 3 == 0 ? "/dev/loop\(i)" : nil,
+                                   workerPID: i % 2 == 1 ? Int32(1000 + i) : nil, since: 1_763_700_000.123456 + Double(i),
+                                   sourceIdentity: "2049:\(i)", mountID: i % 2 == 0 ? UInt64(1) << 40 + UInt64(i) : nil,
+                                   cachePath: i == 3 ? s : nil, statsPath: i == 5 ? s + ".stats" : nil))
+        }
+        return out
+    }
+
+    @Test func ourBytesDecodeWithFoundation() throws {
+        for r in records() {
+            let back = try JSONDecoder().decode(MountRecord.self, from: Data(r.jsonBytes()))
+            #expect(back == r)
+        }
+    }
+
+    @Test func foundationBytesDecodeWithOurs() throws {
+        let enc = JSONEncoder()
+        for format in [JSONEncoder.OutputFormatting.sortedKeys, [.prettyPrinted, .sortedKeys, .withoutEscapingSlashes]] {
+            enc.outputFormatting = format
+            for r in records() {
+                #expect(MountRecord.decode([UInt8](try enc.encode(r))) == r)
+            }
+        }
+    }
+
+    @Test func sameTextAsFoundation() throws {
+        let enc = JSONEncoder()
+        enc.outputFormatting = [.prettyPrinted, .sortedKeys, .withoutEscapingSlashes]
+        let r = records()[0]
+        #expect(String(decoding: r.jsonBytes(), as: UTF8.self) == String(decoding: try enc.encode(r), as: UTF8.self))
+    }
+
+    @Test func malformedRecordsAreRejected() {
+        for text in ["", "{", "{\"source\": \"x\"}", "[1]", "{\"source\":\"a\",}", "{\"backend\":\"file\"} trailing",
+                     "{\"source\":\"\\ud800\"}", "not json"] {
+            #expect(MountRecord.decode(Array(text.utf8)) == nil, "accepted: \(text)")
+        }
+    }
+}
