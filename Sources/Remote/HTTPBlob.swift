@@ -16,6 +16,12 @@ public enum RemoteError: Error, Equatable, CustomStringConvertible {
     case badURL(String)
     case cache(String)
     case digestMismatch(expected: String, actual: String)
+    case badReference(String, String)
+    case badPlatform(String)
+    case credentials(String)
+    case authRequired(registry: String)
+    case auth(registry: String, detail: String)
+    case registry(registry: String, detail: String)
 
     public var description: String {
         switch self {
@@ -27,6 +33,12 @@ public enum RemoteError: Error, Equatable, CustomStringConvertible {
         case .badURL(let u): return "'\(u)' is not an http(s) URL"
         case .cache(let d): return "cache: \(d)"
         case .digestMismatch(let e, let a): return "downloaded blob does not match its digest (expected sha256:\(e), got sha256:\(a)); the cache entry was discarded"
+        case .badReference(let r, let why): return "'\(r)' is not an OCI reference: \(why) (expected oci://HOST[:PORT]/REPO[:TAG|@sha256:DIGEST])"
+        case .badPlatform(let p): return "'\(p)' is not a platform; use OS/ARCH[/VARIANT], e.g. linux/arm64/v8"
+        case .credentials(let d): return d
+        case .authRequired(let r): return "registry \(r) requires credentials; pass --username with --password-stdin, or --auth-file, or add them to $DOCKER_CONFIG/config.json"
+        case .auth(let r, let d): return "registry \(r): \(d); check the credentials"
+        case .registry(let r, let d): return "registry \(r): \(d)"
         }
     }
 }
@@ -44,19 +56,22 @@ public final class HTTPBlob: @unchecked Sendable {
     public var attempts = 5
     public var baseDelayMs = 100
     public var timeoutMs = 30_000
+    /// Answers 401 challenges (OCI registries); nil for plain URLs.
+    public var auth: RegistryAuth?
     private let pool = Locked<[HTTPHandle]>([])
     /// Requests made, for progress reports and tests.
     package let requestCount = Locked<Int>(0)
     package let bytesFetched = Locked<UInt64>(0)
 
-    public init(url: String) throws {
+    public init(url: String, auth: RegistryAuth? = nil) throws {
         guard url.hasPrefix("http://") || url.hasPrefix("https://") else { throw RemoteError.badURL(url) }
         self.url = url
+        self.auth = auth
     }
 
     /// Learns size and validators: a 1-byte Range GET (206 with Content-Range proves Range support).
     public func open(allowFullDownload: Bool) throws {
-        let r = try withRetries { h in h.request(url, range: "0-0", bodyLimit: 1, timeoutMs: timeoutMs) }
+        let r = try withRetries { h, a in h.request(url, range: "0-0", headers: a, bodyLimit: 1, timeoutMs: timeoutMs) }
         switch r.status {
         case 206:
             guard let total = r.header("content-range").flatMap(Self.totalFromContentRange) else {
@@ -67,7 +82,7 @@ public final class HTTPBlob: @unchecked Sendable {
             guard allowFullDownload else { throw RemoteError.rangesUnsupported(url: url) }
             wholeOnly = true
             // The 1-byte limit cut the transfer; ask HEAD for the length.
-            let head = try withRetries { h in h.request(url, headOnly: true, bodyLimit: 0, timeoutMs: timeoutMs) }
+            let head = try withRetries { h, a in h.request(url, headOnly: true, headers: a, bodyLimit: 0, timeoutMs: timeoutMs) }
             guard let len = head.header("content-length").flatMap({ UInt64($0) }) else {
                 throw RemoteError.unreachable(url: url, detail: "no Content-Length for a server without Range support")
             }
@@ -89,7 +104,7 @@ public final class HTTPBlob: @unchecked Sendable {
     public func read(offset: UInt64, length: Int) throws -> [UInt8] {
         precondition(!wholeOnly, "range read on a whole-only blob")
         let last = offset + UInt64(length) - 1
-        let r = try withRetries { h in h.request(url, range: "\(offset)-\(last)", bodyLimit: length, timeoutMs: timeoutMs) }
+        let r = try withRetries { h, a in h.request(url, range: "\(offset)-\(last)", headers: a, bodyLimit: length, timeoutMs: timeoutMs) }
         guard r.status == 206 else {
             if r.status == 200 { throw RemoteError.blobChanged(url: url, detail: "server stopped honouring Range") }
             throw RemoteError.httpStatus(url: url, status: r.status)
@@ -108,7 +123,7 @@ public final class HTTPBlob: @unchecked Sendable {
 
     /// Downloads everything (for servers without Range support, or a warm-up).
     public func readAll(into fd: Int32) throws {
-        let r = try withRetries { h in h.request(url, bodyLimit: Int(size), timeoutMs: timeoutMs) }
+        let r = try withRetries { h, a in h.request(url, headers: a, bodyLimit: Int(size), timeoutMs: timeoutMs) }
         guard r.status == 200 || r.status == 206, r.body.count == Int(size) else {
             throw RemoteError.shortRead(url: url, offset: 0, got: r.body.count, wanted: Int(size))
         }
@@ -116,30 +131,48 @@ public final class HTTPBlob: @unchecked Sendable {
         bytesFetched.withLock { $0 += size }
     }
 
-    /// Runs a request on a pooled handle, retrying transport errors, 5xx and 429 with backoff.
-    func withRetries(_ body: (HTTPHandle) -> HTTPResponse) throws -> HTTPResponse {
+    /// Runs a request on a pooled handle with retries and auth challenges answered.
+    func withRetries(_ body: (HTTPHandle, [String]) -> HTTPResponse) throws -> HTTPResponse {
         let handle = pool.withLock { $0.popLast() } ?? HTTPHandle()
         defer { pool.withLock { $0.append(handle) } }
-        var last = ""
-        for attempt in 0..<attempts {
-            if attempt > 0 {
-                let delay = baseDelayMs << min(attempt - 1, 6)
-                usleep(UInt32((delay + Int.random(in: 0...delay)) * 1000))
-            }
-            requestCount.withLock { $0 += 1 }
-            let r = body(handle)
-            if r.curlCode == 0 || (r.curlCode == 23 && r.bodyTruncated) {
-                if r.status >= 500 || r.status == 429 {
-                    last = "HTTP \(r.status)"
-                    continue
-                }
-                return r
-            }
-            last = r.error
-            guard HTTPHandle.transferErrorsWorthRetrying.contains(r.curlCode) else { break }
-        }
-        throw RemoteError.unreachable(url: url, detail: last)
+        return try performWithRetries(url: url, handle: handle, attempts: attempts, baseDelayMs: baseDelayMs, auth: auth,
+                                      requests: requestCount, body)
     }
+}
+
+/// Runs `body` (given the handle and the Authorization headers to send), retrying transport errors,
+/// 5xx and 429 with exponential backoff and jitter, and answering 401 challenges through `auth`.
+func performWithRetries(url: String, handle: HTTPHandle, attempts: Int, baseDelayMs: Int, auth: RegistryAuth?,
+                        requests: Locked<Int>?, _ body: (HTTPHandle, [String]) -> HTTPResponse) throws -> HTTPResponse {
+    var last = ""
+    var authRounds = 0
+    var attempt = 0
+    while attempt < attempts {
+        if attempt > 0 {
+            let delay = baseDelayMs << min(attempt - 1, 6)
+            usleep(UInt32((delay + Int.random(in: 0...delay)) * 1000))
+        }
+        requests?.withLock { $0 += 1 }
+        let sent = auth?.headers ?? []
+        let r = body(handle, sent)
+        if r.curlCode == 0 || (r.curlCode == 23 && r.bodyTruncated) {
+            if r.status == 401, let auth, authRounds < 3 {
+                authRounds += 1
+                try auth.authorize(challenge: r.header("www-authenticate"), sent: sent)
+                continue
+            }
+            if r.status >= 500 || r.status == 429 {
+                last = "HTTP \(r.status)"
+                attempt += 1
+                continue
+            }
+            return r
+        }
+        last = r.error
+        guard HTTPHandle.transferErrorsWorthRetrying.contains(r.curlCode) else { break }
+        attempt += 1
+    }
+    throw RemoteError.unreachable(url: url, detail: last)
 }
 
 extension Substring {

@@ -11,17 +11,50 @@ import Remote
 import Syscall
 import SystemPackage
 
-/// Options for http(s) sources.
+/// Options for http(s) and OCI sources.
 public struct RemoteOptions: Sendable {
     public var cacheDir: String
     public var allowFullDownload: Bool
     /// Expected sha256 of the whole blob (hex), checked when the cache is complete.
     public var digest: String?
+    public var oci: OCIOptions
 
-    public init(cacheDir: String = BlobCache.defaultDirectory, allowFullDownload: Bool = false, digest: String? = nil) {
+    public init(cacheDir: String = BlobCache.defaultDirectory, allowFullDownload: Bool = false, digest: String? = nil,
+                oci: OCIOptions = OCIOptions()) {
         self.cacheDir = cacheDir
         self.allowFullDownload = allowFullDownload
         self.digest = digest
+        self.oci = oci
+    }
+}
+
+/// How an `oci://` reference becomes one blob, and how to authenticate.
+public struct OCIOptions: Sendable {
+    /// Index into the manifest's layers (default: the only layer, or the only EROFS layer).
+    public var layer: Int?
+    /// A blob digest ("sha256:…"), skipping the manifest.
+    public var blob: String?
+    /// "OS/ARCH[/VARIANT]" (default: this host).
+    public var platform: String?
+    public var authFile: String?
+    public var username: String?
+    /// From --password-stdin; kept in memory only.
+    public var password: String?
+    /// Allow plain http for a registry outside 127.0.0.0/8.
+    public var insecure: Bool
+    /// Where credential files are looked up ($REGISTRY_AUTH_FILE, $DOCKER_CONFIG, $HOME).
+    public var environment: [String: String]
+
+    public init(layer: Int? = nil, blob: String? = nil, platform: String? = nil, authFile: String? = nil, username: String? = nil,
+                password: String? = nil, insecure: Bool = false, environment: [String: String] = ProcessInfo.processInfo.environment) {
+        self.layer = layer
+        self.blob = blob
+        self.platform = platform
+        self.authFile = authFile
+        self.username = username
+        self.password = password
+        self.insecure = insecure
+        self.environment = environment
     }
 }
 
@@ -36,19 +69,36 @@ extension Runtime {
         guard Sys.hasCapSysAdmin() else { throw RuntimeError.notPrivileged("mounting") }
         let cache = BlobCache(directory: req.remote.cacheDir)
         do { try cache.ensureDirectories() } catch { throw RuntimeError.state("\(error)") }
-        let planned = MountPlanning.planRemote(cacheDir: cache.blobsDir, implemented: Self.implemented, override: override)
-        let plan = planned.plan
+        var req = req
+        var notes: [String] = []
         let blob: HTTPBlob
+        var expectedSize: UInt64?
         do {
-            blob = try HTTPBlob(url: req.source)
+            if OCIReference.isOCI(req.source) {
+                let resolved = try resolveOCI(req)
+                if let d = req.remote.digest, "sha256:" + d.lowercased() != resolved.digest {
+                    throw RuntimeError.badOptionValue("--digest", detail: "the reference resolves to \(resolved.digest), not sha256:\(d)")
+                }
+                req.remote.digest = String(resolved.digest.dropFirst(7))
+                blob = resolved.blob
+                expectedSize = resolved.size
+                notes.append(resolved.summary)
+            } else {
+                blob = try HTTPBlob(url: req.source)
+            }
             try blob.open(allowFullDownload: req.remote.allowFullDownload)
+            if let expectedSize, blob.size != expectedSize {
+                throw RemoteError.blobChanged(url: blob.url, detail: "\(blob.size) bytes, but the manifest says \(expectedSize)")
+            }
         } catch let e as RemoteError {
             throw RuntimeError.remote(e.description)
         }
-        if req.dryRun { return MountOutcome(plan: plan, record: nil, notes: []) }
+        let planned = MountPlanning.planRemote(cacheDir: cache.blobsDir, implemented: Self.implemented, override: override)
+        let plan = planned.plan
+        if req.dryRun { return MountOutcome(plan: plan, record: nil, notes: notes) }
         let key = req.remote.digest?.lowercased() ?? SHA256.hash(data: Array(req.source.utf8)).map { String(hexByte: $0) }.joined()
         let paths = cache.paths(key: key)
-        let info = CacheInfo(url: req.source, size: blob.size, etag: blob.etag, lastModified: blob.lastModified, digest: req.remote.digest?.lowercased())
+        let info = CacheInfo(url: blob.url, size: blob.size, etag: blob.etag, lastModified: blob.lastModified, digest: req.remote.digest?.lowercased())
         if let data = try? JSONEncoder().encode(info) { _ = FileManager.default.createFile(atPath: paths.info, contents: data) }
         return try state.withLock {
             if try isMountRoot(mountpoint) {
@@ -64,7 +114,7 @@ extension Runtime {
             if backend != plan.candidates.first(where: { $0.verdict == .viable })?.backend, req.backend == nil {
                 note("using \(backend.rawValue): the server answers without Range support")
             }
-            var record = MountRecord(source: req.source, sourceKind: "http", backend: backend.rawValue, mountpoint: mountpoint,
+            var record = MountRecord(source: req.source, sourceKind: OCIReference.isOCI(req.source) ? "oci" : "http", backend: backend.rawValue, mountpoint: mountpoint,
                                      options: req.options.summary, device: nil, workerPID: nil, since: Date().timeIntervalSince1970,
                                      sourceIdentity: blob.etag ?? blob.lastModified ?? "", mountID: nil,
                                      cachePath: paths.data, statsPath: nil)
@@ -81,11 +131,11 @@ extension Runtime {
                     record.statsPath = shared.statsPath
                     record.mountID = try? Sys.mountIdentity(mountpoint).id
                     try state.save(record)
-                    return MountOutcome(plan: plan, record: record, notes: ["sharing the worker of \(shared.mountpoint)"])
+                    return MountOutcome(plan: plan, record: record, notes: notes + ["sharing the worker of \(shared.mountpoint)"])
                 }
                 let stats = state.root + "/workers/" + StateStore.key(for: mountpoint)
                 try? Sys.mkdir(state.root + "/workers", mode: 0o700)
-                let pid = try startWorker(req, paths: paths, mountpoint: mountpoint, statsPath: stats)
+                let pid = try startWorker(req, url: blob.url, auth: blob.auth, paths: paths, mountpoint: mountpoint, statsPath: stats)
                 do {
                     try attachEROFS(source: paths.data, at: mountpoint, options: req.options, passOffset: true)
                 } catch {
@@ -127,22 +177,54 @@ extension Runtime {
                 stopWorker(record)
                 throw error
             }
-            return MountOutcome(plan: plan, record: record, notes: [])
+            return MountOutcome(plan: plan, record: record, notes: notes)
         }
     }
 
+    /// An `oci://` reference resolved to its blob (with the registry's authentication attached).
+    func resolveOCI(_ req: MountRequest) throws -> (blob: HTTPBlob, digest: String, size: UInt64?, summary: String) {
+        let o = req.remote.oci
+        let ref = try OCIReference(parsing: req.source)
+        let platform = try o.platform.map(OCIPlatform.init(parsing:)) ?? OCIPlatform.host(machine: Sys.uname().machine)
+        var credentials: RegistryCredentials?
+        if let u = o.username {
+            credentials = RegistryCredentials(username: u, password: o.password ?? "", origin: "--username")
+        } else {
+            credentials = try RegistryCredentials.lookup(registry: ref.registry, authFile: o.authFile, environment: o.environment)
+        }
+        let client = RegistryClient(ref: ref, credentials: credentials, insecure: o.insecure)
+        let resolved = try client.resolve(platform: platform, layer: o.layer, blob: o.blob)
+        let blob = try HTTPBlob(url: resolved.url, auth: client.auth)
+        var what = "\(ref): blob \(resolved.digest)"
+        if let i = resolved.layerIndex { what += ", layer \(i)" }
+        if let p = resolved.platform { what += ", platform \(p)" }
+        if let m = resolved.manifestDigest { what += ", manifest \(m)" }
+        return (blob, resolved.digest, resolved.size, what)
+    }
+
     /// Spawns the worker and waits until it has marked the cache and fetched all metadata.
-    func startWorker(_ req: MountRequest, paths: (data: String, record: String, info: String, lock: String),
+    func startWorker(_ req: MountRequest, url: String, auth: RegistryAuth?, paths: (data: String, record: String, info: String, lock: String),
                      mountpoint: String, statsPath: String) throws -> Int32 {
         let (r, w) = try Sys.pipe()
         defer { Sys.close(r) }
-        var args = ["__serve", "--url", req.source, "--data", paths.data, "--record", paths.record, "--mountpoint", mountpoint,
+        var keep = [w]
+        var secretFD: Int32?
+        defer { secretFD.map(Sys.close) }
+        var args = ["__serve", "--url", url, "--data", paths.data, "--record", paths.record, "--mountpoint", mountpoint,
                     "--stats", statsPath, "--ready-fd", String(w)]
         if let d = req.remote.digest { args += ["--digest", d] }
+        if let auth {
+            do { secretFD = try LazyWorker.secretPipe(auth.secret()) } catch {
+                Sys.close(w)
+                throw RuntimeError.mountFailed(backend: "fanotify", detail: "cannot pass credentials to the worker: \(error)")
+            }
+            keep.append(secretFD!)
+            args += ["--auth-fd", String(secretFD!)]
+        }
         let log = state.root + "/workers/" + StateStore.key(for: mountpoint).replacingOccurrences(of: ".json", with: ".log")
         let pid: Int32
         do {
-            pid = try Sys.spawnDetached(Runtime.workerExecutable, args, keep: [w], logPath: log)
+            pid = try Sys.spawnDetached(Runtime.workerExecutable, args, keep: keep, logPath: log)
         } catch {
             Sys.close(w)
             throw RuntimeError.mountFailed(backend: "fanotify", detail: "cannot start the worker: \(error)")

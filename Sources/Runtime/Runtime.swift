@@ -6,6 +6,7 @@ import Foundation
 import EROFS
 import Glibc
 import Probe
+import Remote
 import Syscall
 import SystemPackage
 
@@ -69,7 +70,7 @@ public struct Runtime: Sendable {
     /// Validates, plans and mounts. `override` feeds the planner findings (to simulate other hosts);
     /// `note` receives one line per fallback as it happens.
     public func mount(_ req: MountRequest, override: [Finding] = [], note: (String) -> Void = { _ in }) throws -> MountOutcome {
-        if req.source.hasPrefix("http://") || req.source.hasPrefix("https://") {
+        if req.source.hasPrefix("http://") || req.source.hasPrefix("https://") || OCIReference.isOCI(req.source) {
             return try mountRemote(req, override: override, note: note)
         }
         let source = try canonicalSource(req.source)

@@ -13,9 +13,15 @@ enum BackendChoice: String, ExpressibleByArgument, CaseIterable {
 struct MountCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "mount",
-        abstract: "Mount a local or http(s) EROFS image with the best backend this host supports.",
+        abstract: "Mount a local, http(s) or OCI registry EROFS image with the best backend this host supports.",
         discussion: """
-            SOURCE is a local EROFS image file or an http(s) URL. The backend is chosen by the same planner
+            SOURCE is a local EROFS image file, an http(s) URL, or oci://HOST[:PORT]/REPO[:TAG|@sha256:DIGEST]
+            (an OCI registry: an image index is resolved for --platform, default this host; the image's only
+            layer, its only EROFS layer or --layer N is mounted, or --blob directly; the blob is verified
+            against its digest). Registry credentials: --username with --password-stdin, else --auth-file,
+            $REGISTRY_AUTH_FILE, $DOCKER_CONFIG/config.json, ~/.docker/config.json; Bearer tokens are
+            obtained from the registry's challenge. TLS is always verified; plain http only for
+            127.0.0.0/8 or with --insecure. Credentials never appear in arguments, logs or state. The backend is chosen by the same planner
             'probe' uses. Local: file (kernel EROFS straight from the file, Linux 6.12+) before loop (a
             read-only, auto-clearing loop device). Remote: fanotify (the image is fetched lazily into a
             sparse cache file as it is read, Linux 6.14+ with the cache on ext4/xfs/btrfs; metadata is
@@ -31,7 +37,7 @@ struct MountCommand: ParsableCommand {
 
             Exit codes: 0 mounted (or planned, with --dry-run), 1 the mount failed, 2 usage error or bad -o
             option, 3 bad source (missing, not EROFS, features this kernel lacks, unreachable URL, a server
-            without Range support, digest mismatch), 4 bad mountpoint (missing, not a directory, already a
+            without Range support, digest mismatch, bad OCI reference, registry or authentication errors), 4 bad mountpoint (missing, not a directory, already a
             mount point), 5 not root.
             """
     )
@@ -48,6 +54,27 @@ struct MountCommand: ParsableCommand {
     @Option(help: ArgumentHelp("Expected sha256 of the remote image, checked when the cache is complete.", valueName: "sha256:HEX"))
     var digest: String?
 
+    @Option(help: ArgumentHelp("OCI: mount layer N of the manifest (0 = first).", valueName: "N"))
+    var layer: Int?
+
+    @Option(help: ArgumentHelp("OCI: mount this blob of the repository, skipping the manifest.", valueName: "sha256:HEX"))
+    var blob: String?
+
+    @Option(help: ArgumentHelp("OCI: the platform to pick from an image index (default: this host).", valueName: "OS/ARCH[/VARIANT]"))
+    var platform: String?
+
+    @Option(help: ArgumentHelp("OCI: registry credentials file (docker config.json format).", valueName: "FILE"))
+    var authFile: String?
+
+    @Option(help: ArgumentHelp("OCI: registry user name (the password is read with --password-stdin).", valueName: "USER"))
+    var username: String?
+
+    @Flag(help: "OCI: read the registry password from the first line of standard input.")
+    var passwordStdin = false
+
+    @Flag(help: "OCI: allow plain http to a registry outside 127.0.0.0/8.")
+    var insecure = false
+
     @Option(name: .customShort("o"), help: ArgumentHelp("Comma-separated mount options (repeatable).", valueName: "OPTIONS"))
     var options: [String] = []
 
@@ -57,19 +84,40 @@ struct MountCommand: ParsableCommand {
     @Flag(help: "Validate and plan, but do not mount (implies --explain).")
     var dryRun = false
 
-    @Argument(help: "The EROFS image file.")
+    @Argument(help: "The EROFS image: a file, an http(s) URL or an oci:// reference.")
     var source: String
 
     @Argument(help: "An existing empty directory.")
     var mountpoint: String
 
+    func validate() throws {
+        if passwordStdin, username == nil { throw ValidationError("--password-stdin needs --username") }
+        if username != nil, !passwordStdin { throw ValidationError("--username needs --password-stdin (passwords are never taken as arguments)") }
+        if let layer, layer < 0 { throw ValidationError("--layer must be 0 or more") }
+        if layer != nil, blob != nil { throw ValidationError("--layer and --blob exclude each other") }
+        let ociOnly = layer != nil || blob != nil || platform != nil || authFile != nil || username != nil || insecure
+        if ociOnly, !source.hasPrefix("oci://") {
+            throw ValidationError("--layer, --blob, --platform, --auth-file, --username and --insecure apply to oci:// sources only")
+        }
+    }
+
     func run() throws {
         let runtime = Runtime()
+        var password: String?
+        if passwordStdin {
+            guard let line = readLine(strippingNewline: true), !line.isEmpty else {
+                throw CLIFailure(message: "--password-stdin: no password on standard input", code: 2)
+            }
+            password = line
+        }
+        let oci = OCIOptions(layer: layer, blob: blob, platform: platform, authFile: authFile, username: username,
+                             password: password, insecure: insecure)
         let remote = RemoteOptions(cacheDir: cacheDir, allowFullDownload: allowFullDownload,
-                                   digest: digest.map { $0.hasPrefix("sha256:") ? String($0.dropFirst(7)) : $0 })
+                                   digest: digest.map { $0.hasPrefix("sha256:") ? String($0.dropFirst(7)) : $0 }, oci: oci)
         let request = MountRequest(source: source, mountpoint: mountpoint, backend: backend.backend,
                                    options: try runtimeCall { try MountOptions(parsing: options) }, dryRun: dryRun, remote: remote)
         let outcome = try runtimeCall { try runtime.mount(request) { printError($0) } }
+        if source.hasPrefix("oci://") { outcome.notes.forEach { printError($0) } }
         if explain || dryRun {
             print(PlanText.render(outcome.plan, chosen: outcome.record.flatMap { Backend(rawValue: $0.backend) }))
         }

@@ -17,10 +17,19 @@ struct ServeCommand: ParsableCommand {
     @Option var groupFd: Int32 = -1
     @Option var writerFd: Int32 = -1
     @Option var journal: String = ""
+    @Option var authFd: Int32 = -1
 
     func run() throws {
-        let options = LazyWorker.Options(url: url, dataPath: data, recordPath: record, mountpoint: mountpoint, statsPath: stats,
+        var options = LazyWorker.Options(url: url, dataPath: data, recordPath: record, mountpoint: mountpoint, statsPath: stats,
                                          readyFD: readyFd, digest: digest, allowFullDownload: false)
+        if authFd >= 0 {
+            do {
+                try options.readAuth(fd: authFd)
+            } catch {
+                LazyWorker.log("cannot read credentials from fd \(authFd): \(error)")
+                throw ExitCode(2)
+            }
+        }
         if worker {
             throw ExitCode(LazyWorker.runWorker(options, groupFD: groupFd, writerFD: writerFd, journal: journal))
         }

@@ -335,26 +335,16 @@ public final class NginxServer: @unchecked Sendable {
         p.standardError = FileHandle.nullDevice
         try p.run()
         for _ in 0..<100 {
-            if Self.canConnect(port) || !p.isRunning { break }
+            if TCP.canConnect(port) || !p.isRunning { break }
             usleep(20_000)
         }
-        if p.isRunning, Self.canConnect(port) {
+        if p.isRunning, TCP.canConnect(port) {
             process = p
             return true
         }
         p.terminate()
         p.waitUntilExit()
         return false
-    }
-
-    static func canConnect(_ port: Int) -> Bool {
-        let s = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
-        defer { close(s) }
-        var addr = sockaddr_in()
-        addr.sin_family = sa_family_t(AF_INET)
-        addr.sin_port = in_port_t(UInt16(port).bigEndian)
-        addr.sin_addr.s_addr = inet_addr("127.0.0.1")
-        return withUnsafePointer(to: &addr) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(s, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) } } == 0
     }
 
     /// Stops the server (it can be started again only by a new instance).

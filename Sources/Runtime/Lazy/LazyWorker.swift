@@ -23,9 +23,17 @@ public enum LazyWorker {
         public var readyFD: Int32
         public var digest: String?
         public var allowFullDownload: Bool
+        /// Registry authentication (OCI sources); handed to children over a pipe, never as arguments.
+        public var auth: RegistryAuth?
+
+        /// Takes the registry credentials from a pipe the parent filled (`--auth-fd`).
+        public mutating func readAuth(fd: Int32) throws {
+            auth = try RegistryAuth(secret: LazyWorker.readSecret(fd: fd))
+        }
 
         public init(url: String, dataPath: String, recordPath: String, mountpoint: String, statsPath: String,
-                    readyFD: Int32, digest: String?, allowFullDownload: Bool) {
+                    readyFD: Int32, digest: String?, allowFullDownload: Bool, auth: RegistryAuth? = nil) {
+            self.auth = auth
             self.url = url
             self.dataPath = dataPath
             self.recordPath = recordPath
@@ -37,7 +45,7 @@ public enum LazyWorker {
         }
     }
 
-    static func log(_ s: String) {
+    public static func log(_ s: String) {
         let line = "\(Date()) erofs-compat worker[\(Sys.processID)]: \(s)\n"
         _ = try? FileDescriptor.standardError.writeAll(Array(line.utf8))
     }
@@ -55,7 +63,7 @@ public enum LazyWorker {
         let lazy: LazyBlob
         let group: FileDescriptor
         do {
-            let blob = try HTTPBlob(url: o.url)
+            let blob = try HTTPBlob(url: o.url, auth: o.auth)
             try blob.open(allowFullDownload: false)
             // The writer is opened inside LazyBlob before the mark: its writes raise no events.
             lazy = try LazyBlob(blob: blob, dataPath: o.dataPath, recordPath: o.recordPath)
@@ -76,9 +84,22 @@ public enum LazyWorker {
                         "--stats", o.statsPath, "--ready-fd=-1", "--group-fd", String(group.rawValue),
                         "--writer-fd", String(lazy.writerFD), "--journal", journal]
             if let d = o.digest { args += ["--digest", d] }
+            var keep = [group.rawValue, lazy.writerFD]
+            var secretFD: Int32?
+            if let auth = o.auth {
+                guard let fd = try? secretPipe(auth.secret()) else {
+                    log("cannot pass credentials to the worker")
+                    if !readySent { ready("error: cannot pass credentials to the worker") }
+                    return 1
+                }
+                secretFD = fd
+                keep.append(fd)
+                args += ["--auth-fd", String(fd)]
+            }
             let pid: Int32
             do {
-                pid = try Sys.spawnDetached(Sys.executablePath(), args, keep: [group.rawValue, lazy.writerFD], logPath: o.statsPath.replacingOccurrences(of: ".json", with: ".log"))
+                defer { secretFD.map(Sys.close) }
+                pid = try Sys.spawnDetached(Sys.executablePath(), args, keep: keep, logPath: o.statsPath.replacingOccurrences(of: ".json", with: ".log"))
             } catch {
                 log("cannot start the worker: \(error)")
                 if !readySent { ready("error: cannot start the worker: \(error)") }
@@ -136,7 +157,7 @@ public enum LazyWorker {
     public static func runWorker(_ o: Options, groupFD: Int32, writerFD: Int32, journal: String) -> Int32 {
         let server: FanotifyServer
         do {
-            let blob = try HTTPBlob(url: o.url)
+            let blob = try HTTPBlob(url: o.url, auth: o.auth)
             try blob.open(allowFullDownload: false)
             let lazy = try LazyBlob(blob: blob, dataPath: o.dataPath, recordPath: o.recordPath, writerFD: writerFD)
             server = try FanotifyServer(lazy: lazy, groupFD: groupFD, journalPath: journal, digest: o.digest, log: log)
@@ -162,6 +183,36 @@ public enum LazyWorker {
         writeStats(server.snapshot, to: o.statsPath)
         log("mount \(o.mountpoint) is gone; exiting")
         return 0
+    }
+
+    /// A pipe whose read end holds `bytes` (the write end is closed): how a child process receives
+    /// secrets without them appearing in its arguments or environment.
+    static func secretPipe(_ bytes: [UInt8]) throws -> Int32 {
+        let (r, w) = try Sys.pipe()
+        defer { Sys.close(w) }
+        do {
+            guard bytes.count < 60_000 else { throw Errno.noBufferSpace }
+            try bytes.withUnsafeBytes { buf in
+                var done = 0
+                while done < buf.count { done += try Sys.write(w, UnsafeRawBufferPointer(rebasing: buf[done...])) }
+            }
+        } catch {
+            Sys.close(r)
+            throw error
+        }
+        return r
+    }
+
+    /// Reads a secret from a descriptor inherited from the parent, then closes it.
+    static func readSecret(fd: Int32) throws -> [UInt8] {
+        defer { Sys.close(fd) }
+        var out: [UInt8] = []
+        var buf = [UInt8](repeating: 0, count: 4096)
+        while true {
+            let n = try buf.withUnsafeMutableBytes { try Sys.read(fd, into: $0) }
+            if n == 0 { return out }
+            out += buf[0..<n]
+        }
     }
 
     static func writeStats(_ s: FanotifyServer.Stats, to path: String) {

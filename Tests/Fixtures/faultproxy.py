@@ -1,0 +1,135 @@
+#!/usr/bin/python3
+"""Fault-injecting HTTP proxy for the erofs-compat test suite.
+
+usage: faultproxy.py PORT UPSTREAM CONTROL_FILE
+
+Forwards every request to UPSTREAM (http://127.0.0.1:N) and, as the JSON in CONTROL_FILE says
+(re-read on every request), injects faults into requests whose path contains "match":
+
+  {"fault": "status", "status": 503, "every": 3}   every 3rd matching request answers 503
+  {"fault": "reset", "every": 2}                     ... the connection is reset (RST) instead
+  {"fault": "stall", "seconds": 2, "every": 2}       ... the response is delayed
+  {"fault": "truncate", "every": 2}                  ... half the body arrives, then the connection closes
+  {"fault": "status", "status": 503, "every": 1}     always (a server that is down for reads)
+
+"every" counts matching requests (default 1 = all); "match" defaults to "" (all paths).
+With {"bearer": {"user": U, "password": P}} the proxy also acts as a token-auth front: requests
+under /v2/ need "Authorization: Bearer <token>", 401 answers carry a Bearer challenge whose realm
+is this proxy's /token, and /token hands out tokens for Basic U:P (or anonymously when "user" is
+null). Statistics are appended to CONTROL_FILE + ".log" (one line per request).
+"""
+import base64, http.client, http.server, json, os, secrets, socket, socketserver, struct, sys, threading, time
+
+PORT, UPSTREAM, CONTROL = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+UP_HOST, UP_PORT = UPSTREAM.split("//", 1)[1].rstrip("/").split(":")
+lock = threading.Lock()
+counter = {"n": 0}
+tokens = set()
+
+
+def control():
+    try:
+        with open(CONTROL) as f:
+            return json.load(f)
+    except Exception:
+        return {}
+
+
+def log(line):
+    with lock, open(CONTROL + ".log", "a") as f:
+        f.write(line + "\n")
+
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args):
+        pass
+
+    def reset(self):
+        self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.connection.close()
+        self.close_connection = True
+
+    def do_HEAD(self):
+        self.handle_any(head=True)
+
+    def do_GET(self):
+        self.handle_any(head=False)
+
+    def handle_any(self, head):
+        c = control()
+        bearer = c.get("bearer")
+        if bearer is not None and self.path.startswith("/token"):
+            return self.issue_token(bearer)
+        if bearer is not None and self.path.startswith("/v2/"):
+            auth = self.headers.get("Authorization", "")
+            if not (auth.startswith("Bearer ") and auth[7:] in tokens):
+                repo = self.path[4:].split("/manifests/")[0].split("/blobs/")[0]
+                challenge = ('Bearer realm="http://127.0.0.1:%d/token",service="faultproxy",scope="repository:%s:pull"' % (PORT, repo))
+                log("401 %s" % self.path)
+                return self.reply(401, b'{"errors":[{"code":"UNAUTHORIZED"}]}', {"WWW-Authenticate": challenge, "Content-Type": "application/json"})
+        fault = None
+        if c.get("fault") and c.get("match", "") in self.path:
+            with lock:
+                counter["n"] += 1
+                n = counter["n"]
+            if n % max(int(c.get("every", 1)), 1) == 0:
+                fault = c["fault"]
+        log("%s %s %s" % (fault or "pass", self.path, self.headers.get("Range", "")))
+        if fault == "status":
+            return self.reply(int(c.get("status", 503)), b"injected\n", {"Content-Type": "text/plain"})
+        if fault == "reset":
+            return self.reset()
+        if fault == "stall":
+            time.sleep(float(c.get("seconds", 2)))
+        headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "connection", "authorization")}
+        up = http.client.HTTPConnection(UP_HOST, int(UP_PORT), timeout=60)
+        try:
+            up.request("HEAD" if head else "GET", self.path, headers=headers)
+            r = up.getresponse()
+            body = r.read()
+        except Exception:
+            return self.reset()
+        finally:
+            up.close()
+        out = {k: v for k, v in r.getheaders() if k.lower() not in ("connection", "transfer-encoding", "keep-alive")}
+        if fault == "truncate" and len(body) > 1:
+            self.send_response(r.status)
+            for k, v in out.items():
+                self.send_header(k, v)
+            self.end_headers()
+            self.wfile.write(body[: len(body) // 2])
+            self.wfile.flush()
+            return self.reset()
+        self.reply(r.status, body, out, head=head)
+
+    def issue_token(self, bearer):
+        want = bearer.get("user")
+        if want is not None:
+            expected = "Basic " + base64.b64encode(("%s:%s" % (want, bearer.get("password", ""))).encode()).decode()
+            if self.headers.get("Authorization", "") != expected:
+                log("token-refused %s" % self.path)
+                return self.reply(401, b'{"details":"bad credentials"}', {"Content-Type": "application/json"})
+        t = secrets.token_hex(16)
+        tokens.add(t)
+        log("token %s" % self.path)
+        self.reply(200, json.dumps({"token": t, "expires_in": 300}).encode(), {"Content-Type": "application/json"})
+
+    def reply(self, status, body, headers, head=False):
+        self.send_response(status)
+        for k, v in headers.items():
+            if k.lower() != "content-length":
+                self.send_header(k, v)
+        self.send_header("Content-Length", headers.get("Content-Length", str(len(body))) if head else str(len(body)))
+        self.end_headers()
+        if not head:
+            self.wfile.write(body)
+
+
+class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+
+Server(("127.0.0.1", PORT), Handler).serve_forever()
