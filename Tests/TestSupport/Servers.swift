@@ -15,24 +15,41 @@ public enum TCP {
         return withUnsafePointer(to: &addr) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(s, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) } } == 0
     }
 
-    /// Starts `executable` and waits until it listens on `port`; nil (process stopped) if it never does.
-    static func startListening(_ executable: String, _ args: [String], port: Int, log: String) throws -> Process? {
-        let p = Process()
-        p.executableURL = URL(fileURLWithPath: executable)
-        p.arguments = args
-        FileManager.default.createFile(atPath: log, contents: nil)
-        let h = try FileHandle(forWritingTo: URL(fileURLWithPath: log))
-        p.standardOutput = h
-        p.standardError = h
-        try p.run()
+    /// Starts `executable` (with a clean signal mask, so SIGTERM stops it) and waits until it listens
+    /// on `port`; nil (process stopped) if it never does.
+    static func startListening(_ executable: String, _ args: [String], port: Int, log: String) throws -> ServerProcess? {
+        let pid = try Sys.spawnDetached(executable, args, keep: [], logPath: log)
+        let p = ServerProcess(pid: pid)
         for _ in 0..<250 {
             if canConnect(port) || !p.isRunning { break }
             usleep(20_000)
         }
         if p.isRunning, canConnect(port) { return p }
-        if p.isRunning { p.terminate() }
-        p.waitUntilExit()
+        p.stop()
         return nil
+    }
+}
+
+/// A server process the tests started.
+public final class ServerProcess: @unchecked Sendable {
+    public let pid: Int32
+    private var exited = false
+
+    init(pid: Int32) { self.pid = pid }
+
+    public var isRunning: Bool {
+        if exited { return false }
+        if Sys.reap(pid) { exited = true }
+        return !exited && Sys.processExists(pid)
+    }
+
+    /// SIGTERM, then SIGKILL after 5 s; reaps it.
+    public func stop() {
+        guard !exited else { return }
+        try? Sys.kill(pid, SIGTERM)
+        for _ in 0..<250 where isRunning { usleep(20_000) }
+        if isRunning { try? Sys.kill(pid, SIGKILL); _ = Sys.wait(pid) }
+        exited = true
     }
 }
 
@@ -44,7 +61,7 @@ public final class RegistryServer: @unchecked Sendable {
     public let dir: ScratchDir
     public private(set) var port = 0
     public let basicAuth: (user: String, password: String)?
-    private var process: Process?
+    private var process: ServerProcess?
     public var host: String { "127.0.0.1:\(port)" }
 
     public static var missing: String? {
@@ -90,7 +107,7 @@ public final class RegistryServer: @unchecked Sendable {
     }
 
     public func remove() {
-        if let p = process, p.isRunning { p.terminate(); p.waitUntilExit() }
+        process?.stop()
         process = nil
         dir.remove()
     }
@@ -175,7 +192,7 @@ public final class FaultProxy: @unchecked Sendable {
     public let dir: ScratchDir
     public let upstream: String
     public private(set) var port = 0
-    private var process: Process?
+    private var process: ServerProcess?
     public var base: String { "http://127.0.0.1:\(port)" }
     public var host: String { "127.0.0.1:\(port)" }
     var control: String { dir.file("control.json") }
@@ -215,7 +232,7 @@ public final class FaultProxy: @unchecked Sendable {
     }
 
     public func stop() {
-        if let p = process, p.isRunning { p.terminate(); p.waitUntilExit() }
+        process?.stop()
         process = nil
     }
 

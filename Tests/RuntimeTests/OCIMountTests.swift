@@ -1,0 +1,243 @@
+import Foundation
+import Glibc
+import Testing
+@testable import Probe
+@testable import Remote
+@testable import Runtime
+import Syscall
+import TestSupport
+
+let ociReason = "needs root, mkfs.erofs, docker-registry, htpasswd (apache2-utils), curl, python3 and nginx for OCI mounts"
+let canMountOCI = canMountRemote && RegistryServer.missing == nil && FaultProxy.missing == nil && TestEnv.which("htpasswd") != nil
+
+/// A registry, images built from trees, a private state and cache, and kernel-mounted oracles.
+struct OCIFixture {
+    let registry: RegistryServer
+    let dir: ScratchDir
+    let runtime: Runtime
+    var mnt: String { dir.file("mnt") }
+    var mnt2: String { dir.file("mnt2") }
+    static let hostPlatform = OCIPlatform.host(machine: Sys.uname().machine)
+    static let otherArch = hostPlatform.architecture == "amd64" ? "arm64" : "amd64"
+
+    init(_ label: String, basicAuth: (user: String, password: String)? = nil) throws {
+        registry = try RegistryServer(basicAuth: basicAuth)
+        do { dir = try ScratchDir(label) } catch { registry.remove(); throw error }
+        for d in ["mnt", "mnt2", "oracle", "cache"] { try FileManager.default.createDirectory(atPath: dir.file(d), withIntermediateDirectories: true) }
+        runtime = Runtime(state: StateStore(root: dir.file("state")))
+        Runtime.workerExecutable = cliBinary
+    }
+
+    /// An EROFS image of a fresh tree; `variant` changes the content.
+    func image(_ name: String, variant: Int = 0, budget: Int = 2 << 20) throws -> String {
+        let tree = dir.file("tree-\(name)")
+        try ReaderTrees.makeEdge(at: tree + "/edge")
+        try ReaderTrees.makeReal(at: tree + "/real", budget: budget)
+        try "variant \(variant) of \(name)\n".write(toFile: tree + "/which", atomically: false, encoding: .utf8)
+        let img = dir.file("\(name).erofs")
+        try Samples.mkfs(tree, img, ["-zlz4hc"])
+        return img
+    }
+
+    func oracle(_ image: String) throws -> TreeFactsLite {
+        try withKernelMount(image, dir.file("oracle")) { TreeFactsLite(dir.file("oracle")) }
+    }
+
+    func options(_ oci: OCIOptions = OCIOptions(environment: [:]), backend: Backend? = nil) -> RemoteOptions {
+        RemoteOptions(cacheDir: dir.file("cache"), oci: oci)
+    }
+
+    func mount(_ source: String, at mnt: String, oci: OCIOptions = OCIOptions(environment: [:]), backend: Backend? = nil) throws -> MountOutcome {
+        try runtime.mount(MountRequest(source: source, mountpoint: mnt, backend: backend, remote: options(oci)))
+    }
+
+    func remove() {
+        for m in currentMounts().filter({ $0.hasPrefix(dir.path) }).reversed() { try? MountAPI.umount(m, detach: true) }
+        for r in runtime.state.all() { if let pid = r.workerPID { try? Sys.kill(pid, SIGKILL) } }
+        registry.remove()
+        dir.remove()
+    }
+}
+
+func remoteMessage(_ body: () throws -> Void) -> String? {
+    do { try body(); return nil } catch let e as RuntimeError { return e.description } catch { return "\(error)" }
+}
+
+@Suite(.serialized, .enabled(if: canMountOCI, Comment(rawValue: ociReason)))
+struct OCIMountTests {
+    /// An image index with two platforms: the host's image by default, the other with --platform;
+    /// both cold, every byte compared; Docker v2 media types resolve the same way.
+    @Test func imageIndexPicksThePlatform() throws {
+        let f = try OCIFixture("oci-index")
+        defer { f.remove() }
+        let mine = try f.image("mine", variant: 1), other = try f.image("other", variant: 2, budget: 1 << 20)
+        let a = try f.registry.pushImage("test/app", reference: "host-only", layers: [mine], arch: OCIFixture.hostPlatform.architecture)
+        let b = try f.registry.pushImage("test/app", reference: "other-only", layers: [other], arch: OCIFixture.otherArch)
+        try f.registry.pushIndex("test/app", reference: "v1", entries: [
+            (b.digest, b.size, "linux", OCIFixture.otherArch, nil), (a.digest, a.size, "linux", OCIFixture.hostPlatform.architecture, OCIFixture.hostPlatform.variant),
+        ])
+        let out = try f.mount("oci://\(f.registry.host)/test/app:v1", at: f.mnt)
+        let rec = try #require(out.record)
+        #expect(rec.backend == "fanotify" && rec.sourceKind == "oci")
+        #expect(out.notes.contains { $0.contains("platform linux/\(OCIFixture.hostPlatform.architecture)") })
+        #expect(TreeFactsLite(f.mnt) == (try f.oracle(mine)))
+        let layerDigest = sha256Hex([UInt8](try Data(contentsOf: URL(fileURLWithPath: mine))))
+        #expect(rec.cachePath == f.dir.file("cache") + "/blobs/sha256/" + layerDigest, "content-addressed cache")
+
+        var oci = OCIOptions(environment: [:])
+        oci.platform = "linux/\(OCIFixture.otherArch)"
+        _ = try f.mount("oci://\(f.registry.host)/test/app:v1", at: f.mnt2, oci: oci)
+        #expect(TreeFactsLite(f.mnt2) == (try f.oracle(other)))
+        try f.runtime.umount(f.mnt2)
+
+        oci.platform = "linux/s390x"
+        let msg = remoteMessage { _ = try f.mount("oci://\(f.registry.host)/test/app:v1", at: f.mnt2, oci: oci) }
+        #expect(msg?.contains("no image for linux/s390x") == true && msg?.contains("linux/\(OCIFixture.otherArch)") == true, "\(msg ?? "mounted")")
+
+        // Docker v2 manifest list + manifest, addressed by digest.
+        let c = try f.registry.pushImage("test/docker", reference: "one", layers: [other], arch: OCIFixture.hostPlatform.architecture, docker: true)
+        let list = try f.registry.pushIndex("test/docker", reference: "list", entries: [(c.digest, c.size, "linux", OCIFixture.hostPlatform.architecture, nil)], docker: true)
+        _ = try f.mount("oci://\(f.registry.host)/test/docker@\(list)", at: f.mnt2)
+        #expect(TreeFactsLite(f.mnt2) == (try f.oracle(other)))
+        try f.runtime.umount(f.mnt2)
+        try f.runtime.umount(f.mnt)
+        #expect(f.runtime.state.all().isEmpty)
+    }
+
+    /// Several layers: no silent guess; --layer N and --blob pick one; --digest must agree.
+    @Test func layerChoice() throws {
+        let f = try OCIFixture("oci-layers")
+        defer { f.remove() }
+        let one = try f.image("one", variant: 1, budget: 1 << 20), two = try f.image("two", variant: 2, budget: 1 << 20)
+        try f.registry.pushImage("test/layers", reference: "latest", layers: [one, two], arch: OCIFixture.hostPlatform.architecture)
+        let src = "oci://\(f.registry.host)/test/layers"
+        let msg = remoteMessage { _ = try f.mount(src, at: f.mnt) }
+        #expect(msg?.contains("has 2 layers; choose one with --layer N or --blob") == true, "\(msg ?? "mounted")")
+        var oci = OCIOptions(environment: [:])
+        oci.layer = 1
+        _ = try f.mount(src, at: f.mnt, oci: oci)
+        #expect(TreeFactsLite(f.mnt) == (try f.oracle(two)))
+        try f.runtime.umount(f.mnt)
+        oci.layer = 5
+        #expect(remoteMessage { _ = try f.mount(src, at: f.mnt, oci: oci) }?.contains("--layer 5 is out of range") == true)
+        oci.layer = nil
+        oci.blob = "sha256:" + sha256Hex([UInt8](try Data(contentsOf: URL(fileURLWithPath: one))))
+        _ = try f.mount(src, at: f.mnt, oci: oci)
+        #expect(TreeFactsLite(f.mnt) == (try f.oracle(one)))
+        try f.runtime.umount(f.mnt)
+        #expect(remoteMessage {
+            _ = try f.runtime.mount(MountRequest(source: src, mountpoint: f.mnt, remote: RemoteOptions(cacheDir: f.dir.file("cache"), digest: String(repeating: "0", count: 64), oci: oci)))
+        }?.contains("resolves to") == true)
+        #expect(currentMounts().filter { $0.hasPrefix(f.dir.path) }.isEmpty)
+    }
+
+    /// htpasswd Basic auth: no credentials and wrong ones fail with a clear line; right ones from an
+    /// auth file work; the secret appears in no state file, status output, argument list or log.
+    @Test func basicAuthAndSecretsStaySecret() throws {
+        let secret = "s3cr3t-\(UInt32.random(in: 0...UInt32.max))"
+        let f = try OCIFixture("oci-basic", basicAuth: ("tester", secret))
+        defer { f.remove() }
+        let img = try f.image("img", budget: 1 << 20)
+        try f.registry.pushImage("private/img", reference: "v1", layers: [img], arch: OCIFixture.hostPlatform.architecture)
+        let src = "oci://\(f.registry.host)/private/img:v1"
+        let none = remoteMessage { _ = try f.mount(src, at: f.mnt) }
+        #expect(none?.contains("requires credentials") == true, "\(none ?? "mounted")")
+        let authFile = f.dir.file("auth.json")
+        func writeAuth(_ pass: String) throws {
+            let b64 = Data("tester:\(pass)".utf8).base64EncodedString()
+            try "{\"auths\":{\"http://\(f.registry.host)\":{\"auth\":\"\(b64)\"}}}".write(toFile: authFile, atomically: true, encoding: .utf8)
+        }
+        try writeAuth("wrong")
+        let bad = remoteMessage { _ = try f.mount(src, at: f.mnt, oci: OCIOptions(environment: ["REGISTRY_AUTH_FILE": authFile])) }
+        #expect(bad?.contains("refused the credentials of tester") == true && bad?.contains("wrong") == false, "\(bad ?? "mounted")")
+        try writeAuth(secret)
+        let out = try f.mount(src, at: f.mnt, oci: OCIOptions(environment: ["DOCKER_CONFIG": f.dir.path, "REGISTRY_AUTH_FILE": authFile]))
+        let rec = try #require(out.record)
+        #expect(TreeFactsLite(f.mnt) == (try f.oracle(img)))
+        // Nowhere: state, worker files, command lines of the worker processes, status.
+        var places: [String: String] = [:]
+        for p in FileManager.default.subpaths(atPath: f.dir.file("state")) ?? [] {
+            places["state/" + p] = (try? String(contentsOfFile: f.dir.file("state/" + p), encoding: .utf8)) ?? ""
+        }
+        for pid in (try FileManager.default.contentsOfDirectory(atPath: "/proc")).compactMap(Int32.init) {
+            guard let cmd = try? Data(contentsOf: URL(fileURLWithPath: "/proc/\(pid)/cmdline")), let text = String(data: cmd, encoding: .utf8),
+                  text.contains("__serve") else { continue }
+            places["cmdline \(pid)"] = text
+            places["environ \(pid)"] = (try? String(contentsOfFile: "/proc/\(pid)/environ", encoding: .utf8)) ?? ""
+        }
+        #expect(places.keys.contains { $0.hasPrefix("cmdline") }, "worker processes found")
+        places["status"] = "\(try f.runtime.status())"
+        for (k, v) in places { #expect(!v.contains(secret), "secret in \(k)") }
+        try f.runtime.umount(f.mnt)
+        _ = rec
+    }
+
+    /// Bearer tokens discovered from WWW-Authenticate (a token front in the proxy), with
+    /// --username/--password credentials; anonymous requests are told to bring credentials.
+    @Test func bearerTokenDiscovery() throws {
+        let f = try OCIFixture("oci-bearer")
+        defer { f.remove() }
+        let proxy = try FaultProxy(upstream: "http://\(f.registry.host)")
+        defer { proxy.remove() }
+        let img = try f.image("img", budget: 1 << 20)
+        try f.registry.pushImage("team/img", reference: "v1", layers: [img], arch: OCIFixture.hostPlatform.architecture)
+        try proxy.set("{\"bearer\":{\"user\":\"bob\",\"password\":\"hunter2\"}}")
+        let src = "oci://\(proxy.host)/team/img:v1"
+        let anon = remoteMessage { _ = try f.mount(src, at: f.mnt) }
+        #expect(anon?.contains("requires credentials") == true, "\(anon ?? "mounted")")
+        var oci = OCIOptions(environment: [:])
+        oci.username = "bob"
+        oci.password = "nope"
+        #expect(remoteMessage { _ = try f.mount(src, at: f.mnt, oci: oci) }?.contains("refused") == true)
+        oci.password = "hunter2"
+        _ = try f.mount(src, at: f.mnt, oci: oci)
+        #expect(TreeFactsLite(f.mnt) == (try f.oracle(img)))
+        let log = proxy.log
+        #expect(log.contains { $0.hasPrefix("token /token?service=faultproxy&scope=repository%3Ateam%2Fimg%3Apull") }, "\(log.suffix(5))")
+        #expect(log.contains { $0.hasPrefix("pass /v2/team/img/blobs/") && $0.contains("bytes=") }, "range reads went through with the token")
+        try f.runtime.umount(f.mnt)
+    }
+
+    /// A tampered blob (one byte flipped in the registry's storage) fails loudly when verified.
+    @Test func tamperedBlobFailsLoudly() throws {
+        let f = try OCIFixture("oci-tamper")
+        defer { f.remove() }
+        let img = try f.image("img", budget: 1 << 20)
+        try f.registry.pushImage("test/t", reference: "v1", layers: [img], arch: OCIFixture.hostPlatform.architecture)
+        let hex = sha256Hex([UInt8](try Data(contentsOf: URL(fileURLWithPath: img))))
+        let stored = f.registry.dir.file("storage/docker/registry/v2/blobs/sha256/\(hex.prefix(2))/\(hex)/data")
+        let fd = try Sys.open(stored, O_RDWR)
+        let size = try Sys.fstat(fd.rawValue).st_size
+        var b = try Sys.preadFully(fd.rawValue, count: 1, at: Int64(size) - 100)
+        b[0] ^= 0xff
+        _ = try b.withUnsafeBytes { try Sys.pwrite(fd.rawValue, $0, at: Int64(size) - 100) }
+        Sys.close(fd.rawValue)
+        let msg = remoteMessage { _ = try f.mount("oci://\(f.registry.host)/test/t:v1", at: f.mnt, backend: .file) }
+        #expect(msg?.contains("does not match its digest") == true, "\(msg ?? "mounted")")
+        #expect(!FileManager.default.fileExists(atPath: f.dir.file("cache/blobs/sha256/\(hex)")), "the entry was discarded")
+        #expect(currentMounts().filter { $0.hasPrefix(f.dir.path) }.isEmpty && f.runtime.state.all().isEmpty)
+    }
+
+    @Test func badReferencesAreRejected() throws {
+        let f = try OCIFixture("oci-bad")
+        defer { f.remove() }
+        for (src, needle) in [("oci://\(f.registry.host)", "no repository"), ("oci://\(f.registry.host)/UPPER/case", "not a repository name"),
+                              ("oci://\(f.registry.host)/a@sha256:123", "not a sha256"), ("oci://\(f.registry.host)/missing/repo:v1", "no manifest"),
+                              ("oci://127.0.0.1:1/x/y", "cannot reach")] {
+            let msg = remoteMessage { _ = try f.mount(src, at: f.mnt) }
+            #expect(msg?.contains(needle) == true, "\(src): \(msg ?? "mounted")")
+        }
+        // Plain http only for 127.0.0.0/8 or with --insecure: the same registry named "localhost".
+        let img = try f.image("img", budget: 256 << 10)
+        try f.registry.pushImage("test/x", reference: "v1", layers: [img], arch: OCIFixture.hostPlatform.architecture)
+        let viaName = "oci://localhost:\(f.registry.port)/test/x:v1"
+        let refused = remoteMessage { _ = try f.mount(viaName, at: f.mnt) }
+        #expect(refused?.contains("plain http is used only with --insecure") == true, "\(refused ?? "mounted")")
+        var oci = OCIOptions(environment: [:])
+        oci.insecure = true
+        _ = try f.mount(viaName, at: f.mnt, oci: oci)
+        #expect(TreeFactsLite(f.mnt) == (try f.oracle(img)))
+        try f.runtime.umount(f.mnt)
+        #expect(f.runtime.state.all().isEmpty && currentMounts().filter { $0.hasPrefix(f.dir.path) }.isEmpty)
+    }
+}
