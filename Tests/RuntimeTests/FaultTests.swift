@@ -1,0 +1,100 @@
+import Dispatch
+import Foundation
+import Glibc
+import Testing
+@testable import Runtime
+import Syscall
+import TestSupport
+
+let faultReason = "needs root, mkfs.erofs, nginx and python3 (the fault-injecting proxy)"
+let canInjectFaults = canMountRemote && FaultProxy.missing == nil
+
+/// Reads every regular file of `files` on 4 threads; each result is a digest or "read-error …".
+func parallelRead(_ root: String, _ files: [String]) -> [String: String] {
+    let results = Locked<[String: String]>([:])
+    let group = DispatchGroup()
+    for chunk in 0..<4 {
+        group.enter()
+        DispatchQueue.global().async {
+            defer { group.leave() }
+            for (i, p) in files.enumerated() where i % 4 == chunk {
+                let got = TreeFactsLite.digest(root + "/" + p)
+                results.withLock { $0[p] = got }
+            }
+        }
+    }
+    group.wait()
+    return results.get()
+}
+
+/// Lazy mounts through tests/Fixtures/faultproxy.py in front of nginx: every injected fault is
+/// either retried away (correct bytes) or ends in EIO, never in wrong bytes, and the mount recovers.
+@Suite(.serialized, .enabled(if: canInjectFaults, Comment(rawValue: faultReason)))
+struct FaultTests {
+    @Test(arguments: [
+        ("{\"fault\":\"status\",\"status\":503,\"every\":2,\"match\":\"/img.erofs\"}", "status"),
+        ("{\"fault\":\"status\",\"status\":429,\"every\":3,\"match\":\"/img.erofs\"}", "status"),
+        ("{\"fault\":\"reset\",\"every\":2,\"match\":\"/img.erofs\"}", "reset"),
+        ("{\"fault\":\"truncate\",\"every\":2,\"match\":\"/img.erofs\"}", "truncate"),
+        ("{\"fault\":\"stall\",\"seconds\":1.5,\"every\":4,\"match\":\"/img.erofs\"}", "stall"),
+    ])
+    func transientFaultsAreRetried(config: String, kind: String) throws {
+        let f = try RemoteFixture("fault-\(kind)")
+        defer { f.remove() }
+        let proxy = try FaultProxy(upstream: f.server.base)
+        defer { proxy.remove() }
+        let expected = try f.oracle()
+        try proxy.set(config)
+        // Cold: the metadata fetch before the mount goes through the faults too.
+        let out = try f.runtime.mount(MountRequest(source: proxy.base + "/img.erofs", mountpoint: f.mnt, remote: f.remote))
+        defer { try? f.runtime.umount(f.mnt) }
+        #expect(out.record?.backend == "fanotify")
+        let files = expected.entries.filter { $0.value.contains("size") }.map(\.key).sorted()
+        let got = parallelRead(f.mnt, files)
+        for p in files { #expect(expected.entries[p]!.hasSuffix(got[p] ?? "missing"), "\(kind): \(p): \(got[p] ?? "missing")") }
+        let injected = proxy.log.filter { $0.hasPrefix(kind + " ") }.count
+        #expect(injected > 0, "the proxy injected \(kind) faults")
+    }
+
+    /// A server that keeps failing: unfetched reads fail with EIO after the retries; when it is
+    /// healthy again the same files read correctly. Then the server goes down in the middle of a
+    /// parallel cold read: every file is correct or EIO, and all correct once it is back.
+    @Test func persistentFailureIsEIOAndTheMountRecovers() throws {
+        let f = try RemoteFixture("fault-down")
+        defer { f.remove() }
+        let proxy = try FaultProxy(upstream: f.server.base)
+        defer { proxy.remove() }
+        let expected = try f.oracle()
+        _ = try f.runtime.mount(MountRequest(source: proxy.base + "/img.erofs", mountpoint: f.mnt, remote: f.remote))
+        defer { try? f.runtime.umount(f.mnt) }
+        let files = expected.entries.filter { $0.value.contains("size") && !$0.value.contains("size 0 ") }.map(\.key).sorted()
+        try proxy.set("{\"fault\":\"status\",\"status\":503,\"every\":1,\"match\":\"/img.erofs\"}")
+        // The two largest files: not fetched yet (only metadata and inline tails were).
+        func size(_ p: String) -> Int { Int(expected.entries[p]!.split(separator: " ").drop { $0 != "size" }.dropFirst().first ?? "0") ?? 0 }
+        let sample = Array(files.sorted { size($0) > size($1) }.prefix(2))
+        for p in sample {
+            let got = TreeFactsLite.digest(f.mnt + "/" + p)
+            #expect(got.hasPrefix("read-error") && got.contains("Input/output"), "\(p) (\(size(p)) bytes) while failing: \(got)")
+        }
+        try proxy.set("{}")
+        for p in sample { #expect(expected.entries[p]!.hasSuffix(TreeFactsLite.digest(f.mnt + "/" + p)), "\(p) after recovery") }
+
+        // Down mid-read.
+        let rest = files.filter { !sample.contains($0) }
+        let stopper = DispatchQueue.global()
+        stopper.asyncAfter(deadline: .now() + .milliseconds(150)) { proxy.stop() }
+        let got = parallelRead(f.mnt, rest)
+        var eio = 0
+        for p in rest {
+            let g = got[p] ?? "missing"
+            if g.hasPrefix("read-error") {
+                #expect(g.contains("Input/output"), "\(p): \(g)")
+                eio += 1
+            } else {
+                #expect(expected.entries[p]!.hasSuffix(g), "\(p): wrong bytes while the server went down")
+            }
+        }
+        try #require(try proxy.start())
+        #expect(TreeFactsLite(f.mnt) == expected, "after the server came back (\(eio) reads had failed with EIO)")
+    }
+}
