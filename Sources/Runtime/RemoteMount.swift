@@ -18,9 +18,15 @@ public struct RemoteOptions: Sendable {
     /// Expected sha256 of the whole blob (hex), checked when the cache is complete.
     public var digest: String?
     public var oci: OCIOptions
+    /// Background fetching by the lazy worker.
+    public var prefetch: Prefetch
+    /// Record the ranges readers ask for into this file (a profile for a later --prefetch).
+    public var recordProfile: String?
 
     public init(cacheDir: String = BlobCache.defaultDirectory, allowFullDownload: Bool = false, digest: String? = nil,
-                oci: OCIOptions = OCIOptions()) {
+                oci: OCIOptions = OCIOptions(), prefetch: Prefetch = .none, recordProfile: String? = nil) {
+        self.prefetch = prefetch
+        self.recordProfile = recordProfile
         self.cacheDir = cacheDir
         self.allowFullDownload = allowFullDownload
         self.digest = digest
@@ -66,10 +72,22 @@ extension Runtime {
         if let d = req.remote.digest, d.count != 64 || !d.allSatisfy(\.isHexDigit) {
             throw RuntimeError.badOptionValue("--digest", detail: "expected sha256:<64 hex digits>")
         }
+        var req = req
+        if case .profile(let path) = req.remote.prefetch {
+            _ = try PrefetchProfile.load(path)
+            req.remote.prefetch = .profile(try Sys.realpath(path))
+        }
+        if let path = req.remote.recordProfile {
+            let dir = path.lastIndex(of: "/").map { $0 == path.startIndex ? "/" : String(path[..<$0]) } ?? "."
+            guard Sys.isDirectory(dir) else {
+                throw RuntimeError.badOptionValue("--record-profile \(path)", detail: "its directory does not exist")
+            }
+            let name = path.split(separator: "/").last.map(String.init) ?? path
+            req.remote.recordProfile = (try Sys.realpath(dir)) + "/" + name
+        }
         guard Sys.hasCapSysAdmin() else { throw RuntimeError.notPrivileged("mounting") }
         let cache = BlobCache(directory: req.remote.cacheDir)
         do { try cache.ensureDirectories() } catch { throw RuntimeError.state("\(error)") }
-        var req = req
         var notes: [String] = []
         let blob: HTTPBlob
         var expectedSize: UInt64?
@@ -213,6 +231,8 @@ extension Runtime {
         var args = ["__serve", "--url", url, "--data", paths.data, "--record", paths.record, "--mountpoint", mountpoint,
                     "--stats", statsPath, "--ready-fd", String(w)]
         if let d = req.remote.digest { args += ["--digest", d] }
+        if req.remote.prefetch != .none { args += ["--prefetch", req.remote.prefetch.argument] }
+        if let p = req.remote.recordProfile { args += ["--record-profile", p] }
         if let auth {
             do { secretFD = try LazyWorker.secretPipe(auth.secret()) } catch {
                 Sys.close(w)

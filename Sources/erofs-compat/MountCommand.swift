@@ -54,6 +54,12 @@ struct MountCommand: ParsableCommand {
     @Option(help: ArgumentHelp("Expected sha256 of the remote image, checked when the cache is complete.", valueName: "sha256:HEX"))
     var digest: String?
 
+    @Option(help: ArgumentHelp("Remote, lazy: fetch in the background at low priority: none, all, or the ranges of a profile file recorded with --record-profile.", valueName: "none|all|PROFILE"))
+    var prefetch: String = "none"
+
+    @Option(help: ArgumentHelp("Remote, lazy: record the ranges readers ask for into FILE (a profile for a later --prefetch).", valueName: "FILE"))
+    var recordProfile: String?
+
     @Option(help: ArgumentHelp("OCI: mount layer N of the manifest (0 = first).", valueName: "N"))
     var layer: Int?
 
@@ -96,6 +102,10 @@ struct MountCommand: ParsableCommand {
         if let layer, layer < 0 { throw ValidationError("--layer must be 0 or more") }
         if layer != nil, blob != nil { throw ValidationError("--layer and --blob exclude each other") }
         let ociOnly = layer != nil || blob != nil || platform != nil || authFile != nil || username != nil || insecure
+        let isRemote = ["oci://", "http://", "https://"].contains { source.hasPrefix($0) }
+        if prefetch != "none" || recordProfile != nil, !isRemote {
+            throw ValidationError("--prefetch and --record-profile apply to remote (http(s) or oci://) sources only")
+        }
         if ociOnly, !source.hasPrefix("oci://") {
             throw ValidationError("--layer, --blob, --platform, --auth-file, --username and --insecure apply to oci:// sources only")
         }
@@ -113,7 +123,8 @@ struct MountCommand: ParsableCommand {
         let oci = OCIOptions(layer: layer, blob: blob, platform: platform, authFile: authFile, username: username,
                              password: password, insecure: insecure)
         let remote = RemoteOptions(cacheDir: cacheDir, allowFullDownload: allowFullDownload,
-                                   digest: digest.map { $0.hasPrefix("sha256:") ? String($0.dropFirst(7)) : $0 }, oci: oci)
+                                   digest: digest.map { $0.hasPrefix("sha256:") ? String($0.dropFirst(7)) : $0 }, oci: oci,
+                                   prefetch: Prefetch(argument: prefetch), recordProfile: recordProfile)
         let request = MountRequest(source: source, mountpoint: mountpoint, backend: backend.backend,
                                    options: try runtimeCall { try MountOptions(parsing: options) }, dryRun: dryRun, remote: remote)
         let outcome = try runtimeCall { try runtime.mount(request) { printError($0) } }

@@ -18,10 +18,16 @@ struct ServeCommand: ParsableCommand {
     @Option var writerFd: Int32 = -1
     @Option var journal: String = ""
     @Option var authFd: Int32 = -1
+    @Option var prefetch: String = "none"
+    @Option var recordProfile: String?
+    @Option var supervisorPid: Int32?
 
     func run() throws {
         var options = LazyWorker.Options(url: url, dataPath: data, recordPath: record, mountpoint: mountpoint, statsPath: stats,
                                          readyFD: readyFd, digest: digest, allowFullDownload: false)
+        options.prefetch = Prefetch(argument: prefetch)
+        options.recordProfile = recordProfile
+        options.supervisorPID = supervisorPid
         if authFd >= 0 {
             do {
                 try options.readAuth(fd: authFd)

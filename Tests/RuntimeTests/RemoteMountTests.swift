@@ -216,6 +216,59 @@ struct RemoteMountTests {
         #expect(workerRunning(supervisor), "the supervisor survives")
     }
 
+    /// --record-profile writes the ranges readers used; --prefetch PROFILE fetches them before anyone
+    /// asks (the same reads are then answered from the cache); --prefetch all completes the cache in
+    /// the background; a bad profile is refused before anything starts.
+    @Test func prefetchAndProfiles() throws {
+        let f = try RemoteFixture("prefetch")
+        defer { f.remove() }
+        let expected = try f.oracle()
+        func size(_ p: String) -> Int { Int(expected.entries[p]!.split(separator: " ").drop { $0 != "size" }.dropFirst().first ?? "0") ?? 0 }
+        let picks = expected.entries.filter { $0.value.contains("size") }.map(\.key).sorted { size($0) > size($1) }.prefix(3)
+        let profile = f.dir.file("profile.txt")
+        var opts = f.remote
+        opts.recordProfile = profile
+        let first = try f.runtime.mount(MountRequest(source: f.url, mountpoint: f.mnt, remote: opts))
+        for p in picks { #expect(expected.entries[p]!.hasSuffix(TreeFactsLite.digest(f.mnt + "/" + p))) }
+        try f.runtime.umount(f.mnt)
+        // The serving worker writes the profile every 250 ms and when it exits after the umount.
+        for _ in 0..<50 where workerRunning(first.record?.workerPID) || !FileManager.default.fileExists(atPath: profile) { usleep(100_000) }
+        let ranges = try PrefetchProfile.load(profile)
+        #expect(!ranges.isEmpty)
+
+        func waitForProgress(_ until: (FanotifyServer.Stats) -> Bool) -> FanotifyServer.Stats? {
+            for _ in 0..<200 {
+                if let p = try? f.runtime.status().first?.progress, until(p) { return p }
+                usleep(100_000)
+            }
+            return try? f.runtime.status().first?.progress
+        }
+        opts = RemoteOptions(cacheDir: f.dir.file("cache2"), prefetch: .profile(profile))
+        _ = try f.runtime.mount(MountRequest(source: f.url, mountpoint: f.mnt, remote: opts))
+        var last: UInt64 = 0
+        _ = waitForProgress { p in defer { last = p.bytesFetched }; return p.bytesFetched > 0 && p.bytesFetched == last }
+        for p in picks { #expect(expected.entries[p]!.hasSuffix(TreeFactsLite.digest(f.mnt + "/" + p))) }
+        let after = try #require(waitForProgress { $0.events > 0 })
+        #expect(after.fetched == 0 && after.allowedFromCache > 0, "profiled reads came from the cache: \(after)")
+        try f.runtime.umount(f.mnt)
+
+        let digest = String(try run("/usr/bin/sha256sum", [f.server.root + "/img.erofs"]).stdout.prefix(64))
+        opts = RemoteOptions(cacheDir: f.dir.file("cache3"), digest: digest, prefetch: .all)
+        _ = try f.runtime.mount(MountRequest(source: f.url, mountpoint: f.mnt, remote: opts))
+        let done = waitForProgress { $0.complete }
+        #expect(done?.complete == true && done?.verified == true, "background prefetch completed and verified: \(String(describing: done))")
+        #expect(TreeFactsLite(f.mnt) == expected)
+        try f.runtime.umount(f.mnt)
+
+        try "not a profile\n".write(toFile: f.dir.file("bad.txt"), atomically: false, encoding: .utf8)
+        for bad in [f.dir.file("bad.txt"), f.dir.file("missing.txt")] {
+            #expect(throws: RuntimeError.self) {
+                try f.runtime.mount(MountRequest(source: f.url, mountpoint: f.mnt, remote: RemoteOptions(cacheDir: f.dir.file("cache4"), prefetch: .profile(bad))))
+            }
+        }
+        #expect(f.runtime.state.all().isEmpty && currentMounts().filter { $0.hasPrefix(f.dir.path) }.isEmpty)
+    }
+
     @Test func twoMountsOfOneBlobShareTheWorker() throws {
         let f = try RemoteFixture("shared")
         defer { f.remove() }

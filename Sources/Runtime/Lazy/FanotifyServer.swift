@@ -9,6 +9,73 @@ import Remote
 import Syscall
 import SystemPackage
 
+/// What a lazy worker fetches without being asked.
+public enum Prefetch: Sendable, Equatable {
+    case none
+    /// Everything, in the background.
+    case all
+    /// The ranges of a profile recorded by `--record-profile`, first-seen first.
+    case profile(String)
+
+    /// "none", "all" or a profile path.
+    public init(argument: String) {
+        switch argument {
+        case "none": self = .none
+        case "all": self = .all
+        default: self = .profile(argument)
+        }
+    }
+
+    public var argument: String {
+        switch self {
+        case .none: return "none"
+        case .all: return "all"
+        case .profile(let p): return p
+        }
+    }
+}
+
+/// A prefetch profile: a header line, then "OFFSET LENGTH" per line, in the order readers first
+/// touched the ranges.
+public enum PrefetchProfile {
+    static let header = "erofs-compat-profile 1"
+
+    public static func load(_ path: String) throws -> [(UInt64, UInt64)] {
+        let bytes: [UInt8]
+        do { bytes = try Sys.readFile(path) } catch { throw RuntimeError.badOptionValue("--prefetch \(path)", detail: "cannot read it: \(error)") }
+        let lines = String(decoding: bytes, as: UTF8.self).split(separator: "\n")
+        guard lines.first.map(String.init) == header else {
+            throw RuntimeError.badOptionValue("--prefetch \(path)", detail: "not a profile written by --record-profile")
+        }
+        var out: [(UInt64, UInt64)] = []
+        for (i, l) in lines.dropFirst().enumerated() {
+            let f = l.split(separator: " ")
+            guard f.count == 2, let o = UInt64(f[0]), let n = UInt64(f[1]), n > 0 else {
+                throw RuntimeError.badOptionValue("--prefetch \(path)", detail: "line \(i + 2) is not 'OFFSET LENGTH'")
+            }
+            out.append((o, n))
+        }
+        return out
+    }
+
+    static func save(_ ranges: [(UInt64, UInt64)], to path: String) throws {
+        let text = ([header] + ranges.map { "\($0.0) \($0.1)" }).joined(separator: "\n") + "\n"
+        let tmp = path + ".tmp.\(Sys.processID)"
+        let fd = try Sys.open(tmp, O_WRONLY | O_CREAT | O_TRUNC, mode: 0o644)
+        do {
+            defer { Sys.close(fd.rawValue) }
+            try Array(text.utf8).withUnsafeBytes { try Sys.pwriteAll(fd.rawValue, $0, at: 0) }
+        } catch {
+            try? Sys.unlink(tmp)
+            throw error
+        }
+        do { try Sys.rename(tmp, path) } catch {
+            try? Sys.unlink(tmp)
+            throw error
+        }
+    }
+}
+
 /// Serves FAN_PRE_ACCESS events on a lazy cache file: one thread reads events and hands them to a
 /// fetch pool; present ranges are answered from the population record without I/O; missing ones
 /// are fetched (aligned, coalesced, grown by an adaptive readahead window for sequential readers)
@@ -42,6 +109,12 @@ public final class FanotifyServer: @unchecked Sendable {
     private let stopping = Locked(false)
     private let marked = Locked(true)
     public let workers: Int
+    /// What to fetch in the background, at low priority (only while no reader is waiting).
+    public var prefetch: Prefetch = .none
+    /// Where to record the ranges readers asked for, in first-seen order (a prefetch profile).
+    public var recordProfile: String?
+    private let profile = Locked<(ranges: [(UInt64, UInt64)], seen: Set<UInt64>, dirty: Bool)>(([], [], true))
+    private let busy = Locked(0)
 
     /// Creates the group and places the mark. The lazy blob's writer was opened before, so its
     /// writes raise no events.
@@ -139,12 +212,74 @@ public final class FanotifyServer: @unchecked Sendable {
             while !stopping.get() {
                 usleep(250_000)
                 commitAndMaybeFinish()
+                saveProfile()
             }
             commitAndMaybeFinish()
+        }
+        if prefetch != .none {
+            done.enter()
+            Threads.detach { [self] in
+                defer { done.leave() }
+                prefetchLoop()
+            }
         }
         readLoop()
         for _ in 0..<workers { pending.signal() }
         done.wait()
+        saveProfile()
+    }
+
+    /// Background fetching: the profile's ranges first, then (for `.all`) everything else in 1 MiB
+    /// steps. Waits whenever readers have events queued or in flight, so it never competes with them.
+    func prefetchLoop() {
+        var ranges: [(UInt64, UInt64)] = []
+        var all = false
+        switch prefetch {
+        case .none: return
+        case .all: all = true
+        case .profile(let path):
+            do { ranges = try PrefetchProfile.load(path) } catch { log("prefetch profile \(path): \(error)") }
+        }
+        if all {
+            var off: UInt64 = 0
+            while off < lazy.size { ranges.append((off, min(1 << 20, lazy.size - off))); off += 1 << 20 }
+        }
+        var failures = 0
+        for (offset, length) in ranges where offset < lazy.size {
+            let len = min(length, lazy.size - offset)
+            while !stopping.get(), busy.get() > 0 || !queue.withLock({ $0.isEmpty }) { usleep(20_000) }
+            if stopping.get() { return }
+            if lazy.isAvailable(offset: offset, length: len) { continue }
+            do { try lazy.ensure(offset: offset, length: len) } catch {
+                failures += 1
+                if failures == 1 || failures % 100 == 0 { log("prefetch of \(len) bytes at \(offset) failed (\(failures) so far): \(error)") }
+            }
+        }
+        log("prefetch done\(failures > 0 ? " with \(failures) failed ranges (fetched on demand instead)" : "")")
+    }
+
+    /// Notes a reader's range for the profile (first time each granule is touched).
+    func noteForProfile(_ offset: UInt64, _ count: UInt64) {
+        guard recordProfile != nil, count > 0 else { return }
+        let g = lazy.granule
+        profile.withLock { p in
+            let first = offset / g, last = (offset + count - 1) / g
+            guard (first...last).contains(where: { !p.seen.contains($0) }) else { return }
+            for i in first...last { p.seen.insert(i) }
+            p.ranges.append((offset, count))
+            p.dirty = true
+        }
+    }
+
+    func saveProfile() {
+        guard let path = recordProfile else { return }
+        let ranges: [(UInt64, UInt64)]? = profile.withLock { p in
+            guard p.dirty else { return nil }
+            p.dirty = false
+            return p.ranges
+        }
+        guard let ranges else { return }
+        do { try PrefetchProfile.save(ranges, to: path) } catch { log("cannot write the profile \(path): \(error)") }
     }
 
     func readLoop() {
@@ -157,6 +292,7 @@ public final class FanotifyServer: @unchecked Sendable {
             stats.withLock { $0.events += events.count }
             journalAppend(events.map { "R \($0.fd) \($0.range?.offset ?? 0) \($0.range?.count ?? lazy.size)\n" }.joined())
             for ev in events {
+                if let r = ev.range { noteForProfile(r.offset, r.count) }
                 let start = DispatchTime.now().uptimeNanoseconds
                 // Present data (or a truncate, count 0) is answered right here without I/O.
                 if let r = ev.range, r.count == 0 || lazy.isAvailable(offset: r.offset, length: r.count) {
@@ -179,6 +315,8 @@ public final class FanotifyServer: @unchecked Sendable {
             }
             let start = DispatchTime.now().uptimeNanoseconds
             let r = ev.range ?? (0, lazy.size)
+            busy.withLock { $0 += 1 }
+            defer { busy.withLock { $0 -= 1 } }
             do {
                 try fetch(offset: r.offset, count: r.count)
                 answer(ev, Fanotify.allow, start: start)

@@ -25,6 +25,18 @@ public enum LazyWorker {
         public var allowFullDownload: Bool
         /// Registry authentication (OCI sources); handed to children over a pipe, never as arguments.
         public var auth: RegistryAuth?
+        public var prefetch: Prefetch = .none
+        public var recordProfile: String?
+        /// The supervisor that started this serving worker (its exit means the mount is being torn down).
+        public var supervisorPID: Int32?
+
+        /// The arguments that carry `prefetch` and `recordProfile` to a child.
+        var passOn: [String] {
+            var a: [String] = []
+            if prefetch != .none { a += ["--prefetch", prefetch.argument] }
+            if let recordProfile { a += ["--record-profile", recordProfile] }
+            return a
+        }
 
         /// Takes the registry credentials from a pipe the parent filled (`--auth-fd`).
         public mutating func readAuth(fd: Int32) throws {
@@ -82,8 +94,9 @@ public enum LazyWorker {
         while true {
             var args = ["__serve", "--worker", "--url", o.url, "--data", o.dataPath, "--record", o.recordPath, "--mountpoint", o.mountpoint,
                         "--stats", o.statsPath, "--ready-fd=-1", "--group-fd", String(group.rawValue),
-                        "--writer-fd", String(lazy.writerFD), "--journal", journal]
+                        "--writer-fd", String(lazy.writerFD), "--journal", journal, "--supervisor-pid", String(Sys.processID)]
             if let d = o.digest { args += ["--digest", d] }
+            args += o.passOn
             var keep = [group.rawValue, lazy.writerFD]
             var secretFD: Int32?
             if let auth = o.auth {
@@ -138,7 +151,7 @@ public enum LazyWorker {
         for fd in pending { try? Fanotify.respond(group, fd: fd, response: Fanotify.denyErrno(.ioError)) }
         let gone = Locked(false)
         Threads.detach {
-            watchMount(o.mountpoint, source: o.dataPath)
+            watchMount(o.mountpoint, source: o.dataPath, parent: getppid())
             gone.set(true)
         }
         var buf = [UInt8](repeating: 0, count: 64 << 10)
@@ -161,6 +174,8 @@ public enum LazyWorker {
             try blob.open(allowFullDownload: false)
             let lazy = try LazyBlob(blob: blob, dataPath: o.dataPath, recordPath: o.recordPath, writerFD: writerFD)
             server = try FanotifyServer(lazy: lazy, groupFD: groupFD, journalPath: journal, digest: o.digest, log: log)
+            server.prefetch = o.prefetch
+            server.recordProfile = o.recordProfile
         } catch {
             log("worker failed to start: \(error)")
             return 2
@@ -168,8 +183,9 @@ public enum LazyWorker {
         server.replayJournal()
         writeStats(server.snapshot, to: o.statsPath)
         let stop = Locked(false)
+        let parent = o.supervisorPID ?? getppid()
         Threads.detach {
-            watchMount(o.mountpoint, source: o.dataPath)
+            watchMount(o.mountpoint, source: o.dataPath, parent: parent)
             stop.set(true)
             server.stop()
         }
@@ -224,7 +240,7 @@ public enum LazyWorker {
     /// Returns once the mount of `source` at `mountpoint` has appeared and every mount of `source`
     /// (other mountpoints share this worker) is gone again, or when none appeared within 120 s.
     /// mountinfo signals changes with POLLPRI.
-    static func watchMount(_ mountpoint: String, source: String) {
+    static func watchMount(_ mountpoint: String, source: String, parent: Int32) {
         var seen = false
         func present() -> Bool {
             let mounts = MountInfo.current().filter { $0.fsType == "erofs" && $0.source == source }
@@ -233,7 +249,6 @@ public enum LazyWorker {
         guard let fd = try? Sys.open("/proc/self/mountinfo", O_RDONLY) else { return }
         defer { Sys.close(fd.rawValue) }
         let deadline = DispatchTime.now() + .seconds(120)
-        let parent = getppid()
         while true {
             // A supervisor that is gone (umount stops it) means the mount was made: exit with the last one.
             if getppid() != parent { seen = true }
