@@ -3,6 +3,7 @@ import FoundationEssentials
 #else
 import Foundation
 #endif
+import Dispatch
 import Glibc
 import Syscall
 import SystemPackage
@@ -106,6 +107,43 @@ public struct BlobCache: Sendable {
     public func paths(key: String) -> (data: String, record: String, info: String, lock: String) {
         let base = blobsDir + "/" + key
         return (base, base + ".pop", base + ".json", base + ".lock")
+    }
+
+    /// Takes the entry's writer lock (flock on `<hex>.lock`), held for as long as the returned
+    /// descriptor (or a child's inherited copy) stays open: one process tree fills a cache entry at a
+    /// time. Waits up to `waitSeconds` (a previous worker may be exiting), then fails naming the entry.
+    public static func lockForWriting(entry dataPath: String, waitSeconds: Double = 5) throws -> FileDescriptor {
+        let path = dataPath + ".lock"
+        let key = dataPath.split(separator: "/").last.map(String.init) ?? dataPath
+        let fd: FileDescriptor
+        do { fd = try Sys.open(path, O_RDWR | O_CREAT, mode: 0o600) } catch {
+            throw RemoteError.cache("cannot open \(path): \(error)")
+        }
+        let deadline = DispatchTime.now().uptimeNanoseconds + UInt64(waitSeconds * 1e9)
+        while true {
+            do {
+                try Sys.flock(fd.rawValue, exclusive: true, nonBlocking: true)
+                return fd
+            } catch let e as Errno where e == .wouldBlock && DispatchTime.now().uptimeNanoseconds < deadline {
+                usleep(50_000)
+            } catch {
+                break
+            }
+        }
+        Sys.close(fd.rawValue)
+        throw RemoteError.cache("cache entry \(key.prefix(12)) is being filled by another erofs-compat process (\(path) is locked); mount with the same state directory to share it, or use another --cache-dir")
+    }
+
+    /// True while some process holds the entry's writer lock.
+    public static func isLocked(entry dataPath: String) -> Bool {
+        guard let fd = try? Sys.open(dataPath + ".lock", O_RDONLY) else { return false }
+        defer { Sys.close(fd.rawValue) }
+        do {
+            try Sys.flock(fd.rawValue, exclusive: false, nonBlocking: true)
+            return false
+        } catch {
+            return true
+        }
     }
 
     public func ensureDirectories() throws {

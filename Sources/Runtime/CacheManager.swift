@@ -53,9 +53,10 @@ public struct CacheManager: Sendable {
             let info = FileManager.default.contents(atPath: p.info).flatMap { try? JSONDecoder().decode(CacheInfo.self, from: $0) }
             let size = UInt64(st?.st_size ?? 0)
             let present = (PopulationRecord.presentFraction(path: p.record) ?? 0) * 100
-            let users = records.filter { $0.cachePath == p.data && (runtime.isOurMount($0, mounts) || $0.workerPID.map(Sys.processExists) == true) }
+            var users = records.filter { $0.cachePath == p.data && (runtime.isOurMount($0, mounts) || $0.workerPID.map(Sys.processExists) == true) }
                 .map(\.mountpoint)
                 + mounts.filter { $0.source == p.data && !records.map(\.mountpoint).contains($0.mountPoint) }.map(\.mountPoint)
+            if users.isEmpty, BlobCache.isLocked(entry: p.data) { users = ["(being filled by another erofs-compat process)"] }
             let atime = st.map { Double($0.st_atim.tv_sec) } ?? 0
             let mtime = st.map { Double($0.st_mtim.tv_sec) } ?? 0
             return CacheEntry(key: key, path: p.data, info: info, size: size, allocated: UInt64(st?.st_blocks ?? 0) * 512,

@@ -167,6 +167,8 @@ extension Runtime {
                 // Whole download, verified, then a local mount of the cache file.
                 let blockSize: Int
                 do {
+                    let entryLock = try BlobCache.lockForWriting(entry: paths.data)
+                    defer { Sys.close(entryLock.rawValue) }
                     let lazy = try LazyBlob(blob: blob, dataPath: paths.data, recordPath: paths.record)
                     if blob.wholeOnly {
                         try blob.readAll(into: lazy.writerFD)

@@ -12,12 +12,9 @@ extension Sys {
         posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
         posix_spawn_file_actions_addopen(&actions, 1, "/dev/null", O_WRONLY, 0)
         posix_spawn_file_actions_addopen(&actions, 2, logPath, O_WRONLY | O_CREAT | O_APPEND, 0o600)
-        for fd in keep {
-            // Clear close-on-exec for the descriptors the child must inherit.
-            let flags = fcntl(fd, F_GETFD)
-            _ = ecx_fcntl_int(fd, F_SETFD, flags & ~FD_CLOEXEC)
-        }
-        defer { for fd in keep { _ = ecx_fcntl_int(fd, F_SETFD, FD_CLOEXEC) } }
+        // dup2(fd, fd) in the child clears its close-on-exec flag there only: the parent's descriptors
+        // stay close-on-exec, so a spawn on another thread can never inherit them.
+        for fd in keep { posix_spawn_file_actions_adddup2(&actions, fd, fd) }
         var attr = posix_spawnattr_t()
         posix_spawnattr_init(&attr)
         defer { posix_spawnattr_destroy(&attr) }

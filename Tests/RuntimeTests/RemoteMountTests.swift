@@ -269,6 +269,30 @@ struct RemoteMountTests {
         #expect(f.runtime.state.all().isEmpty && currentMounts().filter { $0.hasPrefix(f.dir.path) }.isEmpty)
     }
 
+    /// One writer per cache entry: a second tool instance (another state directory) cannot fill the
+    /// same entry concurrently; it is told why, and nothing is left behind.
+    @Test func cacheEntryHasOneWriter() throws {
+        let f = try RemoteFixture("onewriter")
+        defer { f.remove() }
+        let a = try f.runtime.mount(MountRequest(source: f.url, mountpoint: f.mnt, remote: f.remote))
+        let other = Runtime(state: StateStore(root: f.dir.file("state-other")))
+        for backend in [Backend?.none, .file] {
+            do {
+                _ = try other.mount(MountRequest(source: f.url, mountpoint: f.dir.file("mnt2"), backend: backend, remote: f.remote))
+                Issue.record("a second writer was allowed (\(String(describing: backend)))")
+            } catch let e as RuntimeError {
+                #expect(e.description.contains("being filled by another erofs-compat process"), "\(e)")
+            }
+        }
+        #expect(other.state.all().isEmpty && !currentMounts().contains(f.dir.file("mnt2")))
+        #expect(CacheManager(directory: f.dir.file("cache"), runtime: other).entries().first?.usedBy.isEmpty == false, "seen as in use")
+        try f.runtime.umount(f.mnt)
+        for _ in 0..<50 where workerRunning(a.record?.workerPID) { usleep(100_000) }
+        _ = try other.mount(MountRequest(source: f.url, mountpoint: f.dir.file("mnt2"), remote: f.remote))
+        #expect(TreeFactsLite(f.dir.file("mnt2")) == (try f.oracle()))
+        try other.umount(f.dir.file("mnt2"))
+    }
+
     @Test func twoMountsOfOneBlobShareTheWorker() throws {
         let f = try RemoteFixture("shared")
         defer { f.remove() }

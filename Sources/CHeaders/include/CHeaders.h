@@ -382,9 +382,6 @@ static inline int ecx_ioctl_ptr(int fd, unsigned long request, void *arg) {
 static inline int ecx_ioctl_val(int fd, unsigned long request, unsigned long arg) {
     return ioctl(fd, request, arg);
 }
-static inline int ecx_fcntl_int(int fd, int cmd, int arg) {
-    return fcntl(fd, cmd, arg);
-}
 static inline int ecx_errno(void) { return errno; }
 static inline void ecx_set_errno(int e) { errno = e; }
 static inline unsigned int ecx_major(dev_t dev) { return major(dev); }

@@ -74,7 +74,10 @@ public enum LazyWorker {
         }
         let lazy: LazyBlob
         let group: FileDescriptor
+        let entryLock: FileDescriptor
         do {
+            // One writer per cache entry, for the supervisor's whole life (released when it exits).
+            entryLock = try BlobCache.lockForWriting(entry: o.dataPath)
             let blob = try HTTPBlob(url: o.url, auth: o.auth)
             try blob.open(allowFullDownload: false)
             // The writer is opened inside LazyBlob before the mark: its writes raise no events.
@@ -87,6 +90,7 @@ public enum LazyWorker {
             ready("error: \(error)")
             return 1
         }
+        defer { Sys.close(entryLock.rawValue) }
         let journal = o.statsPath.replacingOccurrences(of: ".json", with: ".journal")
         try? Sys.unlink(journal)
         var restarts = 0
@@ -97,7 +101,10 @@ public enum LazyWorker {
                         "--writer-fd", String(lazy.writerFD), "--journal", journal, "--supervisor-pid", String(Sys.processID)]
             if let d = o.digest { args += ["--digest", d] }
             args += o.passOn
-            var keep = [group.rawValue, lazy.writerFD]
+            // The entry lock goes to the worker too: the entry stays locked until the last process
+            // holding the fanotify group (and its mark) is gone, so a new writer cannot open the file
+            // while a mark is still in place (its own reads would then raise events nobody answers).
+            var keep = [group.rawValue, lazy.writerFD, entryLock.rawValue]
             var secretFD: Int32?
             if let auth = o.auth {
                 guard let fd = try? secretPipe(auth.secret()) else {
