@@ -72,6 +72,15 @@ struct MountCLITests {
             (["mount", e.dir.file("img.erofs")], 2),
             (["umount", e.dir.file("mnt")], 6),
             (["status", e.dir.file("mnt")], 6),
+            (["mount", "--password-stdin", "oci://127.0.0.1:1/a/b", e.dir.file("mnt")], 2),
+            (["mount", "--username", "u", "oci://127.0.0.1:1/a/b", e.dir.file("mnt")], 2),
+            (["mount", "--layer", "1", "http://127.0.0.1:1/x.erofs", e.dir.file("mnt")], 2),
+            (["mount", "--layer", "1", "--blob", "sha256:" + String(repeating: "a", count: 64), "oci://127.0.0.1:1/a/b", e.dir.file("mnt")], 2),
+            (["mount", "--prefetch", "all", e.dir.file("img.erofs"), e.dir.file("mnt")], 2),
+            (["mount", "--prefetch", e.dir.file("noprofile"), "http://127.0.0.1:1/x.erofs", e.dir.file("mnt")], 2),
+            (["mount", "oci://127.0.0.1:1/UPPER", e.dir.file("mnt")], 3),
+            (["mount", "oci://127.0.0.1:1/a/b:v1", e.dir.file("mnt")], 3),
+            (["mount", "--platform", "linux", "oci://127.0.0.1:1/a/b:v1", e.dir.file("mnt")], 3),
         ]
         for (args, code) in cases {
             let r = try run(cliBinary, args, environment: e.env)
@@ -98,7 +107,11 @@ struct MountCLITests {
         let r = try run(cliBinary, ["mount", "--help"])
         #expect(r.stdout.contains("values: auto, fanotify, file, loop;"))
         #expect(!r.stdout.contains("nbd") && !r.stdout.contains("--backend fuse"))
-        #expect(!r.stdout.contains("oci://"), "OCI sources are not implemented and not offered")
+        for flag in ["oci://", "--layer", "--blob", "--platform", "--auth-file", "--username", "--password-stdin", "--insecure",
+                     "--prefetch", "--record-profile"] {
+            #expect(r.stdout.contains(flag), "\(flag) documented")
+        }
+        #expect(!r.stdout.contains("--password "), "no password on the command line")
         #expect(!r.stdout.contains("__serve"))
         let top = try run(cliBinary, ["--help"])
         for sub in ["probe", "mount", "umount", "status"] { #expect(top.stdout.contains(sub)) }

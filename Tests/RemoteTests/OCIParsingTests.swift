@@ -1,0 +1,64 @@
+import Testing
+@testable import Remote
+
+/// References, platforms, WWW-Authenticate challenges and credential files: parsing only.
+@Suite struct OCIParsingTests {
+    @Test func references() throws {
+        let d = "sha256:" + String(repeating: "ab", count: 32)
+        let cases: [(String, String, String, String?, String?)] = [
+            ("oci://registry.example:5000/team/app:v1.2", "registry.example:5000", "team/app", "v1.2", nil),
+            ("oci://127.0.0.1:5000/app", "127.0.0.1:5000", "app", "latest", nil),
+            ("oci://ghcr.io/a/b/c@\(d)", "ghcr.io", "a/b/c", nil, d),
+            ("oci://host/x_y.z-w:tag@\(d)", "host", "x_y.z-w", nil, d),
+        ]
+        for (s, reg, repo, tag, digest) in cases {
+            let r = try OCIReference(parsing: s)
+            #expect(r.registry == reg && r.repository == repo && r.tag == tag && r.digest == digest, "\(s) → \(r)")
+        }
+        #expect(try OCIReference(parsing: "oci://127.0.0.1:5000/app").host == "127.0.0.1")
+        for bad in ["http://x/y", "oci://", "oci://host", "oci://host/", "oci://host/Upper", "oci://host/a//b", "oci://host/a:",
+                    "oci://host/a@sha256:12", "oci://host/a@md5:\(String(repeating: "0", count: 64))", "oci://:5000/a", "oci://host/a:-bad"] {
+            #expect(throws: RemoteError.self, "\(bad)") { try OCIReference(parsing: bad) }
+        }
+    }
+
+    @Test func platforms() throws {
+        #expect(OCIPlatform.host(machine: "x86_64").description == "linux/amd64")
+        #expect(OCIPlatform.host(machine: "aarch64").description == "linux/arm64/v8")
+        let arm64 = try OCIPlatform(parsing: "linux/arm64/v8")
+        #expect(arm64.matches(OCIPlatform(os: "linux", architecture: "arm64")))
+        #expect(!arm64.matches(OCIPlatform(os: "linux", architecture: "arm64", variant: "v9")))
+        #expect(!arm64.matches(OCIPlatform(os: "windows", architecture: "arm64")))
+        for bad in ["linux", "linux/", "/amd64", "a/b/c/d"] { #expect(throws: RemoteError.self) { try OCIPlatform(parsing: bad) } }
+        #expect(RegistryClient.isLoopback("127.0.0.1") && RegistryClient.isLoopback("127.255.3.4"))
+        #expect(!RegistryClient.isLoopback("128.0.0.1") && !RegistryClient.isLoopback("localhost") && !RegistryClient.isLoopback("127.0.0.1.example"))
+    }
+
+    @Test func challenges() {
+        let hub = Challenge.parse(#"Bearer realm="https://auth.docker.io/token",service="registry.docker.io",scope="repository:library/ubuntu:pull""#)
+        #expect(hub == [Challenge(scheme: "bearer", params: ["realm": "https://auth.docker.io/token", "service": "registry.docker.io",
+                                                              "scope": "repository:library/ubuntu:pull"])])
+        let two = Challenge.parse(#"Basic realm="x", Bearer realm="https://t/token",service=s"#)
+        #expect(two.map(\.scheme) == ["basic", "bearer"] && two[1].params["service"] == "s")
+        #expect(Challenge.pick(#"Basic realm="x", Bearer realm="https://t/token""#)?.scheme == "bearer")
+        #expect(Challenge.parse(#"Basic realm="with \"quote\" and, comma""#).first?.params["realm"] == #"with "quote" and, comma"#)
+        #expect(Challenge.parse("").isEmpty)
+        #expect(RegistryAuth.percentEncode("repository:a/b:pull") == "repository%3Aa%2Fb%3Apull")
+    }
+
+    @Test func credentialFiles() throws {
+        let file = #"{"auths":{"https://index.docker.io/v1/":{"auth":"aHViOnB3"},"127.0.0.1:5000":{"auth":"dTpwOndpdGg6Y29sb25z"},"http://reg.local":{"username":"x","password":"y"}}}"#
+        let c = try RegistryCredentials.parse(Array(file.utf8), registry: "127.0.0.1:5000", file: "f")
+        #expect(c?.username == "u" && c?.password == "p:with:colons")
+        #expect(try RegistryCredentials.parse(Array(file.utf8), registry: "index.docker.io", file: "f")?.password == "pw")
+        #expect(try RegistryCredentials.parse(Array(file.utf8), registry: "reg.local", file: "f")?.username == "x")
+        #expect(try RegistryCredentials.parse(Array(file.utf8), registry: "other:1", file: "f") == nil)
+        #expect(throws: RemoteError.self) { try RegistryCredentials.parse(Array("{not json".utf8), registry: "a", file: "f") }
+        #expect(throws: RemoteError.self) { try RegistryCredentials.parse(Array(#"{"auths":{"a":{"auth":"!!!"}}}"#.utf8), registry: "a", file: "f") }
+        #expect(!"\(c!)".contains("p:with:colons"), "description hides the secret")
+        #expect(throws: RemoteError.self) {
+            try RegistryCredentials.lookup(registry: "a", authFile: "/nonexistent/auth.json", environment: [:])
+        }
+        #expect(try RegistryCredentials.lookup(registry: "a", authFile: nil, environment: ["HOME": "/nonexistent"]) == nil)
+    }
+}
