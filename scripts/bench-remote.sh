@@ -19,10 +19,24 @@ http { access_log off; client_body_temp_path $work/ngx; proxy_temp_path $work/ng
        server { listen 127.0.0.1:$port; root $www; } }
 CONF
 nginx -c "$work/ngx/nginx.conf" -p "$work/ngx"
+rport=$((20000 + RANDOM % 30000)); [ "$rport" = "$port" ] && rport=$((rport + 1))
+registry_pid=
+if command -v docker-registry >/dev/null; then
+    cat > "$work/registry.yml" <<CONF
+version: 0.1
+log: {level: error, accesslog: {disabled: true}}
+storage: {filesystem: {rootdirectory: $work/registry}}
+http: {addr: 127.0.0.1:$rport}
+CONF
+    docker-registry serve "$work/registry.yml" >"$work/registry.log" 2>&1 &
+    registry_pid=$!
+    for _ in $(seq 100); do curl -s -o /dev/null "http://127.0.0.1:$rport/v2/" && break; sleep 0.05; done
+fi
 state=/dev/shm/erofs-compat-bench-remote
 cleanup() {
     for m in "$work/m1" "$work/m2"; do mountpoint -q "$m" && { EROFS_COMPAT_STATE_DIR=$state "$BIN" umount "$m" >/dev/null 2>&1 || umount -l "$m"; }; done
     nginx -c "$work/ngx/nginx.conf" -p "$work/ngx" -s stop 2>/dev/null || true
+    [ -n "$registry_pid" ] && kill "$registry_pid" 2>/dev/null || true
     rm -rf "$state"
 }
 trap cleanup EXIT
@@ -48,20 +62,60 @@ PY
 }
 readall() { find "$1" -type f -print0 | xargs -0 -P 4 -n 8 cat > /dev/null; }
 
+# push NAME: the image as the only layer of oci://127.0.0.1:$rport/bench/NAME:latest (Distribution API).
+push() {
+    local f="$www/$1.erofs" d size loc cfg cd
+    d=sha256:$(sha256sum "$f" | cut -c1-64); size=$(stat -c %s "$f")
+    up() {  # FILE DIGEST
+        loc=$(curl -s -D - -o /dev/null -X POST "http://127.0.0.1:$rport/v2/bench/$1/blobs/uploads/" | tr -d '\r' | awk 'tolower($1)=="location:" {print $2}')
+        case "$loc" in /*) loc="http://127.0.0.1:$rport$loc" ;; esac
+        curl -s -f -X PUT -H "Content-Type: application/octet-stream" --data-binary "@$2" "$loc&digest=$3" >/dev/null
+    }
+    printf '{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]}}' > "$work/config.json"
+    cd=sha256:$(sha256sum "$work/config.json" | cut -c1-64)
+    up "$1" "$work/config.json" "$cd"
+    up "$1" "$f" "$d"
+    printf '{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"%s","size":%s},"layers":[{"mediaType":"application/vnd.erofs.layer.v1","digest":"%s","size":%s}]}' \
+        "$cd" "$(stat -c %s "$work/config.json")" "$d" "$size" > "$work/manifest.json"
+    curl -s -f -X PUT -H "Content-Type: application/vnd.oci.image.manifest.v1+json" --data-binary "@$work/manifest.json" \
+        "http://127.0.0.1:$rport/v2/bench/$1/manifests/latest" >/dev/null
+    echo "http://127.0.0.1:$rport/v2/bench/$1/blobs/$d"
+}
+
+# cold SOURCE DOWNLOAD_URL LABEL: (a) lazy mount + read all vs download whole + mount + read all.
+cold() {
+    local lazy=() base=() l b
+    for i in 1 2 3; do
+        rm -rf "$work/cache"; drop
+        s=$(now_us); "$BIN" mount --cache-dir "$work/cache" "$1" "$work/m1" >/dev/null 2>&1; readall "$work/m1"; e=$(now_us)
+        lazy+=($((e - s))); "$BIN" umount "$work/m1" >/dev/null
+        rm -f "$work/dl.erofs"; drop
+        s=$(now_us); curl -s -o "$work/dl.erofs" "$2"; mount -t erofs -o ro,loop "$work/dl.erofs" "$work/m2"; readall "$work/m2"; e=$(now_us)
+        base+=($((e - s))); umount "$work/m2"
+    done
+    l=$(printf '%s\n' "${lazy[@]}" | median); b=$(printf '%s\n' "${base[@]}" | median)
+    awk -v l="$l" -v b="$b" -v n="$3" 'BEGIN {printf "cold (%s): erofs-compat %.2f s, download+mount %.2f s, ratio %.2f (target <= 1.25)\n", n, l/1e6, b/1e6, l/b}'
+}
+
+# small SOURCE DOWNLOAD_URL LABEL: (c) lazy mount + one small file vs downloading the whole blob.
+small() {
+    local one=() dl=() x d
+    for i in 1 2 3; do
+        rm -rf "$work/cache"; drop
+        s=$(now_us); "$BIN" mount --cache-dir "$work/cache" "$1" "$work/m1" >/dev/null 2>&1; cat "$work/m1/text05.txt" > /dev/null; e=$(now_us)
+        one+=($((e - s))); "$BIN" umount "$work/m1" >/dev/null
+        rm -f "$work/dl.erofs"; drop
+        s=$(now_us); curl -s -o "$work/dl.erofs" "$2"; e=$(now_us); dl+=($((e - s)))
+    done
+    x=$(printf '%s\n' "${one[@]}" | median); d=$(printf '%s\n' "${dl[@]}" | median)
+    awk -v x="$x" -v d="$d" -v n="$3" 'BEGIN {printf "one small file (%s): erofs-compat %.3f s, whole download %.3f s, ratio %.1f%% (target <= 5%%)\n", n, x/1e6, d/1e6, 100*x/d}'
+}
+
 mkimage img256 256
 url="http://127.0.0.1:$port/img256.erofs"
-echo "== (a) cold: lazy mount + read every file vs download whole + file-backed mount + read (256 MiB, median of 3)"
-lazy=(); base=()
-for i in 1 2 3; do
-    rm -rf "$work/cache"; drop
-    s=$(now_us); "$BIN" mount --cache-dir "$work/cache" "$url" "$work/m1" >/dev/null; readall "$work/m1"; e=$(now_us)
-    lazy+=($((e - s))); "$BIN" umount "$work/m1" >/dev/null
-    rm -f "$work/dl.erofs"; drop
-    s=$(now_us); curl -s -o "$work/dl.erofs" "$url"; mount -t erofs -o ro,loop "$work/dl.erofs" "$work/m2"; readall "$work/m2"; e=$(now_us)
-    base+=($((e - s))); umount "$work/m2"
-done
-l=$(printf '%s\n' "${lazy[@]}" | median); b=$(printf '%s\n' "${base[@]}" | median)
-awk -v l="$l" -v b="$b" 'BEGIN {printf "cold: erofs-compat %.2f s, download+mount %.2f s, ratio %.2f (target <= 1.25)\n", l/1e6, b/1e6, l/b}'
+echo "== (a) cold 256 MiB image of 1-16 MiB files: lazy mount + read every file vs download whole + file-backed mount + read (median of 3)"
+if [ -n "$registry_pid" ]; then blob=$(push img256); cold "oci://127.0.0.1:$rport/bench/img256:latest" "$blob" "docker-registry, oci://"; fi
+cold "$url" "$url" "(d) nginx, http://"
 
 echo "== (b) warm: full read with the cache complete vs the local image file-backed (median of 3)"
 rm -rf "$work/cache"; "$BIN" mount --cache-dir "$work/cache" "$url" "$work/m1" >/dev/null; readall "$work/m1"; sleep 1
@@ -79,15 +133,7 @@ awk -v w="$w" -v o="$o" 'BEGIN {printf "warm: erofs-compat %.3f s, local file-ba
 mkimage img1g 1024
 url="http://127.0.0.1:$port/img1g.erofs"
 echo "== (c) 1 GiB image: cold lazy mount + read one small file vs downloading the whole blob (median of 3)"
-one=(); dl=()
-for i in 1 2 3; do
-    rm -rf "$work/cache"; drop
-    s=$(now_us); "$BIN" mount --cache-dir "$work/cache" "$url" "$work/m1" >/dev/null; cat "$work/m1/text05.txt" > /dev/null; e=$(now_us)
-    one+=($((e - s))); "$BIN" umount "$work/m1" >/dev/null
-    rm -f "$work/dl.erofs"; drop
-    s=$(now_us); curl -s -o "$work/dl.erofs" "$url"; e=$(now_us); dl+=($((e - s)))
-done
-x=$(printf '%s\n' "${one[@]}" | median); d=$(printf '%s\n' "${dl[@]}" | median)
-awk -v x="$x" -v d="$d" 'BEGIN {printf "one small file: erofs-compat %.3f s, whole download %.3f s, ratio %.1f%% (target <= 5%%)\n", x/1e6, d/1e6, 100*x/d}'
-echo "(d) the figures above are against nginx; an OCI registry source is not implemented yet"
+if [ -n "$registry_pid" ]; then blob=$(push img1g); small "oci://127.0.0.1:$rport/bench/img1g:latest" "$blob" "docker-registry, oci://"; fi
+small "$url" "$url" "(d) nginx, http://"
+[ -n "$registry_pid" ] || echo "docker-registry not installed: registry figures skipped"
 rm -f "$work/dl.erofs"

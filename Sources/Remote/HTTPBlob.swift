@@ -94,6 +94,14 @@ public final class HTTPBlob: @unchecked Sendable {
         lastModified = r.header("last-modified")
     }
 
+    /// Takes size and validators learned by another process's `open` (a restarted worker must start
+    /// even while the server is failing: its reads then fail with EIO, one by one, until it is back).
+    public func adopt(size: UInt64, etag: String?, lastModified: String?) {
+        self.size = size
+        self.etag = etag
+        self.lastModified = lastModified
+    }
+
     static func totalFromContentRange(_ v: String) -> UInt64? {
         // "bytes 0-0/12345"
         guard let slash = v.lastIndex(of: "/") else { return nil }

@@ -21,6 +21,9 @@ struct ServeCommand: ParsableCommand {
     @Option var prefetch: String = "none"
     @Option var recordProfile: String?
     @Option var supervisorPid: Int32?
+    @Option var size: UInt64?
+    @Option var etag: String?
+    @Option var lastModified: String?
 
     func run() throws {
         var options = LazyWorker.Options(url: url, dataPath: data, recordPath: record, mountpoint: mountpoint, statsPath: stats,
@@ -28,6 +31,7 @@ struct ServeCommand: ParsableCommand {
         options.prefetch = Prefetch(argument: prefetch)
         options.recordProfile = recordProfile
         options.supervisorPID = supervisorPid
+        if let size { options.known = (size, etag, lastModified) }
         if authFd >= 0 {
             do {
                 try options.readAuth(fd: authFd)

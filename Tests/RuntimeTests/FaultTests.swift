@@ -9,8 +9,9 @@ import TestSupport
 let faultReason = "needs root, mkfs.erofs, nginx and python3 (the fault-injecting proxy)"
 let canInjectFaults = canMountRemote && FaultProxy.missing == nil
 
-/// Reads every regular file of `files` on 4 threads; each result is a digest or "read-error …".
-func parallelRead(_ root: String, _ files: [String]) -> [String: String] {
+/// Reads every regular file of `files` on 4 threads, running `during` meanwhile; each result is a
+/// digest or "read-error …".
+func parallelRead(_ root: String, _ files: [String], during: () -> Void = {}) -> [String: String] {
     let results = Locked<[String: String]>([:])
     let group = DispatchGroup()
     for chunk in 0..<4 {
@@ -23,6 +24,7 @@ func parallelRead(_ root: String, _ files: [String]) -> [String: String] {
             }
         }
     }
+    during()
     group.wait()
     return results.get()
 }
@@ -65,10 +67,21 @@ struct FaultTests {
         let proxy = try FaultProxy(upstream: f.server.base)
         defer { proxy.remove() }
         let expected = try f.oracle()
-        _ = try f.runtime.mount(MountRequest(source: proxy.base + "/img.erofs", mountpoint: f.mnt, remote: f.remote))
+        let out = try f.runtime.mount(MountRequest(source: proxy.base + "/img.erofs", mountpoint: f.mnt, remote: f.remote))
         defer { try? f.runtime.umount(f.mnt) }
         let files = expected.entries.filter { $0.value.contains("size") && !$0.value.contains("size 0 ") }.map(\.key).sorted()
         try proxy.set("{\"fault\":\"status\",\"status\":503,\"every\":1,\"match\":\"/img.erofs\"}")
+        // A worker that dies while the server is failing is restarted and serves (it does not need
+        // the server to start).
+        let supervisor = try #require(out.record?.workerPID)
+        func worker() -> Int32? {
+            (try? String(contentsOfFile: "/proc/\(supervisor)/task/\(supervisor)/children", encoding: .utf8))?
+                .split(separator: " ").first.flatMap { Int32($0) }
+        }
+        for _ in 0..<100 where worker() == nil { usleep(50_000) }
+        let first = try #require(worker())
+        try Sys.kill(first, SIGKILL)
+        for _ in 0..<100 where worker() == nil || worker() == first { usleep(50_000) }
         // The two largest files: not fetched yet (only metadata and inline tails were).
         func size(_ p: String) -> Int { Int(expected.entries[p]!.split(separator: " ").drop { $0 != "size" }.dropFirst().first ?? "0") ?? 0 }
         let sample = Array(files.sorted { size($0) > size($1) }.prefix(2))
@@ -77,7 +90,12 @@ struct FaultTests {
             #expect(got.hasPrefix("read-error") && got.contains("Input/output"), "\(p) (\(size(p)) bytes) while failing: \(got)")
         }
         try proxy.set("{}")
-        for p in sample { #expect(expected.entries[p]!.hasSuffix(TreeFactsLite.digest(f.mnt + "/" + p)), "\(p) after recovery") }
+        for p in sample {
+            let got = TreeFactsLite.digest(f.mnt + "/" + p)
+            #expect(expected.entries[p]!.hasSuffix(got), "\(p) after recovery: \(got); mounted: \(currentMounts().contains(f.mnt)); worker log:\n\(f.workerLogs().suffix(3000))")
+        }
+        try #require(expected.entries[sample[0]]!.hasSuffix(TreeFactsLite.digest(f.mnt + "/" + sample[0])))
+        #expect(!f.workerLogs().contains("worker failed to start"), "\(f.workerLogs().suffix(2000))")
 
         // Down mid-read.
         let rest = files.filter { !sample.contains($0) }

@@ -36,6 +36,13 @@ struct RemoteFixture {
         try withKernelMount(server.root + "/img.erofs", dir.file("oracle")) { TreeFactsLite(dir.file("oracle")) }
     }
 
+    /// The workers' logs (for failure messages).
+    func workerLogs() -> String {
+        let d = dir.file("state/workers")
+        return ((try? FileManager.default.contentsOfDirectory(atPath: d)) ?? []).filter { $0.hasSuffix(".log") }.sorted()
+            .map { (try? String(contentsOfFile: d + "/" + $0, encoding: .utf8)) ?? "" }.joined()
+    }
+
     func remove() {
         for m in currentMounts().filter({ $0.hasPrefix(dir.path) }).reversed() { try? MountAPI.umount(m, detach: true) }
         for r in runtime.state.all() { if let pid = r.workerPID { try? Sys.kill(pid, SIGKILL) } }
@@ -187,30 +194,19 @@ struct RemoteMountTests {
                 .split(separator: " ").first.flatMap { Int32($0) }
         }
         let files = expected.entries.filter { $0.value.contains("size") }.map(\.key).sorted()
-        let results = Locked<[String: String]>([:])
-        let group = DispatchGroup()
-        for chunk in 0..<4 {
-            group.enter()
-            DispatchQueue.global().async {
-                defer { group.leave() }
-                for (i, p) in files.enumerated() where i % 4 == chunk {
-                    let got = TreeFactsLite.digest(f.mnt + "/" + p)
-                    results.withLock { $0[p] = got }
+        var kills = 0
+        let results = parallelRead(f.mnt, files) {
+            for _ in 0..<3 {
+                usleep(150_000)
+                if let w = worker() {
+                    try? Sys.kill(w, SIGKILL)
+                    kills += 1
                 }
             }
         }
-        var kills = 0
-        for _ in 0..<3 {
-            usleep(150_000)
-            if let w = worker() {
-                try? Sys.kill(w, SIGKILL)
-                kills += 1
-            }
-        }
-        group.wait()
         #expect(kills > 0)
         for p in files {
-            let got = results.get()[p] ?? "missing"
+            let got = results[p] ?? "missing"
             #expect(expected.entries[p]!.hasSuffix(got), "\(p): \(got)")
         }
         #expect(workerRunning(supervisor), "the supervisor survives")

@@ -29,6 +29,9 @@ public enum LazyWorker {
         public var recordProfile: String?
         /// The supervisor that started this serving worker (its exit means the mount is being torn down).
         public var supervisorPID: Int32?
+        /// What the supervisor learned from the server (size, ETag, Last-Modified): a serving worker
+        /// adopts it instead of asking the server, so it starts even while the server fails.
+        public var known: (size: UInt64, etag: String?, lastModified: String?)?
 
         /// The arguments that carry `prefetch` and `recordProfile` to a child.
         var passOn: [String] {
@@ -100,7 +103,9 @@ public enum LazyWorker {
                         "--stats", o.statsPath, "--ready-fd=-1", "--group-fd", String(group.rawValue),
                         "--writer-fd", String(lazy.writerFD), "--journal", journal, "--supervisor-pid", String(Sys.processID)]
             if let d = o.digest { args += ["--digest", d] }
-            args += o.passOn
+            args += o.passOn + ["--size", String(lazy.size)]
+            if let e = lazy.blob.etag { args += ["--etag", e] }
+            if let m = lazy.blob.lastModified { args += ["--last-modified", m] }
             // The entry lock goes to the worker too: the entry stays locked until the last process
             // holding the fanotify group (and its mark) is gone, so a new writer cannot open the file
             // while a mark is still in place (its own reads would then raise events nobody answers).
@@ -129,8 +134,11 @@ public enum LazyWorker {
                 ready("ready")
                 readySent = true
             }
+            let started = DispatchTime.now().uptimeNanoseconds
             let (code, signal) = Sys.wait(pid)
             if code == 0 { return 0 }
+            // Crashes far apart do not add up to giving up.
+            if DispatchTime.now().uptimeNanoseconds - started > 60_000_000_000 { restarts = 0 }
             restarts += 1
             log("worker \(pid) died (\(signal.map { "signal \($0)" } ?? "exit \(code ?? -1)")); restart \(restarts)")
             guard restarts <= 50 else {
@@ -178,7 +186,9 @@ public enum LazyWorker {
         let server: FanotifyServer
         do {
             let blob = try HTTPBlob(url: o.url, auth: o.auth)
-            try blob.open(allowFullDownload: false)
+            if let k = o.known { blob.adopt(size: k.size, etag: k.etag, lastModified: k.lastModified) } else {
+                try blob.open(allowFullDownload: false)
+            }
             let lazy = try LazyBlob(blob: blob, dataPath: o.dataPath, recordPath: o.recordPath, writerFD: writerFD)
             server = try FanotifyServer(lazy: lazy, groupFD: groupFD, journalPath: journal, digest: o.digest, log: log)
             server.prefetch = o.prefetch
