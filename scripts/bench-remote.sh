@@ -69,7 +69,7 @@ push() {
     up() {  # FILE DIGEST
         loc=$(curl -s -D - -o /dev/null -X POST "http://127.0.0.1:$rport/v2/bench/$1/blobs/uploads/" | tr -d '\r' | awk 'tolower($1)=="location:" {print $2}')
         case "$loc" in /*) loc="http://127.0.0.1:$rport$loc" ;; esac
-        curl -s -f -X PUT -H "Content-Type: application/octet-stream" --data-binary "@$2" "$loc&digest=$3" >/dev/null
+        curl -s -f -H "Content-Type: application/octet-stream" -T "$2" "$loc&digest=$3" >/dev/null
     }
     printf '{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]}}' > "$work/config.json"
     cd=sha256:$(sha256sum "$work/config.json" | cut -c1-64)

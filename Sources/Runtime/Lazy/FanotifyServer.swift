@@ -105,7 +105,9 @@ public final class FanotifyServer: @unchecked Sendable {
     private let pending = DispatchSemaphore(value: 0)
     private let stats = Locked(Stats())
     private let latencies = Locked<[Double]>([])
-    private let readahead = Locked<(lastEnd: UInt64, window: UInt64)>((0, 0))
+    /// Sequential streams seen recently: where each one's last request ended and its window. Several
+    /// readers interleave their events, so each stream is recognised on its own.
+    private let streams = Locked<[(end: UInt64, window: UInt64)]>([])
     private let stopping = Locked(false)
     private let marked = Locked(true)
     public let workers: Int
@@ -329,12 +331,19 @@ public final class FanotifyServer: @unchecked Sendable {
         }
     }
 
-    /// The required range, grown for sequential readers (128 KiB doubling to 4 MiB).
+    /// The required range, grown for sequential readers (128 KiB doubling to 4 MiB per stream).
     func fetch(offset: UInt64, count: UInt64) throws {
-        let window: UInt64 = readahead.withLock { ra in
-            ra.window = offset == ra.lastEnd && ra.window > 0 ? min(ra.window * 2, 4 << 20) : 128 << 10
-            ra.lastEnd = offset + count
-            return ra.window
+        let window: UInt64 = streams.withLock { list in
+            // A stream continues when this read starts at (or inside the readahead of) its last end.
+            if let i = list.firstIndex(where: { offset >= $0.end &- min($0.window, $0.end) && offset <= $0.end + $0.window }) {
+                let w = min(list[i].window * 2, 4 << 20)
+                list.remove(at: i)
+                list.append((offset + max(count, w), w))
+                return w
+            }
+            if list.count >= 32 { list.removeFirst() }
+            list.append((offset + max(count, 128 << 10), 128 << 10))
+            return 128 << 10
         }
         let want = max(count, window)
         do {
