@@ -209,7 +209,9 @@ public struct Runtime: Sendable {
             } else {
                 wasStale = true
             }
-            stopWorker(record)
+            // After a lazy umount the worker must outlive the open files: it exits by itself when the
+            // superblock is shut down.
+            if !lazy { stopWorker(record) }
             impl?.release(record)
             state.remove(mountpoint)
             return (record, wasStale)

@@ -194,6 +194,35 @@ package enum Sys {
         return ecx_errno() == EPERM
     }
 
+    // MARK: inotify
+
+    /// A non-blocking, close-on-exec inotify instance.
+    package static func inotifyInit() throws -> FileDescriptor {
+        FileDescriptor(rawValue: try call { ecx_inotify_init() })
+    }
+
+    /// Watches the directory at `path` for its filesystem's shutdown (IN_UNMOUNT); returns the watch.
+    package static func inotifyWatchUnmount(_ fd: FileDescriptor, _ path: String) throws -> Int32 {
+        try call { ecx_inotify_add_watch(fd.rawValue, path, ecx_in_unmount | ecx_in_onlydir) }
+    }
+
+    /// Watches whose filesystem went away (IN_UNMOUNT or IN_IGNORED) among the pending events.
+    package static func inotifyEndedWatches(_ fd: FileDescriptor) -> Set<Int32> {
+        var ended = Set<Int32>()
+        var buf = [UInt8](repeating: 0, count: 4096)
+        while let n = try? buf.withUnsafeMutableBytes({ try read(fd.rawValue, into: $0) }), n > 0 {
+            var off = 0
+            while off + 16 <= n {
+                let wd = buf[off..<off + 4].reversed().reduce(Int32(0)) { $0 << 8 | Int32($1) }
+                let mask = buf[off + 4..<off + 8].reversed().reduce(UInt32(0)) { $0 << 8 | UInt32($1) }
+                let len = buf[off + 12..<off + 16].reversed().reduce(0) { $0 << 8 | Int($1) }
+                if mask & (ecx_in_unmount | ecx_in_ignored) != 0 { ended.insert(wd) }
+                off += 16 + len
+            }
+        }
+        return ended
+    }
+
     // MARK: poll
 
     /// poll(2) on one descriptor; true when `events` are ready before `timeoutMs`.

@@ -66,12 +66,16 @@ struct TreeFactsLite: Equatable {
     static func digest(_ path: String) -> String {
         guard let fd = try? Sys.open(path, O_RDONLY) else { return "open-error" }
         defer { Sys.close(fd.rawValue) }
+        return digest(fd: fd.rawValue)
+    }
+
+    static func digest(fd: Int32) -> String {
         var h: UInt64 = 1469598103934665603
         var pos: Int64 = 0
         var buf = [UInt8](repeating: 0, count: 1 << 16)
         while true {
             let n: Int
-            do { n = try buf.withUnsafeMutableBytes { try Sys.pread(fd.rawValue, into: $0, at: pos) } } catch { return "read-error \(error)" }
+            do { n = try buf.withUnsafeMutableBytes { try Sys.pread(fd, into: $0, at: pos) } } catch { return "read-error \(error)" }
             if n == 0 { break }
             for b in buf[0..<n] { h = (h ^ UInt64(b)) &* 1099511628211 }
             pos += Int64(n)
@@ -287,6 +291,31 @@ struct RemoteMountTests {
         _ = try other.mount(MountRequest(source: f.url, mountpoint: f.dir.file("mnt2"), remote: f.remote))
         #expect(TreeFactsLite(f.dir.file("mnt2")) == (try f.oracle()))
         try other.umount(f.dir.file("mnt2"))
+    }
+
+    /// `umount --lazy` while a file is open: the worker keeps serving it (correct bytes, never zeros)
+    /// and exits once the file is closed and the superblock is gone.
+    @Test func lazyUmountKeepsServingOpenFiles() throws {
+        let f = try RemoteFixture("lazyumount")
+        defer { f.remove() }
+        let expected = try f.oracle()
+        func size(_ p: String) -> Int { Int(expected.entries[p]!.split(separator: " ").drop { $0 != "size" }.dropFirst().first ?? "0") ?? 0 }
+        let big = try #require(expected.entries.filter { $0.value.contains("size") }.map(\.key).max { size($0) < size($1) })
+        let out = try f.runtime.mount(MountRequest(source: f.url, mountpoint: f.mnt, remote: f.remote))
+        let supervisor = try #require(out.record?.workerPID)
+        // The serving worker must have seen the mount (it watches each mount's superblock from then on):
+        // wait for its first progress report, then one mountinfo poll period.
+        for _ in 0..<100 where (try? f.runtime.status().first?.progress) == nil { usleep(50_000) }
+        usleep(1_200_000)
+        let fd = try Sys.open(f.mnt + "/" + big, O_RDONLY)
+        try f.runtime.umount(f.mnt, lazy: true)
+        #expect(!currentMounts().contains(f.mnt) && f.runtime.state.all().isEmpty)
+        usleep(2_500_000)
+        #expect(workerRunning(supervisor), "the worker outlives a lazy umount while a file is open")
+        #expect(expected.entries[big]!.hasSuffix(TreeFactsLite.digest(fd: fd.rawValue)), "\(big) read after the lazy umount")
+        Sys.close(fd.rawValue)
+        for _ in 0..<100 where workerRunning(supervisor) { usleep(100_000) }
+        #expect(!workerRunning(supervisor), "the worker exits once the superblock is gone")
     }
 
     @Test func twoMountsOfOneBlobShareTheWorker() throws {

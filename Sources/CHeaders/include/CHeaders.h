@@ -30,6 +30,7 @@
 #include <sys/types.h>
 #include <sys/uio.h>
 #include <sys/fanotify.h>
+#include <sys/inotify.h>
 #include <sys/file.h>
 #include <sys/xattr.h>
 #include <linux/loop.h>
@@ -388,6 +389,13 @@ static inline unsigned int ecx_major(dev_t dev) { return major(dev); }
 static inline unsigned int ecx_minor(dev_t dev) { return minor(dev); }
 static inline long ecx_gettid(void) { return syscall(SYS_gettid); }
 static inline int ecx_flock(int fd, int op) { return flock(fd, op); }
+/* inotify: IN_UNMOUNT arrives when a superblock is really shut down, also after a lazy umount once
+ * the last open file on it is closed. */
+static const unsigned int ecx_in_unmount = IN_UNMOUNT;
+static const unsigned int ecx_in_ignored = IN_IGNORED;
+static const unsigned int ecx_in_onlydir = IN_ONLYDIR;
+static inline int ecx_inotify_init(void) { return inotify_init1(IN_CLOEXEC | IN_NONBLOCK); }
+static inline int ecx_inotify_add_watch(int fd, const char *path, unsigned int mask) { return inotify_add_watch(fd, path, mask); }
 /* Defined in shim.c, which is compiled with _GNU_SOURCE (kept out of this header so its structs match
  * the ones Swift's Glibc module sees). */
 int ecx_unshare(int flags);

@@ -255,25 +255,34 @@ public enum LazyWorker {
     }
 
     /// Returns once the mount of `source` at `mountpoint` has appeared and every mount of `source`
-    /// (other mountpoints share this worker) is gone again, or when none appeared within 120 s.
-    /// mountinfo signals changes with POLLPRI.
+    /// (other mountpoints share this worker) is gone again — gone meaning its superblock was shut down,
+    /// so a lazy umount (`umount -l`) with files still open keeps the worker serving until the last of
+    /// them is closed (inotify's IN_UNMOUNT on each mount's root). Also returns when no mount appeared
+    /// within 120 s. mountinfo signals changes with POLLPRI.
     static func watchMount(_ mountpoint: String, source: String, parent: Int32) {
         var seen = false
-        func present() -> Bool {
-            let mounts = MountInfo.current().filter { $0.fsType == "erofs" && $0.source == source }
-            return seen ? !mounts.isEmpty : mounts.contains { $0.mountPoint == mountpoint }
-        }
+        var watchedMounts = Set<Int>()
+        var liveWatches = Set<Int32>()
+        let notify = try? Sys.inotifyInit()
+        defer { notify.map { Sys.close($0.rawValue) } }
         guard let fd = try? Sys.open("/proc/self/mountinfo", O_RDONLY) else { return }
         defer { Sys.close(fd.rawValue) }
         let deadline = DispatchTime.now() + .seconds(120)
         while true {
-            // A supervisor that is gone (umount stops it) means the mount was made: exit with the last one.
+            // A supervisor that is gone (umount stops it) means the mount was made.
             if getppid() != parent { seen = true }
-            let now = present()
-            if now { seen = true }
-            if seen && !now { return }
+            let mounts = MountInfo.current().filter { $0.fsType == "erofs" && $0.source == source }
+            if mounts.contains(where: { $0.mountPoint == mountpoint }) || (seen && !mounts.isEmpty) { seen = true }
+            if let notify {
+                for m in mounts where !watchedMounts.contains(m.mountID) {
+                    watchedMounts.insert(m.mountID)
+                    if let wd = try? Sys.inotifyWatchUnmount(notify, m.mountPoint) { liveWatches.insert(wd) }
+                }
+                liveWatches.subtract(Sys.inotifyEndedWatches(notify))
+            }
+            if seen && mounts.isEmpty && liveWatches.isEmpty { return }
             if !seen && DispatchTime.now() > deadline { return }
-            _ = try? Sys.poll(fd.rawValue, events: Int16(POLLPRI | POLLERR), timeoutMs: 1000)
+            _ = try? Sys.poll(fd.rawValue, events: Int16(POLLPRI | POLLERR), timeoutMs: liveWatches.isEmpty || !mounts.isEmpty ? 1000 : 250)
             var b = [UInt8](repeating: 0, count: 4096)
             _ = try? b.withUnsafeMutableBytes { try Sys.pread(fd.rawValue, into: $0, at: 0) }
         }
