@@ -224,6 +224,11 @@ public struct Runtime: Sendable {
         let others = state.all().filter { $0.workerPID == pid && $0.mountpoint != record.mountpoint }
         guard others.isEmpty else { return }
         try? Sys.kill(pid, SIGTERM)
+        // The serving worker follows within a moment (its mount is gone); wait for it to release the
+        // cache entry, so that when `umount` returns the entry is free (e.g. for `cache prune`).
+        if let cache = record.cachePath {
+            for _ in 0..<60 where BlobCache.isLocked(entry: cache) { usleep(50_000) }
+        }
     }
 
     /// realpath when the path exists, else a lexically normalised absolute path.
