@@ -80,8 +80,6 @@ public enum MountPlanning {
 
     static func store(_ entry: CacheEntry, at path: String) {
         guard let data = try? JSONEncoder().encode(entry) else { return }
-        let tmp = path + ".tmp.\(Sys.processID)"
-        guard FileManager.default.createFile(atPath: tmp, contents: data) else { return }
-        do { try Sys.rename(tmp, path) } catch { try? Sys.unlink(tmp) }
+        try? Sys.writeFileAtomically(path, [UInt8](data))
     }
 }

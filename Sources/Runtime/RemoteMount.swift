@@ -233,15 +233,15 @@ extension Runtime {
         var args = ["__serve", "--url", url, "--data", paths.data, "--record", paths.record, "--mountpoint", mountpoint,
                     "--stats", statsPath, "--ready-fd", String(w)]
         if let d = req.remote.digest { args += ["--digest", d] }
-        if req.remote.prefetch != .none { args += ["--prefetch", req.remote.prefetch.argument] }
-        if let p = req.remote.recordProfile { args += ["--record-profile", p] }
-        if let auth {
-            do { secretFD = try LazyWorker.secretPipe(auth.secret()) } catch {
-                Sys.close(w)
-                throw RuntimeError.mountFailed(backend: "fanotify", detail: "cannot pass credentials to the worker: \(error)")
-            }
-            keep.append(secretFD!)
-            args += ["--auth-fd", String(secretFD!)]
+        args += LazyWorker.prefetchArguments(req.remote.prefetch, recordProfile: req.remote.recordProfile)
+        do {
+            let handOff = try LazyWorker.authHandOff(auth)
+            secretFD = handOff.fd
+            keep += handOff.fd.map { [$0] } ?? []
+            args += handOff.args
+        } catch {
+            Sys.close(w)
+            throw RuntimeError.mountFailed(backend: "fanotify", detail: "cannot pass credentials to the worker: \(error)")
         }
         let log = state.root + "/workers/" + StateStore.key(for: mountpoint).replacingOccurrences(of: ".json", with: ".log")
         let pid: Int32

@@ -77,13 +77,36 @@ package enum Sys {
     package static func readFile(_ path: String) throws -> [UInt8] {
         let fd = try open(path, O_RDONLY)
         defer { close(fd.rawValue) }
+        return try readAll(fd.rawValue)
+    }
+
+    /// Everything `fd` yields until EOF (a file, a pipe).
+    package static func readAll(_ fd: Int32) throws -> [UInt8] {
         var out: [UInt8] = []
         var chunk = [UInt8](repeating: 0, count: 4096)
         while true {
-            let n = try chunk.withUnsafeMutableBytes { try read(fd.rawValue, into: $0) }
+            let n = try chunk.withUnsafeMutableBytes { try read(fd, into: $0) }
             if n == 0 { return out }
             out.append(contentsOf: chunk[..<n])
             if n == chunk.count, chunk.count < 1 << 20 { chunk = [UInt8](repeating: 0, count: chunk.count * 4) }
+        }
+    }
+
+    /// Replaces `path` with `bytes` atomically: a temporary file beside it, then rename (readers see
+    /// the old or the new content, never a mix). The temporary file is removed on failure.
+    package static func writeFileAtomically(_ path: String, _ bytes: [UInt8], mode: UInt32 = 0o644) throws {
+        let tmp = path + ".tmp.\(processID)"
+        do {
+            let fd = try open(tmp, O_WRONLY | O_CREAT | O_TRUNC, mode: mode)
+            defer { close(fd.rawValue) }
+            try bytes.withUnsafeBytes { try pwriteAll(fd.rawValue, $0, at: 0) }
+        } catch {
+            try? unlink(tmp)
+            throw error
+        }
+        do { try rename(tmp, path) } catch {
+            try? unlink(tmp)
+            throw error
         }
     }
 
@@ -211,13 +234,16 @@ package enum Sys {
         var ended = Set<Int32>()
         var buf = [UInt8](repeating: 0, count: 4096)
         while let n = try? buf.withUnsafeMutableBytes({ try read(fd.rawValue, into: $0) }), n > 0 {
-            var off = 0
-            while off + 16 <= n {
-                let wd = buf[off..<off + 4].reversed().reduce(Int32(0)) { $0 << 8 | Int32($1) }
-                let mask = buf[off + 4..<off + 8].reversed().reduce(UInt32(0)) { $0 << 8 | UInt32($1) }
-                let len = buf[off + 12..<off + 16].reversed().reduce(0) { $0 << 8 | Int($1) }
-                if mask & (ecx_in_unmount | ecx_in_ignored) != 0 { ended.insert(wd) }
-                off += 16 + len
+            // struct inotify_event: wd, mask, cookie, len, then len bytes of name.
+            buf.withUnsafeBytes { b in
+                var off = 0
+                while off + 16 <= n {
+                    let wd = b.loadUnaligned(fromByteOffset: off, as: Int32.self)
+                    let mask = b.loadUnaligned(fromByteOffset: off + 4, as: UInt32.self)
+                    let len = Int(b.loadUnaligned(fromByteOffset: off + 12, as: UInt32.self))
+                    if mask & (ecx_in_unmount | ecx_in_ignored) != 0 { ended.insert(wd) }
+                    off += 16 + len
+                }
             }
         }
         return ended

@@ -283,7 +283,7 @@ public final class NginxServer: @unchecked Sendable {
     public private(set) var port: Int = 0
     public var root: String { dir.file("www") }
     public var base: String { "http://127.0.0.1:\(port)" }
-    private var process: Process?
+    private var process: ServerProcess?
 
     public static var available: Bool { TestEnv.which("nginx") != nil }
 
@@ -328,30 +328,14 @@ public final class NginxServer: @unchecked Sendable {
             }
             """
         try conf.write(toFile: dir.file("nginx.conf"), atomically: false, encoding: .utf8)
-        let p = Process()
-        p.executableURL = URL(fileURLWithPath: TestEnv.which("nginx")!)
-        p.arguments = ["-c", dir.file("nginx.conf"), "-p", dir.path]
-        p.standardOutput = FileHandle.nullDevice
-        p.standardError = FileHandle.nullDevice
-        try p.run()
-        for _ in 0..<100 {
-            if TCP.canConnect(port) || !p.isRunning { break }
-            usleep(20_000)
-        }
-        if p.isRunning, TCP.canConnect(port) {
-            process = p
-            return true
-        }
-        p.terminate()
-        p.waitUntilExit()
-        return false
+        process = try TCP.startListening(TestEnv.which("nginx")!, ["-c", dir.file("nginx.conf"), "-p", dir.path], port: port,
+                                         log: dir.file("stderr.log"))
+        return process != nil
     }
 
-    /// Stops the server (it can be started again only by a new instance).
+    /// Stops the server (`start()` brings it back on the same port).
     public func stop() {
-        guard let p = process else { return }
-        p.terminate()
-        p.waitUntilExit()
+        process?.stop()
         process = nil
     }
 

@@ -3,9 +3,7 @@ import FoundationEssentials
 #else
 import Foundation
 #endif
-import Glibc
 import Syscall
-import SystemPackage
 
 /// Answers a registry's 401 challenges: HTTP Basic with the credentials, or a Bearer token from the
 /// realm the WWW-Authenticate header names (anonymous, or with the credentials as Basic). Shared by
@@ -60,29 +58,24 @@ public final class RegistryAuth: @unchecked Sendable {
         if let s = c.params["service"] { query.append("service=" + Self.percentEncode(s)) }
         query.append("scope=" + Self.percentEncode(c.params["scope"] ?? "repository:\(repository):pull"))
         let url = realm + (realm.contains("?") ? "&" : "?") + query.joined(separator: "&")
-        let handle = HTTPHandle()
-        var last = ""
-        for attempt in 0..<4 {
-            if attempt > 0 { usleep(UInt32(100_000 << attempt)) }
-            let r = handle.request(url, headers: credentials.map { [$0.basicHeader] } ?? [], bodyLimit: 1 << 20, timeoutMs: timeoutMs)
-            if r.curlCode != 0 {
-                last = r.error
-                guard HTTPHandle.transferErrorsWorthRetrying.contains(r.curlCode) else { break }
-                continue
+        let r: HTTPResponse
+        do {
+            r = try performWithRetries(url: url, handle: HTTPHandle(), attempts: 4, baseDelayMs: 100, auth: nil, requests: nil) { h, _ in
+                h.request(url, headers: credentials.map { [$0.basicHeader] } ?? [], bodyLimit: 1 << 20, timeoutMs: timeoutMs)
             }
-            if r.status >= 500 || r.status == 429 { last = "HTTP \(r.status)"; continue }
-            if r.status == 401 || r.status == 403 {
-                if let credentials { throw RemoteError.auth(registry: registry, detail: "its token service refused the \(credentials)") }
-                throw RemoteError.authRequired(registry: registry)
-            }
-            guard r.status == 200 else { throw RemoteError.auth(registry: registry, detail: "its token service answered HTTP \(r.status)") }
-            struct TokenResponse: Decodable { var token: String?; var access_token: String? }
-            guard let t = try? JSONDecoder().decode(TokenResponse.self, from: Data(r.body)), let tok = t.token ?? t.access_token, !tok.isEmpty else {
-                throw RemoteError.auth(registry: registry, detail: "its token service answered without a token")
-            }
-            return tok
+        } catch RemoteError.unreachable(_, let detail) {
+            throw RemoteError.auth(registry: registry, detail: "cannot reach its token service: \(detail)")
         }
-        throw RemoteError.auth(registry: registry, detail: "cannot reach its token service: \(last)")
+        if r.status == 401 || r.status == 403 {
+            if let credentials { throw RemoteError.auth(registry: registry, detail: "its token service refused the \(credentials)") }
+            throw RemoteError.authRequired(registry: registry)
+        }
+        guard r.status == 200 else { throw RemoteError.auth(registry: registry, detail: "its token service answered HTTP \(r.status)") }
+        struct TokenResponse: Decodable { var token: String?; var access_token: String? }
+        guard let t = try? JSONDecoder().decode(TokenResponse.self, from: Data(r.body)), let tok = t.token ?? t.access_token, !tok.isEmpty else {
+            throw RemoteError.auth(registry: registry, detail: "its token service answered without a token")
+        }
+        return tok
     }
 
     static func percentEncode(_ s: String) -> String {

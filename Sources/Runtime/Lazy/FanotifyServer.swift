@@ -60,19 +60,7 @@ public enum PrefetchProfile {
 
     static func save(_ ranges: [(UInt64, UInt64)], to path: String) throws {
         let text = ([header] + ranges.map { "\($0.0) \($0.1)" }).joined(separator: "\n") + "\n"
-        let tmp = path + ".tmp.\(Sys.processID)"
-        let fd = try Sys.open(tmp, O_WRONLY | O_CREAT | O_TRUNC, mode: 0o644)
-        do {
-            defer { Sys.close(fd.rawValue) }
-            try Array(text.utf8).withUnsafeBytes { try Sys.pwriteAll(fd.rawValue, $0, at: 0) }
-        } catch {
-            try? Sys.unlink(tmp)
-            throw error
-        }
-        do { try Sys.rename(tmp, path) } catch {
-            try? Sys.unlink(tmp)
-            throw error
-        }
+        try Sys.writeFileAtomically(path, Array(text.utf8))
     }
 }
 

@@ -33,22 +33,14 @@ public enum LazyWorker {
         /// adopts it instead of asking the server, so it starts even while the server fails.
         public var known: (size: UInt64, etag: String?, lastModified: String?)?
 
-        /// The arguments that carry `prefetch` and `recordProfile` to a child.
-        var passOn: [String] {
-            var a: [String] = []
-            if prefetch != .none { a += ["--prefetch", prefetch.argument] }
-            if let recordProfile { a += ["--record-profile", recordProfile] }
-            return a
-        }
-
         /// Takes the registry credentials from a pipe the parent filled (`--auth-fd`).
         public mutating func readAuth(fd: Int32) throws {
-            auth = try RegistryAuth(secret: LazyWorker.readSecret(fd: fd))
+            defer { Sys.close(fd) }
+            auth = try RegistryAuth(secret: Sys.readAll(fd))
         }
 
         public init(url: String, dataPath: String, recordPath: String, mountpoint: String, statsPath: String,
-                    readyFD: Int32, digest: String?, allowFullDownload: Bool, auth: RegistryAuth? = nil) {
-            self.auth = auth
+                    readyFD: Int32, digest: String?, allowFullDownload: Bool) {
             self.url = url
             self.dataPath = dataPath
             self.recordPath = recordPath
@@ -103,24 +95,21 @@ public enum LazyWorker {
                         "--stats", o.statsPath, "--ready-fd=-1", "--group-fd", String(group.rawValue),
                         "--writer-fd", String(lazy.writerFD), "--journal", journal, "--supervisor-pid", String(Sys.processID)]
             if let d = o.digest { args += ["--digest", d] }
-            args += o.passOn + ["--size", String(lazy.size)]
+            args += prefetchArguments(o.prefetch, recordProfile: o.recordProfile) + ["--size", String(lazy.size)]
             if let e = lazy.blob.etag { args += ["--etag", e] }
             if let m = lazy.blob.lastModified { args += ["--last-modified", m] }
             // The entry lock goes to the worker too: the entry stays locked until the last process
             // holding the fanotify group (and its mark) is gone, so a new writer cannot open the file
             // while a mark is still in place (its own reads would then raise events nobody answers).
             var keep = [group.rawValue, lazy.writerFD, entryLock.rawValue]
-            var secretFD: Int32?
-            if let auth = o.auth {
-                guard let fd = try? secretPipe(auth.secret()) else {
-                    log("cannot pass credentials to the worker")
-                    if !readySent { ready("error: cannot pass credentials to the worker") }
-                    return 1
-                }
-                secretFD = fd
-                keep.append(fd)
-                args += ["--auth-fd", String(fd)]
+            guard let handOff = try? authHandOff(o.auth) else {
+                log("cannot pass credentials to the worker")
+                if !readySent { ready("error: cannot pass credentials to the worker") }
+                return 1
             }
+            let secretFD = handOff.fd
+            keep += secretFD.map { [$0] } ?? []
+            args += handOff.args
             let pid: Int32
             do {
                 defer { secretFD.map(Sys.close) }
@@ -221,37 +210,36 @@ public enum LazyWorker {
     /// A pipe whose read end holds `bytes` (the write end is closed): how a child process receives
     /// secrets without them appearing in its arguments or environment.
     static func secretPipe(_ bytes: [UInt8]) throws -> Int32 {
+        // Must fit the pipe buffer: nobody reads until the child starts.
+        guard bytes.count < 60_000 else { throw Errno.noBufferSpace }
         let (r, w) = try Sys.pipe()
         defer { Sys.close(w) }
-        do {
-            guard bytes.count < 60_000 else { throw Errno.noBufferSpace }
-            try bytes.withUnsafeBytes { buf in
-                var done = 0
-                while done < buf.count { done += try Sys.write(w, UnsafeRawBufferPointer(rebasing: buf[done...])) }
-            }
-        } catch {
+        do { _ = try FileDescriptor(rawValue: w).writeAll(bytes) } catch {
             Sys.close(r)
             throw error
         }
         return r
     }
 
-    /// Reads a secret from a descriptor inherited from the parent, then closes it.
-    static func readSecret(fd: Int32) throws -> [UInt8] {
-        defer { Sys.close(fd) }
-        var out: [UInt8] = []
-        var buf = [UInt8](repeating: 0, count: 4096)
-        while true {
-            let n = try buf.withUnsafeMutableBytes { try Sys.read(fd, into: $0) }
-            if n == 0 { return out }
-            out += buf[0..<n]
-        }
+    /// Arguments and the descriptor that hand `auth` to a child `__serve` (nothing without auth).
+    /// The caller keeps the descriptor open across the spawn, then closes it.
+    static func authHandOff(_ auth: RegistryAuth?) throws -> (args: [String], fd: Int32?) {
+        guard let auth else { return ([], nil) }
+        let fd = try secretPipe(auth.secret())
+        return (["--auth-fd", String(fd)], fd)
+    }
+
+    /// The arguments that carry prefetching and profile recording to a child `__serve`.
+    static func prefetchArguments(_ prefetch: Prefetch, recordProfile: String?) -> [String] {
+        var a: [String] = []
+        if prefetch != .none { a += ["--prefetch", prefetch.argument] }
+        if let recordProfile { a += ["--record-profile", recordProfile] }
+        return a
     }
 
     static func writeStats(_ s: FanotifyServer.Stats, to path: String) {
         guard let data = try? JSONEncoder().encode(s) else { return }
-        let tmp = path + ".tmp"
-        if FileManager.default.createFile(atPath: tmp, contents: data) { try? Sys.rename(tmp, path) }
+        try? Sys.writeFileAtomically(path, [UInt8](data))
     }
 
     /// Returns once the mount of `source` at `mountpoint` has appeared and every mount of `source`
