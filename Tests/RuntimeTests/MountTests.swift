@@ -29,7 +29,8 @@ struct Fixture {
     /// Asserts nothing of ours is left: no mount under the scratch dir, no loop device on its files, no record.
     func expectClean(_ loopsBefore: [String], sourceLocation: SourceLocation = #_sourceLocation) {
         #expect(!currentMounts().contains { $0.hasPrefix(dir.path) }, "a mount is left", sourceLocation: sourceLocation)
-        #expect(boundLoopDevices() == loopsBefore, "a loop device is left", sourceLocation: sourceLocation)
+        let newLoops = Set(boundLoopDevices(ignoringOtherTestsThan: dir)).subtracting(loopsBefore)
+        #expect(newLoops.isEmpty, "a loop device is left: \(newLoops.sorted())", sourceLocation: sourceLocation)
         #expect(runtime.state.all().isEmpty, "a state record is left", sourceLocation: sourceLocation)
         let tmp = (try? FileManager.default.contentsOfDirectory(atPath: runtime.state.mountsDir)) ?? []
         #expect(tmp.isEmpty, "state files left: \(tmp)", sourceLocation: sourceLocation)

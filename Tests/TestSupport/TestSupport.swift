@@ -136,6 +136,22 @@ public func boundLoopDevices() -> [String] {
         .sorted()
 }
 
+/// The file behind a bound loop device ("loop3"), if any.
+public func loopBackingFile(_ device: String) -> String? {
+    (try? String(contentsOfFile: "/sys/block/\(device)/loop/backing_file", encoding: .utf8))?.trimmingCharacters(in: .whitespacesAndNewlines)
+}
+
+/// Bound loop devices, leaving out those backed by files in other tests' scratch directories.
+public func boundLoopDevices(ignoringOtherTestsThan mine: ScratchDir) -> [String] {
+    boundLoopDevices().filter { loopBackingFile($0).map { !inOtherTestsScratch($0, mine: mine) } ?? true }
+}
+
+/// Whether `path` lies in another test's scratch directory: suites run in parallel and mount there, so
+/// a leak check on the whole host must leave those out.
+public func inOtherTestsScratch(_ path: String, mine: ScratchDir) -> Bool {
+    path.hasPrefix(TestEnv.scratchBase + "/erofs-compat-") && !(path == mine.path || path.hasPrefix(mine.path + "/"))
+}
+
 /// The built CLI binary (built by `swift build` before `swift test`, as `make check` does).
 public var cliBinary: String {
     for p in ["/.build/debug/erofs-compat", "/.build/release/erofs-compat"] where FileManager.default.isExecutableFile(atPath: TestEnv.repoRoot + p) {
