@@ -24,6 +24,8 @@ public final class LazyBlob: ImageSource, @unchecked Sendable {
     public var granule: UInt64 { record.granule }
     /// Largest single Range request.
     public var maxRequest: UInt64 = 4 << 20
+    /// How much of the blob is present in the cache, in percent.
+    public var populationPercent: Double { Double(record.presentCount) / Double(max(record.granules, 1)) * 100 }
 
     /// Granules in page cache (readers can be allowed) but not yet durable in the record.
     private let state = Locked<(inFlight: Set<Int>, written: Set<Int>)>(([], []))

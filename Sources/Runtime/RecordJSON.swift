@@ -11,22 +11,42 @@ import Foundation
 extension MountRecord {
     /// The record as pretty-printed JSON with sorted keys.
     func jsonBytes() -> [UInt8] {
-        var fields: [(String, [UInt8])] = [
-            ("backend", Self.quoted(backend)), ("mountpoint", Self.quoted(mountpoint)), ("options", Self.quoted(options)),
-            ("since", Array("\(since)".utf8)), ("source", Self.quoted(source)), ("sourceIdentity", Self.quoted(sourceIdentity)),
-            ("sourceKind", Self.quoted(sourceKind)), ("version", Array("\(version)".utf8)),
-        ]
-        if let cachePath { fields.append(("cachePath", Self.quoted(cachePath))) }
-        if let device { fields.append(("device", Self.quoted(device))) }
-        if let mountID { fields.append(("mountID", Array("\(mountID)".utf8))) }
-        if let statsPath { fields.append(("statsPath", Self.quoted(statsPath))) }
-        if let workerPID { fields.append(("workerPID", Array("\(workerPID)".utf8))) }
-        fields.sort { $0.0 < $1.0 }
-        var out: [UInt8] = Array("{\n".utf8)
-        for (i, (k, v)) in fields.enumerated() {
-            out += Array("  \"\(k)\" : ".utf8) + v + Array((i + 1 < fields.count ? ",\n" : "\n").utf8)
+        var out: [UInt8] = []
+        out.reserveCapacity(512)
+        out.append(contentsOf: "{\n".utf8)
+        var first = true
+        func key(_ k: StaticString) {
+            if !first { out.append(contentsOf: ",\n".utf8) }
+            first = false
+            out.append(contentsOf: "  \"".utf8)
+            out.append(contentsOf: UnsafeBufferPointer(start: k.utf8Start, count: k.utf8CodeUnitCount))
+            out.append(contentsOf: "\" : ".utf8)
         }
-        out += Array("}".utf8)
+        func string(_ k: StaticString, _ v: String?) {
+            guard let v else { return }
+            key(k)
+            Self.appendQuoted(v, to: &out)
+        }
+        func number(_ k: StaticString, _ v: String?) {
+            guard let v else { return }
+            key(k)
+            out.append(contentsOf: v.utf8)
+        }
+        // Keys in sorted order, as JSONEncoder's .sortedKeys writes them.
+        string("backend", backend)
+        string("cachePath", cachePath)
+        string("device", device)
+        number("mountID", mountID.map { String($0) })
+        string("mountpoint", mountpoint)
+        string("options", options)
+        number("since", "\(since)")
+        string("source", source)
+        string("sourceIdentity", sourceIdentity)
+        string("sourceKind", sourceKind)
+        string("statsPath", statsPath)
+        number("version", String(version))
+        number("workerPID", workerPID.map { String($0) })
+        out.append(contentsOf: "\n}".utf8)
         return out
     }
 
@@ -57,21 +77,19 @@ extension MountRecord {
         self.version = v
     }
 
-    private static func quoted(_ s: String) -> [UInt8] {
-        var out: [UInt8] = [UInt8(ascii: "\"")]
+    private static func appendQuoted(_ s: String, to out: inout [UInt8]) {
+        out.append(UInt8(ascii: "\""))
         for b in s.utf8 {
             switch b {
-            case UInt8(ascii: "\""): out += [0x5C, b]
-            case UInt8(ascii: "\\"): out += [0x5C, b]
-            case 0x0A: out += Array("\\n".utf8)
-            case 0x0D: out += Array("\\r".utf8)
-            case 0x09: out += Array("\\t".utf8)
-            case 0..<0x20: out += Array("\\u00".utf8) + Array(String(hexByte: b).utf8)
+            case UInt8(ascii: "\""), UInt8(ascii: "\\"): out.append(0x5C); out.append(b)
+            case 0x0A: out.append(contentsOf: "\\n".utf8)
+            case 0x0D: out.append(contentsOf: "\\r".utf8)
+            case 0x09: out.append(contentsOf: "\\t".utf8)
+            case 0..<0x20: out.append(contentsOf: "\\u00".utf8); out.append(contentsOf: String(hexByte: b).utf8)
             default: out.append(b)
             }
         }
         out.append(UInt8(ascii: "\""))
-        return out
     }
 }
 

@@ -48,11 +48,12 @@ public struct OCIOptions: Sendable {
     public var password: String?
     /// Allow plain http for a registry outside 127.0.0.0/8.
     public var insecure: Bool
-    /// Where credential files are looked up ($REGISTRY_AUTH_FILE, $DOCKER_CONFIG, $HOME).
-    public var environment: [String: String]
+    /// Where credential files are looked up ($REGISTRY_AUTH_FILE, $DOCKER_CONFIG, $HOME); nil: this
+    /// process's environment, read only when credentials are needed.
+    public var environment: [String: String]?
 
     public init(layer: Int? = nil, blob: String? = nil, platform: String? = nil, authFile: String? = nil, username: String? = nil,
-                password: String? = nil, insecure: Bool = false, environment: [String: String] = ProcessInfo.processInfo.environment) {
+                password: String? = nil, insecure: Bool = false, environment: [String: String]? = nil) {
         self.layer = layer
         self.blob = blob
         self.platform = platform
@@ -210,7 +211,7 @@ extension Runtime {
         if let u = o.username {
             credentials = RegistryCredentials(username: u, password: o.password ?? "", origin: "--username")
         } else {
-            credentials = try RegistryCredentials.lookup(registry: ref.registry, authFile: o.authFile, environment: o.environment)
+            credentials = try RegistryCredentials.lookup(registry: ref.registry, authFile: o.authFile, environment: o.environment ?? ProcessInfo.processInfo.environment)
         }
         let client = RegistryClient(ref: ref, credentials: credentials, insecure: o.insecure)
         let resolved = try client.resolve(platform: platform, layer: o.layer, blob: o.blob)
@@ -243,7 +244,7 @@ extension Runtime {
             Sys.close(w)
             throw RuntimeError.mountFailed(backend: "fanotify", detail: "cannot pass credentials to the worker: \(error)")
         }
-        let log = state.root + "/workers/" + StateStore.key(for: mountpoint).replacingOccurrences(of: ".json", with: ".log")
+        let log = state.root + "/workers/" + StateStore.sibling(of: StateStore.key(for: mountpoint), ".log")
         let pid: Int32
         do {
             pid = try Sys.spawnDetached(Runtime.workerExecutable, args, keep: keep, logPath: log)

@@ -63,6 +63,11 @@ public struct StateStore: Sendable {
         return (out.isEmpty ? "-" : out) + ".json"
     }
 
+    /// A record's sibling file: `name.json` becomes `name` + `ext` (e.g. ".log", ".journal").
+    package static func sibling(of path: String, _ ext: String) -> String {
+        (path.hasSuffix(".json") ? String(path.dropLast(5)) : path) + ext
+    }
+
     package func ensureDirectories() throws {
         if Sys.isDirectory(mountsDir) { return }
         for d in [root, mountsDir] where !Sys.isDirectory(d) {
@@ -98,14 +103,20 @@ public struct StateStore: Sendable {
         }
     }
 
-    /// Writes the record atomically: a temporary file in the same directory, fsync, rename, fsync dir.
+    /// Writes the record atomically: a temporary file in the same directory, fsync, rename, fsync dir
+    /// (the directory fsync is skipped on tmpfs/ramfs, where it does nothing).
     public func save(_ record: MountRecord) throws {
-        try ensureDirectories()
         let bytes = record.jsonBytes()
         let final = path(for: record.mountpoint)
         let tmp = final + ".tmp.\(Sys.processID)"
         do {
-            let fd = try Sys.open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_EXCL, mode: 0o600)
+            let fd: FileDescriptor
+            do {
+                fd = try Sys.open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_EXCL, mode: 0o600)
+            } catch let e as Errno where e == .noSuchFileOrDirectory {
+                try ensureDirectories()
+                fd = try Sys.open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_EXCL, mode: 0o600)
+            }
             defer { Sys.close(fd.rawValue) }
             try bytes.withUnsafeBytes { try Sys.pwriteAll(fd.rawValue, $0, at: 0) }
             try Sys.fsync(fd.rawValue)
@@ -115,14 +126,25 @@ public struct StateStore: Sendable {
         }
         do {
             try Sys.rename(tmp, final)
-            let dir = try Sys.open(mountsDir, O_RDONLY | O_DIRECTORY)
-            defer { Sys.close(dir.rawValue) }
-            try Sys.fsync(dir.rawValue)
+            if !Self.isMemoryBacked(mountsDir) {
+                let dir = try Sys.open(mountsDir, O_RDONLY | O_DIRECTORY)
+                defer { Sys.close(dir.rawValue) }
+                try Sys.fsync(dir.rawValue)
+            }
         } catch {
             try? Sys.unlink(tmp)
             throw RuntimeError.state("cannot commit \(final): \(error)")
         }
     }
+
+    /// Whether `dir` is on tmpfs/ramfs (looked up once per directory and process).
+    static func isMemoryBacked(_ dir: String) -> Bool {
+        if let known = memoryBacked.withLock({ $0[dir] }) { return known }
+        let v = (try? Sys.statfs(dir)).map { FilesystemMagic.isMemoryBacked(UInt64(bitPattern: Int64($0.f_type))) } ?? false
+        memoryBacked.withLock { $0[dir] = v }
+        return v
+    }
+    private static let memoryBacked = Locked<[String: Bool]>([:])
 
     public func remove(_ mountpoint: String) {
         try? Sys.unlink(path(for: mountpoint))

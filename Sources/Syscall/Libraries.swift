@@ -86,12 +86,12 @@ package enum Libraries {
     }
 
     /// libblkid's own version string.
-    package static var blkidVersion: String {
+    package static let blkidVersion: String = {
         var ver: UnsafePointer<CChar>?
         var date: UnsafePointer<CChar>?
         _ = blkid_get_library_version(&ver, &date)
         return ver.map { String(cString: $0) } ?? "?"
-    }
+    }()
 
     /// The libfuse3 the binary runs against: fuse_version() (e.g. 314) and fuse_pkgversion().
     package static var libfuse: (api: Int32, package: String) {

@@ -100,9 +100,13 @@ struct RemoteMountTests {
         let rec = try #require(out.record)
         #expect(rec.backend == "fanotify")
         #expect(workerRunning(rec.workerPID))
+        // Right after mounting, the metadata the supervisor fetched is already in the figures.
+        let first = try #require(try f.runtime.status().first?.progress)
+        #expect(first.bytesFetched > 0 && first.requests > 0 && first.population > 0, "\(first)")
         usleep(600_000)
         let before = try #require(try f.runtime.status().first?.progress)
         #expect(before.population < 100, "only metadata before reading")
+        #expect(before.bytesFetched >= first.bytesFetched && before.requests >= first.requests)
         let got = TreeFactsLite(f.mnt)
         #expect(got == expected, "\(Set(got.entries.map { "\($0.key) \($0.value)" }).symmetricDifference(expected.entries.map { "\($0.key) \($0.value)" }).prefix(4))")
         usleep(600_000)
@@ -199,12 +203,17 @@ struct RemoteMountTests {
         }
         let files = expected.entries.filter { $0.value.contains("size") }.map(\.key).sorted()
         var kills = 0
+        var traffic: [UInt64] = []
         let results = parallelRead(f.mnt, files) {
             for _ in 0..<3 {
                 usleep(150_000)
                 if let w = worker() {
                     try? Sys.kill(w, SIGKILL)
                     kills += 1
+                }
+                for _ in 0..<3 {
+                    usleep(200_000)
+                    if let p = try? f.runtime.status().first?.progress { traffic.append(p.bytesFetched) }
                 }
             }
         }
@@ -213,6 +222,8 @@ struct RemoteMountTests {
             let got = results[p] ?? "missing"
             #expect(expected.entries[p]!.hasSuffix(got), "\(p): \(got)")
         }
+        // Restarted workers carry their predecessors' traffic on: the figures never go backwards.
+        #expect(traffic == traffic.sorted(), "\(traffic)")
         #expect(workerRunning(supervisor), "the supervisor survives")
     }
 

@@ -105,6 +105,8 @@ public final class FanotifyServer: @unchecked Sendable {
     public var recordProfile: String?
     private let profile = Locked<(ranges: [(UInt64, UInt64)], seen: Set<UInt64>, dirty: Bool)>(([], [], true))
     private let busy = Locked(0)
+    /// Traffic before this process started (see `LazyWorker.Options.base`).
+    public var base: (bytes: UInt64, requests: Int) = (0, 0)
 
     /// Creates the group and places the mark. The lazy blob's writer was opened before, so its
     /// writes raise no events.
@@ -173,9 +175,9 @@ public final class FanotifyServer: @unchecked Sendable {
 
     public var snapshot: Stats {
         var s = stats.get()
-        s.bytesFetched = lazy.blob.bytesFetched.get()
-        s.requests = lazy.blob.requestCount.get()
-        s.population = Double(lazy.record.presentCount) / Double(max(lazy.record.granules, 1)) * 100
+        s.bytesFetched = base.bytes + lazy.blob.bytesFetched.get()
+        s.requests = base.requests + lazy.blob.requestCount.get()
+        s.population = lazy.populationPercent
         let l = latencies.get().sorted()
         if !l.isEmpty {
             s.p50Ms = l[l.count / 2]
