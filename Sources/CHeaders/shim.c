@@ -19,6 +19,15 @@ int ecx_pipe2(int fds[2], int flags) { return pipe2(fds, flags); }
 
 int ecx_unshare(int flags) { return unshare(flags); }
 
+#include <errno.h>
+int ecx_file_shared(int fd) {
+    if (fcntl(fd, F_SETLEASE, F_WRLCK) == 0) {
+        fcntl(fd, F_SETLEASE, F_UNLCK);
+        return 0;
+    }
+    return (errno == EAGAIN || errno == EBUSY) ? 1 : -1;
+}
+
 int ecx_uname_field(int which, char *buf, size_t len) {
     struct utsname u;
     if (uname(&u) != 0) return -1;

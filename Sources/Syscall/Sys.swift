@@ -219,6 +219,13 @@ package enum Sys {
 
     // MARK: inotify
 
+    /// Whether a file is open elsewhere than through `fd` — by another process or by the kernel (a
+    /// file-backed superblock holds its backing file open until it is shut down). Decided with a
+    /// write lease, taken and dropped at once; `fd` must be the caller's only open of the file.
+    package static func fileIsShared(_ fd: Int32) throws -> Bool {
+        try call { ecx_file_shared(fd) } == 1
+    }
+
     /// A non-blocking, close-on-exec inotify instance.
     package static func inotifyInit() throws -> FileDescriptor {
         FileDescriptor(rawValue: try call { ecx_inotify_init() })

@@ -263,4 +263,31 @@ struct MountTests {
         try f.runtime.umount(f.dir.file("mnt2"))
         f.expectClean(loops)
     }
+
+    /// How a lazy worker knows its cache file is still in use: a file-backed superblock holds the
+    /// file open until it is shut down — also after a lazy umount while a file on it is open — and a
+    /// write lease on the only other open (the writer) sees that.
+    @Test func writeLeaseSeesTheSuperblockHoldingItsFile() throws {
+        let loops = boundLoopDevices()
+        let f = try Fixture("lease")
+        defer { f.remove() }
+        let writer = try Sys.open(f.image, O_RDWR)
+        defer { Sys.close(writer.rawValue) }
+        #expect(try !Sys.fileIsShared(writer.rawValue), "nothing else has the image open yet")
+        _ = try f.runtime.mount(MountRequest(source: f.image, mountpoint: f.mnt, backend: .file))
+        #expect(try Sys.fileIsShared(writer.rawValue), "the mounted superblock holds the image")
+        let open = try Sys.open(f.mnt + "/dir/a.txt", O_RDONLY)
+        try f.runtime.umount(f.mnt, lazy: true)
+        #expect(!currentMounts().contains(f.mnt), "detached")
+        usleep(200_000)
+        #expect(try Sys.fileIsShared(writer.rawValue), "a file is still open on the detached superblock")
+        Sys.close(open.rawValue)
+        var shared = true
+        for _ in 0..<40 where shared {
+            usleep(50_000)
+            shared = try Sys.fileIsShared(writer.rawValue)
+        }
+        #expect(!shared, "the superblock was shut down with the last file")
+        f.expectClean(loops)
+    }
 }

@@ -407,6 +407,10 @@ extern const int ecx_o_largefile;
 extern const int ecx_clone_newns;
 extern const short ecx_posix_spawn_setsid;
 int ecx_pipe2(int fds[2], int flags);
+/** Whether anyone but the caller's open file description has the file open: takes a write lease
+ * (F_SETLEASE F_WRLCK, granted only when `fd` is the file's sole opener) and drops it at once.
+ * Returns 0 (sole opener), 1 (others have it open: EAGAIN/EBUSY) or -1 with errno. In shim.c. */
+int ecx_file_shared(int fd);
 static const int ecx_lock_sh = LOCK_SH;
 static const int ecx_lock_ex = LOCK_EX;
 static const int ecx_lock_nb = LOCK_NB;

@@ -142,7 +142,7 @@ public enum LazyWorker {
             log("worker \(pid) died (\(signal.map { "signal \($0)" } ?? "exit \(code ?? -1)")); restart \(restarts)")
             guard restarts <= 50 else {
                 log("giving up after \(restarts) restarts: denying every read with EIO until the mount is gone")
-                denyUntilUnmounted(group: group, journal: journal, o)
+                denyUntilUnmounted(group: group, writerFD: lazy.writerFD, journal: journal, o)
                 return 1
             }
             usleep(UInt32(min(restarts, 10)) * 50_000)
@@ -151,7 +151,7 @@ public enum LazyWorker {
 
     /// Last resort when no worker can run: the group must stay open (closing it would let the kernel
     /// allow pending reads, handing out zeros), so answer everything with EIO until the mount goes.
-    static func denyUntilUnmounted(group: FileDescriptor, journal: String, _ o: Options) {
+    static func denyUntilUnmounted(group: FileDescriptor, writerFD: Int32, journal: String, _ o: Options) {
         let bytes = (try? Sys.open(journal, O_RDONLY)).map { fd -> [UInt8] in
             defer { Sys.close(fd.rawValue) }
             return (try? Sys.preadFully(fd.rawValue, count: 1 << 22, at: 0)) ?? []
@@ -165,7 +165,7 @@ public enum LazyWorker {
         for fd in pending { try? Fanotify.respond(group, fd: fd, response: Fanotify.denyErrno(.ioError)) }
         let gone = Locked(false)
         Threads.detach {
-            watchMount(o.mountpoint, source: o.dataPath, parent: getppid())
+            watchMount(o.mountpoint, source: o.dataPath, parent: getppid(), writerFD: writerFD)
             gone.set(true)
         }
         var buf = [UInt8](repeating: 0, count: 64 << 10)
@@ -202,7 +202,7 @@ public enum LazyWorker {
         let stop = Locked(false)
         let parent = o.supervisorPID ?? getppid()
         Threads.detach {
-            watchMount(o.mountpoint, source: o.dataPath, parent: parent)
+            watchMount(o.mountpoint, source: o.dataPath, parent: parent, writerFD: writerFD)
             stop.set(true)
             server.stop()
         }
@@ -264,7 +264,16 @@ public enum LazyWorker {
     /// so a lazy umount (`umount -l`) with files still open keeps the worker serving until the last of
     /// them is closed (inotify's IN_UNMOUNT on each mount's root). Also returns when no mount appeared
     /// within 120 s. mountinfo signals changes with POLLPRI.
-    static func watchMount(_ mountpoint: String, source: String, parent: Int32) {
+    ///
+    /// The decisive test is the cache file itself: a file-backed superblock holds it open until it is
+    /// shut down, which a write lease on `writerFD` detects (`Sys.fileIsShared`). So a mount that was
+    /// made and lazily detached before this worker first looked at mountinfo is still served while a
+    /// file on it is open.
+    static func watchMount(_ mountpoint: String, source: String, parent: Int32, writerFD: Int32? = nil) {
+        // A lease break signals its holder with SIGIO (default: terminate); the lease is held for two
+        // syscalls only, so an opener merely waits for it.
+        signal(SIGIO, SIG_IGN)
+        func stillReferenced() -> Bool { writerFD.flatMap { try? Sys.fileIsShared($0) } ?? false }
         var seen = false
         var watchedMounts = Set<Int>()
         var liveWatches = Set<Int32>()
@@ -285,8 +294,12 @@ public enum LazyWorker {
                 }
                 liveWatches.subtract(Sys.inotifyEndedWatches(notify))
             }
-            if seen && mounts.isEmpty && liveWatches.isEmpty { return }
-            if !seen && DispatchTime.now() > deadline { return }
+            if seen && mounts.isEmpty && liveWatches.isEmpty && !stillReferenced() { return }
+            if !seen && DispatchTime.now() > deadline {
+                // Never seen: mounted and detached before the first look, or never mounted at all.
+                if !stillReferenced() { return }
+                seen = true
+            }
             _ = try? Sys.poll(fd.rawValue, events: Int16(POLLPRI | POLLERR), timeoutMs: liveWatches.isEmpty || !mounts.isEmpty ? 1000 : 250)
             var b = [UInt8](repeating: 0, count: 4096)
             _ = try? b.withUnsafeMutableBytes { try Sys.pread(fd.rawValue, into: $0, at: 0) }
