@@ -24,6 +24,10 @@ public final class LazyBlob: ImageSource, @unchecked Sendable {
     public var granule: UInt64 { record.granule }
     /// Largest single Range request.
     public var maxRequest: UInt64 = 4 << 20
+    /// For the `ImageSource` view: a read that misses fetches the aligned window of this size around
+    /// it (0: just the granules read). The metadata walk uses it so that one request covers the
+    /// neighbouring inodes and directory blocks the next level of the walk reads.
+    public var readWindow: UInt64 = 0
     /// How much of the blob is present in the cache, in percent.
     public var populationPercent: Double { Double(record.presentCount) / Double(max(record.granules, 1)) * 100 }
 
@@ -138,13 +142,20 @@ public final class LazyBlob: ImageSource, @unchecked Sendable {
     public func read(at offset: UInt64, count: Int) throws -> [UInt8] {
         guard count > 0, offset < size else { return [] }
         let n = Int(min(UInt64(count), size - offset))
+        if readWindow > 0, !isAvailable(offset: offset, length: UInt64(n)) {
+            let start = offset / readWindow * readWindow
+            let end = min((offset + UInt64(n) + readWindow - 1) / readWindow * readWindow, size)
+            try ensure(offset: start, length: end - start)
+        }
         try ensure(offset: offset, length: UInt64(n))
         return try Sys.preadFully(writer.rawValue, count: n, at: Int64(offset))
     }
 
     /// Fetches every metadata range of the image (what a mount reads without raising events) with
     /// `parallel` concurrent requests, walking the tree through this lazy source.
-    public func fetchMetadata(parallel: Int = 4) throws -> MetadataRanges {
+    public func fetchMetadata(parallel: Int = 4, window: UInt64 = 256 << 10) throws -> MetadataRanges {
+        readWindow = window
+        defer { readWindow = 0 }
         let image = try EROFSImage(source: self)
         let ranges = try image.metadataRanges()
         // The walk fetched what it read; fetch the rest of each range in parallel.

@@ -154,7 +154,7 @@ extension Runtime {
                 }
                 let stats = state.root + "/workers/" + StateStore.key(for: mountpoint)
                 try? Sys.mkdir(state.root + "/workers", mode: 0o700)
-                let pid = try startWorker(req, url: blob.url, auth: blob.auth, paths: paths, mountpoint: mountpoint, statsPath: stats)
+                let pid = try startWorker(req, blob: blob, paths: paths, mountpoint: mountpoint, statsPath: stats)
                 do {
                     try attachEROFS(source: paths.data, at: mountpoint, options: req.options, passOffset: true)
                 } catch {
@@ -224,8 +224,9 @@ extension Runtime {
     }
 
     /// Spawns the worker and waits until it has marked the cache and fetched all metadata.
-    func startWorker(_ req: MountRequest, url: String, auth: RegistryAuth?, paths: (data: String, record: String, info: String, lock: String),
+    func startWorker(_ req: MountRequest, blob: HTTPBlob, paths: (data: String, record: String, info: String, lock: String),
                      mountpoint: String, statsPath: String) throws -> Int32 {
+        let (url, auth) = (blob.url, blob.auth)
         let (r, w) = try Sys.pipe()
         defer { Sys.close(r) }
         var keep = [w]
@@ -235,6 +236,11 @@ extension Runtime {
                     "--stats", statsPath, "--ready-fd", String(w)]
         if let d = req.remote.digest { args += ["--digest", d] }
         args += LazyWorker.prefetchArguments(req.remote.prefetch, recordProfile: req.remote.recordProfile)
+        // What this process just learned from the server (it also checked the cache against it): the
+        // supervisor starts from it instead of asking again.
+        args += ["--size", String(blob.size)]
+        if let e = blob.etag { args += ["--etag", e] }
+        if let m = blob.lastModified { args += ["--last-modified", m] }
         do {
             let handOff = try LazyWorker.authHandOff(auth)
             secretFD = handOff.fd

@@ -77,7 +77,9 @@ public enum LazyWorker {
             // One writer per cache entry, for the supervisor's whole life (released when it exits).
             entryLock = try BlobCache.lockForWriting(entry: o.dataPath)
             let blob = try HTTPBlob(url: o.url, auth: o.auth)
-            try blob.open(allowFullDownload: false)
+            if let k = o.known { blob.adopt(size: k.size, etag: k.etag, lastModified: k.lastModified) } else {
+                try blob.open(allowFullDownload: false)
+            }
             // The writer is opened inside LazyBlob before the mark: its writes raise no events.
             lazy = try LazyBlob(blob: blob, dataPath: o.dataPath, recordPath: o.recordPath)
             group = try FanotifyServer.makeGroup(marking: o.dataPath)
