@@ -15,7 +15,7 @@ for i in $(seq 20); do
 done | median | awk '{printf "probe median: %.1f ms\n", $1/1000}'
 
 echo
-echo "== mount+umount latency per backend, in process, vs raw syscalls on the same image (median of 30; target <= 1.3x)"
+echo "== mount+umount latency per backend, in process, vs raw syscalls on the same image (median of 100, interleaved; target <= 1.3x)"
 mkdir -p "$work/tree" "$work/mnt"
 cp -r "$(dirname "$0")/../Sources" "$work/tree/"
 mkfs.erofs --quiet "$work/img.erofs" "$work/tree"

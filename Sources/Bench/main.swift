@@ -26,7 +26,7 @@ let image = args[2], work = args[3]
 let mnt = work + "/mnt"
 try? Sys.mkdir(mnt)
 let runtime = Runtime(state: StateStore(root: (ProcessInfo.processInfo.environment["BENCH_STATE_BASE"] ?? "/run") + "/erofs-compat-bench-\(Sys.processID)"))
-let rounds = 30
+let rounds = 100
 
 /// Raw file-backed: fsopen + fsconfig(source, ro) + CREATE + fsmount + move_mount, then umount2.
 func rawFile() throws {

@@ -53,6 +53,22 @@ int ecx_mount_identity(const char *path, uint64_t *mnt_id, int *is_root) {
     return 0;
 }
 
+#include <sys/syscall.h>
+#include <unistd.h>
+#ifndef SYS_openat2
+#define SYS_openat2 437
+#endif
+#ifndef RESOLVE_NO_SYMLINKS
+#define RESOLVE_NO_SYMLINKS 0x04
+#endif
+/* struct open_how (linux/openat2.h, Linux 5.6): declared here for older headers. */
+struct ecx_open_how { uint64_t flags; uint64_t mode; uint64_t resolve; };
+
+int ecx_open_path_no_symlinks(const char *path) {
+    struct ecx_open_how how = { O_PATH | O_CLOEXEC, 0, RESOLVE_NO_SYMLINKS };
+    return (int)syscall(SYS_openat2, AT_FDCWD, path, &how, sizeof(how));
+}
+
 /* ---------------------------------------------------------------- HTTP transfers */
 
 #include <stdlib.h>

@@ -48,7 +48,8 @@ struct ProbeContext {
     let trialFSMemoryBacked: Bool
 
     /// `lightweight` skips reading the kernel config (the mount path decides from sysfs and trials).
-    init(options: ProbeOptions, lightweight: Bool = false) {
+    /// `trial`: the trial directory's facts when the caller already knows them (skips the lookups).
+    init(options: ProbeOptions, lightweight: Bool = false, trial: (dir: String, fsType: String, memoryBacked: Bool)? = nil) {
         self.options = options
         let host = options.host
         release = host.isLive ? Self.liveRelease : (host.read("/proc/sys/kernel/osrelease")?.trimmed ?? "unknown")
@@ -58,6 +59,10 @@ struct ProbeContext {
         } else {
             let caps = host.read("/proc/self/status").flatMap(ProcStatus.effectiveCapabilities)
             privileged = caps.map { $0 & (1 << UInt64(ProcStatus.capSysAdmin)) != 0 } ?? false
+        }
+        if let trial {
+            (trialDir, trialFSType, trialFSMemoryBacked) = trial
+            return
         }
         var dir = options.cacheDir
         while !host.isDirectory(dir), dir != "/", !dir.isEmpty {

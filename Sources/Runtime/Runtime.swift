@@ -73,11 +73,12 @@ public struct Runtime: Sendable {
         if req.source.hasPrefix("http://") || req.source.hasPrefix("https://") || OCIReference.isOCI(req.source) {
             return try mountRemote(req, override: override, note: note)
         }
-        let source = try canonicalSource(req.source)
+        let (source, identity, device) = try canonicalSource(req.source)
         let mountpoint = try canonicalMountpoint(req.mountpoint)
         try? state.ensureDirectories()
         let planned = MountPlanning.planLocal(image: source, offset: req.options.fsOffset, implemented: Self.implemented,
-                                              override: override, cacheFile: Sys.hasCapSysAdmin() ? state.hostCache : nil)
+                                              override: override, cacheFile: Sys.hasCapSysAdmin() ? state.hostCache : nil,
+                                              imageDevice: device)
         let blockSize = try validateImage(source, planned.findings, superblock: planned.superblock, options: req.options)
         let plan = planned.plan
         if req.dryRun { return MountOutcome(plan: plan, record: nil, notes: []) }
@@ -94,7 +95,6 @@ public struct Runtime: Sendable {
             let candidates = try choose(plan, requested: req.backend)
             var notes: [String] = []
             let prepared = PreparedMount(source: source, mountpoint: mountpoint, options: req.options, blockSize: blockSize)
-            let identity = (try? Sys.stat(source)).map { "\($0.st_dev):\($0.st_ino)" } ?? ""
             for (i, backend) in candidates.enumerated() {
                 guard let impl = Backends.all[backend] else { continue }
                 let attachment: Attachment
@@ -148,16 +148,17 @@ public struct Runtime: Sendable {
         return viable
     }
 
-    func canonicalSource(_ path: String) throws -> String {
-        guard let st = try? Sys.stat(path) else { throw RuntimeError.sourceMissing(path) }
+    /// The canonical path of a local image, and its dev:ino (to recognise it again).
+    func canonicalSource(_ path: String) throws -> (path: String, identity: String, device: UInt64) {
+        guard let (p, st) = try? Sys.canonical(path) else { throw RuntimeError.sourceMissing(path) }
         guard st.st_mode & S_IFMT == S_IFREG else { throw RuntimeError.sourceNotFile(path) }
-        return try Sys.realpath(path)
+        return (p, "\(st.st_dev):\(st.st_ino)", UInt64(st.st_dev))
     }
 
     func canonicalMountpoint(_ path: String) throws -> String {
-        guard let st = try? Sys.stat(path) else { throw RuntimeError.mountpointMissing(path) }
+        guard let (p, st) = try? Sys.canonical(path) else { throw RuntimeError.mountpointMissing(path) }
         guard st.st_mode & S_IFMT == S_IFDIR else { throw RuntimeError.mountpointNotDirectory(path) }
-        return try Sys.realpath(path)
+        return p
     }
 
     /// libblkid + superblock + feature bits, from the planner's findings; returns the block size.
@@ -233,7 +234,7 @@ public struct Runtime: Sendable {
 
     /// realpath when the path exists, else a lexically normalised absolute path.
     func canonicalExisting(_ path: String) -> String {
-        if let p = try? Sys.realpath(path) { return p }
+        if let (p, _) = try? Sys.canonical(path) { return p }
         let abs = path.hasPrefix("/") ? path : FileManager.default.currentDirectoryPath + "/" + path
         var parts: [Substring] = []
         for c in abs.split(separator: "/") {

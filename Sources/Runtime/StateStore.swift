@@ -68,19 +68,30 @@ public struct StateStore: Sendable {
         (path.hasSuffix(".json") ? String(path.dropLast(5)) : path) + ext
     }
 
-    package func ensureDirectories() throws {
-        if Sys.isDirectory(mountsDir) { return }
-        for d in [root, mountsDir] where !Sys.isDirectory(d) {
-            do { try Sys.mkdir(d, mode: 0o700) } catch let e as Errno where e == .fileExists {}
-            catch { throw RuntimeError.state("cannot create \(d): \(error)") }
+    /// Creates the state directories (checked once per process; an operation that later finds them
+    /// gone calls this again with `recheck`).
+    package func ensureDirectories(recheck: Bool = false) throws {
+        if !recheck, Self.ensured.withLock({ $0.contains(root) }) { return }
+        if !Sys.isDirectory(mountsDir) {
+            for d in [root, mountsDir] where !Sys.isDirectory(d) {
+                do { try Sys.mkdir(d, mode: 0o700) } catch let e as Errno where e == .fileExists {}
+                catch { throw RuntimeError.state("cannot create \(d): \(error)") }
+            }
         }
+        _ = Self.ensured.withLock { $0.insert(root) }
     }
+    private static let ensured = Locked<Set<String>>([])
 
     /// Runs `body` holding the exclusive state lock.
     public func withLock<T>(_ body: () throws -> T) throws -> T {
         try ensureDirectories()
         let fd: FileDescriptor
-        do { fd = try Sys.open(root + "/lock", O_RDWR | O_CREAT, mode: 0o600) } catch {
+        do {
+            do { fd = try Sys.open(root + "/lock", O_RDWR | O_CREAT, mode: 0o600) } catch let e as Errno where e == .noSuchFileOrDirectory {
+                try ensureDirectories(recheck: true)
+                fd = try Sys.open(root + "/lock", O_RDWR | O_CREAT, mode: 0o600)
+            }
+        } catch {
             throw RuntimeError.state("cannot open \(root)/lock: \(error)")
         }
         defer { Sys.close(fd.rawValue) }
@@ -114,7 +125,7 @@ public struct StateStore: Sendable {
             do {
                 fd = try Sys.open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_EXCL, mode: 0o600)
             } catch let e as Errno where e == .noSuchFileOrDirectory {
-                try ensureDirectories()
+                try ensureDirectories(recheck: true)
                 fd = try Sys.open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_EXCL, mode: 0o600)
             }
             defer { Sys.close(fd.rawValue) }

@@ -165,6 +165,35 @@ package enum Sys {
         UInt64(bitPattern: Int64(try statfs(path).f_type))
     }
 
+    /// `path` made absolute and canonical (as realpath(3)), with the stat of what it names. An
+    /// absolute, lexically normal path with no symlink in it is canonical already; one openat2 walk
+    /// with RESOLVE_NO_SYMLINKS proves that (realpath walks the path once per component).
+    package static func canonical(_ path: String) throws -> (path: String, stat: FileStatus) {
+        if isLexicallyNormal(path) {
+            let fd = ecx_open_path_no_symlinks(path)
+            if fd >= 0 {
+                defer { close(fd) }
+                return (path, try fstat(fd))
+            }
+            let e = Errno(rawValue: ecx_errno())
+            // ELOOP: a symlink on the way; ENOSYS/EPERM/EINVAL: no openat2 here. Both: realpath.
+            if e != .tooManySymbolicLinkLevels && e != .noFunction && e != .notPermitted && e != .invalidArgument { throw e }
+        }
+        let p = try realpath(path)
+        return (p, try stat(p))
+    }
+
+    /// Absolute, no empty, "." or ".." components, no trailing slash.
+    static func isLexicallyNormal(_ path: String) -> Bool {
+        guard path.hasPrefix("/") else { return false }
+        if path == "/" { return true }
+        if path.hasSuffix("/") { return false }
+        for c in path.utf8.split(separator: UInt8(ascii: "/"), omittingEmptySubsequences: false).dropFirst() {
+            if c.isEmpty || c.elementsEqual(".".utf8) || c.elementsEqual("..".utf8) { return false }
+        }
+        return true
+    }
+
     package static func realpath(_ path: String) throws -> String {
         guard let p = Glibc.realpath(path, nil) else { throw Errno(rawValue: ecx_errno()) }
         defer { free(p) }

@@ -428,6 +428,10 @@ static const int ecx_o_nofollow = O_NOFOLLOW;
  * is_root is -1 when the kernel does not report it. In shim.c (statx needs _GNU_SOURCE). */
 int ecx_mount_identity(const char *path, uint64_t *mnt_id, int *is_root);
 
+/** Opens `path` with O_PATH only if no component of it is a symbolic link (openat2 with
+ * RESOLVE_NO_SYMLINKS, Linux 5.6+): ELOOP when one is, ENOSYS on older kernels. In shim.c. */
+int ecx_open_path_no_symlinks(const char *path);
+
 /** The effective capability set (capget, version 3). */
 static inline int ecx_effective_caps(uint64_t *out) {
     struct __user_cap_header_struct hdr = { _LINUX_CAPABILITY_VERSION_3, 0 };
