@@ -4,6 +4,10 @@ set -euo pipefail
 BIN=$(readlink -f "${1:-.build/release/erofs-compat}")
 work=$(mktemp -d /var/tmp/erofs-compat-bench.XXXXXX)
 trap 'rm -rf "$work"' EXIT
+# Measure the binary as `make install` ships it: stripped.
+strip -o "$work/erofs-compat" "$BIN"
+BENCH_DIR=$(dirname "$BIN")
+BIN=$work/erofs-compat
 
 median() { sort -n | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }
 now_us() { echo $(( $(date +%s%N) / 1000 )); }
@@ -21,7 +25,7 @@ cp -r "$(dirname "$0")/../Sources" "$work/tree/"
 mkfs.erofs --quiet "$work/img.erofs" "$work/tree"
 state_base=/run
 [ "$(stat -f -c %T /run 2>/dev/null)" = tmpfs ] || state_base=/dev/shm   # state lives on tmpfs on real hosts
-BENCH_STATE_BASE=$state_base "$(dirname "$BIN")/Bench" mount-latency "$work/img.erofs" "$work"
+BENCH_STATE_BASE=$state_base "$BENCH_DIR/Bench" mount-latency "$work/img.erofs" "$work"
 
 echo
 echo "== the same through the CLI (two processes; start-up included), median of 10"
