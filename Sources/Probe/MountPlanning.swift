@@ -23,6 +23,9 @@ public enum MountPlanning {
     /// decodes them once).
     private static let memo = Locked<[String: (findings: Findings, kernelFeatures: Set<String>)]>([:])
 
+    /// Forgets the in-process memo (tests of the cache file).
+    static func forgetMemo() { memo.withLock { $0 = [:] } }
+
     /// Plans a mount of the local `image` (its EROFS superblock starting `offset` bytes in).
     /// `override` replaces findings before planning (used to simulate hosts that lack a feature).
     /// `cacheFile` keeps host findings between mounts; they are reused only while the boot, the
@@ -38,33 +41,38 @@ public enum MountPlanning {
         if let imageDevice, known == nil, ctx.host.isLive {
             trialFilesystems.withLock { $0[imageDevice] = (ctx.trialDir, ctx.trialFSType, ctx.trialFSMemoryBacked) }
         }
-        var findings = Findings()
-        let key = cacheKey(ctx)
-        var cached = false
-        var kernelFeatures: Set<String>
-        if cacheFile != nil, let hit = memo.withLock({ $0[key] }) {
-            (findings, kernelFeatures) = hit
-            cached = true
-        } else {
-            if let cacheFile, let bytes = try? Sys.readFile(cacheFile),
-               let entry = try? JSONDecoder().decode(CacheEntry.self, from: Data(bytes)), entry.key == key {
-                findings = entry.findings
-                cached = true
-            } else {
-                SystemChecks.kernel(ctx).forEach { findings.add($0) }
-                EROFSChecks.planning(ctx).forEach { findings.add($0) }
-                BlockChecks.planning(ctx).forEach { findings.add($0) }
-                FuseChecks.planning(ctx).forEach { findings.add($0) }
-                if let cacheFile { store(CacheEntry(key: key, findings: findings), at: cacheFile) }
-            }
-            kernelFeatures = Set(ctx.host.list("/sys/fs/erofs/features"))
-            if cacheFile != nil { memo.withLock { [findings, kernelFeatures] in $0[key] = (findings, kernelFeatures) } }
+        let host = hostFindings(ctx, kind: "local", cacheFile: cacheFile) {
+            SystemChecks.kernel(ctx) + EROFSChecks.planning(ctx) + BlockChecks.planning(ctx) + FuseChecks.planning(ctx)
         }
+        var findings = host.findings
+        let (cached, kernelFeatures) = (host.cached, host.kernelFeatures)
         let image = ImageChecks.inspect(ctx, image: image, offset: offset, kernelFeatures: kernelFeatures, trial: false)
         image.findings.forEach { findings.add($0) }
         override.forEach { findings.add($0) }
         return Result(plan: Planner.plan(findings, source: .local, implemented: implemented), findings: findings, cached: cached,
                       superblock: image.superblock)
+    }
+
+    /// The host's findings for one kind of plan: from this process's memo, else from `cacheFile`
+    /// when its key still matches (same boot, kernel, modules, privileges, trial filesystem type),
+    /// else gathered by `gather` (and stored). Without `cacheFile` they are always gathered.
+    static func hostFindings(_ ctx: ProbeContext, kind: String, cacheFile: String?, gather: () -> [Finding])
+        -> (findings: Findings, kernelFeatures: Set<String>, cached: Bool) {
+        let key = kind + " " + cacheKey(ctx)
+        if cacheFile != nil, let hit = memo.withLock({ $0[key] }) { return (hit.findings, hit.kernelFeatures, true) }
+        var findings = Findings()
+        var cached = false
+        if let cacheFile, let bytes = try? Sys.readFile(cacheFile),
+           let entries = try? JSONDecoder().decode([CacheEntry].self, from: Data(bytes)), let entry = entries.first(where: { $0.key == key }) {
+            findings = entry.findings
+            cached = true
+        } else {
+            gather().forEach { findings.add($0) }
+            if let cacheFile { store(CacheEntry(key: key, findings: findings), at: cacheFile) }
+        }
+        let kernelFeatures = Set(ctx.host.list("/sys/fs/erofs/features"))
+        if cacheFile != nil { memo.withLock { [findings] in $0[key] = (findings, kernelFeatures) } }
+        return (findings, kernelFeatures, cached)
     }
 
     struct CacheEntry: Codable {
@@ -88,8 +96,13 @@ public enum MountPlanning {
     /// The boot cannot change under a running process.
     static let liveBootID = Host().read("/proc/sys/kernel/random/boot_id")?.trimmed ?? "?"
 
+    /// Keeps one entry per kind of plan (local, remote) in the file.
     static func store(_ entry: CacheEntry, at path: String) {
-        guard let data = try? JSONEncoder().encode(entry) else { return }
+        let kind = entry.key.prefix(while: { $0 != " " })
+        var entries = (try? Sys.readFile(path)).flatMap { try? JSONDecoder().decode([CacheEntry].self, from: Data($0)) } ?? []
+        entries.removeAll { $0.key.prefix(while: { $0 != " " }) == kind }
+        entries.append(entry)
+        guard let data = try? JSONEncoder().encode(entries) else { return }
         try? Sys.writeFileAtomically(path, [UInt8](data))
     }
 }

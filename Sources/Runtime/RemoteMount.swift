@@ -112,7 +112,8 @@ extension Runtime {
         } catch let e as RemoteError {
             throw RuntimeError.remote(e.description)
         }
-        let planned = MountPlanning.planRemote(cacheDir: cache.blobsDir, implemented: Self.implemented, override: override)
+        let planned = MountPlanning.planRemote(cacheDir: cache.blobsDir, implemented: Self.implemented, override: override,
+                                               cacheFile: Sys.hasCapSysAdmin() ? state.hostCache : nil)
         let plan = planned.plan
         if req.dryRun { return MountOutcome(plan: plan, record: nil, notes: notes) }
         let key = req.remote.digest?.lowercased() ?? SHA256.hash(data: Array(req.source.utf8)).map { String(hexByte: $0) }.joined()
