@@ -30,17 +30,10 @@ public enum MountPlanning {
     /// `override` replaces findings before planning (used to simulate hosts that lack a feature).
     /// `cacheFile` keeps host findings between mounts; they are reused only while the boot, the
     /// kernel, the loaded modules, the privileges and the image's filesystem type are unchanged.
-    /// `imageDevice`: st_dev of the image, when the caller has it: the facts about the filesystem
-    /// that holds it are then looked up once per process.
     public static func planLocal(image: String, offset: UInt64, implemented: Set<Backend>,
-                                 override: [Finding] = [], cacheFile: String? = nil, imageDevice: UInt64? = nil) -> Result {
+                                 override: [Finding] = [], cacheFile: String? = nil) -> Result {
         // Trials run on the image's own filesystem: that is where file-backed mounts must work.
-        let options = ProbeOptions(cacheDir: image.parentPath, image: image)
-        let known = imageDevice.flatMap { d in trialFilesystems.withLock { $0[d] } }
-        let ctx = ProbeContext(options: options, lightweight: true, trial: known)
-        if let imageDevice, known == nil, ctx.host.isLive {
-            trialFilesystems.withLock { $0[imageDevice] = (ctx.trialDir, ctx.trialFSType, ctx.trialFSMemoryBacked) }
-        }
+        let ctx = ProbeContext(options: ProbeOptions(cacheDir: image.parentPath, image: image), lightweight: true)
         let host = hostFindings(ctx, kind: "local", cacheFile: cacheFile) {
             SystemChecks.kernel(ctx) + EROFSChecks.planning(ctx) + BlockChecks.planning(ctx) + FuseChecks.planning(ctx)
         }
@@ -89,9 +82,6 @@ public enum MountPlanning {
         let fs = ctx.trialFSType
         return "v1 \(boot) \(ctx.release) modules:\(String(h, radix: 16)) admin:\(ctx.privileged) fs:\(fs)"
     }
-
-    /// The trial directory's filesystem facts per image device (st_dev names one filesystem).
-    static let trialFilesystems = Locked<[UInt64: (dir: String, fsType: String, memoryBacked: Bool)]>([:])
 
     /// The boot cannot change under a running process.
     static let liveBootID = Host().read("/proc/sys/kernel/random/boot_id")?.trimmed ?? "?"

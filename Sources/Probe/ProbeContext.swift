@@ -48,8 +48,7 @@ struct ProbeContext {
     let trialFSMemoryBacked: Bool
 
     /// `lightweight` skips reading the kernel config (the mount path decides from sysfs and trials).
-    /// `trial`: the trial directory's facts when the caller already knows them (skips the lookups).
-    init(options: ProbeOptions, lightweight: Bool = false, trial: (dir: String, fsType: String, memoryBacked: Bool)? = nil) {
+    init(options: ProbeOptions, lightweight: Bool = false) {
         self.options = options
         let host = options.host
         release = host.isLive ? Self.liveRelease : (host.read("/proc/sys/kernel/osrelease")?.trimmed ?? "unknown")
@@ -59,10 +58,6 @@ struct ProbeContext {
         } else {
             let caps = host.read("/proc/self/status").flatMap(ProcStatus.effectiveCapabilities)
             privileged = caps.map { $0 & (1 << UInt64(ProcStatus.capSysAdmin)) != 0 } ?? false
-        }
-        if let trial {
-            (trialDir, trialFSType, trialFSMemoryBacked) = trial
-            return
         }
         var dir = options.cacheDir
         while !host.isDirectory(dir), dir != "/", !dir.isEmpty {

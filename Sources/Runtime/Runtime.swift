@@ -73,12 +73,11 @@ public struct Runtime: Sendable {
         if req.source.hasPrefix("http://") || req.source.hasPrefix("https://") || OCIReference.isOCI(req.source) {
             return try mountRemote(req, override: override, note: note)
         }
-        let (source, identity, device) = try canonicalSource(req.source)
+        let (source, identity) = try canonicalSource(req.source)
         let mountpoint = try canonicalMountpoint(req.mountpoint)
         try? state.ensureDirectories()
         let planned = MountPlanning.planLocal(image: source, offset: req.options.fsOffset, implemented: Self.implemented,
-                                              override: override, cacheFile: Sys.hasCapSysAdmin() ? state.hostCache : nil,
-                                              imageDevice: device)
+                                              override: override, cacheFile: Sys.hasCapSysAdmin() ? state.hostCache : nil)
         let blockSize = try validateImage(source, planned.findings, superblock: planned.superblock, options: req.options)
         let plan = planned.plan
         if req.dryRun { return MountOutcome(plan: plan, record: nil, notes: []) }
@@ -149,10 +148,10 @@ public struct Runtime: Sendable {
     }
 
     /// The canonical path of a local image, and its dev:ino (to recognise it again).
-    func canonicalSource(_ path: String) throws -> (path: String, identity: String, device: UInt64) {
+    func canonicalSource(_ path: String) throws -> (path: String, identity: String) {
         guard let (p, st) = try? Sys.canonical(path) else { throw RuntimeError.sourceMissing(path) }
         guard st.st_mode & S_IFMT == S_IFREG else { throw RuntimeError.sourceNotFile(path) }
-        return (p, "\(st.st_dev):\(st.st_ino)", UInt64(st.st_dev))
+        return (p, "\(st.st_dev):\(st.st_ino)")
     }
 
     func canonicalMountpoint(_ path: String) throws -> String {
