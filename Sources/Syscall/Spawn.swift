@@ -36,6 +36,77 @@ extension Sys {
         return pid
     }
 
+    /// Runs `path` with `args` and `environment`, `input` on its stdin; returns its exit status (nil
+    /// when killed, e.g. after `timeoutMs`) and what it wrote to stdout and stderr (each up to 1 MiB).
+    package static func run(_ path: String, _ args: [String], input: [UInt8], environment: [String: String],
+                            timeoutMs: Int32) throws -> (status: Int32?, stdout: [UInt8], stderr: [UInt8]) {
+        // The input goes into the pipe before the child exists (so a child that does not read it cannot
+        // raise SIGPIPE here); it must fit the pipe buffer.
+        guard input.count < 60_000 else { throw Errno.noBufferSpace }
+        let (inR, inW) = try pipe()
+        do { _ = try FileDescriptor(rawValue: inW).writeAll(input) } catch {
+            close(inR)
+            close(inW)
+            throw error
+        }
+        close(inW)
+        let (outR, outW) = try pipe()
+        let (errR, errW) = try pipe()
+        defer { [outR, errR].forEach { close($0) } }
+        var actions = posix_spawn_file_actions_t()
+        posix_spawn_file_actions_init(&actions)
+        defer { posix_spawn_file_actions_destroy(&actions) }
+        posix_spawn_file_actions_adddup2(&actions, inR, 0)
+        posix_spawn_file_actions_adddup2(&actions, outW, 1)
+        posix_spawn_file_actions_adddup2(&actions, errW, 2)
+        var attr = posix_spawnattr_t()
+        posix_spawnattr_init(&attr)
+        defer { posix_spawnattr_destroy(&attr) }
+        var empty = sigset_t()
+        sigemptyset(&empty)
+        posix_spawnattr_setsigmask(&attr, &empty)
+        posix_spawnattr_setflags(&attr, Int16(POSIX_SPAWN_SETSIGMASK))
+        let argv: [UnsafeMutablePointer<CChar>?] = ([path] + args).map { strdup($0) } + [nil]
+        let envp: [UnsafeMutablePointer<CChar>?] = environment.map { strdup("\($0.key)=\($0.value)") } + [nil]
+        defer { (argv + envp).forEach { free($0) } }
+        var pid: pid_t = 0
+        let rc = posix_spawn(&pid, path, &actions, &attr, argv, envp)
+        [inR, outW, errW].forEach { close($0) }
+        guard rc == 0 else { throw Errno(rawValue: rc) }
+        var out: [UInt8] = [], err: [UInt8] = []
+        var open: [Int32] = [outR, errR]
+        let deadline = Int64(timeoutMs) * 1_000_000 + monotonicNanoseconds()
+        var buf = [UInt8](repeating: 0, count: 65536)
+        while !open.isEmpty {
+            let left = (deadline - monotonicNanoseconds()) / 1_000_000
+            guard left > 0 else { _ = Glibc.kill(pid, SIGKILL); break }
+            var fds = open.map { pollfd(fd: $0, events: Int16(POLLIN), revents: 0) }
+            let n = Glibc.poll(&fds, nfds_t(fds.count), Int32(left))
+            if n < 0 { if errno == EINTR { continue }; break }
+            for p in fds where p.revents != 0 {
+                let got = buf.withUnsafeMutableBytes { Glibc.read(p.fd, $0.baseAddress, $0.count) }
+                if got <= 0 { open.removeAll { $0 == p.fd }; continue }
+                if p.fd == outR { if out.count < 1 << 20 { out += buf[0..<got] } } else if err.count < 1 << 20 { err += buf[0..<got] }
+            }
+        }
+        return (wait(pid).code, out, err)
+    }
+
+    static func monotonicNanoseconds() -> Int64 {
+        var ts = timespec()
+        clock_gettime(CLOCK_MONOTONIC, &ts)
+        return Int64(ts.tv_sec) * 1_000_000_000 + Int64(ts.tv_nsec)
+    }
+
+    /// `name` found in the directories of `path` (a $PATH value), as an executable file.
+    package static func which(_ name: String, path: String) -> String? {
+        for dir in path.split(separator: ":") where !dir.isEmpty {
+            let candidate = "\(dir)/\(name)"
+            if access(candidate, X_OK) == 0, isRegularFile(candidate) { return candidate }
+        }
+        return nil
+    }
+
     /// A pipe (both ends close-on-exec).
     package static func pipe() throws -> (read: Int32, write: Int32) {
         var fds: [Int32] = [0, 0]

@@ -160,6 +160,12 @@ package enum Sys {
         return st.st_mode & S_IFMT == S_IFDIR
     }
 
+    /// True when `path` exists and is a regular file (following symlinks).
+    package static func isRegularFile(_ path: String) -> Bool {
+        guard let st = try? stat(path) else { return false }
+        return st.st_mode & S_IFMT == S_IFREG
+    }
+
     /// The statfs f_type of the filesystem holding `path`.
     package static func filesystemType(_ path: String) throws -> UInt64 {
         UInt64(bitPattern: Int64(try statfs(path).f_type))

@@ -15,29 +15,30 @@ struct MountCommand: ParsableCommand {
         commandName: "mount",
         abstract: "Mount a local, http(s) or OCI registry EROFS image with the best backend this host supports.",
         discussion: """
-            SOURCE is a local EROFS image file, an http(s) URL, or oci://HOST[:PORT]/REPO[:TAG|@sha256:DIGEST]
-            (an OCI registry: an image index is resolved for --platform, default this host; the image's only
-            layer, its only EROFS layer or --layer N is mounted, or --blob directly; the blob is verified
-            against its digest). Registry credentials: --username with --password-stdin, else --auth-file,
-            $REGISTRY_AUTH_FILE, $DOCKER_CONFIG/config.json, ~/.docker/config.json; Bearer tokens are
-            obtained from the registry's challenge. TLS is always verified; plain http only for
-            127.0.0.0/8 or with --insecure. Credentials never appear in arguments, logs or state. The backend is chosen by the same planner
-            'probe' uses. Local: file (kernel EROFS straight from the file, Linux 6.12+) before loop (a
-            read-only, auto-clearing loop device). Remote: fanotify (the image is fetched lazily into a
-            sparse cache file as it is read, Linux 6.14+ with the cache on ext4/xfs/btrfs; metadata is
-            fetched before mounting; an unfetchable range fails the read with EIO) before file or loop
-            after a whole download. With --backend auto, a failure the planner could not foresee
-            (ENOTBLK, ENODEV, EOPNOTSUPP) moves on to the next candidate and says so; a backend you name
+            SOURCE is a local EROFS image file, an http(s) URL, or oci://HOST[:PORT]/REPO[:TAG|@sha256:DIGEST] \
+            (an OCI registry: an image index is resolved for --platform, default this host; the image's only \
+            layer, its only EROFS layer or --layer N is mounted, or --blob directly; the blob is verified \
+            against its digest). Registry credentials: --username with --password-stdin, else --auth-file, \
+            $REGISTRY_AUTH_FILE, $DOCKER_CONFIG/config.json, ~/.docker/config.json (credHelpers and \
+            credsStore run docker-credential-NAME from PATH); Bearer tokens are \
+            obtained from the registry's challenge. TLS is always verified; plain http only for \
+            127.0.0.0/8 or with --insecure. Credentials never appear in arguments, logs or state. The backend is chosen by the same planner \
+            'probe' uses. Local: file (kernel EROFS straight from the file, Linux 6.12+) before loop (a \
+            read-only, auto-clearing loop device). Remote: fanotify (the image is fetched lazily into a \
+            sparse cache file as it is read, Linux 6.14+ with the cache on ext4/xfs/btrfs; metadata is \
+            fetched before mounting; an unfetchable range fails the read with EIO) before file or loop \
+            after a whole download. With --backend auto, a failure the planner could not foresee \
+            (ENOTBLK, ENODEV, EOPNOTSUPP) moves on to the next candidate and says so; a backend you name \
             is never replaced.
 
-            Options for -o: ro (always), nosuid, nodev, noexec, noatime, directio,
+            Options for -o: ro (always), nosuid, nodev, noexec, noatime, directio, \
             cache_strategy=disabled|readahead|readaround, fsoffset=BYTES, user_xattr, nouser_xattr, acl, noacl.
 
             State: one record per mount in /run/erofs-compat/mounts ($EROFS_COMPAT_STATE_DIR overrides).
 
-            Exit codes: 0 mounted (or planned, with --dry-run), 1 the mount failed, 2 usage error or bad -o
-            option, 3 bad source (missing, not EROFS, features this kernel lacks, unreachable URL, a server
-            without Range support, digest mismatch, bad OCI reference, registry or authentication errors), 4 bad mountpoint (missing, not a directory, already a
+            Exit codes: 0 mounted (or planned, with --dry-run), 1 the mount failed, 2 usage error or bad -o \
+            option, 3 bad source (missing, not EROFS, features this kernel lacks, unreachable URL, a server \
+            without Range support, digest mismatch, bad OCI reference, registry or authentication errors), 4 bad mountpoint (missing, not a directory, already a \
             mount point), 5 not root.
             """
     )

@@ -13,8 +13,8 @@ struct ProbeCommand: ParsableCommand {
         commandName: "probe",
         abstract: "Prove with live syscalls what this host supports for EROFS and which backend mount would use.",
         discussion: """
-            Every finding is present, absent or unknown (could not be decided, e.g. without CAP_SYS_ADMIN),
-            with the evidence behind it. Nothing is left behind: trials use unnamed temporary files, a
+            Every finding is present, absent or unknown (could not be decided, e.g. without CAP_SYS_ADMIN), \
+            with the evidence behind it. Nothing is left behind: trials use unnamed temporary files, a \
             superblock that is never attached, and a FUSE mount inside a private mount namespace.
 
             Exit codes: 0 at least one backend can mount a local image here, 1 none can, 2 usage error.

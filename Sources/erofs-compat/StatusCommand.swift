@@ -12,10 +12,10 @@ struct StatusCommand: ParsableCommand {
         commandName: "status",
         abstract: "List the mounts erofs-compat made, with their health.",
         discussion: """
-            A mount is stale when its record no longer matches reality (the mount is gone, its loop device
+            A mount is stale when its record no longer matches reality (the mount is gone, its loop device \
             was released). --prune removes stale records; 'umount' does the same for one mountpoint.
 
-            Exit codes: 0 listed (even if some are stale), 2 usage error, 5 --prune without root,
+            Exit codes: 0 listed (even if some are stale), 2 usage error, 5 --prune without root, \
             6 MOUNTPOINT is not an erofs-compat mount.
             """
     )

@@ -7,10 +7,10 @@ struct UmountCommand: ParsableCommand {
         commandName: "umount",
         abstract: "Unmount an image mounted by erofs-compat and release its loop device and state.",
         discussion: """
-            Works from any directory and with any path form of the mountpoint. A record whose mount is
+            Works from any directory and with any path form of the mountpoint. A record whose mount is \
             already gone (someone ran umount(8)) is cleaned up. Mounts not made by erofs-compat are refused.
 
-            Exit codes: 0 unmounted, 1 the unmount failed (e.g. busy), 2 usage error, 5 not root,
+            Exit codes: 0 unmounted, 1 the unmount failed (e.g. busy), 2 usage error, 5 not root, \
             6 nothing of erofs-compat's is mounted there.
             """
     )

@@ -1,4 +1,6 @@
+import Foundation
 import Testing
+import TestSupport
 @testable import Remote
 
 /// References, platforms, WWW-Authenticate challenges and credential files: parsing only.
@@ -60,5 +62,40 @@ import Testing
             try RegistryCredentials.lookup(registry: "a", authFile: "/nonexistent/auth.json", environment: [:])
         }
         #expect(try RegistryCredentials.lookup(registry: "a", authFile: nil, environment: ["HOME": "/nonexistent"]) == nil)
+    }
+
+    /// credHelpers / credsStore: `docker-credential-NAME get` from $PATH answers, as with docker.
+    @Test func credentialHelpers() throws {
+        let d = try ScratchDir("credhelper")
+        defer { d.remove() }
+        func helper(_ name: String, _ body: String) throws {
+            let path = d.file("docker-credential-" + name)
+            try ("#!/bin/sh\n" + body + "\n").write(toFile: path, atomically: true, encoding: .utf8)
+            chmod(path, 0o755)
+        }
+        try helper("good", #"read reg; [ "$1" = get ] || exit 9; if [ "$reg" = 127.0.0.1:5000 ]; then echo '{"ServerURL":"127.0.0.1:5000","Username":"hu","Secret":"hs"}'; else echo 'credentials not found in native keychain'; exit 1; fi"#)
+        try helper("token", #"echo '{"Username":"<token>","Secret":"refresh"}'"#)
+        try helper("broken", "echo boom >&2; exit 3")
+        try helper("garbled", "echo not-json")
+        let env = ["PATH": d.path + ":/usr/bin:/bin"]
+        func lookup(_ config: String, _ registry: String = "127.0.0.1:5000") throws -> RegistryCredentials? {
+            try RegistryCredentials.parse(Array(config.utf8), registry: registry, file: "cfg", environment: env)
+        }
+        let viaHelper = try lookup(#"{"credHelpers":{"127.0.0.1:5000":"good"},"auths":{"127.0.0.1:5000":{"auth":"dTpw"}}}"#)
+        #expect(viaHelper?.username == "hu" && viaHelper?.password == "hs", "the helper wins over an inline entry")
+        #expect(viaHelper?.origin.contains("docker-credential-good") == true)
+        #expect(try lookup(#"{"credHelpers":{"other:1":"good"},"auths":{"127.0.0.1:5000":{"auth":"dTpw"}}}"#)?.username == "u",
+                "a helper for another registry leaves the inline entry")
+        #expect(try lookup(#"{"credsStore":"good"}"#)?.password == "hs")
+        #expect(try lookup(#"{"credsStore":"good"}"#, "elsewhere:2") == nil, "not found in the store: anonymous")
+        func message(_ config: String) -> String {
+            do { _ = try lookup(config); return "no error" } catch { return "\(error)" }
+        }
+        #expect(message(#"{"credsStore":"missing"}"#).contains("docker-credential-missing, which is not in PATH"))
+        #expect(message(#"{"credsStore":"broken"}"#).contains("exit 3"))
+        #expect(message(#"{"credsStore":"garbled"}"#).contains("did not answer"))
+        #expect(message(#"{"credsStore":"token"}"#).contains("identity token"))
+        #expect(!message(#"{"credsStore":"token"}"#).contains("refresh"), "the token is not printed")
+        #expect(message(#"{"credsStore":"../x"}"#).contains("not in PATH"))
     }
 }

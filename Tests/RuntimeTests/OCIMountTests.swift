@@ -170,6 +170,19 @@ struct OCIMountTests {
         for (k, v) in places { #expect(!v.contains(secret), "secret in \(k)") }
         try f.runtime.umount(f.mnt)
         _ = rec
+
+        // The same credentials from a docker credential helper named in $DOCKER_CONFIG/config.json.
+        let helperDir = f.dir.file("helper")
+        try FileManager.default.createDirectory(atPath: helperDir, withIntermediateDirectories: false)
+        let helper = helperDir + "/docker-credential-ectest"
+        try "#!/bin/sh\nread reg\n[ \"$reg\" = \"\(f.registry.host)\" ] || { echo 'credentials not found'; exit 1; }\necho '{\"Username\":\"tester\",\"Secret\":\"\(secret)\"}'\n"
+            .write(toFile: helper, atomically: true, encoding: .utf8)
+        chmod(helper, 0o755)
+        try "{\"credHelpers\":{\"\(f.registry.host)\":\"ectest\"}}".write(toFile: helperDir + "/config.json", atomically: true, encoding: .utf8)
+        let viaHelper = try f.mount(src, at: f.mnt, oci: OCIOptions(environment: ["DOCKER_CONFIG": helperDir, "PATH": helperDir + ":/usr/bin:/bin"]))
+        #expect(viaHelper.record != nil)
+        #expect(TreeFactsLite(f.mnt) == (try f.oracle(img)))
+        try f.runtime.umount(f.mnt)
     }
 
     /// Bearer tokens discovered from WWW-Authenticate (a token front in the proxy), with
