@@ -15,11 +15,17 @@ extension Sys {
         // dup2(fd, fd) in the child clears its close-on-exec flag there only: the parent's descriptors
         // stay close-on-exec, so a spawn on another thread can never inherit them.
         for fd in keep { posix_spawn_file_actions_adddup2(&actions, fd, fd) }
+        return try spawn(path, args, actions: &actions, environment: nil, newSession: true)
+    }
+
+    /// posix_spawn with a clean signal state: callers on thread pools have most signals blocked, which
+    /// the child would otherwise inherit (and then ignore SIGTERM); common signals back to default.
+    /// `environment` nil: this process's.
+    static func spawn(_ path: String, _ args: [String], actions: inout posix_spawn_file_actions_t,
+                      environment: [String: String]?, newSession: Bool) throws -> Int32 {
         var attr = posix_spawnattr_t()
         posix_spawnattr_init(&attr)
         defer { posix_spawnattr_destroy(&attr) }
-        // A clean signal state: callers on thread pools have most signals blocked, which the child
-        // would otherwise inherit (and then ignore SIGTERM).
         var empty = sigset_t()
         sigemptyset(&empty)
         posix_spawnattr_setsigmask(&attr, &empty)
@@ -27,11 +33,13 @@ extension Sys {
         sigemptyset(&defaults)
         for sig in [SIGTERM, SIGINT, SIGHUP, SIGPIPE, SIGQUIT] { sigaddset(&defaults, sig) }
         posix_spawnattr_setsigdefault(&attr, &defaults)
-        posix_spawnattr_setflags(&attr, ecx_posix_spawn_setsid | Int16(POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF))
+        posix_spawnattr_setflags(&attr, (newSession ? ecx_posix_spawn_setsid : 0) | Int16(POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF))
         let argv: [UnsafeMutablePointer<CChar>?] = ([path] + args).map { strdup($0) } + [nil]
-        defer { argv.forEach { free($0) } }
+        let envp: [UnsafeMutablePointer<CChar>?]? = environment.map { $0.map { strdup("\($0.key)=\($0.value)") } + [nil] }
+        defer { (argv + (envp ?? [])).forEach { free($0) } }
         var pid: pid_t = 0
-        let rc = posix_spawn(&pid, path, &actions, &attr, argv, environ)
+        let rc = envp.map { e in e.withUnsafeBufferPointer { posix_spawn(&pid, path, &actions, &attr, argv, $0.baseAddress) } }
+            ?? posix_spawn(&pid, path, &actions, &attr, argv, environ)
         guard rc == 0 else { throw Errno(rawValue: rc) }
         return pid
     }
@@ -59,20 +67,9 @@ extension Sys {
         posix_spawn_file_actions_adddup2(&actions, inR, 0)
         posix_spawn_file_actions_adddup2(&actions, outW, 1)
         posix_spawn_file_actions_adddup2(&actions, errW, 2)
-        var attr = posix_spawnattr_t()
-        posix_spawnattr_init(&attr)
-        defer { posix_spawnattr_destroy(&attr) }
-        var empty = sigset_t()
-        sigemptyset(&empty)
-        posix_spawnattr_setsigmask(&attr, &empty)
-        posix_spawnattr_setflags(&attr, Int16(POSIX_SPAWN_SETSIGMASK))
-        let argv: [UnsafeMutablePointer<CChar>?] = ([path] + args).map { strdup($0) } + [nil]
-        let envp: [UnsafeMutablePointer<CChar>?] = environment.map { strdup("\($0.key)=\($0.value)") } + [nil]
-        defer { (argv + envp).forEach { free($0) } }
-        var pid: pid_t = 0
-        let rc = posix_spawn(&pid, path, &actions, &attr, argv, envp)
+        let spawned = Result { try spawn(path, args, actions: &actions, environment: environment, newSession: false) }
         [inR, outW, errW].forEach { close($0) }
-        guard rc == 0 else { throw Errno(rawValue: rc) }
+        let pid = try spawned.get()
         var out: [UInt8] = [], err: [UInt8] = []
         var open: [Int32] = [outR, errR]
         let deadline = Int64(timeoutMs) * 1_000_000 + monotonicNanoseconds()
