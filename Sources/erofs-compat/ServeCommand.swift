@@ -24,8 +24,6 @@ struct ServeCommand: ParsableCommand {
     @Option var size: UInt64?
     @Option var etag: String?
     @Option var lastModified: String?
-    @Option var baseBytes: UInt64 = 0
-    @Option var baseRequests: Int = 0
 
     func run() throws {
         var options = LazyWorker.Options(url: url, dataPath: data, recordPath: record, mountpoint: mountpoint, statsPath: stats,
@@ -34,7 +32,6 @@ struct ServeCommand: ParsableCommand {
         options.recordProfile = recordProfile
         options.supervisorPID = supervisorPid
         if let size { options.known = (size, etag, lastModified) }
-        options.base = (baseBytes, baseRequests)
         if authFd >= 0 {
             do {
                 try options.readAuth(fd: authFd)

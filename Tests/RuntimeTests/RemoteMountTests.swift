@@ -203,7 +203,7 @@ struct RemoteMountTests {
         }
         let files = expected.entries.filter { $0.value.contains("size") }.map(\.key).sorted()
         var kills = 0
-        var traffic: [UInt64] = []
+        var traffic: [UInt64] = [], events: [Int] = []
         let results = parallelRead(f.mnt, files) {
             for _ in 0..<3 {
                 usleep(150_000)
@@ -213,7 +213,7 @@ struct RemoteMountTests {
                 }
                 for _ in 0..<3 {
                     usleep(200_000)
-                    if let p = try? f.runtime.status().first?.progress { traffic.append(p.bytesFetched) }
+                    if let p = try? f.runtime.status().first?.progress { traffic.append(p.bytesFetched); events.append(p.events) }
                 }
             }
         }
@@ -222,8 +222,9 @@ struct RemoteMountTests {
             let got = results[p] ?? "missing"
             #expect(expected.entries[p]!.hasSuffix(got), "\(p): \(got)")
         }
-        // Restarted workers carry their predecessors' traffic on: the figures never go backwards.
+        // Restarted workers carry their predecessors' figures on: they never go backwards.
         #expect(traffic == traffic.sorted(), "\(traffic)")
+        #expect(events == events.sorted() && events.last ?? 0 > 0, "\(events)")
         #expect(workerRunning(supervisor), "the supervisor survives")
     }
 

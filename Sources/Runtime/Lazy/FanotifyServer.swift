@@ -105,8 +105,9 @@ public final class FanotifyServer: @unchecked Sendable {
     public var recordProfile: String?
     private let profile = Locked<(ranges: [(UInt64, UInt64)], seen: Set<UInt64>, dirty: Bool)>(([], [], true))
     private let busy = Locked(0)
-    /// Traffic before this process started (see `LazyWorker.Options.base`).
-    public var base: (bytes: UInt64, requests: Int) = (0, 0)
+    /// The mount's figures before this process started (the supervisor's metadata traffic, earlier
+    /// workers' events and traffic): the counters carry on from them.
+    public var base = Stats()
 
     /// Creates the group and places the mark. The lazy blob's writer was opened before, so its
     /// writes raise no events.
@@ -175,7 +176,11 @@ public final class FanotifyServer: @unchecked Sendable {
 
     public var snapshot: Stats {
         var s = stats.get()
-        s.bytesFetched = base.bytes + lazy.blob.bytesFetched.get()
+        s.events += base.events
+        s.allowedFromCache += base.allowedFromCache
+        s.fetched += base.fetched
+        s.denied += base.denied
+        s.bytesFetched = base.bytesFetched + lazy.blob.bytesFetched.get()
         s.requests = base.requests + lazy.blob.requestCount.get()
         s.population = lazy.populationPercent
         let l = latencies.get().sorted()

@@ -32,9 +32,6 @@ public enum LazyWorker {
         /// What the supervisor learned from the server (size, ETag, Last-Modified): a serving worker
         /// adopts it instead of asking the server, so it starts even while the server fails.
         public var known: (size: UInt64, etag: String?, lastModified: String?)?
-        /// What the supervisor fetched before the worker started (metadata, or a previous worker's
-        /// traffic): counted in the worker's figures so `status` shows the whole mount's traffic.
-        public var base: (bytes: UInt64, requests: Int) = (0, 0)
 
         /// Takes the registry credentials from a pipe the parent filled (`--auth-fd`).
         public mutating func readAuth(fd: Int32) throws {
@@ -85,8 +82,10 @@ public enum LazyWorker {
             group = try FanotifyServer.makeGroup(marking: o.dataPath)
             let meta = try lazy.fetchMetadata()
             log("metadata ready: \(meta.totalBytes) bytes in \(meta.ranges.count) ranges of \(blob.size)")
+            // The mount's first figures (the metadata traffic); each worker carries on from the last
+            // figures written, so `status` counts the whole mount, across worker restarts too.
             var first = FanotifyServer.Stats()
-            (first.bytesFetched, first.requests) = (blob.bytesFetched.get() + o.base.bytes, blob.requestCount.get() + o.base.requests)
+            (first.bytesFetched, first.requests) = (blob.bytesFetched.get(), blob.requestCount.get())
             first.population = lazy.populationPercent
             writeStats(first, to: o.statsPath)
         } catch {
@@ -107,9 +106,6 @@ public enum LazyWorker {
             args += prefetchArguments(o.prefetch, recordProfile: o.recordProfile) + ["--size", String(lazy.size)]
             if let e = lazy.blob.etag { args += ["--etag", e] }
             if let m = lazy.blob.lastModified { args += ["--last-modified", m] }
-            // Traffic so far (the metadata, and what earlier workers fetched) carries on in the figures.
-            let so = previousStats(o.statsPath)
-            args += ["--base-bytes", String(max(so.bytes, lazy.blob.bytesFetched.get())), "--base-requests", String(max(so.requests, lazy.blob.requestCount.get()))]
             // The entry lock goes to the worker too: the entry stays locked until the last process
             // holding the fanotify group (and its mark) is gone, so a new writer cannot open the file
             // while a mark is still in place (its own reads would then raise events nobody answers).
@@ -194,7 +190,7 @@ public enum LazyWorker {
             server = try FanotifyServer(lazy: lazy, groupFD: groupFD, journalPath: journal, digest: o.digest, log: log)
             server.prefetch = o.prefetch
             server.recordProfile = o.recordProfile
-            server.base = o.base
+            server.base = previousStats(o.statsPath) ?? FanotifyServer.Stats()
         } catch {
             log("worker failed to start: \(error)")
             return 2
@@ -250,10 +246,10 @@ public enum LazyWorker {
         return a
     }
 
-    /// Bytes and requests in the last stats file written for this mount (zero when there is none).
-    static func previousStats(_ path: String) -> (bytes: UInt64, requests: Int) {
-        guard let bytes = try? Sys.readFile(path), let s = try? JSONDecoder().decode(FanotifyServer.Stats.self, from: Data(bytes)) else { return (0, 0) }
-        return (s.bytesFetched, s.requests)
+    /// The last figures written for this mount, if any.
+    static func previousStats(_ path: String) -> FanotifyServer.Stats? {
+        guard let bytes = try? Sys.readFile(path) else { return nil }
+        return try? JSONDecoder().decode(FanotifyServer.Stats.self, from: Data(bytes))
     }
 
     static func writeStats(_ s: FanotifyServer.Stats, to path: String) {
