@@ -55,13 +55,13 @@ public enum MountPlanning {
         if cacheFile != nil, let hit = memo.withLock({ $0[key] }) { return (hit.findings, hit.kernelFeatures, true) }
         var findings = Findings()
         var cached = false
-        if let cacheFile, let bytes = try? Sys.readFile(cacheFile),
-           let entries = try? JSONDecoder().decode([CacheEntry].self, from: Data(bytes)), let entry = entries.first(where: { $0.key == key }) {
+        let entries = cacheFile.map(readEntries) ?? []
+        if let entry = entries.first(where: { $0.key == key }) {
             findings = entry.findings
             cached = true
         } else {
             gather().forEach { findings.add($0) }
-            if let cacheFile { store(CacheEntry(key: key, findings: findings), at: cacheFile) }
+            if let cacheFile { store(CacheEntry(key: key, findings: findings), at: cacheFile, replacingIn: entries) }
         }
         let kernelFeatures = Set(ctx.host.list("/sys/fs/erofs/features"))
         if cacheFile != nil { memo.withLock { [findings] in $0[key] = (findings, kernelFeatures) } }
@@ -86,10 +86,16 @@ public enum MountPlanning {
     /// The boot cannot change under a running process.
     static let liveBootID = Host().read("/proc/sys/kernel/random/boot_id")?.trimmed ?? "?"
 
-    /// Keeps one entry per kind of plan (local, remote) in the file.
-    static func store(_ entry: CacheEntry, at path: String) {
+    /// The cache file's entries (none when it is missing or damaged).
+    static func readEntries(_ path: String) -> [CacheEntry] {
+        (try? Sys.readFile(path)).flatMap { try? JSONDecoder().decode([CacheEntry].self, from: Data($0)) } ?? []
+    }
+
+    /// Keeps one entry per kind of plan (local, remote) in the file; `entries`: its content when the
+    /// caller has just read it.
+    static func store(_ entry: CacheEntry, at path: String, replacingIn entries: [CacheEntry]? = nil) {
         let kind = entry.key.prefix(while: { $0 != " " })
-        var entries = (try? Sys.readFile(path)).flatMap { try? JSONDecoder().decode([CacheEntry].self, from: Data($0)) } ?? []
+        var entries = entries ?? readEntries(path)
         entries.removeAll { $0.key.prefix(while: { $0 != " " }) == kind }
         entries.append(entry)
         guard let data = try? JSONEncoder().encode(entries) else { return }

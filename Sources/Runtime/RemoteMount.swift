@@ -237,11 +237,8 @@ extension Runtime {
                     "--stats", statsPath, "--ready-fd", String(w)]
         if let d = req.remote.digest { args += ["--digest", d] }
         args += LazyWorker.prefetchArguments(req.remote.prefetch, recordProfile: req.remote.recordProfile)
-        // What this process just learned from the server (it also checked the cache against it): the
-        // supervisor starts from it instead of asking again.
-        args += ["--size", String(blob.size)]
-        if let e = blob.etag { args += ["--etag", e] }
-        if let m = blob.lastModified { args += ["--last-modified", m] }
+        // What this process just learned from the server (it also checked the cache against it).
+        args += LazyWorker.knownArguments(blob)
         do {
             let handOff = try LazyWorker.authHandOff(auth)
             secretFD = handOff.fd

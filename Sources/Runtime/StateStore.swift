@@ -82,16 +82,20 @@ public struct StateStore: Sendable {
     }
     private static let ensured = Locked<Set<String>>([])
 
+    /// Opens (creating, 0600) a file in the state directory, re-creating the directories once if they
+    /// were removed since this process checked them.
+    func openRecreatingDirectories(_ path: String, _ flags: Int32) throws -> FileDescriptor {
+        do { return try Sys.open(path, flags, mode: 0o600) } catch let e as Errno where e == .noSuchFileOrDirectory {
+            try ensureDirectories(recheck: true)
+            return try Sys.open(path, flags, mode: 0o600)
+        }
+    }
+
     /// Runs `body` holding the exclusive state lock.
     public func withLock<T>(_ body: () throws -> T) throws -> T {
         try ensureDirectories()
         let fd: FileDescriptor
-        do {
-            do { fd = try Sys.open(root + "/lock", O_RDWR | O_CREAT, mode: 0o600) } catch let e as Errno where e == .noSuchFileOrDirectory {
-                try ensureDirectories(recheck: true)
-                fd = try Sys.open(root + "/lock", O_RDWR | O_CREAT, mode: 0o600)
-            }
-        } catch {
+        do { fd = try openRecreatingDirectories(root + "/lock", O_RDWR | O_CREAT) } catch {
             throw RuntimeError.state("cannot open \(root)/lock: \(error)")
         }
         defer { Sys.close(fd.rawValue) }
@@ -121,13 +125,7 @@ public struct StateStore: Sendable {
         let final = path(for: record.mountpoint)
         let tmp = final + ".tmp.\(Sys.processID)"
         do {
-            let fd: FileDescriptor
-            do {
-                fd = try Sys.open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_EXCL, mode: 0o600)
-            } catch let e as Errno where e == .noSuchFileOrDirectory {
-                try ensureDirectories(recheck: true)
-                fd = try Sys.open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_EXCL, mode: 0o600)
-            }
+            let fd = try openRecreatingDirectories(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_EXCL)
             defer { Sys.close(fd.rawValue) }
             try bytes.withUnsafeBytes { try Sys.pwriteAll(fd.rawValue, $0, at: 0) }
             try Sys.fsync(fd.rawValue)
@@ -151,7 +149,7 @@ public struct StateStore: Sendable {
     /// Whether `dir` is on tmpfs/ramfs (looked up once per directory and process).
     static func isMemoryBacked(_ dir: String) -> Bool {
         if let known = memoryBacked.withLock({ $0[dir] }) { return known }
-        let v = (try? Sys.statfs(dir)).map { FilesystemMagic.isMemoryBacked(UInt64(bitPattern: Int64($0.f_type))) } ?? false
+        let v = (try? Sys.filesystemType(dir)).map(FilesystemMagic.isMemoryBacked) ?? false
         memoryBacked.withLock { $0[dir] = v }
         return v
     }

@@ -1,4 +1,5 @@
 import CHeaders
+import Dispatch
 import Glibc
 import SystemPackage
 
@@ -48,16 +49,9 @@ extension Sys {
     /// when killed, e.g. after `timeoutMs`) and what it wrote to stdout and stderr (each up to 1 MiB).
     package static func run(_ path: String, _ args: [String], input: [UInt8], environment: [String: String],
                             timeoutMs: Int32) throws -> (status: Int32?, stdout: [UInt8], stderr: [UInt8]) {
-        // The input goes into the pipe before the child exists (so a child that does not read it cannot
-        // raise SIGPIPE here); it must fit the pipe buffer.
-        guard input.count < 60_000 else { throw Errno.noBufferSpace }
-        let (inR, inW) = try pipe()
-        do { _ = try FileDescriptor(rawValue: inW).writeAll(input) } catch {
-            close(inR)
-            close(inW)
-            throw error
-        }
-        close(inW)
+        // The input is in the pipe before the child exists: a child that does not read it cannot raise
+        // SIGPIPE here.
+        let inR = try pipe(holding: input)
         let (outR, outW) = try pipe()
         let (errR, errW) = try pipe()
         defer { [outR, errR].forEach { close($0) } }
@@ -72,13 +66,14 @@ extension Sys {
         let pid = try spawned.get()
         var out: [UInt8] = [], err: [UInt8] = []
         var open: [Int32] = [outR, errR]
-        let deadline = Int64(timeoutMs) * 1_000_000 + monotonicNanoseconds()
+        let deadline = DispatchTime.now().uptimeNanoseconds + UInt64(timeoutMs) * 1_000_000
         var buf = [UInt8](repeating: 0, count: 65536)
         while !open.isEmpty {
-            let left = (deadline - monotonicNanoseconds()) / 1_000_000
-            guard left > 0 else { _ = Glibc.kill(pid, SIGKILL); break }
+            let now = DispatchTime.now().uptimeNanoseconds
+            guard now < deadline else { _ = Glibc.kill(pid, SIGKILL); break }
+            let left = (deadline - now) / 1_000_000 + 1
             var fds = open.map { pollfd(fd: $0, events: Int16(POLLIN), revents: 0) }
-            let n = Glibc.poll(&fds, nfds_t(fds.count), Int32(left))
+            let n = Glibc.poll(&fds, nfds_t(fds.count), Int32(clamping: left))
             if n < 0 { if errno == EINTR { continue }; break }
             for p in fds where p.revents != 0 {
                 let got = buf.withUnsafeMutableBytes { Glibc.read(p.fd, $0.baseAddress, $0.count) }
@@ -89,12 +84,6 @@ extension Sys {
         return (wait(pid).code, out, err)
     }
 
-    static func monotonicNanoseconds() -> Int64 {
-        var ts = timespec()
-        clock_gettime(CLOCK_MONOTONIC, &ts)
-        return Int64(ts.tv_sec) * 1_000_000_000 + Int64(ts.tv_nsec)
-    }
-
     /// `name` found in the directories of `path` (a $PATH value), as an executable file.
     package static func which(_ name: String, path: String) -> String? {
         for dir in path.split(separator: ":") where !dir.isEmpty {
@@ -102,6 +91,20 @@ extension Sys {
             if access(candidate, X_OK) == 0, isRegularFile(candidate) { return candidate }
         }
         return nil
+    }
+
+    /// The read end of a pipe that already holds `bytes`, its write end closed: a child reads them
+    /// (then EOF) without them appearing in its arguments or environment. They must fit the pipe
+    /// buffer, since nobody reads before the child starts.
+    package static func pipe(holding bytes: [UInt8]) throws -> Int32 {
+        guard bytes.count < 60_000 else { throw Errno.noBufferSpace }
+        let (r, w) = try pipe()
+        defer { close(w) }
+        do { _ = try FileDescriptor(rawValue: w).writeAll(bytes) } catch {
+            close(r)
+            throw error
+        }
+        return r
     }
 
     /// A pipe (both ends close-on-exec).

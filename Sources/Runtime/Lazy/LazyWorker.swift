@@ -33,6 +33,16 @@ public enum LazyWorker {
         /// adopts it instead of asking the server, so it starts even while the server fails.
         public var known: (size: UInt64, etag: String?, lastModified: String?)?
 
+        /// The blob: with what the parent already learned from the server when it passed that on,
+        /// else opened (asked) here.
+        func openBlob() throws -> HTTPBlob {
+            let blob = try HTTPBlob(url: url, auth: auth)
+            if let known { blob.adopt(size: known.size, etag: known.etag, lastModified: known.lastModified) } else {
+                try blob.open(allowFullDownload: false)
+            }
+            return blob
+        }
+
         /// Takes the registry credentials from a pipe the parent filled (`--auth-fd`).
         public mutating func readAuth(fd: Int32) throws {
             defer { Sys.close(fd) }
@@ -73,10 +83,7 @@ public enum LazyWorker {
         do {
             // One writer per cache entry, for the supervisor's whole life (released when it exits).
             entryLock = try BlobCache.lockForWriting(entry: o.dataPath)
-            let blob = try HTTPBlob(url: o.url, auth: o.auth)
-            if let k = o.known { blob.adopt(size: k.size, etag: k.etag, lastModified: k.lastModified) } else {
-                try blob.open(allowFullDownload: false)
-            }
+            let blob = try o.openBlob()
             // The writer is opened inside LazyBlob before the mark: its writes raise no events.
             lazy = try LazyBlob(blob: blob, dataPath: o.dataPath, recordPath: o.recordPath)
             group = try FanotifyServer.makeGroup(marking: o.dataPath)
@@ -103,9 +110,7 @@ public enum LazyWorker {
                         "--stats", o.statsPath, "--ready-fd=-1", "--group-fd", String(group.rawValue),
                         "--writer-fd", String(lazy.writerFD), "--journal", journal, "--supervisor-pid", String(Sys.processID)]
             if let d = o.digest { args += ["--digest", d] }
-            args += prefetchArguments(o.prefetch, recordProfile: o.recordProfile) + ["--size", String(lazy.size)]
-            if let e = lazy.blob.etag { args += ["--etag", e] }
-            if let m = lazy.blob.lastModified { args += ["--last-modified", m] }
+            args += prefetchArguments(o.prefetch, recordProfile: o.recordProfile) + knownArguments(lazy.blob)
             // The entry lock goes to the worker too: the entry stays locked until the last process
             // holding the fanotify group (and its mark) is gone, so a new writer cannot open the file
             // while a mark is still in place (its own reads would then raise events nobody answers).
@@ -182,10 +187,7 @@ public enum LazyWorker {
     public static func runWorker(_ o: Options, groupFD: Int32, writerFD: Int32, journal: String) -> Int32 {
         let server: FanotifyServer
         do {
-            let blob = try HTTPBlob(url: o.url, auth: o.auth)
-            if let k = o.known { blob.adopt(size: k.size, etag: k.etag, lastModified: k.lastModified) } else {
-                try blob.open(allowFullDownload: false)
-            }
+            let blob = try o.openBlob()
             let lazy = try LazyBlob(blob: blob, dataPath: o.dataPath, recordPath: o.recordPath, writerFD: writerFD)
             server = try FanotifyServer(lazy: lazy, groupFD: groupFD, journalPath: journal, digest: o.digest, log: log)
             server.prefetch = o.prefetch
@@ -216,26 +218,21 @@ public enum LazyWorker {
         return 0
     }
 
-    /// A pipe whose read end holds `bytes` (the write end is closed): how a child process receives
-    /// secrets without them appearing in its arguments or environment.
-    static func secretPipe(_ bytes: [UInt8]) throws -> Int32 {
-        // Must fit the pipe buffer: nobody reads until the child starts.
-        guard bytes.count < 60_000 else { throw Errno.noBufferSpace }
-        let (r, w) = try Sys.pipe()
-        defer { Sys.close(w) }
-        do { _ = try FileDescriptor(rawValue: w).writeAll(bytes) } catch {
-            Sys.close(r)
-            throw error
-        }
-        return r
-    }
-
     /// Arguments and the descriptor that hand `auth` to a child `__serve` (nothing without auth).
     /// The caller keeps the descriptor open across the spawn, then closes it.
     static func authHandOff(_ auth: RegistryAuth?) throws -> (args: [String], fd: Int32?) {
         guard let auth else { return ([], nil) }
-        let fd = try secretPipe(auth.secret())
+        let fd = try Sys.pipe(holding: auth.secret())
         return (["--auth-fd", String(fd)], fd)
+    }
+
+    /// The arguments that hand what `blob.open` learned (size, ETag, Last-Modified) to a child
+    /// `__serve`, which adopts it instead of asking the server again.
+    static func knownArguments(_ blob: HTTPBlob) -> [String] {
+        var a = ["--size", String(blob.size)]
+        if let e = blob.etag { a += ["--etag", e] }
+        if let m = blob.lastModified { a += ["--last-modified", m] }
+        return a
     }
 
     /// The arguments that carry prefetching and profile recording to a child `__serve`.
