@@ -78,26 +78,9 @@ public final class LazyBlob: ImageSource, @unchecked Sendable {
     public func ensure(offset: UInt64, length: UInt64) throws {
         guard let range = granuleRange(offset, length) else { return }
         while true {
-            // Claim the missing granules nobody is fetching; note those someone else is fetching.
-            let (mine, others): ([Int], [Int]) = state.withLock { s in
-                var mine: [Int] = [], others: [Int] = []
-                for g in record.missing(range) where !s.written.contains(g) {
-                    if s.inFlight.contains(g) { others.append(g) } else { mine.append(g); s.inFlight.insert(g) }
-                }
-                return (mine, others)
-            }
+            let (mine, others) = claim(range)
             if mine.isEmpty && others.isEmpty { return }
-            if !mine.isEmpty {
-                do {
-                    try fetch(mine)
-                } catch {
-                    state.withLock { s in for g in mine { s.inFlight.remove(g) } }
-                    wakeWaiters()
-                    throw error
-                }
-                state.withLock { s in for g in mine { s.inFlight.remove(g); s.written.insert(g) } }
-                wakeWaiters()
-            }
+            if !mine.isEmpty { try fetchClaimed(mine) }
             if !others.isEmpty {
                 waiters.withLock { $0 += 1 }
                 _ = cond.wait(timeout: .now() + .milliseconds(50))
@@ -106,27 +89,66 @@ public final class LazyBlob: ImageSource, @unchecked Sendable {
         }
     }
 
+    /// Fetches the missing granules of [offset, offset+length) that nobody is fetching yet and returns
+    /// without waiting for the others (readahead: a reader that needs them joins whoever fetches them).
+    public func fetchUnclaimed(offset: UInt64, length: UInt64) throws {
+        guard let range = granuleRange(offset, length) else { return }
+        let mine = claim(range).mine
+        if !mine.isEmpty { try fetchClaimed(mine) }
+    }
+
+    /// Claims the missing granules nobody is fetching; notes those someone else is fetching.
+    private func claim(_ range: ClosedRange<Int>) -> (mine: [Int], others: [Int]) {
+        state.withLock { s in
+            var mine: [Int] = [], others: [Int] = []
+            for g in record.missing(range) where !s.written.contains(g) {
+                if s.inFlight.contains(g) { others.append(g) } else { mine.append(g); s.inFlight.insert(g) }
+            }
+            return (mine, others)
+        }
+    }
+
+    /// Fetches claimed granules run by run; each run becomes readable as soon as it is written (waiters
+    /// wake then, not when the whole claim is done); on failure the rest is unclaimed again.
+    private func fetchClaimed(_ mine: [Int]) throws {
+        let runs = runs(of: mine)
+        for (i, run) in runs.enumerated() {
+            do {
+                try fetchRun(run)
+            } catch {
+                state.withLock { s in for r in runs[i...] { for g in r { s.inFlight.remove(g) } } }
+                wakeWaiters()
+                throw error
+            }
+            state.withLock { s in for g in run { s.inFlight.remove(g); s.written.insert(g) } }
+            wakeWaiters()
+        }
+    }
+
     private func wakeWaiters() {
         let n = waiters.get()
         for _ in 0..<n { cond.signal() }
     }
 
-    /// Fetches granules as runs of consecutive granules, each run one or more Range requests.
-    func fetch(_ gs: [Int]) throws {
-        var runs: [(Int, Int)] = []
+    /// Granules as runs of consecutive granules, each at most `maxRequest` bytes (one Range request).
+    func runs(of gs: [Int]) -> [ClosedRange<Int>] {
+        var runs: [ClosedRange<Int>] = []
         for g in gs.sorted() {
-            if let last = runs.last, last.1 + 1 == g, UInt64(g - last.0 + 1) * granule <= maxRequest {
-                runs[runs.count - 1].1 = g
+            if let last = runs.last, last.upperBound + 1 == g, UInt64(g - last.lowerBound + 1) * granule <= maxRequest {
+                runs[runs.count - 1] = last.lowerBound...g
             } else {
-                runs.append((g, g))
+                runs.append(g...g)
             }
         }
-        for (first, last) in runs {
-            let off = UInt64(first) * granule
-            let end = min(UInt64(last + 1) * granule, size)
-            let bytes = try blob.read(offset: off, length: Int(end - off))
-            try bytes.withUnsafeBytes { try Sys.pwriteAll(writer.rawValue, $0, at: Int64(off)) }
-        }
+        return runs
+    }
+
+    /// One Range request for a run of granules, written into the cache file.
+    func fetchRun(_ run: ClosedRange<Int>) throws {
+        let off = UInt64(run.lowerBound) * granule
+        let end = min(UInt64(run.upperBound + 1) * granule, size)
+        let bytes = try blob.read(offset: off, length: Int(end - off))
+        try bytes.withUnsafeBytes { try Sys.pwriteAll(writer.rawValue, $0, at: Int64(off)) }
     }
 
     /// Makes written data durable, then records it present (one fdatasync for many ranges).

@@ -115,4 +115,49 @@ struct FaultTests {
         try #require(try proxy.start())
         #expect(TreeFactsLite(f.mnt) == expected, "after the server came back (\(eio) reads had failed with EIO)")
     }
+
+    /// SIGKILL of the serving worker during a parallel cold read of every file: the supervisor keeps
+    /// the fanotify group alive and restarts the worker, which answers the events its predecessor
+    /// had read; every reader gets correct bytes (never zeros). Every data request is held back 0.1 s
+    /// by the proxy, so the kills land while reads are still waiting however fast fetching gets.
+    @Test func killedWorkerNeverHandsOutZeros() throws {
+        let f = try RemoteFixture("kill")
+        defer { f.remove() }
+        let proxy = try FaultProxy(upstream: f.server.base)
+        defer { proxy.remove() }
+        let expected = try f.oracle()
+        let out = try f.runtime.mount(MountRequest(source: proxy.base + "/img.erofs", mountpoint: f.mnt, remote: f.remote))
+        defer { try? f.runtime.umount(f.mnt) }
+        try proxy.set("{\"fault\":\"stall\",\"seconds\":0.1,\"every\":1,\"match\":\"/img.erofs\"}")
+        let supervisor = try #require(out.record?.workerPID)
+        func worker() -> Int32? {
+            (try? String(contentsOfFile: "/proc/\(supervisor)/task/\(supervisor)/children", encoding: .utf8))?
+                .split(separator: " ").first.flatMap { Int32($0) }
+        }
+        let files = expected.entries.filter { $0.value.contains("size") }.map(\.key).sorted()
+        var kills = 0
+        var traffic: [UInt64] = [], events: [Int] = []
+        let results = parallelRead(f.mnt, files) {
+            for _ in 0..<3 {
+                usleep(150_000)
+                if let w = worker() {
+                    try? Sys.kill(w, SIGKILL)
+                    kills += 1
+                }
+                for _ in 0..<3 {
+                    usleep(200_000)
+                    if let p = try? f.runtime.status().first?.progress { traffic.append(p.bytesFetched); events.append(p.events) }
+                }
+            }
+        }
+        #expect(kills > 0)
+        for p in files {
+            let got = results[p] ?? "missing"
+            #expect(expected.entries[p]!.hasSuffix(got), "\(p): \(got)")
+        }
+        // Restarted workers carry their predecessors' figures on: they never go backwards.
+        #expect(traffic == traffic.sorted(), "\(traffic)")
+        #expect(events == events.sorted() && events.last ?? 0 > 0, "\(events)")
+        #expect(workerRunning(supervisor), "the supervisor survives")
+    }
 }

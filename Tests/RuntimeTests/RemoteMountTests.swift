@@ -187,47 +187,6 @@ struct RemoteMountTests {
         #expect(!FileManager.default.fileExists(atPath: out.record!.cachePath!), "the cache entry is discarded")
     }
 
-    /// SIGKILL of the serving worker during a parallel cold read of every file: the supervisor keeps
-    /// the fanotify group alive and restarts the worker, which answers the events its predecessor
-    /// had read; every reader gets correct bytes (never zeros).
-    @Test func killedWorkerNeverHandsOutZeros() throws {
-        let f = try RemoteFixture("kill")
-        defer { f.remove() }
-        let expected = try f.oracle()
-        let out = try f.runtime.mount(MountRequest(source: f.url, mountpoint: f.mnt, remote: f.remote))
-        defer { try? f.runtime.umount(f.mnt) }
-        let supervisor = try #require(out.record?.workerPID)
-        func worker() -> Int32? {
-            (try? String(contentsOfFile: "/proc/\(supervisor)/task/\(supervisor)/children", encoding: .utf8))?
-                .split(separator: " ").first.flatMap { Int32($0) }
-        }
-        let files = expected.entries.filter { $0.value.contains("size") }.map(\.key).sorted()
-        var kills = 0
-        var traffic: [UInt64] = [], events: [Int] = []
-        let results = parallelRead(f.mnt, files) {
-            for _ in 0..<3 {
-                usleep(150_000)
-                if let w = worker() {
-                    try? Sys.kill(w, SIGKILL)
-                    kills += 1
-                }
-                for _ in 0..<3 {
-                    usleep(200_000)
-                    if let p = try? f.runtime.status().first?.progress { traffic.append(p.bytesFetched); events.append(p.events) }
-                }
-            }
-        }
-        #expect(kills > 0)
-        for p in files {
-            let got = results[p] ?? "missing"
-            #expect(expected.entries[p]!.hasSuffix(got), "\(p): \(got)")
-        }
-        // Restarted workers carry their predecessors' figures on: they never go backwards.
-        #expect(traffic == traffic.sorted(), "\(traffic)")
-        #expect(events == events.sorted() && events.last ?? 0 > 0, "\(events)")
-        #expect(workerRunning(supervisor), "the supervisor survives")
-    }
-
     /// --record-profile writes the ranges readers used; --prefetch PROFILE fetches them before anyone
     /// asks (the same reads are then answered from the cache); --prefetch all completes the cache in
     /// the background; a bad profile is refused before anything starts.

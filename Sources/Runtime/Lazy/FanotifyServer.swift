@@ -66,9 +66,9 @@ public enum PrefetchProfile {
 
 /// Serves FAN_PRE_ACCESS events on a lazy cache file: one thread reads events and hands them to a
 /// fetch pool; present ranges are answered from the population record without I/O; missing ones
-/// are fetched (aligned, coalesced, grown by an adaptive readahead window for sequential readers)
-/// and answered FAN_ALLOW; a range that cannot be fetched is answered FAN_DENY_ERRNO(EIO), never
-/// FAN_ALLOW.
+/// are fetched (aligned, coalesced) and answered FAN_ALLOW while a readahead pool fetches what
+/// a sequential reader asks for next; a range that cannot be fetched is answered
+/// FAN_DENY_ERRNO(EIO), never FAN_ALLOW.
 public final class FanotifyServer: @unchecked Sendable {
     public struct Stats: Codable, Sendable {
         public var events = 0
@@ -105,6 +105,9 @@ public final class FanotifyServer: @unchecked Sendable {
     public var recordProfile: String?
     private let profile = Locked<(ranges: [(UInt64, UInt64)], seen: Set<UInt64>, dirty: Bool)>(([], [], true))
     private let busy = Locked(0)
+    /// Readahead windows waiting for a fetcher, oldest first.
+    private let readahead = Locked<[(UInt64, UInt64)]>([])
+    private let readaheadReady = DispatchSemaphore(value: 0)
     /// The mount's figures before this process started (the supervisor's metadata traffic, earlier
     /// workers' events and traffic): the counters carry on from them.
     public var base = Stats()
@@ -202,6 +205,11 @@ public final class FanotifyServer: @unchecked Sendable {
                 defer { done.leave() }
                 workerLoop()
             }
+            done.enter()
+            Threads.detach { [self] in
+                defer { done.leave() }
+                readaheadLoop()
+            }
         }
         done.enter()
         Threads.detach { [self] in
@@ -221,7 +229,7 @@ public final class FanotifyServer: @unchecked Sendable {
             }
         }
         readLoop()
-        for _ in 0..<workers { pending.signal() }
+        for _ in 0..<workers { pending.signal(); readaheadReady.signal() }
         done.wait()
         saveProfile()
     }
@@ -326,26 +334,53 @@ public final class FanotifyServer: @unchecked Sendable {
         }
     }
 
-    /// The required range, grown for sequential readers (128 KiB doubling to 4 MiB per stream).
+    /// The required range now, then the stream's readahead window after it in the background
+    /// (`firstWindow` doubling to `maxWindow` per sequential stream), so that a sequential reader finds its next
+    /// range present or in flight: the transfer of what comes next overlaps the reading of this.
     func fetch(offset: UInt64, count: UInt64) throws {
         let window: UInt64 = streams.withLock { list in
             // A stream continues when this read starts at (or inside the readahead of) its last end.
             if let i = list.firstIndex(where: { offset >= $0.end &- min($0.window, $0.end) && offset <= $0.end + $0.window }) {
-                let w = min(list[i].window * 2, 4 << 20)
+                let w = min(list[i].window * 2, Self.maxWindow)
                 list.remove(at: i)
-                list.append((offset + max(count, w), w))
+                list.append((offset + count + w, w))
                 return w
             }
             if list.count >= 32 { list.removeFirst() }
-            list.append((offset + max(count, 128 << 10), 128 << 10))
-            return 128 << 10
+            list.append((offset + count + Self.firstWindow, Self.firstWindow))
+            return Self.firstWindow
         }
-        let want = max(count, window)
-        do {
-            try lazy.ensure(offset: offset, length: want)
-        } catch {
-            // The readahead part may be what failed: the required part alone decides.
-            try lazy.ensure(offset: offset, length: count)
+        try lazy.ensure(offset: offset, length: count)
+        scheduleReadahead(offset: offset + count, length: window)
+    }
+
+    static let firstWindow: UInt64 = 1 << 20
+    static let maxWindow: UInt64 = 16 << 20
+
+    /// Queues a readahead window (the oldest dropped beyond 64 queued: their readers moved on).
+    func scheduleReadahead(offset: UInt64, length: UInt64) {
+        let len = min(offset + length, lazy.size) &- offset
+        guard offset < lazy.size, !lazy.isAvailable(offset: offset, length: len) else { return }
+        readahead.withLock { q in
+            q.append((offset, len))
+            if q.count > 64 { q.removeFirst(q.count - 64) }
+        }
+        readaheadReady.signal()
+    }
+
+    /// Fetches what nobody is fetching yet of queued readahead windows, one request (at most 4 MiB)
+    /// at a time, each readable as soon as it is written; a failure only means the reader
+    /// fetches that range itself when it gets there (and is denied EIO if that fails too).
+    func readaheadLoop() {
+        var failures = 0
+        while true {
+            readaheadReady.wait()
+            if stopping.get() { return }
+            guard let (offset, length) = readahead.withLock({ $0.isEmpty ? nil : $0.removeFirst() }) else { continue }
+            do { try lazy.fetchUnclaimed(offset: offset, length: length) } catch {
+                failures += 1
+                if failures == 1 || failures % 100 == 0 { log("readahead of \(length) bytes at \(offset) failed (\(failures) so far): \(error)") }
+            }
         }
     }
 
