@@ -100,11 +100,15 @@ struct FaultTests {
             try #require(expected.entries[sample[0]]!.hasSuffix(TreeFactsLite.digest(f.mnt + "/" + sample[0])))
             #expect(!f.workerLogs().contains("worker failed to start"), "\(f.workerLogs().suffix(2000))")
 
-            // Down mid-read.
+            // Down mid-read: every data request is held back 0.3 s, so the read is still going when the
+            // proxy stops; it is restarted only after it has stopped (never two on one port).
+            try proxy.set("{\"fault\":\"stall\",\"seconds\":0.3,\"every\":1,\"match\":\"/img.erofs\"}")
             let rest = files.filter { !sample.contains($0) }
-            let stopper = DispatchQueue.global()
-            stopper.asyncAfter(deadline: .now() + .milliseconds(150)) { proxy.stop() }
+            let stopped = DispatchSemaphore(value: 0)
+            DispatchQueue.global().asyncAfter(deadline: .now() + .milliseconds(150)) { proxy.stop(); stopped.signal() }
             let got = parallelRead(f.mnt, rest)
+            stopped.wait()
+            try proxy.set("{}")
             var eio = 0
             for p in rest {
                 let g = got[p] ?? "missing"
