@@ -205,10 +205,13 @@ public final class FanotifyServer: @unchecked Sendable {
                 defer { done.leave() }
                 workerLoop()
             }
-            done.enter()
-            Threads.detach { [self] in
-                defer { done.leave() }
-                readaheadLoop()
+            // Two readahead fetchers per worker: readahead requests are large and overlap readers.
+            for _ in 0..<2 {
+                done.enter()
+                Threads.detach { [self] in
+                    defer { done.leave() }
+                    readaheadLoop()
+                }
             }
         }
         done.enter()
@@ -229,7 +232,7 @@ public final class FanotifyServer: @unchecked Sendable {
             }
         }
         readLoop()
-        for _ in 0..<workers { pending.signal(); readaheadReady.signal() }
+        for _ in 0..<workers { pending.signal(); readaheadReady.signal(); readaheadReady.signal() }
         done.wait()
         saveProfile()
     }
@@ -335,23 +338,27 @@ public final class FanotifyServer: @unchecked Sendable {
     }
 
     /// The required range now, then the stream's readahead window after it in the background
-    /// (`firstWindow` doubling to `maxWindow` per sequential stream), so that a sequential reader finds its next
-    /// range present or in flight: the transfer of what comes next overlaps the reading of this.
+    /// (`firstWindow` doubling to `maxWindow` per sequential stream), so that a sequential reader finds
+    /// its next range present or in flight: the transfer of what comes next overlaps the reading of
+    /// this. A sequential reader that outran its readahead fetches a bigger piece itself (up to
+    /// `LazyBlob.maxRequest`): fewer, larger requests, which is what slow-per-request servers (a
+    /// registry) need; a reader's first read fetches only its own range.
     func fetch(offset: UInt64, count: UInt64) throws {
-        let window: UInt64 = streams.withLock { list in
+        let (window, sequential): (UInt64, Bool) = streams.withLock { list in
             // A stream continues when this read starts at (or inside the readahead of) its last end.
             if let i = list.firstIndex(where: { offset >= $0.end &- min($0.window, $0.end) && offset <= $0.end + $0.window }) {
                 let w = min(list[i].window * 2, Self.maxWindow)
                 list.remove(at: i)
                 list.append((offset + count + w, w))
-                return w
+                return (w, true)
             }
             if list.count >= 32 { list.removeFirst() }
             list.append((offset + count + Self.firstWindow, Self.firstWindow))
-            return Self.firstWindow
+            return (Self.firstWindow, false)
         }
-        try lazy.ensure(offset: offset, length: count)
-        scheduleReadahead(offset: offset + count, length: window)
+        let now = sequential ? max(count, min(window, lazy.maxRequest)) : count
+        try lazy.ensure(offset: offset, length: now)
+        scheduleReadahead(offset: offset + now, length: window)
     }
 
     static let firstWindow: UInt64 = 1 << 20
