@@ -20,12 +20,17 @@ struct RemoteFixture {
     var mnt: String { dir.file("mnt") }
     var remote: RemoteOptions { RemoteOptions(cacheDir: dir.file("cache")) }
 
-    init(_ label: String) throws {
+    /// `build` makes the tree to serve (default: the reader's edge and real trees, lz4hc).
+    init(_ label: String, mkfs: [String] = ["-zlz4hc"], build: ((String) throws -> Void)? = nil) throws {
         server = try NginxServer()
         dir = try ScratchDir(label)
-        try ReaderTrees.makeEdge(at: dir.file("tree/edge"))
-        try ReaderTrees.makeReal(at: dir.file("tree/real"), budget: 3 << 20)
-        try Samples.mkfs(dir.file("tree"), server.root + "/img.erofs", ["-zlz4hc"])
+        if let build {
+            try build(dir.file("tree"))
+        } else {
+            try ReaderTrees.makeEdge(at: dir.file("tree/edge"))
+            try ReaderTrees.makeReal(at: dir.file("tree/real"), budget: 3 << 20)
+        }
+        try Samples.mkfs(dir.file("tree"), server.root + "/img.erofs", mkfs)
         for d in ["mnt", "mnt2", "oracle"] { try FileManager.default.createDirectory(atPath: dir.file(d), withIntermediateDirectories: true) }
         runtime = Runtime(state: StateStore(root: dir.file("state")))
         Runtime.workerExecutable = cliBinary
@@ -116,6 +121,55 @@ struct RemoteMountTests {
         for _ in 0..<50 where workerRunning(rec.workerPID) { usleep(100_000) }
         #expect(!workerRunning(rec.workerPID), "worker exits with its mount")
         #expect(f.runtime.state.all().isEmpty)
+    }
+
+    /// Readahead: a read that continues no stream fetches little beyond itself; a sequential reader
+    /// has the data after it fetched before it asks; every byte read is the source's.
+    @Test func readaheadFollowsSequentialReadersOnly() throws {
+        let big = [UInt8]((0..<(24 << 20)).map { i in UInt8(truncatingIfNeeded: (i &* 2_654_435_761) >> 13) })
+        let f = try RemoteFixture("readahead", mkfs: []) { tree in
+            try FileManager.default.createDirectory(atPath: tree, withIntermediateDirectories: true)
+            try Data(big).write(to: URL(fileURLWithPath: tree + "/big.bin"))
+        }
+        defer { f.remove() }
+        _ = try f.runtime.mount(MountRequest(source: f.url, mountpoint: f.mnt, remote: f.remote))
+        defer { try? f.runtime.umount(f.mnt) }
+        func fetched() throws -> UInt64 { try #require(try f.runtime.status().first?.progress).bytesFetched }
+        /// Waits (up to 5 s) for the worker's figures (written every 0.5 s) to reach `atLeast` bytes
+        /// and then hold still for 0.75 s.
+        func settle(atLeast: UInt64 = 0) throws -> UInt64 {
+            var last = try fetched(), still = 0
+            for _ in 0..<20 where still < 3 {
+                usleep(250_000)
+                let now = try fetched()
+                still = now >= atLeast && now == last ? still + 1 : 0
+                last = now
+            }
+            return last
+        }
+        let meta = try settle()
+        let fd = try Sys.open(f.mnt + "/big.bin", O_RDONLY)
+        defer { Sys.close(fd.rawValue) }
+        _ = posix_fadvise(fd.rawValue, 0, 0, POSIX_FADV_RANDOM)
+        // One random 4 KiB read: the worker fetches its range and a small readahead, not megabytes.
+        let at = 12 << 20 + 12_345
+        #expect(try Sys.preadFully(fd.rawValue, count: 4096, at: Int64(at)) == Array(big[at..<at + 4096]))
+        let afterRandom = try settle()
+        #expect(afterRandom - meta <= 512 << 10, "a random 4 KiB read fetched \(afterRandom - meta) bytes")
+        // Sequential reads of the first 4 MiB: the worker runs ahead of the reader.
+        _ = posix_fadvise(fd.rawValue, 0, 0, POSIX_FADV_SEQUENTIAL)
+        var pos = 0
+        while pos < 4 << 20 {
+            let chunk = try Sys.preadFully(fd.rawValue, count: 256 << 10, at: Int64(pos))
+            try #require(chunk == Array(big[pos..<pos + chunk.count]), "bytes at \(pos)")
+            pos += chunk.count
+        }
+        let ahead = try settle(atLeast: afterRandom + (5 << 20))
+        #expect(ahead >= afterRandom + (5 << 20), "read 4 MiB sequentially; fetched \(ahead - afterRandom) bytes")
+        // The rest of the file, through the page cache as any reader would.
+        let all = try Sys.preadFully(fd.rawValue, count: big.count, at: 0)
+        #expect(all == big)
+        #expect(try #require(try f.runtime.status().first?.progress).denied == 0)
     }
 
     /// The server goes away mid-way: unfetched ranges fail with EIO, never zeros; fetched data

@@ -338,16 +338,16 @@ public final class FanotifyServer: @unchecked Sendable {
     }
 
     /// The required range now, then the stream's readahead window after it in the background
-    /// (`firstWindow` doubling to `maxWindow` per sequential stream), so that a sequential reader finds
-    /// its next range present or in flight: the transfer of what comes next overlaps the reading of
-    /// this. A sequential reader that outran its readahead fetches a bigger piece itself (up to
+    /// (`firstWindow`, then `sequentialWindow` doubling to `maxWindow` per sequential stream), so that
+    /// a sequential reader finds its next range present or in flight: the transfer of what comes next
+    /// overlaps the reading of this. A sequential reader that outran its readahead fetches a bigger piece itself (up to
     /// `LazyBlob.maxRequest`): fewer, larger requests, which is what slow-per-request servers (a
     /// registry) need; a reader's first read fetches only its own range.
     func fetch(offset: UInt64, count: UInt64) throws {
         let (window, sequential): (UInt64, Bool) = streams.withLock { list in
             // A stream continues when this read starts at (or inside the readahead of) its last end.
             if let i = list.firstIndex(where: { offset >= $0.end &- min($0.window, $0.end) && offset <= $0.end + $0.window }) {
-                let w = min(list[i].window * 2, Self.maxWindow)
+                let w = min(max(list[i].window * 2, Self.sequentialWindow), Self.maxWindow)
                 list.remove(at: i)
                 list.append((offset + count + w, w))
                 return (w, true)
@@ -361,7 +361,10 @@ public final class FanotifyServer: @unchecked Sendable {
         scheduleReadahead(offset: offset + now, length: window)
     }
 
-    static let firstWindow: UInt64 = 1 << 20
+    /// A read that continues no stream may be random: a small readahead. A continuing stream gets at
+    /// least `sequentialWindow`, doubling up to `maxWindow`.
+    static let firstWindow: UInt64 = 128 << 10
+    static let sequentialWindow: UInt64 = 1 << 20
     static let maxWindow: UInt64 = 16 << 20
 
     /// Queues a readahead window (the oldest dropped beyond 64 queued: their readers moved on).
