@@ -76,12 +76,13 @@ public struct Runtime: Sendable {
         let (source, identity) = try canonicalSource(req.source)
         let mountpoint = try canonicalMountpoint(req.mountpoint)
         try? state.ensureDirectories()
+        let admin = Sys.hasCapSysAdmin()
         let planned = MountPlanning.planLocal(image: source, offset: req.options.fsOffset, implemented: Self.implemented,
-                                              override: override, cacheFile: Sys.hasCapSysAdmin() ? state.hostCache : nil)
+                                              override: override, cacheFile: admin ? state.hostCache : nil)
         let blockSize = try validateImage(source, planned.findings, superblock: planned.superblock, options: req.options)
         let plan = planned.plan
         if req.dryRun { return MountOutcome(plan: plan, record: nil, notes: []) }
-        guard Sys.hasCapSysAdmin() else { throw RuntimeError.notPrivileged("mounting") }
+        guard admin else { throw RuntimeError.notPrivileged("mounting") }
 
         return try state.withLock {
             if try isMountRoot(mountpoint) {

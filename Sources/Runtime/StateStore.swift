@@ -50,17 +50,21 @@ public struct StateStore: Sendable {
 
     /// The file name for a mountpoint: '/' becomes '-', bytes outside [A-Za-z0-9._] become _xx.
     public static func key(for mountpoint: String) -> String {
-        var out = ""
+        let hex = Array("0123456789abcdef".utf8)
+        var out: [UInt8] = []
+        out.reserveCapacity(mountpoint.utf8.count + 8)
         for b in mountpoint.utf8.dropFirst(mountpoint.hasPrefix("/") ? 1 : 0) {
             switch b {
-            case UInt8(ascii: "/"): out += "-"
+            case UInt8(ascii: "/"): out.append(UInt8(ascii: "-"))
             case UInt8(ascii: "a")...UInt8(ascii: "z"), UInt8(ascii: "A")...UInt8(ascii: "Z"), UInt8(ascii: "0")...UInt8(ascii: "9"), UInt8(ascii: "."):
-                out.unicodeScalars.append(UnicodeScalar(b))
+                out.append(b)
             default:
-                out += "_" + String(hexByte: b)
+                out += [UInt8(ascii: "_"), hex[Int(b >> 4)], hex[Int(b & 15)]]
             }
         }
-        return (out.isEmpty ? "-" : out) + ".json"
+        if out.isEmpty { out.append(UInt8(ascii: "-")) }
+        out += ".json".utf8
+        return String(decoding: out, as: UTF8.self)
     }
 
     /// A record's sibling file: `name.json` becomes `name` + `ext` (e.g. ".log", ".journal").

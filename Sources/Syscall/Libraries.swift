@@ -54,9 +54,11 @@ package enum Libraries {
         return blkid(fd: fd.rawValue, offset: offset)
     }
 
-    /// libblkid's superblock probe of an open file from `offset` to its end. `onlyTypes` restricts the
-    /// probe to those filesystem types (one confirmation instead of trying every known signature).
-    package static func blkid(fd: Int32, offset: UInt64 = 0, onlyTypes: [String] = []) -> (result: Int32, values: [String: String]) {
+    /// libblkid's superblock probe of an open file from `offset` to its end: the values named in `keys`.
+    /// `onlyTypes` restricts the probe to those filesystem types (one confirmation instead of trying
+    /// every known signature).
+    package static func blkid(fd: Int32, offset: UInt64 = 0, onlyTypes: [String] = [],
+                              keys: [String] = ["TYPE", "UUID", "LABEL", "BLOCK_SIZE"]) -> (result: Int32, values: [String: String]) {
         guard let pr = blkid_new_probe() else { return (-1, [:]) }
         defer { blkid_free_probe(pr) }
         guard let st = try? Sys.fstat(fd) else { return (-1, [:]) }
@@ -72,14 +74,10 @@ package enum Libraries {
         let rc = blkid_do_safeprobe(pr)
         var values: [String: String] = [:]
         if rc == 0 {
-            let n = blkid_probe_numof_values(pr)
-            for i in 0..<max(n, 0) {
-                var name: UnsafePointer<CChar>?
+            for key in keys {
                 var data: UnsafePointer<CChar>?
                 var len: Int = 0
-                if blkid_probe_get_value(pr, i, &name, &data, &len) == 0, let name, let data {
-                    values[String(cString: name)] = String(cString: data)
-                }
+                if blkid_probe_lookup_value(pr, key, &data, &len) == 0, let data { values[key] = String(cString: data) }
             }
         }
         return (rc, values)
