@@ -50,21 +50,17 @@ public struct StateStore: Sendable {
 
     /// The file name for a mountpoint: '/' becomes '-', bytes outside [A-Za-z0-9._] become _xx.
     public static func key(for mountpoint: String) -> String {
-        let hex = Array("0123456789abcdef".utf8)
-        var out: [UInt8] = []
-        out.reserveCapacity(mountpoint.utf8.count + 8)
+        var out = ""
         for b in mountpoint.utf8.dropFirst(mountpoint.hasPrefix("/") ? 1 : 0) {
             switch b {
-            case UInt8(ascii: "/"): out.append(UInt8(ascii: "-"))
+            case UInt8(ascii: "/"): out += "-"
             case UInt8(ascii: "a")...UInt8(ascii: "z"), UInt8(ascii: "A")...UInt8(ascii: "Z"), UInt8(ascii: "0")...UInt8(ascii: "9"), UInt8(ascii: "."):
-                out.append(b)
+                out.unicodeScalars.append(UnicodeScalar(b))
             default:
-                out += [UInt8(ascii: "_"), hex[Int(b >> 4)], hex[Int(b & 15)]]
+                out += "_" + String(hexByte: b)
             }
         }
-        if out.isEmpty { out.append(UInt8(ascii: "-")) }
-        out += ".json".utf8
-        return String(decoding: out, as: UTF8.self)
+        return (out.isEmpty ? "-" : out) + ".json"
     }
 
     /// A record's sibling file: `name.json` becomes `name` + `ext` (e.g. ".log", ".journal").

@@ -47,13 +47,6 @@ package enum Libraries {
         return KmodAnswer(loadResources: load, initState: state, initStateError: st < 0 ? st : nil, path: path, libraryVersion: version)
     }
 
-    /// libblkid's superblock probe of a file: TYPE, UUID, LABEL, BLOCK_SIZE, ... (empty when unknown).
-    package static func blkid(path: String, offset: UInt64 = 0) -> (result: Int32, values: [String: String]) {
-        guard let fd = try? Sys.open(path, O_RDONLY) else { return (-1, [:]) }
-        defer { Sys.close(fd.rawValue) }
-        return blkid(fd: fd.rawValue, offset: offset)
-    }
-
     /// libblkid's superblock probe of an open file from `offset` to its end: the values named in `keys`.
     /// `onlyTypes` restricts the probe to those filesystem types (one confirmation instead of trying
     /// every known signature).

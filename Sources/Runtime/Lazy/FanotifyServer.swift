@@ -340,9 +340,9 @@ public final class FanotifyServer: @unchecked Sendable {
     /// The required range now, then the stream's readahead window after it in the background
     /// (`firstWindow`, then `sequentialWindow` doubling to `maxWindow` per sequential stream), so that
     /// a sequential reader finds its next range present or in flight: the transfer of what comes next
-    /// overlaps the reading of this. A sequential reader that outran its readahead fetches a bigger piece itself (up to
-    /// `LazyBlob.maxRequest`): fewer, larger requests, which is what slow-per-request servers (a
-    /// registry) need; a reader's first read fetches only its own range.
+    /// overlaps the reading of this. A sequential reader that outran its readahead fetches a bigger
+    /// piece itself (up to `LazyBlob.maxRequest`): fewer, larger requests, which is what servers slow
+    /// per request (a registry) need; a read that continues no stream fetches only its own range.
     func fetch(offset: UInt64, count: UInt64) throws {
         let (window, sequential): (UInt64, Bool) = streams.withLock { list in
             // A stream continues when this read starts at (or inside the readahead of) its last end.
