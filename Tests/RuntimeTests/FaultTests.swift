@@ -100,8 +100,12 @@ struct FaultTests {
             try #require(expected.entries[sample[0]]!.hasSuffix(TreeFactsLite.digest(f.mnt + "/" + sample[0])))
             #expect(!f.workerLogs().contains("worker failed to start"), "\(f.workerLogs().suffix(2000))")
 
-            // Down mid-read: every data request is held back 0.3 s, so the read is still going when the
-            // proxy stops; it is restarted only after it has stopped (never two on one port).
+            // Down mid-read, from a cold cache again (readahead has fetched most of this small image by
+            // now): every data request is held back 0.3 s, so none has finished when the proxy stops
+            // 150 ms into the read; it is restarted only after it has stopped (never two on one port).
+            try f.runtime.umount(f.mnt)
+            try FileManager.default.removeItem(atPath: f.remote.cacheDir)
+            _ = try f.runtime.mount(MountRequest(source: proxy.base + "/img.erofs", mountpoint: f.mnt, remote: f.remote))
             try proxy.set("{\"fault\":\"stall\",\"seconds\":0.3,\"every\":1,\"match\":\"/img.erofs\"}")
             let rest = files.filter { !sample.contains($0) }
             let stopped = DispatchSemaphore(value: 0)
