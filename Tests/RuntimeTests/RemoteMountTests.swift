@@ -135,8 +135,8 @@ struct RemoteMountTests {
         _ = try f.runtime.mount(MountRequest(source: f.url, mountpoint: f.mnt, remote: f.remote))
         defer { try? f.runtime.umount(f.mnt) }
         func fetched() throws -> UInt64 { try #require(try f.runtime.status().first?.progress).bytesFetched }
-        /// Waits (up to 5 s) for the worker's figures (written every 0.5 s) to reach `atLeast` bytes
-        /// and then hold still for 0.75 s.
+        /// Waits (up to 5 s) for the worker's figures (written within 0.1 s of a change) to reach
+        /// `atLeast` bytes and then hold still for 0.75 s.
         func settle(atLeast: UInt64 = 0) throws -> UInt64 {
             var last = try fetched(), still = 0
             for _ in 0..<20 where still < 3 {

@@ -70,7 +70,7 @@ public enum PrefetchProfile {
 /// a sequential reader asks for next; a range that cannot be fetched is answered
 /// FAN_DENY_ERRNO(EIO), never FAN_ALLOW.
 public final class FanotifyServer: @unchecked Sendable {
-    public struct Stats: Codable, Sendable {
+    public struct Stats: Codable, Sendable, Equatable {
         public var events = 0
         public var allowedFromCache = 0
         public var fetched = 0

@@ -206,10 +206,17 @@ public enum LazyWorker {
             stop.set(true)
             server.stop()
         }
+        // Figures are written within 0.1 s of changing (a SIGKILLed worker loses at most that much;
+        // its successor carries on from what was written), and not at all while nothing changes.
         Threads.detach {
+            var written = server.snapshot
             while !stop.get() {
-                writeStats(server.snapshot, to: o.statsPath)
-                usleep(500_000)
+                usleep(100_000)
+                let now = server.snapshot
+                if now != written {
+                    writeStats(now, to: o.statsPath)
+                    written = now
+                }
             }
         }
         server.run()
