@@ -177,7 +177,9 @@ public final class FanotifyServer: @unchecked Sendable {
         if let journal { Sys.close(journal.rawValue) }
     }
 
-    public var snapshot: Stats {
+    /// The figures without the latency percentiles: cheap, for noticing a change (every answered event
+    /// changes a counter).
+    public var counters: Stats {
         var s = stats.get()
         s.events += base.events
         s.allowedFromCache += base.allowedFromCache
@@ -186,6 +188,11 @@ public final class FanotifyServer: @unchecked Sendable {
         s.bytesFetched = base.bytesFetched + lazy.blob.bytesFetched.get()
         s.requests = base.requests + lazy.blob.requestCount.get()
         s.population = lazy.populationPercent
+        return s
+    }
+
+    public var snapshot: Stats {
+        var s = counters
         let l = latencies.get().sorted()
         if !l.isEmpty {
             s.p50Ms = l[l.count / 2]
@@ -205,13 +212,14 @@ public final class FanotifyServer: @unchecked Sendable {
                 defer { done.leave() }
                 workerLoop()
             }
-            // Two readahead fetchers per worker: readahead requests are large and overlap readers.
-            for _ in 0..<2 {
-                done.enter()
-                Threads.detach { [self] in
-                    defer { done.leave() }
-                    readaheadLoop()
-                }
+        }
+        // Two readahead fetchers per worker: readahead requests are large and overlap readers.
+        let fetchers = 2 * workers
+        for _ in 0..<fetchers {
+            done.enter()
+            Threads.detach { [self] in
+                defer { done.leave() }
+                readaheadLoop()
             }
         }
         done.enter()
@@ -232,7 +240,8 @@ public final class FanotifyServer: @unchecked Sendable {
             }
         }
         readLoop()
-        for _ in 0..<workers { pending.signal(); readaheadReady.signal(); readaheadReady.signal() }
+        for _ in 0..<workers { pending.signal() }
+        for _ in 0..<fetchers { readaheadReady.signal() }
         done.wait()
         saveProfile()
     }

@@ -209,12 +209,12 @@ public enum LazyWorker {
         // Figures are written within 0.1 s of changing (a SIGKILLed worker loses at most that much;
         // its successor carries on from what was written), and not at all while nothing changes.
         Threads.detach {
-            var written = server.snapshot
+            var written = server.counters
             while !stop.get() {
                 usleep(100_000)
-                let now = server.snapshot
+                let now = server.counters
                 if now != written {
-                    writeStats(now, to: o.statsPath)
+                    writeStats(server.snapshot, to: o.statsPath)
                     written = now
                 }
             }
