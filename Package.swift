@@ -25,7 +25,10 @@ let package = Package(
     targets: [
         systemLibrary("CKmod", dir: "kmod", pkg: "libkmod", apt: "libkmod-dev"),
         systemLibrary("CBlkid", dir: "blkid", pkg: "blkid", apt: "libblkid-dev"),
-        systemLibrary("CCurl", dir: "curl", pkg: "libcurl", apt: "libcurl4-openssl-dev"),
+        // libcurl's headers only: the library is dlopen'ed on first use (CHeaders/shim.c), so it and its
+        // ~30 dependencies are not loaded at exec by commands that do no HTTP. pkg-config would add
+        // -lcurl to the link; Debian installs the headers on the default include path.
+        .systemLibrary(name: "CCurl", path: "Sources/CHeaders/system/curl", providers: [.apt(["libcurl4-openssl-dev"])]),
         systemLibrary("CFuse3", dir: "fuse3", pkg: "fuse3", apt: "libfuse3-dev"),
         systemLibrary("CLz4", dir: "lz4", pkg: "liblz4", apt: "liblz4-dev"),
         systemLibrary("CLzma", dir: "lzma", pkg: "liblzma", apt: "liblzma-dev"),

@@ -112,50 +112,120 @@ static size_t ecx_header_cb(char *ptr, size_t size, size_t nmemb, void *userdata
     return n;
 }
 
+/* libcurl is loaded on first use (dlopen), not at exec: with its ~30 dependencies it is most of
+ * what a cold start of this binary spends in the dynamic loader, and commands that do no HTTP
+ * (status, umount, a mount handed to the daemon) should not pay for it. */
+#include <dlfcn.h>
+#include <pthread.h>
+static struct {
+    CURLcode (*global_init)(long);
+    CURL *(*easy_init)(void);
+    void (*easy_cleanup)(CURL *);
+    CURLcode (*easy_setopt)(CURL *, CURLoption, ...);
+    CURLcode (*easy_perform)(CURL *);
+    CURLcode (*easy_getinfo)(CURL *, CURLINFO, ...);
+    const char *(*easy_strerror)(CURLcode);
+    struct curl_slist *(*slist_append)(struct curl_slist *, const char *);
+    void (*slist_free_all)(struct curl_slist *);
+    curl_version_info_data *(*version_info)(CURLversion);
+} ecx_curl;
+static char ecx_curl_error[256];
+static int ecx_curl_ok;
+static pthread_once_t ecx_curl_once = PTHREAD_ONCE_INIT;
+
+static void ecx_curl_load_once(void) {
+    /* libcurl's SONAME has been libcurl.so.4 since 7.16 (2006), whatever its TLS backend. */
+    void *lib = dlopen("libcurl.so.4", RTLD_NOW | RTLD_LOCAL);
+    if (!lib) {
+        snprintf(ecx_curl_error, sizeof(ecx_curl_error), "%s", dlerror());
+        return;
+    }
+#define ECX_SYM(field, name) \
+    if (!(*(void **)&ecx_curl.field = dlsym(lib, name))) { \
+        snprintf(ecx_curl_error, sizeof(ecx_curl_error), "libcurl.so.4 lacks %s", name); \
+        return; \
+    }
+    ECX_SYM(global_init, "curl_global_init")
+    ECX_SYM(easy_init, "curl_easy_init")
+    ECX_SYM(easy_cleanup, "curl_easy_cleanup")
+    ECX_SYM(easy_setopt, "curl_easy_setopt")
+    ECX_SYM(easy_perform, "curl_easy_perform")
+    ECX_SYM(easy_getinfo, "curl_easy_getinfo")
+    ECX_SYM(easy_strerror, "curl_easy_strerror")
+    ECX_SYM(slist_append, "curl_slist_append")
+    ECX_SYM(slist_free_all, "curl_slist_free_all")
+    ECX_SYM(version_info, "curl_version_info")
+#undef ECX_SYM
+    if (ecx_curl.global_init(CURL_GLOBAL_DEFAULT) != CURLE_OK) {
+        snprintf(ecx_curl_error, sizeof(ecx_curl_error), "curl_global_init failed");
+        return;
+    }
+    ecx_curl_ok = 1;
+}
+
+int ecx_curl_load(void) {
+    pthread_once(&ecx_curl_once, ecx_curl_load_once);
+    return ecx_curl_ok ? 0 : -1;
+}
+
+const char *ecx_curl_load_error(void) { return ecx_curl_error; }
+
+void *ecx_curl_easy_init(void) { return ecx_curl_load() == 0 ? ecx_curl.easy_init() : NULL; }
+
+void ecx_curl_easy_cleanup(void *handle) {
+    if (handle && ecx_curl_ok) ecx_curl.easy_cleanup(handle);
+}
+
+const char *ecx_curl_version_string(void) {
+    if (ecx_curl_load() != 0) return "";
+    const curl_version_info_data *d = ecx_curl.version_info(CURLVERSION_NOW);
+    return d ? d->version : "";
+}
+
 int ecx_http_request(CURL *h, const char *url, const char *range, int head_only,
                      const char *const *headers, size_t n_headers,
                      unsigned char *body, size_t body_cap, long timeout_ms,
                      struct ecx_http_result *result) {
     struct ecx_sink sink = { body, body_cap, 0, 0, NULL, 0, 0 };
     struct curl_slist *list = NULL;
-    for (size_t i = 0; i < n_headers; i++) list = curl_slist_append(list, headers[i]);
+    for (size_t i = 0; i < n_headers; i++) list = ecx_curl.slist_append(list, headers[i]);
     memset(result, 0, sizeof(*result));
     char errbuf[CURL_ERROR_SIZE];
     errbuf[0] = 0;
-    curl_easy_setopt(h, CURLOPT_URL, url);
-    curl_easy_setopt(h, CURLOPT_RANGE, range);
-    curl_easy_setopt(h, CURLOPT_NOBODY, head_only ? 1L : 0L);
-    curl_easy_setopt(h, CURLOPT_HTTPGET, head_only ? 0L : 1L);
-    if (head_only) curl_easy_setopt(h, CURLOPT_NOBODY, 1L);
-    curl_easy_setopt(h, CURLOPT_HTTPHEADER, list);
-    curl_easy_setopt(h, CURLOPT_WRITEFUNCTION, ecx_write_cb);
-    curl_easy_setopt(h, CURLOPT_WRITEDATA, &sink);
-    curl_easy_setopt(h, CURLOPT_HEADERFUNCTION, ecx_header_cb);
-    curl_easy_setopt(h, CURLOPT_HEADERDATA, &sink);
-    curl_easy_setopt(h, CURLOPT_ERRORBUFFER, errbuf);
-    curl_easy_setopt(h, CURLOPT_FOLLOWLOCATION, 1L);
-    curl_easy_setopt(h, CURLOPT_MAXREDIRS, 8L);
-    curl_easy_setopt(h, CURLOPT_NOSIGNAL, 1L);
-    curl_easy_setopt(h, CURLOPT_SSL_VERIFYPEER, 1L);
-    curl_easy_setopt(h, CURLOPT_SSL_VERIFYHOST, 2L);
-    curl_easy_setopt(h, CURLOPT_CONNECTTIMEOUT_MS, timeout_ms < 10000 ? timeout_ms : 10000L);
-    curl_easy_setopt(h, CURLOPT_LOW_SPEED_LIMIT, 1L);
-    curl_easy_setopt(h, CURLOPT_LOW_SPEED_TIME, (timeout_ms + 999) / 1000);
-    curl_easy_setopt(h, CURLOPT_TIMEOUT_MS, 0L);
-    curl_easy_setopt(h, CURLOPT_PROTOCOLS_STR, "http,https");
-    curl_easy_setopt(h, CURLOPT_REDIR_PROTOCOLS_STR, "http,https");
-    CURLcode rc = curl_easy_perform(h);
-    curl_easy_getinfo(h, CURLINFO_RESPONSE_CODE, &result->status);
-    curl_easy_setopt(h, CURLOPT_HTTPHEADER, NULL);
-    curl_easy_setopt(h, CURLOPT_ERRORBUFFER, NULL);
-    curl_easy_setopt(h, CURLOPT_RANGE, NULL);
-    curl_slist_free_all(list);
+    ecx_curl.easy_setopt(h, CURLOPT_URL, url);
+    ecx_curl.easy_setopt(h, CURLOPT_RANGE, range);
+    ecx_curl.easy_setopt(h, CURLOPT_NOBODY, head_only ? 1L : 0L);
+    ecx_curl.easy_setopt(h, CURLOPT_HTTPGET, head_only ? 0L : 1L);
+    if (head_only) ecx_curl.easy_setopt(h, CURLOPT_NOBODY, 1L);
+    ecx_curl.easy_setopt(h, CURLOPT_HTTPHEADER, list);
+    ecx_curl.easy_setopt(h, CURLOPT_WRITEFUNCTION, ecx_write_cb);
+    ecx_curl.easy_setopt(h, CURLOPT_WRITEDATA, &sink);
+    ecx_curl.easy_setopt(h, CURLOPT_HEADERFUNCTION, ecx_header_cb);
+    ecx_curl.easy_setopt(h, CURLOPT_HEADERDATA, &sink);
+    ecx_curl.easy_setopt(h, CURLOPT_ERRORBUFFER, errbuf);
+    ecx_curl.easy_setopt(h, CURLOPT_FOLLOWLOCATION, 1L);
+    ecx_curl.easy_setopt(h, CURLOPT_MAXREDIRS, 8L);
+    ecx_curl.easy_setopt(h, CURLOPT_NOSIGNAL, 1L);
+    ecx_curl.easy_setopt(h, CURLOPT_SSL_VERIFYPEER, 1L);
+    ecx_curl.easy_setopt(h, CURLOPT_SSL_VERIFYHOST, 2L);
+    ecx_curl.easy_setopt(h, CURLOPT_CONNECTTIMEOUT_MS, timeout_ms < 10000 ? timeout_ms : 10000L);
+    ecx_curl.easy_setopt(h, CURLOPT_LOW_SPEED_LIMIT, 1L);
+    ecx_curl.easy_setopt(h, CURLOPT_LOW_SPEED_TIME, (timeout_ms + 999) / 1000);
+    ecx_curl.easy_setopt(h, CURLOPT_TIMEOUT_MS, 0L);
+    ecx_curl.easy_setopt(h, CURLOPT_PROTOCOLS_STR, "http,https");
+    ecx_curl.easy_setopt(h, CURLOPT_REDIR_PROTOCOLS_STR, "http,https");
+    CURLcode rc = ecx_curl.easy_perform(h);
+    ecx_curl.easy_getinfo(h, CURLINFO_RESPONSE_CODE, &result->status);
+    ecx_curl.easy_setopt(h, CURLOPT_HTTPHEADER, NULL);
+    ecx_curl.easy_setopt(h, CURLOPT_ERRORBUFFER, NULL);
+    ecx_curl.easy_setopt(h, CURLOPT_RANGE, NULL);
+    ecx_curl.slist_free_all(list);
     result->curl_code = (int)rc;
     result->body_len = sink.len;
     result->body_truncated = sink.truncated;
     result->headers = sink.headers;
     result->headers_len = sink.headers_len;
-    snprintf(result->error, sizeof(result->error), "%s", errbuf[0] ? errbuf : curl_easy_strerror(rc));
+    snprintf(result->error, sizeof(result->error), "%s", errbuf[0] ? errbuf : ecx_curl.easy_strerror(rc));
     return (int)rc;
 }
 
@@ -163,3 +233,92 @@ void ecx_http_result_free(struct ecx_http_result *result) {
     free(result->headers);
     result->headers = NULL;
 }
+
+/* ---------------------------------------------------------------- unix sockets, descriptor passing */
+#include <sys/mman.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+/* "@name" is an abstract address (as in $NOTIFY_SOCKET); returns the address length or -1. */
+static int ecx_sockaddr(const char *path, struct sockaddr_un *sa) {
+    size_t n = strlen(path);
+    memset(sa, 0, sizeof(*sa));
+    sa->sun_family = AF_UNIX;
+    if (n == 0 || n >= sizeof(sa->sun_path)) { errno = ENAMETOOLONG; return -1; }
+    memcpy(sa->sun_path, path, n);
+    if (path[0] == '@') sa->sun_path[0] = 0;
+    return (int)(offsetof(struct sockaddr_un, sun_path) + n + (path[0] == '@' ? 0 : 1));
+}
+
+int ecx_unix_bind(int fd, const char *path) {
+    struct sockaddr_un sa;
+    int len = ecx_sockaddr(path, &sa);
+    return len < 0 ? -1 : bind(fd, (struct sockaddr *)&sa, (socklen_t)len);
+}
+
+int ecx_unix_connect(int fd, const char *path) {
+    struct sockaddr_un sa;
+    int len = ecx_sockaddr(path, &sa);
+    return len < 0 ? -1 : connect(fd, (struct sockaddr *)&sa, (socklen_t)len);
+}
+
+long ecx_send_fds(int sock, const char *path, const void *buf, size_t len, const int *fds, int nfds) {
+    struct sockaddr_un sa;
+    int salen = 0;
+    if (path && (salen = ecx_sockaddr(path, &sa)) < 0) return -1;
+    struct iovec iov = { (void *)buf, len };
+    union { char buf[CMSG_SPACE(sizeof(int) * 253)]; struct cmsghdr align; } control;
+    if (nfds < 0 || nfds > 253) { errno = EINVAL; return -1; }
+    struct msghdr msg = { 0 };
+    msg.msg_name = path ? &sa : NULL;
+    msg.msg_namelen = (socklen_t)salen;
+    msg.msg_iov = &iov;
+    msg.msg_iovlen = 1;
+    if (nfds > 0) {
+        memset(&control, 0, sizeof(control));
+        msg.msg_control = control.buf;
+        msg.msg_controllen = CMSG_SPACE(sizeof(int) * (size_t)nfds);
+        struct cmsghdr *c = CMSG_FIRSTHDR(&msg);
+        c->cmsg_level = SOL_SOCKET;
+        c->cmsg_type = SCM_RIGHTS;
+        c->cmsg_len = CMSG_LEN(sizeof(int) * (size_t)nfds);
+        memcpy(CMSG_DATA(c), fds, sizeof(int) * (size_t)nfds);
+    }
+    return (long)sendmsg(sock, &msg, MSG_NOSIGNAL);
+}
+
+long ecx_recv_fds(int sock, void *buf, size_t len, int *fds, int maxfds, int *nfds) {
+    struct iovec iov = { buf, len };
+    union { char buf[CMSG_SPACE(sizeof(int) * 253)]; struct cmsghdr align; } control;
+    struct msghdr msg = { 0 };
+    msg.msg_iov = &iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.buf;
+    msg.msg_controllen = sizeof(control.buf);
+    *nfds = 0;
+    long n = (long)recvmsg(sock, &msg, MSG_CMSG_CLOEXEC);
+    if (n < 0) return n;
+    for (struct cmsghdr *c = CMSG_FIRSTHDR(&msg); c; c = CMSG_NXTHDR(&msg, c)) {
+        if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS) continue;
+        int count = (int)((c->cmsg_len - CMSG_LEN(0)) / sizeof(int));
+        int *in = (int *)CMSG_DATA(c);
+        for (int i = 0; i < count; i++) {
+            if (*nfds < maxfds) fds[(*nfds)++] = in[i];
+            else close(in[i]);
+        }
+    }
+    return n;
+}
+
+int ecx_peer_uid(int sock, unsigned *uid) {
+    struct ucred cred;
+    socklen_t len = sizeof(cred);
+    if (getsockopt(sock, SOL_SOCKET, SO_PEERCRED, &cred, &len) != 0) return -1;
+    *uid = cred.uid;
+    return 0;
+}
+
+int ecx_memfd(const char *name) { return memfd_create(name, MFD_CLOEXEC); }
+
+int ecx_accept_cloexec(int fd) { return accept4(fd, NULL, NULL, SOCK_CLOEXEC); }

@@ -7,6 +7,13 @@ import Glibc
 import Syscall
 
 /// Errors of remote sources, each naming the URL and what to do.
+extension HTTPHandle {
+    /// A handle, or `RemoteError.unreachable` naming `url` when libcurl cannot be loaded.
+    static func make(for url: String) throws -> HTTPHandle {
+        do { return try HTTPHandle() } catch { throw RemoteError.unreachable(url: url, detail: "\(error)") }
+    }
+}
+
 public enum RemoteError: Error, Equatable, CustomStringConvertible {
     case unreachable(url: String, detail: String)
     case httpStatus(url: String, status: Int)
@@ -141,7 +148,7 @@ public final class HTTPBlob: @unchecked Sendable {
 
     /// Runs a request on a pooled handle with retries and auth challenges answered.
     func withRetries(_ body: (HTTPHandle, [String]) -> HTTPResponse) throws -> HTTPResponse {
-        let handle = pool.withLock { $0.popLast() } ?? HTTPHandle()
+        let handle = try pool.withLock { $0.popLast() } ?? HTTPHandle.make(for: url)
         defer { pool.withLock { $0.append(handle) } }
         return try performWithRetries(url: url, handle: handle, attempts: attempts, baseDelayMs: baseDelayMs, auth: auth,
                                       requests: requestCount, body)

@@ -15,18 +15,24 @@ package struct HTTPResponse: Sendable {
     package func header(_ name: String) -> String? { headers[name.lowercased()] }
 }
 
+/// libcurl could not be loaded.
+package struct HTTPUnavailable: Error, CustomStringConvertible {
+    package var reason: String
+    package var description: String { "libcurl cannot be loaded (\(reason.isEmpty ? "curl_easy_init failed" : reason)): install Debian's libcurl4" }
+}
+
 /// A reusable libcurl easy handle: reusing it keeps the connection alive between requests.
 /// Not thread-safe; use one per thread.
 package final class HTTPHandle {
     private let handle: UnsafeMutableRawPointer
-    private static let globalInit: Void = { _ = curl_global_init(Int(CURL_GLOBAL_DEFAULT)) }()
 
-    package init() {
-        _ = Self.globalInit
-        handle = curl_easy_init()!
+    /// Loads libcurl on first use; throws when it cannot be loaded (not installed).
+    package init() throws {
+        guard let h = ecx_curl_easy_init() else { throw HTTPUnavailable(reason: String(cString: ecx_curl_load_error())) }
+        handle = h
     }
 
-    deinit { curl_easy_cleanup(handle) }
+    deinit { ecx_curl_easy_cleanup(handle) }
 
     /// Performs one request. `range` is "first-last" (inclusive); `bodyLimit` bounds the body kept
     /// (the transfer is cut beyond it and `bodyTruncated` set).

@@ -6,7 +6,8 @@ import SystemPackage
 extension Sys {
     /// Starts `path` with `args` in a new session, stdin/stdout on /dev/null, stderr appended to
     /// `logPath`, keeping only `keep` (plus 0–2) open in the child. Returns the child's pid.
-    package static func spawnDetached(_ path: String, _ args: [String], keep: [Int32], logPath: String) throws -> Int32 {
+    package static func spawnDetached(_ path: String, _ args: [String], keep: [Int32], logPath: String,
+                                      environment: [String: String]? = nil) throws -> Int32 {
         var actions = posix_spawn_file_actions_t()
         posix_spawn_file_actions_init(&actions)
         defer { posix_spawn_file_actions_destroy(&actions) }
@@ -16,7 +17,18 @@ extension Sys {
         // dup2(fd, fd) in the child clears its close-on-exec flag there only: the parent's descriptors
         // stay close-on-exec, so a spawn on another thread can never inherit them.
         for fd in keep { posix_spawn_file_actions_adddup2(&actions, fd, fd) }
-        return try spawn(path, args, actions: &actions, environment: nil, newSession: true)
+        return try spawn(path, args, actions: &actions, environment: environment, newSession: true)
+    }
+
+    /// Starts `path` with `args` and `environment` as a child in this session: stdin on /dev/null,
+    /// stdout and stderr shared, `keep` (plus 0–2) open in it.
+    package static func spawnChild(_ path: String, _ args: [String], keep: [Int32], environment: [String: String]) throws -> Int32 {
+        var actions = posix_spawn_file_actions_t()
+        posix_spawn_file_actions_init(&actions)
+        defer { posix_spawn_file_actions_destroy(&actions) }
+        posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
+        for fd in keep { posix_spawn_file_actions_adddup2(&actions, fd, fd) }
+        return try spawn(path, args, actions: &actions, environment: environment, newSession: false)
     }
 
     /// posix_spawn with a clean signal state: callers on thread pools have most signals blocked, which

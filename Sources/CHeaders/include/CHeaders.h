@@ -444,12 +444,32 @@ static inline int ecx_effective_caps(uint64_t *out) {
 
 /* ---------------------------------------------------------------- library versions (libcurl, libfuse3) */
 
-static inline const char *ecx_curl_version_string(void) {
-    const curl_version_info_data *d = curl_version_info(CURLVERSION_NOW);
-    return d ? d->version : "";
-}
+/** libcurl, loaded on first use: 0, or -1 with the reason in ecx_curl_load_error(). */
+int ecx_curl_load(void);
+const char *ecx_curl_load_error(void);
+/** "" when libcurl cannot be loaded. */
+const char *ecx_curl_version_string(void);
+/** NULL when libcurl cannot be loaded. */
+void *ecx_curl_easy_init(void);
+void ecx_curl_easy_cleanup(void *handle);
 static inline int ecx_libfuse_version(void) { return fuse_version(); }
 static inline const char *ecx_libfuse_pkgversion(void) { return fuse_pkgversion(); }
+
+/* ---------------------------------------------------------------- unix sockets, descriptor passing */
+
+/** bind/connect an AF_UNIX socket to `path`; "@name" is an abstract address. */
+int ecx_unix_bind(int fd, const char *path);
+int ecx_unix_connect(int fd, const char *path);
+/** sendmsg with `nfds` descriptors (SCM_RIGHTS, at most 253); `path` NULL: the connected peer. */
+long ecx_send_fds(int sock, const char *path, const void *buf, size_t len, const int *fds, int nfds);
+/** recvmsg keeping up to `maxfds` received descriptors (close-on-exec), closing any beyond. */
+long ecx_recv_fds(int sock, void *buf, size_t len, int *fds, int maxfds, int *nfds);
+/** The uid of a connected AF_UNIX peer (SO_PEERCRED). */
+int ecx_peer_uid(int sock, unsigned *uid);
+/** memfd_create(name, MFD_CLOEXEC). */
+int ecx_memfd(const char *name);
+/** accept4(fd, NULL, NULL, SOCK_CLOEXEC). */
+int ecx_accept_cloexec(int fd);
 
 /* ---------------------------------------------------------------- HTTP transfers (libcurl) */
 

@@ -33,7 +33,13 @@ public final class RegistryClient: @unchecked Sendable {
     public let insecure: Bool
     /// "https://host:port" or "http://host:port" once `connect()` chose.
     public private(set) var base = ""
-    private let handle = HTTPHandle()
+    private var lazyHandle: HTTPHandle?
+    private func handle(for url: String) throws -> HTTPHandle {
+        if let h = lazyHandle { return h }
+        let h = try HTTPHandle.make(for: url)
+        lazyHandle = h
+        return h
+    }
     public var timeoutMs = 30_000
 
     public init(ref: OCIReference, credentials: RegistryCredentials?, insecure: Bool) {
@@ -55,7 +61,7 @@ public final class RegistryClient: @unchecked Sendable {
         var failures: [String] = []
         for scheme in plainHTTPAllowed ? ["https", "http"] : ["https"] {
             let url = "\(scheme)://\(ref.registry)/v2/"
-            let r = handle.request(url, bodyLimit: 4096, timeoutMs: timeoutMs)
+            let r = try handle(for: url).request(url, bodyLimit: 4096, timeoutMs: timeoutMs)
             if r.curlCode == 0 {
                 guard r.status == 200 || r.status == 401 else {
                     throw RemoteError.registry(registry: ref.registry, detail: "GET \(url) answered HTTP \(r.status); is this an OCI registry?")
@@ -75,7 +81,7 @@ public final class RegistryClient: @unchecked Sendable {
         let url = base + path
         var headers: [String] = []
         if !accept.isEmpty { headers.append("Accept: " + accept.joined(separator: ", ")) }
-        return try performWithRetries(url: url, handle: handle, attempts: 5, baseDelayMs: 100, auth: auth, requests: nil) { h, authHeaders in
+        return try performWithRetries(url: url, handle: handle(for: url), attempts: 5, baseDelayMs: 100, auth: auth, requests: nil) { h, authHeaders in
             h.request(url, headers: headers + authHeaders, bodyLimit: limit, timeoutMs: timeoutMs)
         }
     }

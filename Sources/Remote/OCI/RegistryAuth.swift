@@ -60,7 +60,7 @@ public final class RegistryAuth: @unchecked Sendable {
         let url = realm + (realm.contains("?") ? "&" : "?") + query.joined(separator: "&")
         let r: HTTPResponse
         do {
-            r = try performWithRetries(url: url, handle: HTTPHandle(), attempts: 4, baseDelayMs: 100, auth: nil, requests: nil) { h, _ in
+            r = try performWithRetries(url: url, handle: HTTPHandle.make(for: url), attempts: 4, baseDelayMs: 100, auth: nil, requests: nil) { h, _ in
                 h.request(url, headers: credentials.map { [$0.basicHeader] } ?? [], bodyLimit: 1 << 20, timeoutMs: timeoutMs)
             }
         } catch RemoteError.unreachable(_, let detail) {

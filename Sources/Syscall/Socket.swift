@@ -1,0 +1,102 @@
+import CHeaders
+import Glibc
+import SystemPackage
+
+extension Sys {
+    // MARK: unix sockets
+
+    /// A listening AF_UNIX stream socket at `path` (a stale socket file there is replaced), mode 0600.
+    package static func unixListen(_ path: String, backlog: Int32 = 64) throws -> Int32 {
+        let fd = try socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0).rawValue
+        do {
+            if !path.hasPrefix("@") { _ = Glibc.unlink(path) }
+            _ = try call { ecx_unix_bind(fd, path) }
+            if !path.hasPrefix("@") { _ = try call { Glibc.chmod(path, 0o600) } }
+            _ = try call { Glibc.listen(fd, backlog) }
+            return fd
+        } catch {
+            close(fd)
+            throw error
+        }
+    }
+
+    /// A stream connection to the AF_UNIX socket at `path`.
+    package static func unixConnect(_ path: String) throws -> Int32 {
+        let fd = try socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0).rawValue
+        do {
+            _ = try call { ecx_unix_connect(fd, path) }
+            return fd
+        } catch {
+            close(fd)
+            throw error
+        }
+    }
+
+    /// An AF_UNIX datagram socket, bound to `path` when given.
+    package static func unixDatagram(bindTo path: String? = nil) throws -> Int32 {
+        let fd = try socket(AF_UNIX, Int32(SOCK_DGRAM.rawValue), 0).rawValue
+        if let path {
+            do {
+                if !path.hasPrefix("@") { _ = Glibc.unlink(path) }
+                _ = try call { ecx_unix_bind(fd, path) }
+            } catch {
+                close(fd)
+                throw error
+            }
+        }
+        return fd
+    }
+
+    /// accept(2), close-on-exec.
+    package static func accept(_ fd: Int32) throws -> Int32 {
+        try call { ecx_accept_cloexec(fd) }
+    }
+
+    /// The uid of the process at the other end of a unix stream socket.
+    package static func peerUID(_ fd: Int32) throws -> UInt32 {
+        var uid: UInt32 = 0
+        _ = try call { ecx_peer_uid(fd, &uid) }
+        return uid
+    }
+
+    /// Sends `bytes` with `fds` attached (SCM_RIGHTS), to `path` (datagram) or the connected peer.
+    package static func send(_ sock: Int32, to path: String? = nil, _ bytes: [UInt8], fds: [Int32] = []) throws {
+        _ = try bytes.withUnsafeBytes { b in
+            try fds.withUnsafeBufferPointer { f in
+                try call { ecx_send_fds(sock, path, b.baseAddress, b.count, f.baseAddress, Int32(f.count)) }
+            }
+        }
+    }
+
+    /// Receives one message and the descriptors attached to it (close-on-exec).
+    package static func receive(_ sock: Int32, maxBytes: Int = 4096) throws -> (bytes: [UInt8], fds: [Int32]) {
+        var buf = [UInt8](repeating: 0, count: maxBytes)
+        var fds = [Int32](repeating: -1, count: 253)
+        var nfds: Int32 = 0
+        let n = try buf.withUnsafeMutableBytes { b in
+            try fds.withUnsafeMutableBufferPointer { f in
+                try call { ecx_recv_fds(sock, b.baseAddress, b.count, f.baseAddress, Int32(f.count), &nfds) }
+            }
+        }
+        return (Array(buf[0..<n]), Array(fds[0..<Int(nfds)]))
+    }
+
+    /// An anonymous memory file holding `bytes` (for secrets that must never touch a disk).
+    package static func memfd(_ name: String, holding bytes: [UInt8]) throws -> Int32 {
+        let fd = try call { ecx_memfd(name) }
+        do {
+            _ = try FileDescriptor(rawValue: fd).writeAll(bytes)
+            return fd
+        } catch {
+            close(fd)
+            throw error
+        }
+    }
+}
+
+extension Sys {
+    /// A close-on-exec duplicate of `fd`.
+    package static func dup(_ fd: Int32) throws -> Int32 {
+        try call { fcntl(fd, F_DUPFD_CLOEXEC, 0) }
+    }
+}
