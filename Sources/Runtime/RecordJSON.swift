@@ -39,6 +39,7 @@ extension MountRecord {
         number("mountID", mountID.map { String($0) })
         string("mountpoint", mountpoint)
         string("options", options)
+        string("servedBy", servedBy)
         number("since", "\(since)")
         string("source", source)
         string("sourceIdentity", sourceIdentity)
@@ -74,6 +75,7 @@ extension MountRecord {
         self.init(source: source, sourceKind: kind, backend: backend, mountpoint: mountpoint, options: options,
                   device: string("device"), workerPID: pid, since: since, sourceIdentity: identity, mountID: mid,
                   cachePath: string("cachePath"), statsPath: string("statsPath"))
+        self.servedBy = string("servedBy")
         self.version = v
     }
 

@@ -149,18 +149,33 @@ extension Runtime {
                     }
                     record.workerPID = shared.workerPID
                     record.statsPath = shared.statsPath
+                    record.servedBy = shared.servedBy
                     record.mountID = try? Sys.mountIdentity(mountpoint).id
                     try state.save(record)
                     return MountOutcome(plan: plan, record: record, notes: notes + ["sharing the worker of \(shared.mountpoint)"])
                 }
                 let stats = state.root + "/workers/" + StateStore.key(for: mountpoint)
                 try? Sys.mkdir(state.root + "/workers", mode: 0o700)
-                let pid = try startWorker(req, blob: blob, paths: paths, mountpoint: mountpoint, statsPath: stats)
+                let pid: Int32
+                if let serving {
+                    do {
+                        try serving.prepare(blob: blob, paths: paths, mountpoint: mountpoint, statsPath: stats, digest: req.remote.digest,
+                                            prefetch: req.remote.prefetch, recordProfile: req.remote.recordProfile)
+                    } catch let e as RemoteError {
+                        throw RuntimeError.remote(e.description)
+                    }
+                    pid = Sys.processID
+                    record.servedBy = "daemon"
+                } else {
+                    pid = try startWorker(req, blob: blob, paths: paths, mountpoint: mountpoint, statsPath: stats)
+                }
                 do {
                     try attachEROFS(source: paths.data, at: mountpoint, options: req.options, passOffset: true)
                 } catch {
-                    try? Sys.kill(pid, SIGKILL)
-                    _ = Sys.reap(pid)
+                    if let serving { serving.abandon(mountpoint) } else {
+                        try? Sys.kill(pid, SIGKILL)
+                        _ = Sys.reap(pid)
+                    }
                     throw RuntimeError.mountFailed(backend: "fanotify", detail: "\((error as? BackendFailure)?.detail ?? "\(error)")")
                 }
                 record.workerPID = pid
@@ -196,9 +211,10 @@ extension Runtime {
             record.mountID = try? Sys.mountIdentity(mountpoint).id
             do { try state.save(record) } catch {
                 try? MountAPI.umount(mountpoint)
-                stopWorker(record)
+                if record.servedBy == "daemon" { serving?.abandon(mountpoint) } else { stopWorker(record) }
                 throw error
             }
+            if record.servedBy == "daemon" { serving?.serve(mountpoint) }
             return MountOutcome(plan: plan, record: record, notes: notes)
         }
     }

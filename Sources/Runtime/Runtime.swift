@@ -60,9 +60,13 @@ public struct Runtime: Sendable {
     public static let implemented: Set<Backend> = [.file, .loop, .fanotify]
 
     public var state: StateStore
+    /// Set inside `erofs-compat daemon`: lazy mounts are served in this process instead of by a
+    /// per-mount supervisor process.
+    public var serving: InProcessServing?
 
-    public init(state: StateStore = StateStore()) {
+    public init(state: StateStore = StateStore(), serving: InProcessServing? = nil) {
         self.state = state
+        self.serving = serving
     }
 
     // MARK: mount
@@ -222,9 +226,10 @@ public struct Runtime: Sendable {
     /// Stops a mount's worker unless another recorded mount still uses it.
     func stopWorker(_ record: MountRecord) {
         guard let pid = record.workerPID, Sys.processExists(pid) else { return }
-        let others = state.all().filter { $0.workerPID == pid && $0.mountpoint != record.mountpoint }
+        let others = state.all().filter { $0.workerPID == pid && $0.cachePath == record.cachePath && $0.mountpoint != record.mountpoint }
         guard others.isEmpty else { return }
-        try? Sys.kill(pid, SIGTERM)
+        // The daemon serves many mounts and stops serving this one by itself once it is gone.
+        if record.servedBy != "daemon" { try? Sys.kill(pid, SIGTERM) }
         // The serving worker follows within a moment (its mount is gone); wait for it to release the
         // cache entry, so that when `umount` returns the entry is free (e.g. for `cache prune`).
         if let cache = record.cachePath {

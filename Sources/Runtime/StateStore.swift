@@ -30,6 +30,9 @@ public struct MountRecord: Codable, Sendable, Equatable {
     /// For remote sources: the cache file that is mounted, and the worker's progress file.
     public var cachePath: String?
     public var statsPath: String?
+    /// "daemon" when `workerPID` is `erofs-compat daemon` serving the mount in-process (never
+    /// signalled by `umount`; it notices the mount is gone by itself).
+    public var servedBy: String?
 }
 
 /// The state directory (/run/erofs-compat by default): one JSON record per mount, keyed by the

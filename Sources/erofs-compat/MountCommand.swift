@@ -1,6 +1,11 @@
 import ArgumentParser
 import Probe
 import Runtime
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
+import Foundation
+#endif
 
 /// The backends `--backend` accepts: auto plus what this build implements.
 enum BackendChoice: String, ExpressibleByArgument, CaseIterable {
@@ -91,6 +96,9 @@ struct MountCommand: ParsableCommand {
     @Flag(help: "Validate and plan, but do not mount (implies --explain).")
     var dryRun = false
 
+    @Flag(help: "Remote sources: mount from this process even when 'erofs-compat daemon' is running.")
+    var noDaemon = false
+
     @Argument(help: "The EROFS image: a file, an http(s) URL or an oci:// reference.")
     var source: String
 
@@ -112,6 +120,8 @@ struct MountCommand: ParsableCommand {
         }
     }
 
+    var isRemote: Bool { ["oci://", "http://", "https://"].contains { source.hasPrefix($0) } }
+
     func run() throws {
         let runtime = Runtime()
         var password: String?
@@ -128,6 +138,17 @@ struct MountCommand: ParsableCommand {
                                    prefetch: Prefetch(argument: prefetch), recordProfile: recordProfile)
         let request = MountRequest(source: source, mountpoint: mountpoint, backend: backend.backend,
                                    options: try runtimeCall { try MountOptions(parsing: options) }, dryRun: dryRun, remote: remote)
+        // A running daemon performs remote mounts (unless asked to only plan or explain).
+        if isRemote, !dryRun, !explain, !noDaemon,
+           let reply = try runtimeCall({ try DaemonClient.mount(DaemonRequest(request, environment: ProcessInfo.processInfo.environment),
+                                                                socket: DaemonClient.socketPath(runtime.state)) }) {
+            reply.notes.forEach { printError($0) }
+            guard let r = reply.record else {
+                throw CLIFailure(message: reply.message ?? "the daemon did not mount it", code: reply.exitCode ?? 1)
+            }
+            print("mounted \(r.source) on \(r.mountpoint) (backend \(r.backend)\(r.device.map { ", \($0)" } ?? "")\(r.servedBy == "daemon" ? ", served by the daemon" : ""))")
+            return
+        }
         let outcome = try runtimeCall { try runtime.mount(request) { printError($0) } }
         if source.hasPrefix("oci://") { outcome.notes.forEach { printError($0) } }
         if explain || dryRun {

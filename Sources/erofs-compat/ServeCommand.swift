@@ -16,6 +16,8 @@ struct ServeCommand: ParsableCommand {
     @Flag var worker = false
     @Option var groupFd: Int32 = -1
     @Option var writerFd: Int32 = -1
+    @Option var lockFd: Int32 = -1
+    @Flag var adopt = false
     @Option var journal: String = ""
     @Option var authFd: Int32 = -1
     @Option var prefetch: String = "none"
@@ -40,6 +42,7 @@ struct ServeCommand: ParsableCommand {
                 throw ExitCode(2)
             }
         }
+        if adopt { options.adopt = (groupFd, writerFd, lockFd) }
         if worker {
             throw ExitCode(LazyWorker.runWorker(options, groupFD: groupFd, writerFD: writerFd, journal: journal))
         }

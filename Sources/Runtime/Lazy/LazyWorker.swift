@@ -32,6 +32,9 @@ public enum LazyWorker {
         /// What the supervisor learned from the server (size, ETag, Last-Modified): a serving worker
         /// adopts it instead of asking the server, so it starts even while the server fails.
         public var known: (size: UInt64, etag: String?, lastModified: String?)?
+        /// Take over a mount another process prepared and served (the daemon, stopping): its group,
+        /// cache writer and entry lock; no metadata fetch, no readiness line.
+        public var adopt: (group: Int32, writer: Int32, lock: Int32)?
 
         /// The blob: with what the parent already learned from the server when it passed that on,
         /// else opened (asked) here.
@@ -80,7 +83,19 @@ public enum LazyWorker {
         let lazy: LazyBlob
         let group: FileDescriptor
         let entryLock: FileDescriptor
-        do {
+        if let a = o.adopt {
+            do {
+                lazy = try LazyBlob(blob: o.openBlob(), dataPath: o.dataPath, recordPath: o.recordPath, writerFD: a.writer)
+            } catch {
+                // Never close the group here: answer everything with EIO until the mount is gone.
+                log("cannot take over \(o.mountpoint): \(error)")
+                denyUntilUnmounted(group: FileDescriptor(rawValue: a.group), writerFD: a.writer,
+                                   journal: StateStore.sibling(of: o.statsPath, ".journal"), o)
+                return 1
+            }
+            (group, entryLock) = (FileDescriptor(rawValue: a.group), FileDescriptor(rawValue: a.lock))
+            log("took over \(o.mountpoint)")
+        } else { do {
             // One writer per cache entry, for the supervisor's whole life (released when it exits).
             entryLock = try BlobCache.lockForWriting(entry: o.dataPath)
             let blob = try o.openBlob()
@@ -99,12 +114,12 @@ public enum LazyWorker {
             log("failed: \(error)")
             ready("error: \(error)")
             return 1
-        }
+        } }
         defer { Sys.close(entryLock.rawValue) }
         let journal = StateStore.sibling(of: o.statsPath, ".journal")
-        try? Sys.unlink(journal)
+        if o.adopt == nil { try? Sys.unlink(journal) }
         var restarts = 0
-        var readySent = false
+        var readySent = o.adopt != nil
         while true {
             var args = ["__serve", "--worker", "--url", o.url, "--data", o.dataPath, "--record", o.recordPath, "--mountpoint", o.mountpoint,
                         "--stats", o.statsPath, "--ready-fd=-1", "--group-fd", String(group.rawValue),
@@ -225,6 +240,22 @@ public enum LazyWorker {
         return 0
     }
 
+    /// Starts a detached supervisor that takes over a mount (`adopt`): the daemon's hand-over on a
+    /// clean stop. The descriptors stay open here too until the caller closes them.
+    static func spawnSupervisor(_ o: Options, group: Int32, writer: Int32, lock: Int32, auth: RegistryAuth?) throws -> Int32 {
+        var args = ["__serve", "--adopt", "--url", o.url, "--data", o.dataPath, "--record", o.recordPath, "--mountpoint", o.mountpoint,
+                    "--stats", o.statsPath, "--ready-fd=-1", "--group-fd", String(group), "--writer-fd", String(writer),
+                    "--lock-fd", String(lock)]
+        if let d = o.digest { args += ["--digest", d] }
+        if let k = o.known { args += ["--size", String(k.size)] + (k.etag.map { ["--etag", $0] } ?? []) + (k.lastModified.map { ["--last-modified", $0] } ?? []) }
+        args += prefetchArguments(o.prefetch, recordProfile: o.recordProfile)
+        let handOff = try authHandOff(auth)
+        defer { handOff.fd.map(Sys.close) }
+        let keep = [group, writer, lock] + (handOff.fd.map { [$0] } ?? [])
+        return try Sys.spawnDetached(Sys.executablePath(), args + handOff.args, keep: keep,
+                                     logPath: StateStore.sibling(of: o.statsPath, ".log"))
+    }
+
     /// Arguments and the descriptor that hand `auth` to a child `__serve` (nothing without auth).
     /// The caller keeps the descriptor open across the spawn, then closes it.
     static func authHandOff(_ auth: RegistryAuth?) throws -> (args: [String], fd: Int32?) {
@@ -271,7 +302,7 @@ public enum LazyWorker {
     /// shut down, which a write lease on `writerFD` detects (`Sys.fileIsShared`). So a mount that was
     /// made and lazily detached before this worker first looked at mountinfo is still served while a
     /// file on it is open.
-    static func watchMount(_ mountpoint: String, source: String, parent: Int32, writerFD: Int32? = nil) {
+    static func watchMount(_ mountpoint: String, source: String, parent: Int32, writerFD: Int32? = nil, stop: Locked<Bool>? = nil) {
         // A lease break signals its holder with SIGIO (default: terminate); the lease is held for two
         // syscalls only, so an opener merely waits for it.
         signal(SIGIO, SIG_IGN)
@@ -284,7 +315,7 @@ public enum LazyWorker {
         guard let fd = try? Sys.open("/proc/self/mountinfo", O_RDONLY) else { return }
         defer { Sys.close(fd.rawValue) }
         let deadline = DispatchTime.now() + .seconds(120)
-        while true {
+        while stop?.get() != true {
             // A supervisor that is gone (umount stops it) means the mount was made.
             if getppid() != parent { seen = true }
             let mounts = MountInfo.current().filter { $0.fsType == "erofs" && $0.source == source }

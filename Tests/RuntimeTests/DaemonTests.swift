@@ -1,0 +1,198 @@
+import Dispatch
+import Foundation
+import Glibc
+import Remote
+import Testing
+@testable import Runtime
+import Syscall
+import TestSupport
+
+/// `erofs-compat daemon` started by hand (its keeper and the daemon child), with its own state
+/// directory; stopped and reaped by `stop()` / `kill()`.
+final class DaemonProcess {
+    let keeper: Int32
+    let state: String
+    let log: String
+    var socket: String { state + "/daemon.sock" }
+
+    init(state: String) throws {
+        self.state = state
+        log = state + "-daemon.log"
+        var env = ProcessInfo.processInfo.environment
+        env["EROFS_COMPAT_STATE_DIR"] = state
+        env["NOTIFY_SOCKET"] = nil
+        keeper = try Sys.spawnDetached(cliBinary, ["daemon"], keep: [], logPath: log, environment: env)
+        for _ in 0..<200 {
+            if let fd = try? Sys.unixConnect(socket) {
+                Sys.close(fd)
+                if child() != nil { return }
+            }
+            usleep(50_000)
+        }
+        kill()
+        throw RuntimeError.state("the daemon did not listen on \(socket) within 10 s: \(logText())")
+    }
+
+    /// The serving daemon (the keeper's child).
+    func child() -> Int32? {
+        (try? String(contentsOfFile: "/proc/\(keeper)/task/\(keeper)/children", encoding: .utf8))?
+            .split(separator: " ").first.flatMap { Int32($0) }
+    }
+
+    func logText() -> String { (try? String(contentsOfFile: log, encoding: .utf8)) ?? "" }
+
+    /// SIGTERM to the keeper; its exit status (nil: still running after 20 s, then killed).
+    @discardableResult
+    func stop() -> Int32? {
+        _ = Glibc.kill(keeper, SIGTERM)
+        for _ in 0..<400 {
+            var status: Int32 = 0
+            if waitpid(keeper, &status, WNOHANG) == keeper { return (status >> 8) & 0xff }
+            usleep(50_000)
+        }
+        kill()
+        return nil
+    }
+
+    func kill() {
+        if let c = child() { _ = Glibc.kill(c, SIGKILL) }
+        _ = Glibc.kill(keeper, SIGKILL)
+        var status: Int32 = 0
+        _ = waitpid(keeper, &status, 0)
+        try? FileManager.default.removeItem(atPath: log)
+    }
+}
+
+/// `mount` through a running daemon: CLI in, lazy serving in the daemon's threads, the fanotify group
+/// in the keeper's fd store across a crash, and a hand-over to supervisors on a clean stop.
+@Suite(.serialized, .enabled(if: canInjectFaults, Comment(rawValue: faultReason)))
+struct DaemonTests {
+    /// Runs the CLI with this state directory (killed after 60 s: a hang fails the test, not the suite).
+    func cli(_ state: String, _ args: [String]) throws -> RunResult {
+        var env = ProcessInfo.processInfo.environment
+        env["EROFS_COMPAT_STATE_DIR"] = state
+        let r = try Sys.run(cliBinary, args, input: [], environment: env, timeoutMs: 60_000)
+        return RunResult(status: r.status ?? -1, stdout: String(decoding: r.stdout, as: UTF8.self), stderr: String(decoding: r.stderr, as: UTF8.self))
+    }
+
+    func specs(_ state: String) -> [String] {
+        ((try? FileManager.default.contentsOfDirectory(atPath: state + "/workers")) ?? []).filter { $0.hasSuffix(".spec") }
+    }
+
+    @Test func mountsThroughTheDaemonAndCleansUp() throws {
+        let f = try RemoteFixture("daemon-mount")
+        defer { f.remove() }
+        let state = f.runtime.state.root
+        let daemon = try DaemonProcess(state: state)
+        defer { daemon.kill() }
+        let expected = try f.oracle()
+
+        let r = try cli(state, ["mount", "--cache-dir", f.remote.cacheDir, f.url, f.mnt])
+        try #require(r.status == 0, "\(r.stderr) \(daemon.logText())")
+        #expect(r.stdout.contains("served by the daemon"), "\(r.stdout)")
+        let record = try #require(f.runtime.state.load(f.mnt))
+        #expect(record.servedBy == "daemon" && record.workerPID == daemon.child(), "\(record)")
+        #expect(TreeFactsLite(f.mnt) == expected)
+        let st = try #require(try f.runtime.status().first)
+        #expect(st.problems.isEmpty && st.workerAlive == true, "\(st.problems)")
+        #expect((st.progress?.events ?? 0) > 0)
+        #expect(specs(state).count == 1)
+
+        // A bad source through the daemon: its error and exit code, nothing left behind.
+        let bad = try cli(state, ["mount", "--cache-dir", f.remote.cacheDir, f.server.base + "/missing.erofs", f.dir.file("mnt2")])
+        #expect(bad.status == 3, "\(bad.status) \(bad.stderr)")
+        #expect(bad.stderr.contains("missing.erofs"), "\(bad.stderr)")
+        #expect(f.runtime.state.load(f.dir.file("mnt2")) == nil && !currentMounts().contains(f.dir.file("mnt2")))
+
+        // --no-daemon: the same command mounts by itself (a per-mount supervisor).
+        let own = try cli(state, ["mount", "--no-daemon", "--cache-dir", f.dir.file("cache2"), f.url, f.dir.file("mnt2")])
+        try #require(own.status == 0, Comment(rawValue: own.stderr))
+        #expect(f.runtime.state.load(f.dir.file("mnt2"))?.servedBy == nil)
+        #expect(try cli(state, ["umount", f.dir.file("mnt2")]).status == 0)
+
+        // umount: the daemon stops serving by itself and the keeper lets go of the descriptors (the
+        // cache entry's lock is one of them), while the daemon keeps running.
+        let u = try cli(state, ["umount", f.mnt])
+        #expect(u.status == 0, Comment(rawValue: u.stderr))
+        var unlocked = false
+        for _ in 0..<60 where !unlocked {
+            unlocked = !BlobCache.isLocked(entry: record.cachePath!) && specs(state).isEmpty
+            if !unlocked { usleep(50_000) }
+        }
+        #expect(unlocked, "the cache entry is still held after umount: \(daemon.logText())")
+        #expect(daemon.child() != nil)
+        #expect(daemon.stop() == 0, Comment(rawValue: daemon.logText()))
+        #expect(!FileManager.default.fileExists(atPath: daemon.socket))
+    }
+
+    /// SIGKILL of the daemon during a parallel cold read of every file: the keeper holds the group,
+    /// restarts the daemon with the stored descriptors, and the new daemon answers what the old one
+    /// had read: every reader gets correct bytes. Every data request is held back 0.1 s by the proxy.
+    @Test func killedDaemonNeverHandsOutZeros() throws {
+        let f = try RemoteFixture("daemon-kill")
+        defer { f.remove() }
+        let proxy = try FaultProxy(upstream: f.server.base)
+        defer { proxy.remove() }
+        let state = f.runtime.state.root
+        let daemon = try DaemonProcess(state: state)
+        defer { daemon.kill() }
+        let expected = try f.oracle()
+        let r = try cli(state, ["mount", "--cache-dir", f.remote.cacheDir, proxy.base + "/img.erofs", f.mnt])
+        try #require(r.status == 0, "\(r.stderr) \(daemon.logText())")
+        try proxy.set("{\"fault\":\"stall\",\"seconds\":0.1,\"every\":1,\"match\":\"/img.erofs\"}")
+        let files = expected.entries.filter { $0.value.contains("size") }.map(\.key).sorted()
+        var kills = 0
+        let results = parallelRead(f.mnt, files) {
+            for _ in 0..<3 {
+                usleep(250_000)
+                if let c = daemon.child() {
+                    _ = Glibc.kill(c, SIGKILL)
+                    kills += 1
+                }
+            }
+        }
+        #expect(kills > 0)
+        for p in files {
+            let got = results[p] ?? "missing"
+            #expect(expected.entries[p]!.hasSuffix(got), "\(p): \(got)")
+        }
+        try proxy.set("{}")
+        #expect(TreeFactsLite(f.mnt) == expected)
+        let log = daemon.logText()
+        #expect(log.contains("serving again after a restart"), Comment(rawValue: log))
+        // The record follows the restarted daemon.
+        var follows = false
+        for _ in 0..<40 where !follows {
+            follows = f.runtime.state.load(f.mnt)?.workerPID == daemon.child()
+            if !follows { usleep(50_000) }
+        }
+        #expect(follows)
+        #expect(try cli(state, ["umount", f.mnt]).status == 0)
+        #expect(daemon.stop() == 0, Comment(rawValue: daemon.logText()))
+    }
+
+    /// A clean stop hands each lazy mount to its own supervisor: the mount keeps working (cold data
+    /// still fetched), `umount` then stops that supervisor.
+    @Test func stopHandsMountsToSupervisors() throws {
+        let f = try RemoteFixture("daemon-stop")
+        defer { f.remove() }
+        let state = f.runtime.state.root
+        let daemon = try DaemonProcess(state: state)
+        defer { daemon.kill() }
+        let expected = try f.oracle()
+        let r = try cli(state, ["mount", "--cache-dir", f.remote.cacheDir, f.url, f.mnt])
+        try #require(r.status == 0, "\(r.stderr) \(daemon.logText())")
+        #expect(daemon.stop() == 0, Comment(rawValue: daemon.logText()))
+        let record = try #require(f.runtime.state.load(f.mnt))
+        #expect(record.servedBy == nil && workerRunning(record.workerPID), "\(record)")
+        #expect(TreeFactsLite(f.mnt) == expected)
+        #expect(specs(state).isEmpty)
+        try f.runtime.umount(f.mnt)
+        var gone = false
+        for _ in 0..<60 where !gone {
+            gone = !workerRunning(record.workerPID)
+            if !gone { usleep(50_000) }
+        }
+        #expect(gone, "the supervisor outlived its mount")
+    }
+}
