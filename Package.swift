@@ -15,6 +15,7 @@ let package = Package(
         .library(name: "Probe", targets: ["Probe"]),
         .library(name: "EROFS", targets: ["EROFS"]),
         .library(name: "Runtime", targets: ["Runtime"]),
+        .library(name: "Installer", targets: ["Installer"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
@@ -49,6 +50,7 @@ let package = Package(
             dependencies: ["Syscall", "EROFS", .product(name: "SystemPackage", package: "swift-system")]
         ),
         .target(name: "Remote", dependencies: ["Syscall", "EROFS", .product(name: "Crypto", package: "swift-crypto")]),
+        .target(name: "Installer"),
         .target(
             name: "Runtime",
             dependencies: ["Probe", "Syscall", "EROFS", "Remote", .product(name: "SystemPackage", package: "swift-system"),
@@ -57,7 +59,7 @@ let package = Package(
         .executableTarget(
             name: "ErofsCompatCLI",
             dependencies: [
-                "Probe", "EROFS", "Runtime",
+                "Probe", "EROFS", "Runtime", "Installer",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "SystemPackage", package: "swift-system"),
             ],
@@ -71,6 +73,7 @@ let package = Package(
         .testTarget(name: "RemoteTests", dependencies: ["Remote", "EROFS", "Syscall", "TestSupport"]),
         .testTarget(name: "RuntimeTests", dependencies: ["Runtime", "Probe", "EROFS", "Syscall", "TestSupport"]),
         .testTarget(name: "CLITests", dependencies: ["TestSupport"]),
+        .testTarget(name: "InstallerTests", dependencies: ["Installer", "TestSupport"]),
     ],
     swiftLanguageModes: [.v5]
 )

@@ -37,6 +37,7 @@ cleanup() {
     for m in "$work/m1" "$work/m2"; do mountpoint -q "$m" && { EROFS_COMPAT_STATE_DIR=$state "$BIN" umount "$m" >/dev/null 2>&1 || umount -l "$m"; }; done
     nginx -c "$work/ngx/nginx.conf" -p "$work/ngx" -s stop 2>/dev/null || true
     [ -n "$registry_pid" ] && kill "$registry_pid" 2>/dev/null || true
+    stop_daemon
     rm -rf "$state"
 }
 trap cleanup EXIT
@@ -97,12 +98,14 @@ cold() {
     awk -v l="$l" -v b="$b" -v n="$3" 'BEGIN {printf "cold (%s): erofs-compat %.2f s, download+mount %.2f s, ratio %.2f (target <= 1.25)\n", n, l/1e6, b/1e6, l/b}'
 }
 
-# small SOURCE DOWNLOAD_URL LABEL: (c) lazy mount + one small file vs downloading the whole blob.
+# small SOURCE DOWNLOAD_URL LABEL [daemon]: (c) lazy mount + one small file vs downloading the whole
+# blob. With "daemon", `erofs-compat daemon` (started once, outside the timing) performs the mount.
 small() {
-    local one=() dl=() x d
+    local one=() dl=() x d how="--no-daemon"
+    [ "${4:-}" = daemon ] && how=""
     for i in 1 2 3; do
         rm -rf "$work/cache"; drop
-        s=$(now_us); "$BIN" mount --cache-dir "$work/cache" "$1" "$work/m1" >/dev/null 2>&1; cat "$work/m1/text05.txt" > /dev/null; e=$(now_us)
+        s=$(now_us); "$BIN" mount $how --cache-dir "$work/cache" "$1" "$work/m1" >/dev/null 2>&1; cat "$work/m1/text05.txt" > /dev/null; e=$(now_us)
         one+=($((e - s))); "$BIN" umount "$work/m1" >/dev/null
         rm -f "$work/dl.erofs"; drop
         s=$(now_us); curl -s -o "$work/dl.erofs" "$2"; e=$(now_us); dl+=($((e - s)))
@@ -110,6 +113,15 @@ small() {
     x=$(printf '%s\n' "${one[@]}" | median); d=$(printf '%s\n' "${dl[@]}" | median)
     awk -v x="$x" -v d="$d" -v n="$3" 'BEGIN {printf "one small file (%s): erofs-compat %.3f s, whole download %.3f s, ratio %.1f%% (target <= 5%%)\n", n, x/1e6, d/1e6, 100*x/d}'
 }
+
+# The resident service for the (c) figures "with the daemon" (its own keeper, as when started by hand).
+daemon_pid=
+start_daemon() {
+    "$BIN" daemon 2>>"$work/daemon.log" &
+    daemon_pid=$!
+    for _ in $(seq 100); do [ -S "$state/daemon.sock" ] && break; sleep 0.05; done
+}
+stop_daemon() { [ -n "$daemon_pid" ] && { kill "$daemon_pid"; wait "$daemon_pid" 2>/dev/null; daemon_pid=; }; true; }
 
 mkimage img256 256
 url="http://127.0.0.1:$port/img256.erofs"
@@ -133,7 +145,13 @@ awk -v w="$w" -v o="$o" 'BEGIN {printf "warm: erofs-compat %.3f s, local file-ba
 mkimage img1g 1024
 url="http://127.0.0.1:$port/img1g.erofs"
 echo "== (c) 1 GiB image: cold lazy mount + read one small file vs downloading the whole blob (median of 3)"
-if [ -n "$registry_pid" ]; then blob=$(push img1g); small "oci://127.0.0.1:$rport/bench/img1g:latest" "$blob" "docker-registry, oci://"; fi
-small "$url" "$url" "(d) nginx, http://"
+echo "   with the daemon running (mount hands the request to it), then without (--no-daemon)"
+[ -n "$registry_pid" ] && blob=$(push img1g)
+start_daemon
+if [ -n "$registry_pid" ]; then small "oci://127.0.0.1:$rport/bench/img1g:latest" "$blob" "docker-registry, oci://, daemon" daemon; fi
+small "$url" "$url" "(d) nginx, http://, daemon" daemon
+stop_daemon
+if [ -n "$registry_pid" ]; then small "oci://127.0.0.1:$rport/bench/img1g:latest" "$blob" "docker-registry, oci://, no daemon"; fi
+small "$url" "$url" "(d) nginx, http://, no daemon"
 [ -n "$registry_pid" ] || echo "docker-registry not installed: registry figures skipped"
 rm -f "$work/dl.erofs"

@@ -76,15 +76,25 @@ public final class HTTPBlob: @unchecked Sendable {
         self.auth = auth
     }
 
-    /// Learns size and validators: a 1-byte Range GET (206 with Content-Range proves Range support).
-    public func open(allowFullDownload: Bool) throws {
-        let r = try withRetries { h, a in h.request(url, range: "0-0", headers: a, bodyLimit: 1, timeoutMs: timeoutMs) }
+    /// The first bytes of the blob, when `open` was asked to keep them (until `dropHead()`).
+    public private(set) var head: [UInt8] = []
+
+    /// Learns size and validators: a Range GET of the first `head` bytes (at least 1; 206 with
+    /// Content-Range proves Range support). With `head` > 1 the bytes are kept in `head`: the probe
+    /// then doubles as the fetch of the superblock area, saving a round trip before a lazy mount.
+    public func open(allowFullDownload: Bool, head: Int = 1) throws {
+        let want = max(head, 1)
+        let r = try withRetries { h, a in h.request(url, range: "0-\(want - 1)", headers: a, bodyLimit: want, timeoutMs: timeoutMs) }
         switch r.status {
         case 206:
             guard let total = r.header("content-range").flatMap(Self.totalFromContentRange) else {
                 throw RemoteError.unreachable(url: url, detail: "206 without a usable Content-Range")
             }
             size = total
+            if want > 1, r.body.count == Int(min(UInt64(want), total)) {
+                self.head = r.body
+                bytesFetched.withLock { $0 += UInt64(r.body.count) }
+            }
         case 200:
             guard allowFullDownload else { throw RemoteError.rangesUnsupported(url: url) }
             wholeOnly = true
@@ -100,6 +110,8 @@ public final class HTTPBlob: @unchecked Sendable {
         etag = r.header("etag")
         lastModified = r.header("last-modified")
     }
+
+    public func dropHead() { head = [] }
 
     /// Takes size and validators learned by another process's `open` (a restarted worker must start
     /// even while the server is failing: its reads then fail with EIO, one by one, until it is back).

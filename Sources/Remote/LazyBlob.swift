@@ -46,9 +46,25 @@ public final class LazyBlob: ImageSource, @unchecked Sendable {
             let st = try Sys.fstat(writer.rawValue)
             if UInt64(st.st_size) != blob.size { try Sys.ftruncate(writer.rawValue, Int64(blob.size)) }
             record = try PopulationRecord(path: recordPath, size: blob.size, granule: granule)
+            try takeHead()
         } catch {
             Sys.close(writer.rawValue)
             throw error
+        }
+    }
+
+    /// The whole granules `blob.open` already transferred (its probe) go into the cache file; they
+    /// become present at the next commit, like any fetched data.
+    private func takeHead() throws {
+        defer { blob.dropHead() }
+        let head = blob.head
+        let usable = UInt64(head.count) == size ? UInt64(head.count) : UInt64(head.count) / granule * granule
+        guard usable > 0, let r = granuleRange(0, usable) else { return }
+        for g in record.missing(r) {
+            let off = Int(UInt64(g) * granule)
+            let end = min(off + Int(granule), Int(usable))
+            try head[off..<end].withUnsafeBytes { try Sys.pwriteAll(writer.rawValue, $0, at: Int64(off)) }
+            state.withLock { _ = $0.written.insert(g) }
         }
     }
 

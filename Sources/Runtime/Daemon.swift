@@ -130,6 +130,11 @@ public final class Daemon: @unchecked Sendable {
         if let activated = passed.first(where: { $0.name == "control" }) {
             listener = activated.fd
         } else {
+            if let other = try? Sys.unixConnect(socketPath) {
+                Sys.close(other)
+                Self.log("another daemon already listens on \(socketPath); stop it first")
+                return 1
+            }
             do {
                 listener = try Sys.unixListen(socketPath)
                 ownSocket = true
@@ -218,7 +223,12 @@ public final class Daemon: @unchecked Sendable {
 /// stores (FDSTORE=1), and when the daemon dies it starts it again with them, so a crash never
 /// closes a fanotify group.
 public enum DaemonKeeper {
-    public static func run(executable: String, arguments: [String], notifyPath: String) -> Int32 {
+    public static func run(executable: String, arguments: [String], notifyPath: String, socketPath: String) -> Int32 {
+        if let other = try? Sys.unixConnect(socketPath) {
+            Sys.close(other)
+            Daemon.log("another daemon already listens on \(socketPath); stop it first")
+            return 1
+        }
         var signals = sigset_t()
         sigemptyset(&signals)
         for s in [SIGTERM, SIGINT, SIGHUP] { sigaddset(&signals, s) }
@@ -291,6 +301,11 @@ public enum DaemonKeeper {
             let started = DispatchTime.now().uptimeNanoseconds
             let (code, signal) = Sys.wait(pid)
             if code == 0 { break }
+            // A daemon that never got ready (bad socket path, …) is not restarted while nothing is stored.
+            if !ready.get() && store.get().isEmpty {
+                Daemon.log("keeper: the daemon exited before it was ready (\(signal.map { "signal \($0)" } ?? "exit \(code ?? -1)"))")
+                return 1
+            }
             if DispatchTime.now().uptimeNanoseconds - started > 60_000_000_000 { restarts = 0 }
             restarts += 1
             Daemon.log("keeper: the daemon \(pid) died (\(signal.map { "signal \($0)" } ?? "exit \(code ?? -1)")); restart \(restarts) with \(store.get().count) stored descriptors")

@@ -105,7 +105,9 @@ extension Runtime {
             } else {
                 blob = try HTTPBlob(url: req.source)
             }
-            try blob.open(allowFullDownload: req.remote.allowFullDownload)
+            // In the daemon the cache file is written in this process: the probe fetches the
+            // superblock area too (one round trip less before the mount).
+            try blob.open(allowFullDownload: req.remote.allowFullDownload, head: serving != nil ? 256 << 10 : 1)
             if let expectedSize, blob.size != expectedSize {
                 throw RemoteError.blobChanged(url: blob.url, detail: "\(blob.size) bytes, but the manifest says \(expectedSize)")
             }

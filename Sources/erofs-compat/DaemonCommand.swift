@@ -43,6 +43,7 @@ struct DaemonCommand: ParsableCommand {
         try? state.ensureDirectories()
         var args = ["daemon"]
         if let socket { args += ["--socket", socket] }
-        throw ExitCode(DaemonKeeper.run(executable: Runtime.workerExecutable, arguments: args, notifyPath: state.root + "/daemon.notify"))
+        throw ExitCode(DaemonKeeper.run(executable: Runtime.workerExecutable, arguments: args, notifyPath: state.root + "/daemon.notify.\(getpid())",
+                                        socketPath: socket ?? DaemonClient.socketPath(state)))
     }
 }

@@ -16,7 +16,7 @@ struct ErofsCompat: ParsableCommand {
             Exit codes: 0 success, 1 the operation failed (see each command), 2 usage error.
             """,
         version: ToolInfo.version,
-        subcommands: [ProbeCommand.self, MountCommand.self, UmountCommand.self, StatusCommand.self, ImageCommand.self, CacheCommand.self, DaemonCommand.self, ServeCommand.self]
+        subcommands: [ProbeCommand.self, MountCommand.self, UmountCommand.self, StatusCommand.self, ImageCommand.self, CacheCommand.self, DaemonCommand.self, InstallCommand.self, ServeCommand.self]
     )
 }
 

@@ -39,6 +39,9 @@ struct MountCommand: ParsableCommand {
             Options for -o: ro (always), nosuid, nodev, noexec, noatime, directio, \
             cache_strategy=disabled|readahead|readaround, fsoffset=BYTES, user_xattr, nouser_xattr, acl, noacl.
 
+            With 'erofs-compat daemon' running, a remote mount is performed and served by it (no process start \
+            per mount); --no-daemon mounts from this command, --explain and --dry-run always do.
+
             State: one record per mount in /run/erofs-compat/mounts ($EROFS_COMPAT_STATE_DIR overrides).
 
             Exit codes: 0 mounted (or planned, with --dry-run), 1 the mount failed, 2 usage error or bad -o \

@@ -98,6 +98,14 @@ struct DaemonTests {
         #expect((st.progress?.events ?? 0) > 0)
         #expect(specs(state).count == 1)
 
+        // A second daemon on the same socket is refused and the first one keeps serving.
+        let second = try cli(state, ["daemon"])
+        #expect(second.status == 1 && second.stderr.contains("already listens"), "\(second.status) \(second.stderr)")
+        #expect(daemon.child() != nil && FileManager.default.fileExists(atPath: daemon.socket))
+        // A socket that cannot be created: one line, exit 1, no process left behind.
+        let badSocket = try cli(state, ["daemon", "--socket", f.dir.file("missing-dir/d.sock")])
+        #expect(badSocket.status == 1 && badSocket.stderr.contains("cannot listen"), "\(badSocket.status) \(badSocket.stderr)")
+
         // A bad source through the daemon: its error and exit code, nothing left behind.
         let bad = try cli(state, ["mount", "--cache-dir", f.remote.cacheDir, f.server.base + "/missing.erofs", f.dir.file("mnt2")])
         #expect(bad.status == 3, "\(bad.status) \(bad.stderr)")

@@ -4,6 +4,7 @@ import FoundationEssentials
 import Foundation
 #endif
 import Crypto
+import Dispatch
 import Syscall
 
 /// The blob an OCI reference leads to, and how it was found.
@@ -33,6 +34,7 @@ public final class RegistryClient: @unchecked Sendable {
     public let insecure: Bool
     /// "https://host:port" or "http://host:port" once `connect()` chose.
     public private(set) var base = ""
+    private static let knownSchemes = Locked<[String: (scheme: String, at: UInt64)]>([:])
     private var lazyHandle: HTTPHandle?
     private func handle(for url: String) throws -> HTTPHandle {
         if let h = lazyHandle { return h }
@@ -59,7 +61,15 @@ public final class RegistryClient: @unchecked Sendable {
     /// Chooses the scheme with a GET /v2/ (401 counts as "there is a registry here").
     public func connect() throws {
         var failures: [String] = []
-        for scheme in plainHTTPAllowed ? ["https", "http"] : ["https"] {
+        var schemes = plainHTTPAllowed ? ["https", "http"] : ["https"]
+        // A long-running process (the daemon) remembers which scheme a registry answered on, for 10
+        // minutes: probing https first costs a TLS setup (~20 ms, most of it loading the CA bundle)
+        // on every mount of a plain-http loopback registry. Only a scheme allowed here is reused.
+        let now = DispatchTime.now().uptimeNanoseconds
+        if let known = Self.knownSchemes.withLock({ $0[ref.registry] }), now - known.at < 600_000_000_000, schemes.contains(known.scheme) {
+            schemes = [known.scheme] + schemes.filter { $0 != known.scheme }
+        }
+        for scheme in schemes {
             let url = "\(scheme)://\(ref.registry)/v2/"
             let r = try handle(for: url).request(url, bodyLimit: 4096, timeoutMs: timeoutMs)
             if r.curlCode == 0 {
@@ -67,6 +77,7 @@ public final class RegistryClient: @unchecked Sendable {
                     throw RemoteError.registry(registry: ref.registry, detail: "GET \(url) answered HTTP \(r.status); is this an OCI registry?")
                 }
                 base = "\(scheme)://\(ref.registry)"
+                Self.knownSchemes.withLock { $0[ref.registry] = (scheme, now) }
                 return
             }
             failures.append("\(scheme): \(r.error)")
