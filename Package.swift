@@ -1,10 +1,13 @@
 // swift-tools-version:6.0
 import PackageDescription
 
-/// A pkg-config system library that only contributes link and compile flags;
-/// its declarations are reached through `CHeaders`.
-func systemLibrary(_ name: String, dir: String, pkg: String, apt: String) -> Target {
-    .systemLibrary(name: name, path: "Sources/CHeaders/system/\(dir)", pkgConfig: pkg, providers: [.apt([apt])])
+/// A Debian C library's headers (its -dev package, named for `swift build` to suggest). The library
+/// itself is not linked: CHeaders/shim.c dlopens it by SONAME the first time one of its functions is
+/// called, so a command that needs none of them (a mount handed to the daemon, status, umount) does
+/// not load libcurl and its ~30 dependencies or the others at start — most of a cold start's time.
+/// (pkg-config is not named: it would add -l flags, and the headers are on the default include path.)
+func systemHeaders(_ name: String, dir: String, apt: String) -> Target {
+    .systemLibrary(name: name, path: "Sources/CHeaders/system/\(dir)", providers: [.apt([apt])])
 }
 
 let package = Package(
@@ -24,17 +27,14 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-crypto", from: "4.5.2"),
     ],
     targets: [
-        systemLibrary("CKmod", dir: "kmod", pkg: "libkmod", apt: "libkmod-dev"),
-        systemLibrary("CBlkid", dir: "blkid", pkg: "blkid", apt: "libblkid-dev"),
-        // libcurl's headers only: the library is dlopen'ed on first use (CHeaders/shim.c), so it and its
-        // ~30 dependencies are not loaded at exec by commands that do no HTTP. pkg-config would add
-        // -lcurl to the link; Debian installs the headers on the default include path.
-        .systemLibrary(name: "CCurl", path: "Sources/CHeaders/system/curl", providers: [.apt(["libcurl4-openssl-dev"])]),
-        systemLibrary("CFuse3", dir: "fuse3", pkg: "fuse3", apt: "libfuse3-dev"),
-        systemLibrary("CLz4", dir: "lz4", pkg: "liblz4", apt: "liblz4-dev"),
-        systemLibrary("CLzma", dir: "lzma", pkg: "liblzma", apt: "liblzma-dev"),
-        systemLibrary("CZstd", dir: "zstd", pkg: "libzstd", apt: "libzstd-dev"),
-        systemLibrary("CZlib", dir: "zlib", pkg: "zlib", apt: "zlib1g-dev"),
+        systemHeaders("CKmod", dir: "kmod", apt: "libkmod-dev"),
+        systemHeaders("CBlkid", dir: "blkid", apt: "libblkid-dev"),
+        systemHeaders("CCurl", dir: "curl", apt: "libcurl4-openssl-dev"),
+        systemHeaders("CFuse3", dir: "fuse3", apt: "libfuse3-dev"),
+        systemHeaders("CLz4", dir: "lz4", apt: "liblz4-dev"),
+        systemHeaders("CLzma", dir: "lzma", apt: "liblzma-dev"),
+        systemHeaders("CZstd", dir: "zstd", apt: "libzstd-dev"),
+        systemHeaders("CZlib", dir: "zlib", apt: "zlib1g-dev"),
         .target(
             name: "CHeaders",
             dependencies: ["CKmod", "CBlkid", "CCurl", "CFuse3", "CLz4", "CLzma", "CZstd", "CZlib"],

@@ -322,3 +322,129 @@ int ecx_peer_uid(int sock, unsigned *uid) {
 int ecx_memfd(const char *name) { return memfd_create(name, MFD_CLOEXEC); }
 
 int ecx_accept_cloexec(int fd) { return accept4(fd, NULL, NULL, SOCK_CLOEXEC); }
+
+/* ---------------------------------------------------------------- the Debian libraries, loaded on first use */
+#include <stdatomic.h>
+
+static pthread_mutex_t ecx_libs_lock = PTHREAD_MUTEX_INITIALIZER;
+
+/* `symbol` of the library `soname` (Debian package `package`), loading the library first; a library or
+ * symbol that is missing ends the process with one line: the install is broken. */
+static void *ecx_symbol(const char *soname, const char *package, const char *symbol) {
+    static struct { const char *soname; void *handle; } loaded[8];
+    void *handle = NULL;
+    pthread_mutex_lock(&ecx_libs_lock);
+    for (size_t i = 0; i < sizeof(loaded) / sizeof(loaded[0]); i++) {
+        if (loaded[i].soname && strcmp(loaded[i].soname, soname) == 0) { handle = loaded[i].handle; break; }
+    }
+    if (!handle) {
+        handle = dlopen(soname, RTLD_NOW | RTLD_LOCAL);
+        if (!handle) {
+            fprintf(stderr, "erofs-compat: cannot load %s (%s): install Debian's %s\n", soname, dlerror(), package);
+            exit(70);
+        }
+        for (size_t i = 0; i < sizeof(loaded) / sizeof(loaded[0]); i++) {
+            if (!loaded[i].soname) { loaded[i].soname = soname; loaded[i].handle = handle; break; }
+        }
+    }
+    pthread_mutex_unlock(&ecx_libs_lock);
+    void *fn = dlsym(handle, symbol);
+    if (!fn) {
+        fprintf(stderr, "erofs-compat: %s lacks %s: install a current %s\n", soname, symbol, package);
+        exit(70);
+    }
+    return fn;
+}
+
+#define ECX_LAZY(soname, package, ret, name, params, args) \
+    ret ecx_##name params { \
+        static _Atomic(void *) cached; \
+        void *fn = atomic_load_explicit(&cached, memory_order_acquire); \
+        if (!fn) { \
+            fn = ecx_symbol(soname, package, #name); \
+            atomic_store_explicit(&cached, fn, memory_order_release); \
+        } \
+        return ((ret (*) params)fn) args; \
+    }
+
+/* Expands the library macros (SONAME, package) before ECX_LAZY splits its arguments. */
+#define ECX_L(...) ECX_LAZY(__VA_ARGS__)
+
+#define KMOD "libkmod.so.2", "libkmod2"
+ECX_L(KMOD, struct kmod_ctx *, kmod_new, (const char *dirname, const char *const *config_paths), (dirname, config_paths))
+ECX_L(KMOD, struct kmod_ctx *, kmod_unref, (struct kmod_ctx *ctx), (ctx))
+ECX_L(KMOD, int, kmod_load_resources, (struct kmod_ctx *ctx), (ctx))
+ECX_L(KMOD, int, kmod_module_new_from_name, (struct kmod_ctx *ctx, const char *name, struct kmod_module **mod), (ctx, name, mod))
+ECX_L(KMOD, struct kmod_module *, kmod_module_unref, (struct kmod_module *mod), (mod))
+ECX_L(KMOD, const char *, kmod_module_get_path, (const struct kmod_module *mod), (mod))
+ECX_L(KMOD, int, kmod_module_get_initstate, (const struct kmod_module *mod), (mod))
+
+#define BLKID "libblkid.so.1", "libblkid1"
+ECX_L(BLKID, blkid_probe, blkid_new_probe, (void), ())
+ECX_L(BLKID, void, blkid_free_probe, (blkid_probe pr), (pr))
+ECX_L(BLKID, int, blkid_probe_set_device, (blkid_probe pr, int fd, blkid_loff_t off, blkid_loff_t size), (pr, fd, off, size))
+ECX_L(BLKID, int, blkid_probe_enable_superblocks, (blkid_probe pr, int enable), (pr, enable))
+ECX_L(BLKID, int, blkid_probe_set_superblocks_flags, (blkid_probe pr, int flags), (pr, flags))
+ECX_L(BLKID, int, blkid_probe_filter_superblocks_type, (blkid_probe pr, int flag, char *names[]), (pr, flag, names))
+ECX_L(BLKID, int, blkid_do_safeprobe, (blkid_probe pr), (pr))
+ECX_L(BLKID, int, blkid_probe_lookup_value, (blkid_probe pr, const char *name, const char **data, size_t *len), (pr, name, data, len))
+ECX_L(BLKID, int, blkid_get_library_version, (const char **ver_string, const char **date_string), (ver_string, date_string))
+
+#define FUSE3 "libfuse3.so.3", "libfuse3-3"
+static ECX_L(FUSE3, int, fuse_version, (void), ())
+static ECX_L(FUSE3, const char *, fuse_pkgversion, (void), ())
+int ecx_libfuse_version(void) { return ecx_fuse_version(); }
+const char *ecx_libfuse_pkgversion(void) { return ecx_fuse_pkgversion(); }
+
+ECX_LAZY("liblz4.so.1", "liblz4-1", int, LZ4_decompress_safe_partial,
+         (const char *src, char *dst, int src_size, int target_output_size, int dst_capacity),
+         (src, dst, src_size, target_output_size, dst_capacity))
+
+#define ZSTD "libzstd.so.1", "libzstd1"
+ECX_L(ZSTD, unsigned, ZSTD_isError, (size_t code), (code))
+ECX_L(ZSTD, unsigned long long, ZSTD_getFrameContentSize, (const void *src, size_t src_size), (src, src_size))
+ECX_L(ZSTD, const char *, ZSTD_getErrorName, (size_t code), (code))
+ECX_L(ZSTD, size_t, ZSTD_decompress, (void *dst, size_t dst_capacity, const void *src, size_t compressed_size),
+         (dst, dst_capacity, src, compressed_size))
+
+#define ZLIB "libz.so.1", "zlib1g"
+ECX_L(ZLIB, int, inflateInit2_, (z_streamp strm, int window_bits, const char *version, int stream_size),
+         (strm, window_bits, version, stream_size))
+ECX_L(ZLIB, int, inflate, (z_streamp strm, int flush), (strm, flush))
+ECX_L(ZLIB, int, inflateEnd, (z_streamp strm), (strm))
+
+#define LZMA "liblzma.so.5", "liblzma5"
+static ECX_L(LZMA, lzma_ret, lzma_microlzma_decoder, (lzma_stream *strm, uint64_t comp_size, uint64_t uncomp_size, lzma_bool uncomp_size_is_exact, uint32_t dict_size),
+                (strm, comp_size, uncomp_size, uncomp_size_is_exact, dict_size))
+static ECX_L(LZMA, lzma_ret, lzma_code, (lzma_stream *strm, lzma_action action), (strm, action))
+static ECX_L(LZMA, void, lzma_end, (lzma_stream *strm), (strm))
+
+int ecx_microlzma_decode(const uint8_t *in, size_t in_len, uint8_t *out, size_t out_len,
+                         uint32_t dict_size, size_t *produced) {
+    lzma_stream strm = LZMA_STREAM_INIT;
+    lzma_ret ret = ecx_lzma_microlzma_decoder(&strm, in_len, out_len, 1, dict_size);
+    if (ret != LZMA_OK) return (int)ret;
+    strm.next_in = in;
+    strm.avail_in = in_len;
+    strm.next_out = out;
+    strm.avail_out = out_len;
+    ret = ecx_lzma_code(&strm, LZMA_FINISH);
+    *produced = out_len - strm.avail_out;
+    ecx_lzma_end(&strm);
+    return (ret == LZMA_STREAM_END || ret == LZMA_OK) ? 0 : (int)ret;
+}
+
+long ecx_raw_inflate(const uint8_t *in, size_t in_len, uint8_t *out, size_t out_len) {
+    z_stream s;
+    memset(&s, 0, sizeof(s));
+    if (ecx_inflateInit2_(&s, -15, ZLIB_VERSION, (int)sizeof(z_stream)) != Z_OK) return -1000;
+    s.next_in = (Bytef *)in;
+    s.avail_in = (uInt)in_len;
+    s.next_out = out;
+    s.avail_out = (uInt)out_len;
+    int r = ecx_inflate(&s, Z_FINISH);
+    long produced = (long)(out_len - s.avail_out);
+    ecx_inflateEnd(&s);
+    if (r == Z_STREAM_END || r == Z_OK || (r == Z_BUF_ERROR && s.avail_out == 0)) return produced;
+    return (long)r;
+}

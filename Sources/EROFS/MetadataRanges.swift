@@ -35,11 +35,20 @@ extension EROFSImage {
             switch ino.type {
             case .directory:
                 directories += 1
+                // A directory of several blocks: fetched together, not one round trip per block.
+                let blocks = try dataRanges(ino, from: 0, to: ino.size)
+                if blocks.count > 1 { try source.prefetch(blocks) }
                 let list = try entries(ino)
-                raw += try dataRanges(ino, from: 0, to: ino.size)
+                raw += blocks
+                var children: [ByteRange] = []
                 for e in list where e.nameBytes != [0x2E] && e.nameBytes != [0x2E, 0x2E] {
-                    if !visited.contains(e.nid) { queue.append(e.nid) }
+                    if !visited.contains(e.nid) {
+                        queue.append(e.nid)
+                        children.append(ByteRange(offset: inodePosition(e.nid), length: 64))
+                    }
                 }
+                // The children's inodes may lie anywhere in the image: fetched together.
+                if children.count > 1 { try source.prefetch(children) }
             case .symlink:
                 raw += try dataRanges(ino, from: 0, to: ino.size)
             default:

@@ -9,6 +9,12 @@ public protocol ImageSource: AnyObject {
     var size: UInt64 { get }
     /// Exactly `count` bytes at `offset`; fewer only at the end of the image.
     func read(at offset: UInt64, count: Int) throws -> [UInt8]
+    /// A hint that these ranges are about to be read (a remote source fetches them in parallel).
+    func prefetch(_ ranges: [ByteRange]) throws
+}
+
+extension ImageSource {
+    public func prefetch(_ ranges: [ByteRange]) throws {}
 }
 
 /// An image file read with pread(2).

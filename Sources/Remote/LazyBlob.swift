@@ -189,6 +189,26 @@ public final class LazyBlob: ImageSource, @unchecked Sendable {
         return try Sys.preadFully(writer.rawValue, count: n, at: Int64(offset))
     }
 
+    /// Fetches what is missing of the ranges, as runs of granules, up to 4 requests at once.
+    public func prefetch(_ ranges: [ByteRange]) throws {
+        var granules = Set<Int>()
+        for r in ranges where !isAvailable(offset: r.offset, length: r.length) {
+            if let g = granuleRange(r.offset, r.length) { granules.formUnion(g) }
+        }
+        let runs = runs(of: Array(granules))
+        guard !runs.isEmpty else { return }
+        let errors = Locked<[Error]>([])
+        let n = min(runs.count, 4)
+        DispatchQueue.concurrentPerform(iterations: n) { worker in
+            for (i, run) in runs.enumerated() where i % n == worker {
+                let off = UInt64(run.lowerBound) * granule
+                let end = min(UInt64(run.upperBound + 1) * granule, size)
+                do { try ensure(offset: off, length: end - off) } catch { errors.withLock { $0.append(error) } }
+            }
+        }
+        if let e = errors.get().first { throw e }
+    }
+
     /// Fetches every metadata range of the image (what a mount reads without raising events) with
     /// `parallel` concurrent requests, walking the tree through this lazy source.
     public func fetchMetadata(parallel: Int = 4, window: UInt64 = 256 << 10) throws -> MetadataRanges {

@@ -10,7 +10,7 @@ package enum Decompress {
             out.withUnsafeMutableBufferPointer { dst in
                 src.baseAddress!.withMemoryRebound(to: CChar.self, capacity: src.count) { s in
                     dst.baseAddress!.withMemoryRebound(to: CChar.self, capacity: dst.count) { d in
-                        LZ4_decompress_safe_partial(s, d, Int32(src.count), Int32(outputSize), Int32(outputSize))
+                        ecx_LZ4_decompress_safe_partial(s, d, Int32(src.count), Int32(outputSize), Int32(outputSize))
                     }
                 }
             }
@@ -47,7 +47,7 @@ package enum Decompress {
 
     /// A zstd frame; output beyond `outputSize` is discarded (bounded by `limit`).
     package static func zstd(_ input: ArraySlice<UInt8>, outputSize: Int, limit: Int) -> Result<[UInt8], DecompressError> {
-        let content = input.withUnsafeBufferPointer { ZSTD_getFrameContentSize($0.baseAddress, $0.count) }
+        let content = input.withUnsafeBufferPointer { ecx_ZSTD_getFrameContentSize($0.baseAddress, $0.count) }
         var cap = outputSize
         if content != ZSTD_CONTENTSIZE_UNKNOWN, content != ZSTD_CONTENTSIZE_ERROR, content > UInt64(cap) {
             guard content <= UInt64(limit) else { return .failure(.init("zstd frame claims \(content) bytes")) }
@@ -55,9 +55,9 @@ package enum Decompress {
         }
         var out = [UInt8](repeating: 0, count: cap)
         let n = input.withUnsafeBufferPointer { src in
-            out.withUnsafeMutableBufferPointer { dst in ZSTD_decompress(dst.baseAddress, dst.count, src.baseAddress, src.count) }
+            out.withUnsafeMutableBufferPointer { dst in ecx_ZSTD_decompress(dst.baseAddress, dst.count, src.baseAddress, src.count) }
         }
-        guard ZSTD_isError(n) == 0 else { return .failure(.init("zstd frame is malformed (\(String(cString: ZSTD_getErrorName(n))))")) }
+        guard ecx_ZSTD_isError(n) == 0 else { return .failure(.init("zstd frame is malformed (\(String(cString: ecx_ZSTD_getErrorName(n))))")) }
         out.removeSubrange(min(Int(n), outputSize)...)
         return .success(out)
     }

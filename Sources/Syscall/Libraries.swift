@@ -25,16 +25,16 @@ package enum Libraries {
     }
 
     package static func kmod(module name: String) -> KmodAnswer? {
-        guard let ctx = kmod_new(nil, nil) else { return nil }
-        defer { kmod_unref(ctx) }
-        let load = kmod_load_resources(ctx)
+        guard let ctx = ecx_kmod_new(nil, nil) else { return nil }
+        defer { ecx_kmod_unref(ctx) }
+        let load = ecx_kmod_load_resources(ctx)
         var mod: OpaquePointer?
         let version = "libkmod"
-        guard kmod_module_new_from_name(ctx, name, &mod) == 0, let mod else {
+        guard ecx_kmod_module_new_from_name(ctx, name, &mod) == 0, let mod else {
             return KmodAnswer(loadResources: load, initState: nil, initStateError: -ENOENT, path: nil, libraryVersion: version)
         }
-        defer { kmod_module_unref(mod) }
-        let st = kmod_module_get_initstate(mod)
+        defer { ecx_kmod_module_unref(mod) }
+        let st = ecx_kmod_module_get_initstate(mod)
         var state: String?
         switch st {
         case ecx_kmod_builtin: state = "builtin"
@@ -43,7 +43,7 @@ package enum Libraries {
         case ecx_kmod_going: state = "going"
         default: state = nil
         }
-        let path = kmod_module_get_path(mod).map { String(cString: $0) }
+        let path = ecx_kmod_module_get_path(mod).map { String(cString: $0) }
         return KmodAnswer(loadResources: load, initState: state, initStateError: st < 0 ? st : nil, path: path, libraryVersion: version)
     }
 
@@ -52,25 +52,25 @@ package enum Libraries {
     /// every known signature).
     package static func blkid(fd: Int32, offset: UInt64 = 0, onlyTypes: [String] = [],
                               keys: [String] = ["TYPE", "UUID", "LABEL", "BLOCK_SIZE"]) -> (result: Int32, values: [String: String]) {
-        guard let pr = blkid_new_probe() else { return (-1, [:]) }
-        defer { blkid_free_probe(pr) }
+        guard let pr = ecx_blkid_new_probe() else { return (-1, [:]) }
+        defer { ecx_blkid_free_probe(pr) }
         guard let st = try? Sys.fstat(fd) else { return (-1, [:]) }
         let size = Int64(st.st_size) - Int64(offset)
-        guard size > 0, blkid_probe_set_device(pr, fd, blkid_loff_t(offset), blkid_loff_t(size)) == 0 else { return (-1, [:]) }
-        blkid_probe_enable_superblocks(pr, 1)
-        blkid_probe_set_superblocks_flags(pr, ecx_blkid_sublks_flags)
+        guard size > 0, ecx_blkid_probe_set_device(pr, fd, blkid_loff_t(offset), blkid_loff_t(size)) == 0 else { return (-1, [:]) }
+        ecx_blkid_probe_enable_superblocks(pr, 1)
+        ecx_blkid_probe_set_superblocks_flags(pr, ecx_blkid_sublks_flags)
         if !onlyTypes.isEmpty {
             var cstrs = onlyTypes.map { strdup($0) } + [nil]
             defer { cstrs.forEach { free($0) } }
-            guard blkid_probe_filter_superblocks_type(pr, ecx_blkid_fltr_onlyin, &cstrs) == 0 else { return (-1, [:]) }
+            guard ecx_blkid_probe_filter_superblocks_type(pr, ecx_blkid_fltr_onlyin, &cstrs) == 0 else { return (-1, [:]) }
         }
-        let rc = blkid_do_safeprobe(pr)
+        let rc = ecx_blkid_do_safeprobe(pr)
         var values: [String: String] = [:]
         if rc == 0 {
             for key in keys {
                 var data: UnsafePointer<CChar>?
                 var len: Int = 0
-                if blkid_probe_lookup_value(pr, key, &data, &len) == 0, let data { values[key] = String(cString: data) }
+                if ecx_blkid_probe_lookup_value(pr, key, &data, &len) == 0, let data { values[key] = String(cString: data) }
             }
         }
         return (rc, values)
@@ -80,7 +80,7 @@ package enum Libraries {
     package static let blkidVersion: String = {
         var ver: UnsafePointer<CChar>?
         var date: UnsafePointer<CChar>?
-        _ = blkid_get_library_version(&ver, &date)
+        _ = ecx_blkid_get_library_version(&ver, &date)
         return ver.map { String(cString: $0) } ?? "?"
     }()
 
@@ -94,8 +94,8 @@ package enum Libraries {
     /// gunzip (for /proc/config.gz); nil when the data is not valid gzip.
     package static func gunzip(_ data: [UInt8]) -> [UInt8]? {
         var s = z_stream()
-        guard inflateInit2_(&s, 15 + 32, ZLIB_VERSION, Int32(MemoryLayout<z_stream>.size)) == Z_OK else { return nil }
-        defer { inflateEnd(&s) }
+        guard ecx_inflateInit2_(&s, 15 + 32, ZLIB_VERSION, Int32(MemoryLayout<z_stream>.size)) == Z_OK else { return nil }
+        defer { ecx_inflateEnd(&s) }
         var out = [UInt8]()
         var chunk = [UInt8](repeating: 0, count: 1 << 16)
         var input = data
@@ -106,7 +106,7 @@ package enum Libraries {
                 let r: Int32 = chunk.withUnsafeMutableBufferPointer { cb in
                     s.next_out = cb.baseAddress
                     s.avail_out = uInt(cb.count)
-                    return inflate(&s, Z_NO_FLUSH)
+                    return ecx_inflate(&s, Z_NO_FLUSH)
                 }
                 out.append(contentsOf: chunk[0..<(chunk.count - Int(s.avail_out))])
                 if r == Z_STREAM_END { return true }

@@ -63,6 +63,11 @@ final class DaemonProcess {
     }
 }
 
+/// systemd runs this host (its notify socket directory exists), so `systemd-run` can start the daemon
+/// as a service with an fd store.
+let systemdRuns = access("/run/systemd/system", F_OK) == 0 && TestEnv.which("systemd-run") != nil
+let systemdReason = "needs systemd as PID 1 (here PID 1 is \((try? String(contentsOfFile: "/proc/1/comm", encoding: .utf8))?.trimmingCharacters(in: .whitespacesAndNewlines) ?? "unknown")), for the service's fd store"
+
 /// `mount` through a running daemon: CLI in, lazy serving in the daemon's threads, the fanotify group
 /// in the keeper's fd store across a crash, and a hand-over to supervisors on a clean stop.
 @Suite(.serialized, .enabled(if: canInjectFaults, Comment(rawValue: faultReason)))
@@ -177,6 +182,42 @@ struct DaemonTests {
         #expect(follows)
         #expect(try cli(state, ["umount", f.mnt]).status == 0)
         #expect(daemon.stop() == 0, Comment(rawValue: daemon.logText()))
+    }
+
+    /// The same crash under systemd itself: a transient Type=notify service with an fd store; systemd
+    /// restarts the killed daemon and hands the stored descriptors back (LISTEN_FDS).
+    @Test(.enabled(if: canInjectFaults && systemdRuns, Comment(rawValue: systemdReason)))
+    func systemdKeepsTheGroupsAcrossACrash() throws {
+        let f = try RemoteFixture("daemon-systemd")
+        defer { f.remove() }
+        let proxy = try FaultProxy(upstream: f.server.base)
+        defer { proxy.remove() }
+        let state = f.runtime.state.root
+        let unit = "erofs-compat-test-\(getpid())"
+        let systemctl = TestEnv.which("systemctl") ?? "/bin/systemctl"
+        defer {
+            _ = try? run(systemctl, ["stop", unit])
+            _ = try? run(systemctl, ["reset-failed", unit])
+        }
+        let started = try run(TestEnv.which("systemd-run")!, ["--unit=" + unit, "-p", "Type=notify", "-p", "FileDescriptorStoreMax=64",
+                                                           "-p", "Restart=on-failure", "-p", "RestartSec=100ms", "-p", "KillMode=process",
+                                                           "--setenv=EROFS_COMPAT_STATE_DIR=" + state, cliBinary, "daemon"])
+        try #require(started.status == 0, Comment(rawValue: started.stderr))
+        let expected = try f.oracle()
+        let r = try cli(state, ["mount", "--cache-dir", f.remote.cacheDir, proxy.base + "/img.erofs", f.mnt])
+        try #require(r.status == 0 && r.stdout.contains("served by the daemon"), Comment(rawValue: r.stdout + r.stderr))
+        try proxy.set("{\"fault\":\"stall\",\"seconds\":0.1,\"every\":1,\"match\":\"/img.erofs\"}")
+        let files = expected.entries.filter { $0.value.contains("size") }.map(\.key).sorted()
+        let results = parallelRead(f.mnt, files) {
+            usleep(250_000)
+            _ = try? run(systemctl, ["kill", "--signal=KILL", "--kill-who=main", unit])
+        }
+        for p in files {
+            #expect(expected.entries[p]!.hasSuffix(results[p] ?? "missing"), "\(p): \(results[p] ?? "missing")")
+        }
+        try proxy.set("{}")
+        #expect(TreeFactsLite(f.mnt) == expected)
+        #expect(try cli(state, ["umount", f.mnt]).status == 0)
     }
 
     /// A clean stop hands each lazy mount to its own supervisor: the mount keeps working (cold data

@@ -452,8 +452,6 @@ const char *ecx_curl_version_string(void);
 /** NULL when libcurl cannot be loaded. */
 void *ecx_curl_easy_init(void);
 void ecx_curl_easy_cleanup(void *handle);
-static inline int ecx_libfuse_version(void) { return fuse_version(); }
-static inline const char *ecx_libfuse_pkgversion(void) { return fuse_pkgversion(); }
 
 /* ---------------------------------------------------------------- unix sockets, descriptor passing */
 
@@ -502,36 +500,44 @@ static const int ecx_lzma_ok = LZMA_OK;
 static const int ecx_lzma_stream_end = LZMA_STREAM_END;
 
 /** Raw MicroLZMA/LZMA1 stream decoder as EROFS uses it (lzma_microlzma_decoder, liblzma ≥ 5.3.3). */
-static inline int ecx_microlzma_decode(const uint8_t *in, size_t in_len, uint8_t *out, size_t out_len,
-                                       uint32_t dict_size, size_t *produced) {
-    lzma_stream strm = LZMA_STREAM_INIT;
-    lzma_ret ret = lzma_microlzma_decoder(&strm, in_len, out_len, 1, dict_size);
-    if (ret != LZMA_OK) return (int)ret;
-    strm.next_in = in;
-    strm.avail_in = in_len;
-    strm.next_out = out;
-    strm.avail_out = out_len;
-    ret = lzma_code(&strm, LZMA_FINISH);
-    *produced = out_len - strm.avail_out;
-    lzma_end(&strm);
-    return (ret == LZMA_STREAM_END || ret == LZMA_OK) ? 0 : (int)ret;
-}
+int ecx_microlzma_decode(const uint8_t *in, size_t in_len, uint8_t *out, size_t out_len,
+                         uint32_t dict_size, size_t *produced);
 
 /** Raw DEFLATE (no zlib header) into a fixed buffer; returns bytes produced or a negative zlib code. */
-static inline long ecx_raw_inflate(const uint8_t *in, size_t in_len, uint8_t *out, size_t out_len) {
-    z_stream s;
-    memset(&s, 0, sizeof(s));
-    if (inflateInit2(&s, -15) != Z_OK) return -1000;
-    s.next_in = (Bytef *)in;
-    s.avail_in = (uInt)in_len;
-    s.next_out = out;
-    s.avail_out = (uInt)out_len;
-    int r = inflate(&s, Z_FINISH);
-    long produced = (long)(out_len - s.avail_out);
-    inflateEnd(&s);
-    if (r == Z_STREAM_END || r == Z_OK || (r == Z_BUF_ERROR && s.avail_out == 0)) return produced;
-    return (long)r;
-}
+long ecx_raw_inflate(const uint8_t *in, size_t in_len, uint8_t *out, size_t out_len);
+
+/* ---------------------------------------------------------------- the Debian libraries, loaded on first use
+ * Every call into libkmod, libblkid, libfuse3, liblz4, liblzma, libzstd and zlib goes through these
+ * ecx_ wrappers, which dlopen the library by SONAME the first time one of its functions is needed:
+ * a command that needs none of them (a mount handed to the daemon, status, umount) does not load
+ * them at start. A library that cannot be loaded ends the process with one line naming it and the
+ * Debian package to install. */
+struct kmod_ctx *ecx_kmod_new(const char *dirname, const char *const *config_paths);
+struct kmod_ctx *ecx_kmod_unref(struct kmod_ctx *ctx);
+int ecx_kmod_load_resources(struct kmod_ctx *ctx);
+int ecx_kmod_module_new_from_name(struct kmod_ctx *ctx, const char *name, struct kmod_module **mod);
+struct kmod_module *ecx_kmod_module_unref(struct kmod_module *mod);
+const char *ecx_kmod_module_get_path(const struct kmod_module *mod);
+int ecx_kmod_module_get_initstate(const struct kmod_module *mod);
+blkid_probe ecx_blkid_new_probe(void);
+void ecx_blkid_free_probe(blkid_probe pr);
+int ecx_blkid_probe_set_device(blkid_probe pr, int fd, blkid_loff_t off, blkid_loff_t size);
+int ecx_blkid_probe_enable_superblocks(blkid_probe pr, int enable);
+int ecx_blkid_probe_set_superblocks_flags(blkid_probe pr, int flags);
+int ecx_blkid_probe_filter_superblocks_type(blkid_probe pr, int flag, char *names[]);
+int ecx_blkid_do_safeprobe(blkid_probe pr);
+int ecx_blkid_probe_lookup_value(blkid_probe pr, const char *name, const char **data, size_t *len);
+int ecx_blkid_get_library_version(const char **ver_string, const char **date_string);
+int ecx_libfuse_version(void);
+const char *ecx_libfuse_pkgversion(void);
+int ecx_LZ4_decompress_safe_partial(const char *src, char *dst, int src_size, int target_output_size, int dst_capacity);
+unsigned ecx_ZSTD_isError(size_t code);
+unsigned long long ecx_ZSTD_getFrameContentSize(const void *src, size_t src_size);
+const char *ecx_ZSTD_getErrorName(size_t code);
+size_t ecx_ZSTD_decompress(void *dst, size_t dst_capacity, const void *src, size_t compressed_size);
+int ecx_inflateInit2_(z_streamp strm, int window_bits, const char *version, int stream_size);
+int ecx_inflate(z_streamp strm, int flush);
+int ecx_inflateEnd(z_streamp strm);
 
 /* ---------------------------------------------------------------- libblkid / libkmod */
 

@@ -88,12 +88,31 @@ public final class RegistryClient: @unchecked Sendable {
 
     /// GET with auth challenges answered and transient failures retried.
     func get(_ path: String, accept: [String], limit: Int) throws -> HTTPResponse {
+        // A scheme this process saw the registry answer on recently needs no GET /v2/ probe; if the
+        // registry no longer answers there, probe again.
+        var remembered = false
+        if base.isEmpty, let known = Self.knownSchemes.withLock({ $0[ref.registry] }),
+           DispatchTime.now().uptimeNanoseconds - known.at < 600_000_000_000, known.scheme == "https" || plainHTTPAllowed {
+            base = "\(known.scheme)://\(ref.registry)"
+            remembered = true
+        }
         if base.isEmpty { try connect() }
-        let url = base + path
         var headers: [String] = []
         if !accept.isEmpty { headers.append("Accept: " + accept.joined(separator: ", ")) }
-        return try performWithRetries(url: url, handle: handle(for: url), attempts: 5, baseDelayMs: 100, auth: auth, requests: nil) { h, authHeaders in
-            h.request(url, headers: headers + authHeaders, bodyLimit: limit, timeoutMs: timeoutMs)
+        func attempt(_ tries: Int) throws -> HTTPResponse {
+            let url = base + path
+            return try performWithRetries(url: url, handle: handle(for: url), attempts: tries, baseDelayMs: 100, auth: auth, requests: nil) { h, authHeaders in
+                h.request(url, headers: headers + authHeaders, bodyLimit: limit, timeoutMs: timeoutMs)
+            }
+        }
+        guard remembered else { return try attempt(5) }
+        do {
+            return try attempt(1)
+        } catch RemoteError.unreachable {
+            _ = Self.knownSchemes.withLock { $0.removeValue(forKey: ref.registry) }
+            base = ""
+            try connect()
+            return try attempt(5)
         }
     }
 

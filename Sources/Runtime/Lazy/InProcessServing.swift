@@ -89,8 +89,11 @@ public final class InProcessServing: @unchecked Sendable {
         self.log = log
     }
 
-    static func id(for mountpoint: String) -> String {
-        SHA256.hash(data: Array(mountpoint.utf8)).prefix(12).map { String(hexByte: $0) }.joined()
+    /// A fresh id per mount (never reused, so a late cleanup of an earlier mount at the same
+    /// mountpoint cannot touch a newer one's stored descriptors or files).
+    static func newID() -> String {
+        var rng = SystemRandomNumberGenerator()
+        return (0..<12).map { _ in String(hexByte: UInt8.random(in: 0...255, using: &rng)) }.joined()
     }
 
     /// How many mounts this process serves.
@@ -100,7 +103,7 @@ public final class InProcessServing: @unchecked Sendable {
     /// descriptors with the service manager. Throws (leaving nothing behind) when any step fails.
     func prepare(blob: HTTPBlob, paths: (data: String, record: String, info: String, lock: String), mountpoint: String,
                  statsPath: String, digest: String?, prefetch: Prefetch, recordProfile: String?) throws {
-        let spec = LazySpec(id: Self.id(for: mountpoint), url: blob.url, dataPath: paths.data, recordPath: paths.record,
+        let spec = LazySpec(id: Self.newID(), url: blob.url, dataPath: paths.data, recordPath: paths.record,
                             mountpoint: mountpoint, statsPath: statsPath, digest: digest, prefetch: prefetch.argument,
                             recordProfile: recordProfile, size: blob.size, etag: blob.etag, lastModified: blob.lastModified)
         let lock = try BlobCache.lockForWriting(entry: paths.data)
@@ -149,6 +152,9 @@ public final class InProcessServing: @unchecked Sendable {
         for kind: Character in ["g", "w", "l", "a"] {
             _ = try? ServiceManager.notify("FDSTOREREMOVE=1\nFDNAME=\(spec.fdName(kind))")
         }
+        // The files are per mountpoint: leave them to a newer mount there.
+        let current = (try? Sys.readFile(spec.specPath)).flatMap { try? JSONDecoder().decode(LazySpec.self, from: Data($0)) }
+        guard current == nil || current?.id == spec.id else { return }
         try? Sys.unlink(spec.specPath)
         if !keepJournal { try? Sys.unlink(spec.journalPath) }
     }
@@ -208,7 +214,7 @@ public final class InProcessServing: @unchecked Sendable {
             LazyWorker.writeStats(server.snapshot, to: spec.statsPath)
             if e.unmounted.get() {
                 log("\(spec.mountpoint) is gone; stopped serving it")
-                entries.withLock { $0[spec.mountpoint] = nil }
+                entries.withLock { if $0[spec.mountpoint] === e { $0[spec.mountpoint] = nil } }
                 forget(spec)
                 e.server = nil
                 e.close()
@@ -281,7 +287,7 @@ public final class InProcessServing: @unchecked Sendable {
                 let pid = try LazyWorker.spawnSupervisor(e.spec.workerOptions, group: e.group.rawValue, writer: e.lazy.writerFD,
                                                          lock: e.lock.rawValue, auth: e.auth)
                 updateRecords(of: e.spec, pid: pid, servedBy: nil)
-                entries.withLock { $0[mountpoint] = nil }
+                entries.withLock { if $0[mountpoint] === e { $0[mountpoint] = nil } }
                 log("\(mountpoint): handed to supervisor \(pid)")
                 forget(e.spec, keepJournal: true)
             } catch {
