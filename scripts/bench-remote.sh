@@ -103,7 +103,7 @@ cold() {
 small() {
     local one=() dl=() x d how="--no-daemon"
     [ "${4:-}" = daemon ] && how=""
-    for i in 1 2 3; do
+    for i in 1 2 3 4 5; do
         rm -rf "$work/cache"; drop
         s=$(now_us); "$BIN" mount $how --cache-dir "$work/cache" "$1" "$work/m1" >/dev/null 2>&1; cat "$work/m1/text05.txt" > /dev/null; e=$(now_us)
         one+=($((e - s))); "$BIN" umount "$work/m1" >/dev/null
@@ -144,7 +144,7 @@ awk -v w="$w" -v o="$o" 'BEGIN {printf "warm: erofs-compat %.3f s, local file-ba
 
 mkimage img1g 1024
 url="http://127.0.0.1:$port/img1g.erofs"
-echo "== (c) 1 GiB image: cold lazy mount + read one small file vs downloading the whole blob (median of 3)"
+echo "== (c) 1 GiB image: cold lazy mount + read one small file vs downloading the whole blob (median of 5)"
 echo "   with the daemon running (mount hands the request to it), then without (--no-daemon)"
 [ -n "$registry_pid" ] && blob=$(push img1g)
 start_daemon

@@ -199,7 +199,7 @@ public final class LazyBlob: ImageSource, @unchecked Sendable {
         guard !runs.isEmpty else { return }
         let errors = Locked<[Error]>([])
         let n = min(runs.count, 4)
-        DispatchQueue.concurrentPerform(iterations: n) { worker in
+        Threads.parallel(n) { [self] worker in
             for (i, run) in runs.enumerated() where i % n == worker {
                 let off = UInt64(run.lowerBound) * granule
                 let end = min(UInt64(run.upperBound + 1) * granule, size)
@@ -218,7 +218,7 @@ public final class LazyBlob: ImageSource, @unchecked Sendable {
         let ranges = try image.metadataRanges()
         // The walk fetched what it read; fetch the rest of each range in parallel.
         let errors = Locked<[Error]>([])
-        DispatchQueue.concurrentPerform(iterations: max(parallel, 1)) { worker in
+        Threads.parallel(max(parallel, 1)) { [self] worker in
             for (i, r) in ranges.ranges.enumerated() where i % max(parallel, 1) == worker {
                 do { try ensure(offset: r.offset, length: r.length) } catch { errors.withLock { $0.append(error) } }
             }

@@ -147,6 +147,7 @@ public final class Daemon: @unchecked Sendable {
             Self.log("warning: no service manager ($NOTIFY_SOCKET unset): lazy mounts are served by per-mount supervisors")
         }
         serving.restore(passed.filter { $0.name.hasPrefix("lazy-") })
+        startupProbe()
         _ = try? ServiceManager.notify("READY=1\nSTATUS=serving on \(socketPath)")
         Self.log("ready on \(socketPath)\(serving.count > 0 ? ", serving \(serving.count) mounts again" : "")")
         Threads.detach { [self] in
@@ -165,6 +166,17 @@ public final class Daemon: @unchecked Sendable {
         serving.handOver()
         Sys.close(listener)
         return serving.count > 0 ? 1 : 0
+    }
+
+    /// What this host offers remote mounts, said once at start (rather than discovered by the first
+    /// mount that fails); it also loads libcurl and the planner while starting, not during that mount.
+    func startupProbe() {
+        if let reason = HTTPHandle.preload() { Self.log("warning: libcurl cannot be loaded (\(reason)): remote mounts will fail") }
+        let cache = BlobCache(directory: BlobCache.defaultDirectory)
+        let plan = MountPlanning.planRemote(cacheDir: cache.blobsDir, implemented: Runtime.implemented,
+                                           cacheFile: Sys.hasCapSysAdmin() ? runtime.state.hostCache : nil).plan
+        let first = plan.candidates.first { $0.verdict == .viable }
+        Self.log("remote images in \(cache.blobsDir) would use: \(first.map { "\($0.backend.rawValue) (\($0.reasons.joined(separator: "; ")))" } ?? "no viable backend")")
     }
 
     func handle(_ conn: Int32) {

@@ -26,6 +26,12 @@ package struct HTTPUnavailable: Error, CustomStringConvertible {
 package final class HTTPHandle {
     private let handle: UnsafeMutableRawPointer
 
+    /// Loads libcurl now (a resident process does it at start, not during its first request); the
+    /// reason when it cannot be loaded.
+    package static func preload() -> String? {
+        ecx_curl_load() == 0 ? nil : String(cString: ecx_curl_load_error())
+    }
+
     /// Loads libcurl on first use; throws when it cannot be loaded (not installed).
     package init() throws {
         guard let h = ecx_curl_easy_init() else { throw HTTPUnavailable(reason: String(cString: ecx_curl_load_error())) }

@@ -8,6 +8,21 @@ package enum Threads {
         init(_ body: @escaping () -> Void) { self.body = body }
     }
 
+    /// Runs `body(0..<n)` on `n` threads of its own and waits for all: for blocking I/O, where
+    /// DispatchQueue.concurrentPerform would run no more at once than there are CPUs.
+    package static func parallel(_ n: Int, _ body: @escaping @Sendable (Int) -> Void) {
+        guard n > 1 else { if n == 1 { body(0) }; return }
+        let done = DispatchSemaphore(value: 0)
+        for i in 1..<n {
+            detach {
+                body(i)
+                done.signal()
+            }
+        }
+        body(0)
+        for _ in 1..<n { done.wait() }
+    }
+
     /// Runs `body` on a new detached OS thread (its own kernel task, so per-thread state such as a
     /// private mount namespace stays with it).
     package static func detach(_ body: @escaping () -> Void) {
