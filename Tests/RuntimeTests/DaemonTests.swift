@@ -102,6 +102,8 @@ struct DaemonTests {
         #expect(st.problems.isEmpty && st.workerAlive == true, "\(st.problems)")
         #expect((st.progress?.events ?? 0) > 0)
         #expect(specs(state).count == 1)
+        let shown = try cli(state, ["status", f.mnt])
+        #expect(shown.stdout.contains("worker   \(record.workerPID!) (erofs-compat daemon)"), Comment(rawValue: shown.stdout))
 
         // A second daemon on the same socket is refused and the first one keeps serving.
         let second = try cli(state, ["daemon"])
