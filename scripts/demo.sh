@@ -4,7 +4,9 @@ set -euo pipefail
 BIN=${1:-.build/release/erofs-compat}
 BIN=$(readlink -f "$BIN")
 work=$(mktemp -d /var/tmp/erofs-compat-demo.XXXXXX)
+daemon=
 cleanup() {
+    [ -n "$daemon" ] && kill "$daemon" 2>/dev/null && wait "$daemon" 2>/dev/null || true
     for m in "$work/mnt" "$work/lazy"; do
         mountpoint -q "$m" 2>/dev/null && "$BIN" umount "$m" >/dev/null 2>&1 || true
         mountpoint -q "$m" 2>/dev/null && umount -l "$m" || true
@@ -76,5 +78,22 @@ CONF
     "$BIN" status "$work/lazy" | grep -E "progress|health" || true
     "$BIN" cache ls --cache-dir "$work/cache"
     "$BIN" umount "$work/lazy"
+
+    echo
+    echo "== the same through 'erofs-compat daemon' (one resident process; a crash loses no fanotify group)"
+    export EROFS_COMPAT_STATE_DIR="$work/state"
+    "$BIN" daemon 2>"$work/daemon.log" &
+    daemon=$!
+    for _ in $(seq 100); do [ -S "$work/state/daemon.sock" ] && break; sleep 0.05; done
+    rm -rf "$work/cache"
+    "$BIN" mount --cache-dir "$work/cache" "http://127.0.0.1:$port/sample.erofs" "$work/lazy"
+    child=$(cut -d' ' -f1 "/proc/$daemon/task/$daemon/children")
+    kill -9 "$child"
+    echo "SIGKILLed the daemon ($child) before anything but metadata was fetched; reading every file:"
+    echo "bytes identical to the source tree: $(diff -r "$work/tree" "$work/lazy" >/dev/null && echo yes || echo NO)"
+    "$BIN" status "$work/lazy" | grep -E "worker|health" || true
+    "$BIN" umount "$work/lazy"
+    kill "$daemon"; wait "$daemon" || true
+    grep -E "died|serving again" "$work/daemon.log" || true
 fi
 exit 0
