@@ -17,21 +17,10 @@ public struct DaemonRequest: Codable, Sendable {
     public var mountpoint: String
     public var backend: String?
     public var options: MountOptions
-    public var cacheDir: String
-    public var allowFullDownload: Bool
-    public var digest: String?
-    public var prefetch: String
-    public var recordProfile: String?
-    public var layer: Int?
-    public var blob: String?
-    public var platform: String?
-    public var authFile: String?
-    public var username: String?
-    public var password: String?
-    public var insecure: Bool
-    public var environment: [String: String]
+    public var remote: RemoteOptions
 
-    /// `req` with its relative paths resolved against this process's working directory.
+    /// `req` with its relative paths resolved against this process's working directory, and the
+    /// variables credential lookups use taken from `environment`.
     public init(_ req: MountRequest, environment: [String: String]) {
         func absolute(_ p: String) -> String {
             if p.hasPrefix("/") { return p }
@@ -41,25 +30,18 @@ public struct DaemonRequest: Codable, Sendable {
         mountpoint = absolute(req.mountpoint)
         backend = req.backend?.rawValue
         options = req.options
-        cacheDir = absolute(req.remote.cacheDir)
-        allowFullDownload = req.remote.allowFullDownload
-        digest = req.remote.digest
-        if case .profile(let p) = req.remote.prefetch { prefetch = absolute(p) } else { prefetch = req.remote.prefetch.argument }
-        recordProfile = req.remote.recordProfile.map(absolute)
-        let o = req.remote.oci
-        (layer, blob, platform, authFile) = (o.layer, o.blob, o.platform, o.authFile.map(absolute))
-        (username, password, insecure) = (o.username, o.password, o.insecure)
+        remote = req.remote
+        remote.cacheDir = absolute(remote.cacheDir)
+        if case .profile(let p) = remote.prefetch { remote.prefetch = .profile(absolute(p)) }
+        remote.recordProfile = remote.recordProfile.map(absolute)
+        remote.oci.authFile = remote.oci.authFile.map(absolute)
         let wanted = ["HOME", "PATH", "DOCKER_CONFIG", "REGISTRY_AUTH_FILE"]
-        self.environment = environment.filter { wanted.contains($0.key) }
+        remote.oci.environment = environment.filter { wanted.contains($0.key) }
     }
 
     var mountRequest: MountRequest {
-        let oci = OCIOptions(layer: layer, blob: blob, platform: platform, authFile: authFile, username: username,
-                             password: password, insecure: insecure, environment: environment)
-        let remote = RemoteOptions(cacheDir: cacheDir, allowFullDownload: allowFullDownload, digest: digest, oci: oci,
-                                   prefetch: Prefetch(argument: prefetch), recordProfile: recordProfile)
-        return MountRequest(source: source, mountpoint: mountpoint, backend: backend.flatMap(Backend.init(rawValue:)),
-                            options: options, dryRun: false, remote: remote)
+        MountRequest(source: source, mountpoint: mountpoint, backend: backend.flatMap(Backend.init(rawValue:)),
+                     options: options, dryRun: false, remote: remote)
     }
 }
 

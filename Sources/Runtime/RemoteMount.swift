@@ -12,7 +12,7 @@ import Syscall
 import SystemPackage
 
 /// Options for http(s) and OCI sources.
-public struct RemoteOptions: Sendable {
+public struct RemoteOptions: Sendable, Codable {
     public var cacheDir: String
     public var allowFullDownload: Bool
     /// Expected sha256 of the whole blob (hex), checked when the cache is complete.
@@ -35,7 +35,7 @@ public struct RemoteOptions: Sendable {
 }
 
 /// How an `oci://` reference becomes one blob, and how to authenticate.
-public struct OCIOptions: Sendable {
+public struct OCIOptions: Sendable, Codable {
     /// Index into the manifest's layers (default: the only layer, or the only EROFS layer).
     public var layer: Int?
     /// A blob digest ("sha256:…"), skipping the manifest.

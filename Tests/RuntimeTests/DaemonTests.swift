@@ -80,110 +80,114 @@ struct DaemonTests {
         return RunResult(status: r.status ?? -1, stdout: String(decoding: r.stdout, as: UTF8.self), stderr: String(decoding: r.stderr, as: UTF8.self))
     }
 
+    /// A fixture with a daemon of its own (state directory in the fixture), its image mounted with the
+    /// CLI, which hands the mount to the daemon — through a fault proxy when `proxied`; everything is
+    /// stopped and removed afterwards.
+    func withDaemonMount(_ label: String, proxied: Bool = false,
+                         _ body: (RemoteFixture, DaemonProcess, TreeFactsLite, FaultProxy?) throws -> Void) throws {
+        let f = try RemoteFixture(label)
+        defer { f.remove() }
+        let proxy = proxied ? try FaultProxy(upstream: f.server.base) : nil
+        defer { proxy?.remove() }
+        let daemon = try DaemonProcess(state: f.runtime.state.root)
+        defer { daemon.kill() }
+        let expected = try f.oracle()
+        let r = try cli(f.runtime.state.root, ["mount", "--cache-dir", f.remote.cacheDir, (proxy?.base ?? f.server.base) + "/img.erofs", f.mnt])
+        try #require(r.status == 0 && r.stdout.contains("served by the daemon"), Comment(rawValue: r.stdout + r.stderr + daemon.logText()))
+        try body(f, daemon, expected, proxy)
+    }
+
     func specs(_ state: String) -> [String] {
         ((try? FileManager.default.contentsOfDirectory(atPath: state + "/workers")) ?? []).filter { $0.hasSuffix(".spec") }
     }
 
     @Test func mountsThroughTheDaemonAndCleansUp() throws {
-        let f = try RemoteFixture("daemon-mount")
-        defer { f.remove() }
-        let state = f.runtime.state.root
-        let daemon = try DaemonProcess(state: state)
-        defer { daemon.kill() }
-        let expected = try f.oracle()
+        try withDaemonMount("daemon-mount") { f, daemon, expected, _ in
+            let state = f.runtime.state.root
+            let record = try #require(f.runtime.state.load(f.mnt))
+            #expect(record.servedBy == "daemon" && record.workerPID == daemon.child(), "\(record)")
+            #expect(TreeFactsLite(f.mnt) == expected)
+            let st = try #require(try f.runtime.status().first)
+            #expect(st.problems.isEmpty && st.workerAlive == true, "\(st.problems)")
+            #expect((st.progress?.events ?? 0) > 0)
+            #expect(specs(state).count == 1)
+            let shown = try cli(state, ["status", f.mnt])
+            #expect(shown.stdout.contains("worker   \(record.workerPID!) (erofs-compat daemon)"), Comment(rawValue: shown.stdout))
 
-        let r = try cli(state, ["mount", "--cache-dir", f.remote.cacheDir, f.url, f.mnt])
-        try #require(r.status == 0, "\(r.stderr) \(daemon.logText())")
-        #expect(r.stdout.contains("served by the daemon"), "\(r.stdout)")
-        let record = try #require(f.runtime.state.load(f.mnt))
-        #expect(record.servedBy == "daemon" && record.workerPID == daemon.child(), "\(record)")
-        #expect(TreeFactsLite(f.mnt) == expected)
-        let st = try #require(try f.runtime.status().first)
-        #expect(st.problems.isEmpty && st.workerAlive == true, "\(st.problems)")
-        #expect((st.progress?.events ?? 0) > 0)
-        #expect(specs(state).count == 1)
-        let shown = try cli(state, ["status", f.mnt])
-        #expect(shown.stdout.contains("worker   \(record.workerPID!) (erofs-compat daemon)"), Comment(rawValue: shown.stdout))
+            // A second daemon on the same socket is refused and the first one keeps serving.
+            let second = try cli(state, ["daemon"])
+            #expect(second.status == 1 && second.stderr.contains("already listens"), "\(second.status) \(second.stderr)")
+            #expect(daemon.child() != nil && FileManager.default.fileExists(atPath: daemon.socket))
+            // A socket that cannot be created: one line, exit 1, no process left behind.
+            let badSocket = try cli(state, ["daemon", "--socket", f.dir.file("missing-dir/d.sock")])
+            #expect(badSocket.status == 1 && badSocket.stderr.contains("cannot listen"), "\(badSocket.status) \(badSocket.stderr)")
 
-        // A second daemon on the same socket is refused and the first one keeps serving.
-        let second = try cli(state, ["daemon"])
-        #expect(second.status == 1 && second.stderr.contains("already listens"), "\(second.status) \(second.stderr)")
-        #expect(daemon.child() != nil && FileManager.default.fileExists(atPath: daemon.socket))
-        // A socket that cannot be created: one line, exit 1, no process left behind.
-        let badSocket = try cli(state, ["daemon", "--socket", f.dir.file("missing-dir/d.sock")])
-        #expect(badSocket.status == 1 && badSocket.stderr.contains("cannot listen"), "\(badSocket.status) \(badSocket.stderr)")
+            // A bad source through the daemon: its error and exit code, nothing left behind.
+            let bad = try cli(state, ["mount", "--cache-dir", f.remote.cacheDir, f.server.base + "/missing.erofs", f.dir.file("mnt2")])
+            #expect(bad.status == 3, "\(bad.status) \(bad.stderr)")
+            #expect(bad.stderr.contains("missing.erofs"), "\(bad.stderr)")
+            #expect(f.runtime.state.load(f.dir.file("mnt2")) == nil && !currentMounts().contains(f.dir.file("mnt2")))
 
-        // A bad source through the daemon: its error and exit code, nothing left behind.
-        let bad = try cli(state, ["mount", "--cache-dir", f.remote.cacheDir, f.server.base + "/missing.erofs", f.dir.file("mnt2")])
-        #expect(bad.status == 3, "\(bad.status) \(bad.stderr)")
-        #expect(bad.stderr.contains("missing.erofs"), "\(bad.stderr)")
-        #expect(f.runtime.state.load(f.dir.file("mnt2")) == nil && !currentMounts().contains(f.dir.file("mnt2")))
+            // --no-daemon: the same command mounts by itself (a per-mount supervisor).
+            let own = try cli(state, ["mount", "--no-daemon", "--cache-dir", f.dir.file("cache2"), f.url, f.dir.file("mnt2")])
+            try #require(own.status == 0, Comment(rawValue: own.stderr))
+            #expect(f.runtime.state.load(f.dir.file("mnt2"))?.servedBy == nil)
+            #expect(try cli(state, ["umount", f.dir.file("mnt2")]).status == 0)
 
-        // --no-daemon: the same command mounts by itself (a per-mount supervisor).
-        let own = try cli(state, ["mount", "--no-daemon", "--cache-dir", f.dir.file("cache2"), f.url, f.dir.file("mnt2")])
-        try #require(own.status == 0, Comment(rawValue: own.stderr))
-        #expect(f.runtime.state.load(f.dir.file("mnt2"))?.servedBy == nil)
-        #expect(try cli(state, ["umount", f.dir.file("mnt2")]).status == 0)
-
-        // umount: the daemon stops serving by itself and the keeper lets go of the descriptors (the
-        // cache entry's lock is one of them), while the daemon keeps running.
-        let u = try cli(state, ["umount", f.mnt])
-        #expect(u.status == 0, Comment(rawValue: u.stderr))
-        var unlocked = false
-        for _ in 0..<60 where !unlocked {
-            unlocked = !BlobCache.isLocked(entry: record.cachePath!) && specs(state).isEmpty
-            if !unlocked { usleep(50_000) }
+            // umount: the daemon stops serving by itself and the keeper lets go of the descriptors (the
+            // cache entry's lock is one of them), while the daemon keeps running.
+            let u = try cli(state, ["umount", f.mnt])
+            #expect(u.status == 0, Comment(rawValue: u.stderr))
+            var unlocked = false
+            for _ in 0..<60 where !unlocked {
+                unlocked = !BlobCache.isLocked(entry: record.cachePath!) && specs(state).isEmpty
+                if !unlocked { usleep(50_000) }
+            }
+            #expect(unlocked, "the cache entry is still held after umount: \(daemon.logText())")
+            #expect(daemon.child() != nil)
+            #expect(daemon.stop() == 0, Comment(rawValue: daemon.logText()))
+            #expect(!FileManager.default.fileExists(atPath: daemon.socket))
         }
-        #expect(unlocked, "the cache entry is still held after umount: \(daemon.logText())")
-        #expect(daemon.child() != nil)
-        #expect(daemon.stop() == 0, Comment(rawValue: daemon.logText()))
-        #expect(!FileManager.default.fileExists(atPath: daemon.socket))
     }
 
     /// SIGKILL of the daemon during a parallel cold read of every file: the keeper holds the group,
     /// restarts the daemon with the stored descriptors, and the new daemon answers what the old one
     /// had read: every reader gets correct bytes. Every data request is held back 0.1 s by the proxy.
     @Test func killedDaemonNeverHandsOutZeros() throws {
-        let f = try RemoteFixture("daemon-kill")
-        defer { f.remove() }
-        let proxy = try FaultProxy(upstream: f.server.base)
-        defer { proxy.remove() }
-        let state = f.runtime.state.root
-        let daemon = try DaemonProcess(state: state)
-        defer { daemon.kill() }
-        let expected = try f.oracle()
-        let r = try cli(state, ["mount", "--cache-dir", f.remote.cacheDir, proxy.base + "/img.erofs", f.mnt])
-        try #require(r.status == 0, "\(r.stderr) \(daemon.logText())")
-        try proxy.set("{\"fault\":\"stall\",\"seconds\":0.1,\"every\":1,\"match\":\"/img.erofs\"}")
-        let files = expected.entries.filter { $0.value.contains("size") }.map(\.key).sorted()
-        var kills = 0
-        let results = parallelRead(f.mnt, files) {
-            for _ in 0..<3 {
-                usleep(250_000)
-                if let c = daemon.child() {
-                    _ = Glibc.kill(c, SIGKILL)
-                    kills += 1
+        try withDaemonMount("daemon-kill", proxied: true) { f, daemon, expected, proxy in
+            let proxy = proxy!
+            let state = f.runtime.state.root
+            try proxy.set("{\"fault\":\"stall\",\"seconds\":0.1,\"every\":1,\"match\":\"/img.erofs\"}")
+            let files = expected.entries.filter { $0.value.contains("size") }.map(\.key).sorted()
+            var kills = 0
+            let results = parallelRead(f.mnt, files) {
+                for _ in 0..<3 {
+                    usleep(250_000)
+                    if let c = daemon.child() {
+                        _ = Glibc.kill(c, SIGKILL)
+                        kills += 1
+                    }
                 }
             }
+            #expect(kills > 0)
+            for p in files {
+                let got = results[p] ?? "missing"
+                #expect(expected.entries[p]!.hasSuffix(got), "\(p): \(got)")
+            }
+            try proxy.set("{}")
+            #expect(TreeFactsLite(f.mnt) == expected)
+            let log = daemon.logText()
+            #expect(log.contains("serving again after a restart"), Comment(rawValue: log))
+            // The record follows the restarted daemon.
+            var follows = false
+            for _ in 0..<40 where !follows {
+                follows = f.runtime.state.load(f.mnt)?.workerPID == daemon.child()
+                if !follows { usleep(50_000) }
+            }
+            #expect(follows)
+            #expect(try cli(state, ["umount", f.mnt]).status == 0)
+            #expect(daemon.stop() == 0, Comment(rawValue: daemon.logText()))
         }
-        #expect(kills > 0)
-        for p in files {
-            let got = results[p] ?? "missing"
-            #expect(expected.entries[p]!.hasSuffix(got), "\(p): \(got)")
-        }
-        try proxy.set("{}")
-        #expect(TreeFactsLite(f.mnt) == expected)
-        let log = daemon.logText()
-        #expect(log.contains("serving again after a restart"), Comment(rawValue: log))
-        // The record follows the restarted daemon.
-        var follows = false
-        for _ in 0..<40 where !follows {
-            follows = f.runtime.state.load(f.mnt)?.workerPID == daemon.child()
-            if !follows { usleep(50_000) }
-        }
-        #expect(follows)
-        #expect(try cli(state, ["umount", f.mnt]).status == 0)
-        #expect(daemon.stop() == 0, Comment(rawValue: daemon.logText()))
     }
 
     /// The same crash under systemd itself: a transient Type=notify service with an fd store; systemd
@@ -225,25 +229,20 @@ struct DaemonTests {
     /// A clean stop hands each lazy mount to its own supervisor: the mount keeps working (cold data
     /// still fetched), `umount` then stops that supervisor.
     @Test func stopHandsMountsToSupervisors() throws {
-        let f = try RemoteFixture("daemon-stop")
-        defer { f.remove() }
-        let state = f.runtime.state.root
-        let daemon = try DaemonProcess(state: state)
-        defer { daemon.kill() }
-        let expected = try f.oracle()
-        let r = try cli(state, ["mount", "--cache-dir", f.remote.cacheDir, f.url, f.mnt])
-        try #require(r.status == 0, "\(r.stderr) \(daemon.logText())")
-        #expect(daemon.stop() == 0, Comment(rawValue: daemon.logText()))
-        let record = try #require(f.runtime.state.load(f.mnt))
-        #expect(record.servedBy == nil && workerRunning(record.workerPID), "\(record)")
-        #expect(TreeFactsLite(f.mnt) == expected)
-        #expect(specs(state).isEmpty)
-        try f.runtime.umount(f.mnt)
-        var gone = false
-        for _ in 0..<60 where !gone {
-            gone = !workerRunning(record.workerPID)
-            if !gone { usleep(50_000) }
+        try withDaemonMount("daemon-stop") { f, daemon, expected, _ in
+            let state = f.runtime.state.root
+            #expect(daemon.stop() == 0, Comment(rawValue: daemon.logText()))
+            let record = try #require(f.runtime.state.load(f.mnt))
+            #expect(record.servedBy == nil && workerRunning(record.workerPID), "\(record)")
+            #expect(TreeFactsLite(f.mnt) == expected)
+            #expect(specs(state).isEmpty)
+            try f.runtime.umount(f.mnt)
+            var gone = false
+            for _ in 0..<60 where !gone {
+                gone = !workerRunning(record.workerPID)
+                if !gone { usleep(50_000) }
+            }
+            #expect(gone, "the supervisor outlived its mount")
         }
-        #expect(gone, "the supervisor outlived its mount")
     }
 }

@@ -35,6 +35,14 @@ public enum Prefetch: Sendable, Equatable {
     }
 }
 
+extension Prefetch: Codable {
+    public init(from decoder: Decoder) throws { self.init(argument: try decoder.singleValueContainer().decode(String.self)) }
+    public func encode(to encoder: Encoder) throws {
+        var c = encoder.singleValueContainer()
+        try c.encode(argument)
+    }
+}
+
 /// A prefetch profile: a header line, then "OFFSET LENGTH" per line, in the order readers first
 /// touched the ranges.
 public enum PrefetchProfile {

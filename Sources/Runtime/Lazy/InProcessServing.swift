@@ -110,15 +110,10 @@ public final class InProcessServing: @unchecked Sendable {
         var group: FileDescriptor?
         var authFD: Int32?
         do {
-            // The writer is opened (inside LazyBlob) before the mark: its writes raise no events.
-            let lazy = try LazyBlob(blob: blob, dataPath: paths.data, recordPath: paths.record)
-            group = try FanotifyServer.makeGroup(marking: paths.data)
-            let meta = try lazy.fetchMetadata()
-            log("\(mountpoint): metadata ready: \(meta.totalBytes) bytes in \(meta.ranges.count) ranges of \(blob.size)")
-            var first = FanotifyServer.Stats()
-            (first.bytesFetched, first.requests) = (blob.bytesFetched.get(), blob.requestCount.get())
-            first.population = lazy.populationPercent
-            LazyWorker.writeStats(first, to: statsPath)
+            let prepared = try LazyWorker.prepareCache(blob, dataPath: paths.data, recordPath: paths.record, statsPath: statsPath,
+                                                       log: { [log] in log("\(mountpoint): \($0)") })
+            let lazy = prepared.lazy
+            group = prepared.group
             try? Sys.unlink(spec.journalPath)
             if let auth = blob.auth { authFD = try Sys.memfd("erofs-compat-auth", holding: auth.secret()) }
             let data = try JSONEncoder().encode(spec)

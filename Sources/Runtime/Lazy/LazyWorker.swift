@@ -98,18 +98,7 @@ public enum LazyWorker {
         } else { do {
             // One writer per cache entry, for the supervisor's whole life (released when it exits).
             entryLock = try BlobCache.lockForWriting(entry: o.dataPath)
-            let blob = try o.openBlob()
-            // The writer is opened inside LazyBlob before the mark: its writes raise no events.
-            lazy = try LazyBlob(blob: blob, dataPath: o.dataPath, recordPath: o.recordPath)
-            group = try FanotifyServer.makeGroup(marking: o.dataPath)
-            let meta = try lazy.fetchMetadata()
-            log("metadata ready: \(meta.totalBytes) bytes in \(meta.ranges.count) ranges of \(blob.size)")
-            // The mount's first figures (the metadata traffic); each worker carries on from the last
-            // figures written, so `status` counts the whole mount, across worker restarts too.
-            var first = FanotifyServer.Stats()
-            (first.bytesFetched, first.requests) = (blob.bytesFetched.get(), blob.requestCount.get())
-            first.population = lazy.populationPercent
-            writeStats(first, to: o.statsPath)
+            (lazy, group) = try prepareCache(o.openBlob(), dataPath: o.dataPath, recordPath: o.recordPath, statsPath: o.statsPath, log: log)
         } catch {
             log("failed: \(error)")
             ready("error: \(error)")
@@ -238,6 +227,28 @@ public enum LazyWorker {
         writeStats(server.snapshot, to: o.statsPath)
         log("mount \(o.mountpoint) is gone; exiting")
         return 0
+    }
+
+    /// Before a lazy mount: opens the cache writer (before the mark, so its writes raise no events),
+    /// marks the cache file, fetches every metadata range and writes the mount's first figures (the
+    /// metadata traffic; each worker carries on from the last figures written, so `status` counts the
+    /// whole mount, across restarts too).
+    static func prepareCache(_ blob: HTTPBlob, dataPath: String, recordPath: String, statsPath: String,
+                             log: (String) -> Void) throws -> (lazy: LazyBlob, group: FileDescriptor) {
+        let lazy = try LazyBlob(blob: blob, dataPath: dataPath, recordPath: recordPath)
+        let group = try FanotifyServer.makeGroup(marking: dataPath)
+        do {
+            let meta = try lazy.fetchMetadata()
+            log("metadata ready: \(meta.totalBytes) bytes in \(meta.ranges.count) ranges of \(blob.size)")
+            var first = FanotifyServer.Stats()
+            (first.bytesFetched, first.requests) = (blob.bytesFetched.get(), blob.requestCount.get())
+            first.population = lazy.populationPercent
+            writeStats(first, to: statsPath)
+            return (lazy, group)
+        } catch {
+            Sys.close(group.rawValue)
+            throw error
+        }
     }
 
     /// Starts a detached supervisor that takes over a mount (`adopt`): the daemon's hand-over on a
