@@ -40,8 +40,9 @@ public final class PopulationRecord: @unchecked Sendable {
             bits = Locked([UInt8](repeating: 0, count: count))
             let fresh = header + [UInt8](repeating: 0, count: count)
             try Sys.ftruncate(fd.rawValue, 0)
+            // No fsync: a record lost or torn by a crash fails the header check above and starts empty
+            // again; the first markPresent's fsync makes this write durable with it.
             try fresh.withUnsafeBytes { try Sys.pwriteAll(fd.rawValue, $0, at: 0) }
-            try Sys.fsync(fd.rawValue)
         }
     }
 

@@ -211,7 +211,9 @@ public final class LazyBlob: ImageSource, @unchecked Sendable {
 
     /// Fetches every metadata range of the image (what a mount reads without raising events) with
     /// `parallel` concurrent requests, walking the tree through this lazy source.
-    public func fetchMetadata(parallel: Int = 4, window: UInt64 = 256 << 10) throws -> MetadataRanges {
+    /// `commit`: make it durable and recorded present now (a process that hands the cache file to
+    /// another must); otherwise the next `commit()` does, and until then this object serves it.
+    public func fetchMetadata(parallel: Int = 4, window: UInt64 = 256 << 10, commit commitNow: Bool = true) throws -> MetadataRanges {
         readWindow = window
         defer { readWindow = 0 }
         let image = try EROFSImage(source: self)
@@ -224,7 +226,7 @@ public final class LazyBlob: ImageSource, @unchecked Sendable {
             }
         }
         if let e = errors.get().first { throw e }
-        try commit()
+        if commitNow { try commit() }
         return ranges
     }
 

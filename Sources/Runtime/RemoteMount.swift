@@ -121,7 +121,11 @@ extension Runtime {
         let key = req.remote.digest?.lowercased() ?? SHA256.hash(data: Array(req.source.utf8)).map { String(hexByte: $0) }.joined()
         let paths = cache.paths(key: key)
         let info = CacheInfo(url: blob.url, size: blob.size, etag: blob.etag, lastModified: blob.lastModified, digest: req.remote.digest?.lowercased())
-        if let data = try? JSONEncoder().encode(info) { _ = FileManager.default.createFile(atPath: paths.info, contents: data) }
+        // Descriptive (for `cache ls`), so written without fsync.
+        if let data = try? JSONEncoder().encode(info), let fd = try? Sys.open(paths.info, O_WRONLY | O_CREAT | O_TRUNC, mode: 0o600) {
+            _ = try? FileDescriptor(rawValue: fd.rawValue).writeAll(data)
+            Sys.close(fd.rawValue)
+        }
         return try state.withLock {
             if try isMountRoot(mountpoint) {
                 if let rec = state.load(mountpoint), rec.source == req.source { throw RuntimeError.alreadyMounted(mountpoint, source: req.source) }

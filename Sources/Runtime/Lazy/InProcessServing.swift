@@ -111,7 +111,7 @@ public final class InProcessServing: @unchecked Sendable {
         var authFD: Int32?
         do {
             let prepared = try LazyWorker.prepareCache(blob, dataPath: paths.data, recordPath: paths.record, statsPath: statsPath,
-                                                       log: { [log] in log("\(mountpoint): \($0)") })
+                                                       commit: false, log: { [log] in log("\(mountpoint): \($0)") })
             let lazy = prepared.lazy
             group = prepared.group
             try? Sys.unlink(spec.journalPath)

@@ -233,12 +233,14 @@ public enum LazyWorker {
     /// marks the cache file, fetches every metadata range and writes the mount's first figures (the
     /// metadata traffic; each worker carries on from the last figures written, so `status` counts the
     /// whole mount, across restarts too).
-    static func prepareCache(_ blob: HTTPBlob, dataPath: String, recordPath: String, statsPath: String,
+    /// `commit` false: the caller serves with this same LazyBlob, whose committer records the
+    /// metadata present moments later (the mount need not wait for an fdatasync).
+    static func prepareCache(_ blob: HTTPBlob, dataPath: String, recordPath: String, statsPath: String, commit: Bool = true,
                              log: (String) -> Void) throws -> (lazy: LazyBlob, group: FileDescriptor) {
         let lazy = try LazyBlob(blob: blob, dataPath: dataPath, recordPath: recordPath)
         let group = try FanotifyServer.makeGroup(marking: dataPath)
         do {
-            let meta = try lazy.fetchMetadata()
+            let meta = try lazy.fetchMetadata(commit: commit)
             log("metadata ready: \(meta.totalBytes) bytes in \(meta.ranges.count) ranges of \(blob.size)")
             var first = FanotifyServer.Stats()
             (first.bytesFetched, first.requests) = (blob.bytesFetched.get(), blob.requestCount.get())
