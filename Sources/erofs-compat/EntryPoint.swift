@@ -13,7 +13,8 @@ struct ErofsCompat: ParsableCommand {
         commandName: "erofs-compat",
         abstract: "Probe and use the EROFS mount paths this Linux host really supports.",
         discussion: """
-            Exit codes: 0 success, 1 the operation failed (see each command), 2 usage error.
+            Exit codes: 0 success, 1 the operation failed (see each command), 2 usage error, 70 a Debian \
+            library this command needs cannot be loaded (named, with its package).
             """,
         version: ToolInfo.version,
         subcommands: [ProbeCommand.self, MountCommand.self, UmountCommand.self, StatusCommand.self, ImageCommand.self, CacheCommand.self, DaemonCommand.self, InstallCommand.self, ServeCommand.self]

@@ -23,6 +23,23 @@ import TestSupport
         #expect(r.status == (localViable ? 0 : 1))
     }
 
+    /// The Debian libraries are loaded on first use: with one of them unreadable (an empty file bound
+    /// over it in a private mount namespace), a command that needs none still works, and one that
+    /// needs it stops with one line naming the library and the package, exit 70.
+    @Test(.enabled(if: TestEnv.isRoot && TestEnv.which("unshare") != nil && FileManager.default.fileExists(atPath: "/lib/x86_64-linux-gnu/libkmod.so.2"),
+                   "needs root, unshare(1) and /lib/x86_64-linux-gnu/libkmod.so.2"))
+    func missingLibraryIsNamedOnlyWhenNeeded() throws {
+        func withoutKmod(_ args: String) throws -> RunResult {
+            try run(TestEnv.which("unshare")!, ["-m", "sh", "-c", "mount --bind /dev/null /lib/x86_64-linux-gnu/libkmod.so.2 && exec \(cliBinary) \(args)"])
+        }
+        let version = try withoutKmod("--version")
+        #expect(version.status == 0, Comment(rawValue: version.stderr))
+        let probe = try withoutKmod("probe")
+        #expect(probe.status == 70, "\(probe.status)")
+        #expect(probe.stderr.contains("cannot load libkmod.so.2") && probe.stderr.contains("install Debian's libkmod2"), Comment(rawValue: probe.stderr))
+        #expect(probe.stderr.split(separator: "\n").count == 1, Comment(rawValue: probe.stderr))
+    }
+
     @Test func tableHasNoColourWithoutTerminal() throws {
         let r = try run(cliBinary, ["probe"])
         #expect(!r.stdout.contains("\u{1B}["))
