@@ -190,6 +190,42 @@ struct DaemonTests {
         }
     }
 
+    /// Two mounts of one blob requested at the same time: the daemon serves both from one cache file
+    /// (the second shares the first's serving), every byte is right in both, and unmounting both lets
+    /// go of the cache entry.
+    @Test func concurrentMountsOfOneBlobShare() throws {
+        try withDaemonMount("daemon-two") { f, daemon, expected, _ in
+            let state = f.runtime.state.root
+            try f.runtime.umount(f.mnt)
+            try FileManager.default.removeItem(atPath: f.remote.cacheDir)
+            let results = Locked<[Int32]>([])
+            let group = DispatchGroup()
+            for m in [f.mnt, f.dir.file("mnt2")] {
+                group.enter()
+                DispatchQueue.global().async {
+                    defer { group.leave() }
+                    let r = try? cli(state, ["mount", "--cache-dir", f.remote.cacheDir, f.url, m])
+                    results.withLock { $0.append(r?.status ?? -1) }
+                }
+            }
+            group.wait()
+            try #require(results.get() == [0, 0], Comment(rawValue: daemon.logText()))
+            let records = f.runtime.state.all()
+            #expect(records.count == 2 && Set(records.map(\.cachePath)).count == 1 && records.allSatisfy { $0.servedBy == "daemon" })
+            #expect(TreeFactsLite(f.mnt) == expected)
+            #expect(TreeFactsLite(f.dir.file("mnt2")) == expected)
+            #expect(try cli(state, ["umount", f.mnt]).status == 0)
+            #expect(TreeFactsLite(f.dir.file("mnt2")) == expected, "the other mount still served")
+            #expect(try cli(state, ["umount", f.dir.file("mnt2")]).status == 0)
+            var released = false
+            for _ in 0..<60 where !released {
+                released = !BlobCache.isLocked(entry: records[0].cachePath!) && specs(state).isEmpty
+                if !released { usleep(50_000) }
+            }
+            #expect(released, Comment(rawValue: daemon.logText()))
+        }
+    }
+
     /// The same crash under systemd itself: a transient Type=notify service with an fd store; systemd
     /// restarts the killed daemon and hands the stored descriptors back (LISTEN_FDS).
     @Test(.enabled(if: canInjectFaults && systemdRuns, Comment(rawValue: systemdReason)))
