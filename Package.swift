@@ -59,7 +59,7 @@ let package = Package(
         .executableTarget(
             name: "ErofsCompatCLI",
             dependencies: [
-                "Probe", "EROFS", "Runtime", "Installer",
+                "Probe", "EROFS", "Runtime", "Installer", "Syscall",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "SystemPackage", package: "swift-system"),
             ],

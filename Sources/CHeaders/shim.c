@@ -117,6 +117,20 @@ static size_t ecx_header_cb(char *ptr, size_t size, size_t nmemb, void *userdata
  * (status, umount, a mount handed to the daemon) should not pay for it. */
 #include <dlfcn.h>
 #include <pthread.h>
+
+/* `symbol` of the library `soname` after dlopen'ing it (a library already loaded is found again by
+ * dlopen itself; every caller caches the pointer), or NULL with the reason in `err`. */
+static void *ecx_try_symbol(const char *soname, const char *symbol, char *err, size_t errlen) {
+    void *handle = dlopen(soname, RTLD_NOW | RTLD_LOCAL);
+    if (!handle) {
+        snprintf(err, errlen, "%s", dlerror());
+        return NULL;
+    }
+    void *fn = dlsym(handle, symbol);
+    if (!fn) snprintf(err, errlen, "%s lacks %s", soname, symbol);
+    return fn;
+}
+
 static struct {
     CURLcode (*global_init)(long);
     CURL *(*easy_init)(void);
@@ -135,16 +149,8 @@ static pthread_once_t ecx_curl_once = PTHREAD_ONCE_INIT;
 
 static void ecx_curl_load_once(void) {
     /* libcurl's SONAME has been libcurl.so.4 since 7.16 (2006), whatever its TLS backend. */
-    void *lib = dlopen("libcurl.so.4", RTLD_NOW | RTLD_LOCAL);
-    if (!lib) {
-        snprintf(ecx_curl_error, sizeof(ecx_curl_error), "%s", dlerror());
-        return;
-    }
 #define ECX_SYM(field, name) \
-    if (!(*(void **)&ecx_curl.field = dlsym(lib, name))) { \
-        snprintf(ecx_curl_error, sizeof(ecx_curl_error), "libcurl.so.4 lacks %s", name); \
-        return; \
-    }
+    if (!(*(void **)&ecx_curl.field = ecx_try_symbol("libcurl.so.4", name, ecx_curl_error, sizeof(ecx_curl_error)))) return;
     ECX_SYM(global_init, "curl_global_init")
     ECX_SYM(easy_init, "curl_easy_init")
     ECX_SYM(easy_cleanup, "curl_easy_cleanup")
@@ -326,31 +332,13 @@ int ecx_accept_cloexec(int fd) { return accept4(fd, NULL, NULL, SOCK_CLOEXEC); }
 /* ---------------------------------------------------------------- the Debian libraries, loaded on first use */
 #include <stdatomic.h>
 
-static pthread_mutex_t ecx_libs_lock = PTHREAD_MUTEX_INITIALIZER;
-
-/* `symbol` of the library `soname` (Debian package `package`), loading the library first; a library or
- * symbol that is missing ends the process with one line: the install is broken. */
+/* The same for a library the command cannot do without: a missing library or symbol ends the process
+ * with one line (the install is broken). */
 static void *ecx_symbol(const char *soname, const char *package, const char *symbol) {
-    static struct { const char *soname; void *handle; } loaded[8];
-    void *handle = NULL;
-    pthread_mutex_lock(&ecx_libs_lock);
-    for (size_t i = 0; i < sizeof(loaded) / sizeof(loaded[0]); i++) {
-        if (loaded[i].soname && strcmp(loaded[i].soname, soname) == 0) { handle = loaded[i].handle; break; }
-    }
-    if (!handle) {
-        handle = dlopen(soname, RTLD_NOW | RTLD_LOCAL);
-        if (!handle) {
-            fprintf(stderr, "erofs-compat: cannot load %s (%s): install Debian's %s\n", soname, dlerror(), package);
-            exit(70);
-        }
-        for (size_t i = 0; i < sizeof(loaded) / sizeof(loaded[0]); i++) {
-            if (!loaded[i].soname) { loaded[i].soname = soname; loaded[i].handle = handle; break; }
-        }
-    }
-    pthread_mutex_unlock(&ecx_libs_lock);
-    void *fn = dlsym(handle, symbol);
+    char err[256];
+    void *fn = ecx_try_symbol(soname, symbol, err, sizeof(err));
     if (!fn) {
-        fprintf(stderr, "erofs-compat: %s lacks %s: install a current %s\n", soname, symbol, package);
+        fprintf(stderr, "erofs-compat: cannot load %s (%s): install Debian's %s\n", soname, err, package);
         exit(70);
     }
     return fn;

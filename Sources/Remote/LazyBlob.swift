@@ -159,12 +159,17 @@ public final class LazyBlob: ImageSource, @unchecked Sendable {
         return runs
     }
 
+    /// The bytes a run of granules covers (the last granule ends at the blob's end).
+    func byteRange(_ run: ClosedRange<Int>) -> (offset: UInt64, length: UInt64) {
+        let off = UInt64(run.lowerBound) * granule
+        return (off, min(UInt64(run.upperBound + 1) * granule, size) - off)
+    }
+
     /// One Range request for a run of granules, written into the cache file.
     func fetchRun(_ run: ClosedRange<Int>) throws {
-        let off = UInt64(run.lowerBound) * granule
-        let end = min(UInt64(run.upperBound + 1) * granule, size)
-        let bytes = try blob.read(offset: off, length: Int(end - off))
-        try bytes.withUnsafeBytes { try Sys.pwriteAll(writer.rawValue, $0, at: Int64(off)) }
+        let r = byteRange(run)
+        let bytes = try blob.read(offset: r.offset, length: Int(r.length))
+        try bytes.withUnsafeBytes { try Sys.pwriteAll(writer.rawValue, $0, at: Int64(r.offset)) }
     }
 
     /// Makes written data durable, then records it present (one fdatasync for many ranges).
@@ -201,9 +206,8 @@ public final class LazyBlob: ImageSource, @unchecked Sendable {
         let n = min(runs.count, 4)
         Threads.parallel(n) { [self] worker in
             for (i, run) in runs.enumerated() where i % n == worker {
-                let off = UInt64(run.lowerBound) * granule
-                let end = min(UInt64(run.upperBound + 1) * granule, size)
-                do { try ensure(offset: off, length: end - off) } catch { errors.withLock { $0.append(error) } }
+                let r = byteRange(run)
+                do { try ensure(offset: r.offset, length: r.length) } catch { errors.withLock { $0.append(error) } }
             }
         }
         if let e = errors.get().first { throw e }

@@ -22,10 +22,7 @@ public struct DaemonRequest: Codable, Sendable {
     /// `req` with its relative paths resolved against this process's working directory, and the
     /// variables credential lookups use taken from `environment`.
     public init(_ req: MountRequest, environment: [String: String]) {
-        func absolute(_ p: String) -> String {
-            if p.hasPrefix("/") { return p }
-            return (try? Sys.realpath(p)) ?? FileManager.default.currentDirectoryPath + "/" + p
-        }
+        let absolute = Runtime.canonicalExisting
         source = req.source
         mountpoint = absolute(req.mountpoint)
         backend = req.backend?.rawValue
@@ -60,7 +57,7 @@ public enum DaemonClient {
 
     /// Sends `request`; nil when no daemon listens there (the caller mounts by itself).
     public static func mount(_ request: DaemonRequest, socket: String) throws -> DaemonReply? {
-        guard access(socket, F_OK) == 0, let fd = try? Sys.unixConnect(socket) else { return nil }
+        guard let fd = try? Sys.unixConnect(socket) else { return nil }
         defer { Sys.close(fd) }
         var line = try JSONEncoder().encode(request)
         line.append(0x0A)
@@ -112,11 +109,7 @@ public final class Daemon: @unchecked Sendable {
         if let activated = passed.first(where: { $0.name == "control" }) {
             listener = activated.fd
         } else {
-            if let other = try? Sys.unixConnect(socketPath) {
-                Sys.close(other)
-                Self.log("another daemon already listens on \(socketPath); stop it first")
-                return 1
-            }
+            if Self.alreadyListening(socketPath) { return 1 }
             do {
                 listener = try Sys.unixListen(socketPath)
                 ownSocket = true
@@ -195,6 +188,14 @@ public final class Daemon: @unchecked Sendable {
         }
     }
 
+    /// True (and said) when a daemon answers on `socketPath` already.
+    static func alreadyListening(_ socketPath: String) -> Bool {
+        guard let other = try? Sys.unixConnect(socketPath) else { return false }
+        Sys.close(other)
+        log("another daemon already listens on \(socketPath); stop it first")
+        return true
+    }
+
     /// Bytes up to a newline (at most 1 MiB).
     static func readLine(_ fd: Int32) throws -> [UInt8] {
         var out: [UInt8] = []
@@ -218,11 +219,7 @@ public final class Daemon: @unchecked Sendable {
 /// closes a fanotify group.
 public enum DaemonKeeper {
     public static func run(executable: String, arguments: [String], notifyPath: String, socketPath: String) -> Int32 {
-        if let other = try? Sys.unixConnect(socketPath) {
-            Sys.close(other)
-            Daemon.log("another daemon already listens on \(socketPath); stop it first")
-            return 1
-        }
+        if Daemon.alreadyListening(socketPath) { return 1 }
         var signals = sigset_t()
         sigemptyset(&signals)
         for s in [SIGTERM, SIGINT, SIGHUP] { sigaddset(&signals, s) }
@@ -230,7 +227,6 @@ public enum DaemonKeeper {
         let sock: Int32
         do {
             sock = try Sys.unixDatagram(bindTo: notifyPath)
-            _ = chmod(notifyPath, 0o600)
         } catch {
             Daemon.log("keeper: cannot bind \(notifyPath): \(error)")
             return 1

@@ -171,7 +171,7 @@ extension Runtime {
                         throw RuntimeError.remote(e.description)
                     }
                     pid = Sys.processID
-                    record.servedBy = "daemon"
+                    record.servedBy = MountRecord.daemon
                 } else {
                     pid = try startWorker(req, blob: blob, paths: paths, mountpoint: mountpoint, statsPath: stats)
                 }
@@ -217,10 +217,10 @@ extension Runtime {
             record.mountID = try? Sys.mountIdentity(mountpoint).id
             do { try state.save(record) } catch {
                 try? MountAPI.umount(mountpoint)
-                if record.servedBy == "daemon" { serving?.abandon(mountpoint) } else { stopWorker(record) }
+                if record.servedByDaemon { serving?.abandon(mountpoint) } else { stopWorker(record) }
                 throw error
             }
-            if record.servedBy == "daemon" { serving?.serve(mountpoint) }
+            if record.servedByDaemon { serving?.serve(mountpoint) }
             return MountOutcome(plan: plan, record: record, notes: notes)
         }
     }

@@ -192,7 +192,7 @@ public struct Runtime: Sendable {
     /// removes its record. A record whose mount is already gone is cleaned up as stale.
     @discardableResult
     public func umount(_ path: String, lazy: Bool = false) throws -> (record: MountRecord, wasStale: Bool) {
-        let mountpoint = canonicalExisting(path)
+        let mountpoint = Self.canonicalExisting(path)
         guard Sys.hasCapSysAdmin() else { throw RuntimeError.notPrivileged("unmounting") }
         return try state.withLock {
             guard let record = state.load(mountpoint) else {
@@ -229,7 +229,7 @@ public struct Runtime: Sendable {
         let others = state.all().filter { $0.workerPID == pid && $0.cachePath == record.cachePath && $0.mountpoint != record.mountpoint }
         guard others.isEmpty else { return }
         // The daemon serves many mounts and stops serving this one by itself once it is gone.
-        if record.servedBy != "daemon" { try? Sys.kill(pid, SIGTERM) }
+        if !record.servedByDaemon { try? Sys.kill(pid, SIGTERM) }
         // The serving worker follows within a moment (its mount is gone); wait for it to release the
         // cache entry, so that when `umount` returns the entry is free (e.g. for `cache prune`).
         if let cache = record.cachePath {
@@ -238,7 +238,7 @@ public struct Runtime: Sendable {
     }
 
     /// realpath when the path exists, else a lexically normalised absolute path.
-    func canonicalExisting(_ path: String) -> String {
+    static func canonicalExisting(_ path: String) -> String {
         if let (p, _) = try? Sys.canonical(path) { return p }
         let abs = path.hasPrefix("/") ? path : FileManager.default.currentDirectoryPath + "/" + path
         var parts: [Substring] = []
@@ -276,7 +276,7 @@ public struct Runtime: Sendable {
         let mounts = MountInfo.current()
         var records = state.all()
         if let path {
-            let mp = canonicalExisting(path)
+            let mp = Self.canonicalExisting(path)
             records = records.filter { $0.mountpoint == mp }
             if records.isEmpty {
                 if let m = MountInfo.mount(at: mp, in: mounts) {

@@ -33,6 +33,10 @@ public struct MountRecord: Codable, Sendable, Equatable {
     /// "daemon" when `workerPID` is `erofs-compat daemon` serving the mount in-process (never
     /// signalled by `umount`; it notices the mount is gone by itself).
     public var servedBy: String?
+
+    /// The `servedBy` of a mount served by `erofs-compat daemon`.
+    public static let daemon = "daemon"
+    public var servedByDaemon: Bool { servedBy == Self.daemon }
 }
 
 /// The state directory (/run/erofs-compat by default): one JSON record per mount, keyed by the

@@ -5,19 +5,25 @@ import SystemPackage
 extension Sys {
     // MARK: unix sockets
 
-    /// A listening AF_UNIX stream socket at `path` (a stale socket file there is replaced), mode 0600.
-    package static func unixListen(_ path: String, backlog: Int32 = 64) throws -> Int32 {
-        let fd = try socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0).rawValue
+    /// An AF_UNIX socket of `type` bound to `path` (a stale socket file there is replaced; mode 0600),
+    /// then `configure`d; closed again if either fails.
+    private static func unixBound(_ type: Int32, _ path: String, configure: (Int32) throws -> Void = { _ in }) throws -> Int32 {
+        let fd = try socket(AF_UNIX, type, 0).rawValue
         do {
             if !path.hasPrefix("@") { _ = Glibc.unlink(path) }
             _ = try call { ecx_unix_bind(fd, path) }
             if !path.hasPrefix("@") { _ = try call { Glibc.chmod(path, 0o600) } }
-            _ = try call { Glibc.listen(fd, backlog) }
+            try configure(fd)
             return fd
         } catch {
             close(fd)
             throw error
         }
+    }
+
+    /// A listening AF_UNIX stream socket at `path` (a stale socket file there is replaced), mode 0600.
+    package static func unixListen(_ path: String, backlog: Int32 = 64) throws -> Int32 {
+        try unixBound(Int32(SOCK_STREAM.rawValue), path) { fd in _ = try call { Glibc.listen(fd, backlog) } }
     }
 
     /// A stream connection to the AF_UNIX socket at `path`.
@@ -32,19 +38,10 @@ extension Sys {
         }
     }
 
-    /// An AF_UNIX datagram socket, bound to `path` when given.
+    /// An AF_UNIX datagram socket, bound to `path` (mode 0600) when given.
     package static func unixDatagram(bindTo path: String? = nil) throws -> Int32 {
-        let fd = try socket(AF_UNIX, Int32(SOCK_DGRAM.rawValue), 0).rawValue
-        if let path {
-            do {
-                if !path.hasPrefix("@") { _ = Glibc.unlink(path) }
-                _ = try call { ecx_unix_bind(fd, path) }
-            } catch {
-                close(fd)
-                throw error
-            }
-        }
-        return fd
+        guard let path else { return try socket(AF_UNIX, Int32(SOCK_DGRAM.rawValue), 0).rawValue }
+        return try unixBound(Int32(SOCK_DGRAM.rawValue), path)
     }
 
     /// accept(2), close-on-exec.

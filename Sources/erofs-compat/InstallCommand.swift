@@ -1,6 +1,12 @@
 import ArgumentParser
 import Glibc
 import Installer
+import Syscall
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
+import Foundation
+#endif
 
 /// `erofs-compat install --systemd`.
 struct InstallCommand: ParsableCommand {
@@ -38,7 +44,7 @@ struct InstallCommand: ParsableCommand {
     }
 
     func run() throws {
-        let exe = binary ?? (try? String(decoding: readlinkSelf(), as: UTF8.self)) ?? "/usr/bin/erofs-compat"
+        let exe = binary ?? Sys.executablePath()
         let dir = (root == "/" ? "" : (root.hasSuffix("/") ? String(root.dropLast()) : root)) + unitDir
         let written: [String]
         do {
@@ -52,20 +58,11 @@ struct InstallCommand: ParsableCommand {
             print("systemd is not running this host: the units take effect where it does ('systemctl enable --now erofs-compat.socket')")
             return
         }
-        var pid: pid_t = 0
-        var argv: [UnsafeMutablePointer<CChar>?] = [strdup("systemctl"), strdup("daemon-reload"), nil]
-        defer { argv.forEach { free($0) } }
-        var status: Int32 = 0
-        guard posix_spawnp(&pid, "systemctl", nil, nil, &argv, environ) == 0, waitpid(pid, &status, 0) == pid, status == 0 else {
+        let env = ProcessInfo.processInfo.environment
+        guard let systemctl = Sys.which("systemctl", path: env["PATH"] ?? "/usr/sbin:/usr/bin:/sbin:/bin"),
+              (try? Sys.run(systemctl, ["daemon-reload"], input: [], environment: env, timeoutMs: 60_000))?.status == 0 else {
             throw CLIFailure(message: "install: 'systemctl daemon-reload' failed; run it, then 'systemctl enable --now erofs-compat.socket'", code: 1)
         }
         print("systemd reloaded; enable with: systemctl enable --now erofs-compat.socket")
-    }
-
-    private func readlinkSelf() throws -> [UInt8] {
-        var buf = [UInt8](repeating: 0, count: 4096)
-        let n = buf.withUnsafeMutableBytes { readlink("/proc/self/exe", $0.baseAddress!.assumingMemoryBound(to: CChar.self), 4095) }
-        guard n > 0 else { throw CLIFailure(message: "install: cannot resolve /proc/self/exe", code: 1) }
-        return Array(buf[0..<n])
     }
 }

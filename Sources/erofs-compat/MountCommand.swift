@@ -114,7 +114,6 @@ struct MountCommand: ParsableCommand {
         if let layer, layer < 0 { throw ValidationError("--layer must be 0 or more") }
         if layer != nil, blob != nil { throw ValidationError("--layer and --blob exclude each other") }
         let ociOnly = layer != nil || blob != nil || platform != nil || authFile != nil || username != nil || insecure
-        let isRemote = ["oci://", "http://", "https://"].contains { source.hasPrefix($0) }
         if prefetch != "none" || recordProfile != nil, !isRemote {
             throw ValidationError("--prefetch and --record-profile apply to remote (http(s) or oci://) sources only")
         }
@@ -124,6 +123,10 @@ struct MountCommand: ParsableCommand {
     }
 
     var isRemote: Bool { ["oci://", "http://", "https://"].contains { source.hasPrefix($0) } }
+
+    func printMounted(_ r: MountRecord) {
+        print("mounted \(r.source) on \(r.mountpoint) (backend \(r.backend)\(r.device.map { ", \($0)" } ?? "")\(r.servedByDaemon ? ", served by the daemon" : ""))")
+    }
 
     func run() throws {
         let runtime = Runtime()
@@ -149,7 +152,7 @@ struct MountCommand: ParsableCommand {
             guard let r = reply.record else {
                 throw CLIFailure(message: reply.message ?? "the daemon did not mount it", code: reply.exitCode ?? 1)
             }
-            print("mounted \(r.source) on \(r.mountpoint) (backend \(r.backend)\(r.device.map { ", \($0)" } ?? "")\(r.servedBy == "daemon" ? ", served by the daemon" : ""))")
+            printMounted(r)
             return
         }
         let outcome = try runtimeCall { try runtime.mount(request) { printError($0) } }
@@ -157,9 +160,7 @@ struct MountCommand: ParsableCommand {
         if explain || dryRun {
             print(PlanText.render(outcome.plan, chosen: outcome.record.flatMap { Backend(rawValue: $0.backend) }))
         }
-        if let r = outcome.record {
-            print("mounted \(r.source) on \(r.mountpoint) (backend \(r.backend)\(r.device.map { ", \($0)" } ?? ""))")
-        }
+        outcome.record.map(printMounted)
     }
 }
 

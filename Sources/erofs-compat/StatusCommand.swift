@@ -54,7 +54,7 @@ struct StatusCommand: ParsableCommand {
             print("  backend  \(r.backend)\(r.device.map { " (\($0))" } ?? "")  options \(r.options)")
             print("  since    \(since)")
             if let c = r.cachePath { print("  cache    \(c)") }
-            if let pid = r.workerPID { print("  worker   \(pid)\(r.servedBy == "daemon" ? " (erofs-compat daemon)" : "")") }
+            if let pid = r.workerPID { print("  worker   \(pid)\(r.servedByDaemon ? " (erofs-compat daemon)" : "")") }
             if let p = s.progress {
                 print("  progress \(formatPercent(p.population)) present, \(p.bytesFetched) bytes in \(p.requests) requests, \(p.events) events (\(p.allowedFromCache) from cache, \(p.fetched) fetched, \(p.denied) denied), p50 \(formatMs(p.p50Ms)) p99 \(formatMs(p.p99Ms))\(p.complete ? ", complete" : "")\(p.verified == true ? ", verified" : "")")
                 if let e = p.error { print("  error    \(e)") }

@@ -61,14 +61,8 @@ public final class RegistryClient: @unchecked Sendable {
     /// Chooses the scheme with a GET /v2/ (401 counts as "there is a registry here").
     public func connect() throws {
         var failures: [String] = []
-        var schemes = plainHTTPAllowed ? ["https", "http"] : ["https"]
-        // A long-running process (the daemon) remembers which scheme a registry answered on, for 10
-        // minutes: probing https first costs a TLS setup (~20 ms, most of it loading the CA bundle)
-        // on every mount of a plain-http loopback registry. Only a scheme allowed here is reused.
-        let now = DispatchTime.now().uptimeNanoseconds
-        if let known = Self.knownSchemes.withLock({ $0[ref.registry] }), now - known.at < 600_000_000_000, schemes.contains(known.scheme) {
-            schemes = [known.scheme] + schemes.filter { $0 != known.scheme }
-        }
+        var schemes = allowedSchemes
+        if let known = rememberedScheme() { schemes = [known] + schemes.filter { $0 != known } }
         for scheme in schemes {
             let url = "\(scheme)://\(ref.registry)/v2/"
             let r = try handle(for: url).request(url, bodyLimit: 4096, timeoutMs: timeoutMs)
@@ -77,7 +71,7 @@ public final class RegistryClient: @unchecked Sendable {
                     throw RemoteError.registry(registry: ref.registry, detail: "GET \(url) answered HTTP \(r.status); is this an OCI registry?")
                 }
                 base = "\(scheme)://\(ref.registry)"
-                Self.knownSchemes.withLock { $0[ref.registry] = (scheme, now) }
+                Self.knownSchemes.withLock { $0[ref.registry] = (scheme, DispatchTime.now().uptimeNanoseconds) }
                 return
             }
             failures.append("\(scheme): \(r.error)")
@@ -86,14 +80,24 @@ public final class RegistryClient: @unchecked Sendable {
         throw RemoteError.unreachable(url: "oci://\(ref.registry)", detail: failures.joined(separator: "; ") + hint)
     }
 
+    var allowedSchemes: [String] { plainHTTPAllowed ? ["https", "http"] : ["https"] }
+
+    /// The scheme this process saw the registry answer on in the last 10 minutes, if still allowed: a
+    /// long-running process (the daemon) then skips probing https first, which costs a TLS setup
+    /// (~20 ms, most of it loading the CA bundle) on every mount of a plain-http loopback registry.
+    func rememberedScheme() -> String? {
+        guard let known = Self.knownSchemes.withLock({ $0[ref.registry] }),
+              DispatchTime.now().uptimeNanoseconds - known.at < 600_000_000_000, allowedSchemes.contains(known.scheme) else { return nil }
+        return known.scheme
+    }
+
     /// GET with auth challenges answered and transient failures retried.
     func get(_ path: String, accept: [String], limit: Int) throws -> HTTPResponse {
         // A scheme this process saw the registry answer on recently needs no GET /v2/ probe; if the
         // registry no longer answers there, probe again.
         var remembered = false
-        if base.isEmpty, let known = Self.knownSchemes.withLock({ $0[ref.registry] }),
-           DispatchTime.now().uptimeNanoseconds - known.at < 600_000_000_000, known.scheme == "https" || plainHTTPAllowed {
-            base = "\(known.scheme)://\(ref.registry)"
+        if base.isEmpty, let known = rememberedScheme() {
+            base = "\(known)://\(ref.registry)"
             remembered = true
         }
         if base.isEmpty { try connect() }

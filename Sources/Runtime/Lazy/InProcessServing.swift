@@ -171,39 +171,24 @@ public final class InProcessServing: @unchecked Sendable {
         let server: FanotifyServer
         do {
             // The server owns a duplicate of the group: the entry's copy outlives it for a hand-over.
-            let dup = try Sys.dup(e.group.rawValue)
-            server = try FanotifyServer(lazy: e.lazy, groupFD: dup, journalPath: e.spec.journalPath, digest: e.spec.digest,
-                                        log: { [log, mp = e.spec.mountpoint] in log("\(mp): \($0)") })
+            server = try LazyWorker.makeServer(e.lazy, groupFD: Sys.dup(e.group.rawValue), journal: e.spec.journalPath, e.spec.workerOptions,
+                                               log: { [log, mp = e.spec.mountpoint] in log("\(mp): \($0)") })
         } catch {
             // Without a server nobody answers: keep the group (readers wait, never see zeros) and say so.
             log("\(e.spec.mountpoint): cannot serve: \(error)")
             return
         }
-        server.prefetch = Prefetch(argument: e.spec.prefetch)
-        server.recordProfile = e.spec.recordProfile
-        server.base = LazyWorker.previousStats(e.spec.statsPath) ?? FanotifyServer.Stats()
         e.server = server
         if replay { server.replayJournal() }
         LazyWorker.writeStats(server.snapshot, to: e.spec.statsPath)
         let spec = e.spec
-        Threads.detach { [log] in
+        Threads.detach {
             LazyWorker.watchMount(spec.mountpoint, source: spec.dataPath, parent: getppid(), writerFD: e.lazy.writerFD, stop: e.stop)
             if !e.stop.get() { e.unmounted.set(true) }
             e.stop.set(true)
             server.stop()
-            _ = log
         }
-        Threads.detach {
-            var written = server.counters
-            while !e.stop.get() {
-                usleep(100_000)
-                let now = server.counters
-                if now != written {
-                    LazyWorker.writeStats(server.snapshot, to: spec.statsPath)
-                    written = now
-                }
-            }
-        }
+        Threads.detach { LazyWorker.writeStatsOnChange(server, to: spec.statsPath, until: e.stop) }
         Threads.detach { [self] in
             server.run()
             LazyWorker.writeStats(server.snapshot, to: spec.statsPath)
@@ -248,7 +233,7 @@ public final class InProcessServing: @unchecked Sendable {
                 let lazy = try LazyBlob(blob: blob, dataPath: spec.dataPath, recordPath: spec.recordPath, writerFD: w)
                 let e = Entry(spec: spec, lazy: lazy, group: FileDescriptor(rawValue: g), lock: FileDescriptor(rawValue: l), authFD: f["a"], auth: auth)
                 entries.withLock { $0[spec.mountpoint] = e }
-                updateRecords(of: spec, pid: getpid(), servedBy: "daemon")
+                updateRecords(of: spec, pid: getpid(), servedBy: MountRecord.daemon)
                 log("\(spec.mountpoint): serving again after a restart")
                 start(e, replay: true)
             } catch {

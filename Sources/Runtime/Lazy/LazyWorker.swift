@@ -95,26 +95,25 @@ public enum LazyWorker {
             }
             (group, entryLock) = (FileDescriptor(rawValue: a.group), FileDescriptor(rawValue: a.lock))
             log("took over \(o.mountpoint)")
-        } else { do {
-            // One writer per cache entry, for the supervisor's whole life (released when it exits).
-            entryLock = try BlobCache.lockForWriting(entry: o.dataPath)
-            (lazy, group) = try prepareCache(o.openBlob(), dataPath: o.dataPath, recordPath: o.recordPath, statsPath: o.statsPath, log: log)
-        } catch {
-            log("failed: \(error)")
-            ready("error: \(error)")
-            return 1
-        } }
+        } else {
+            do {
+                // One writer per cache entry, for the supervisor's whole life (released when it exits).
+                entryLock = try BlobCache.lockForWriting(entry: o.dataPath)
+                (lazy, group) = try prepareCache(o.openBlob(), dataPath: o.dataPath, recordPath: o.recordPath, statsPath: o.statsPath, log: log)
+            } catch {
+                log("failed: \(error)")
+                ready("error: \(error)")
+                return 1
+            }
+        }
         defer { Sys.close(entryLock.rawValue) }
         let journal = StateStore.sibling(of: o.statsPath, ".journal")
         if o.adopt == nil { try? Sys.unlink(journal) }
         var restarts = 0
         var readySent = o.adopt != nil
         while true {
-            var args = ["__serve", "--worker", "--url", o.url, "--data", o.dataPath, "--record", o.recordPath, "--mountpoint", o.mountpoint,
-                        "--stats", o.statsPath, "--ready-fd=-1", "--group-fd", String(group.rawValue),
-                        "--writer-fd", String(lazy.writerFD), "--journal", journal, "--supervisor-pid", String(Sys.processID)]
-            if let d = o.digest { args += ["--digest", d] }
-            args += prefetchArguments(o.prefetch, recordProfile: o.recordProfile) + knownArguments(lazy.blob)
+            var args = ["__serve", "--worker"] + serveArguments(o, group: group.rawValue, writer: lazy.writerFD)
+                + ["--journal", journal, "--supervisor-pid", String(Sys.processID)] + knownArguments(lazy.blob)
             // The entry lock goes to the worker too: the entry stays locked until the last process
             // holding the fanotify group (and its mark) is gone, so a new writer cannot open the file
             // while a mark is still in place (its own reads would then raise events nobody answers).
@@ -191,12 +190,8 @@ public enum LazyWorker {
     public static func runWorker(_ o: Options, groupFD: Int32, writerFD: Int32, journal: String) -> Int32 {
         let server: FanotifyServer
         do {
-            let blob = try o.openBlob()
-            let lazy = try LazyBlob(blob: blob, dataPath: o.dataPath, recordPath: o.recordPath, writerFD: writerFD)
-            server = try FanotifyServer(lazy: lazy, groupFD: groupFD, journalPath: journal, digest: o.digest, log: log)
-            server.prefetch = o.prefetch
-            server.recordProfile = o.recordProfile
-            server.base = previousStats(o.statsPath) ?? FanotifyServer.Stats()
+            let lazy = try LazyBlob(blob: o.openBlob(), dataPath: o.dataPath, recordPath: o.recordPath, writerFD: writerFD)
+            server = try makeServer(lazy, groupFD: groupFD, journal: journal, o, log: log)
         } catch {
             log("worker failed to start: \(error)")
             return 2
@@ -210,19 +205,7 @@ public enum LazyWorker {
             stop.set(true)
             server.stop()
         }
-        // Figures are written within 0.1 s of changing (a SIGKILLed worker loses at most that much;
-        // its successor carries on from what was written), and not at all while nothing changes.
-        Threads.detach {
-            var written = server.counters
-            while !stop.get() {
-                usleep(100_000)
-                let now = server.counters
-                if now != written {
-                    writeStats(server.snapshot, to: o.statsPath)
-                    written = now
-                }
-            }
-        }
+        Threads.detach { writeStatsOnChange(server, to: o.statsPath, until: stop) }
         server.run()
         writeStats(server.snapshot, to: o.statsPath)
         log("mount \(o.mountpoint) is gone; exiting")
@@ -256,12 +239,8 @@ public enum LazyWorker {
     /// Starts a detached supervisor that takes over a mount (`adopt`): the daemon's hand-over on a
     /// clean stop. The descriptors stay open here too until the caller closes them.
     static func spawnSupervisor(_ o: Options, group: Int32, writer: Int32, lock: Int32, auth: RegistryAuth?) throws -> Int32 {
-        var args = ["__serve", "--adopt", "--url", o.url, "--data", o.dataPath, "--record", o.recordPath, "--mountpoint", o.mountpoint,
-                    "--stats", o.statsPath, "--ready-fd=-1", "--group-fd", String(group), "--writer-fd", String(writer),
-                    "--lock-fd", String(lock)]
-        if let d = o.digest { args += ["--digest", d] }
-        if let k = o.known { args += ["--size", String(k.size)] + (k.etag.map { ["--etag", $0] } ?? []) + (k.lastModified.map { ["--last-modified", $0] } ?? []) }
-        args += prefetchArguments(o.prefetch, recordProfile: o.recordProfile)
+        var args = ["__serve", "--adopt"] + serveArguments(o, group: group, writer: writer) + ["--lock-fd", String(lock)]
+        if let k = o.known { args += knownArguments(size: k.size, etag: k.etag, lastModified: k.lastModified) }
         let handOff = try authHandOff(auth)
         defer { handOff.fd.map(Sys.close) }
         let keep = [group, writer, lock] + (handOff.fd.map { [$0] } ?? [])
@@ -280,10 +259,48 @@ public enum LazyWorker {
     /// The arguments that hand what `blob.open` learned (size, ETag, Last-Modified) to a child
     /// `__serve`, which adopts it instead of asking the server again.
     static func knownArguments(_ blob: HTTPBlob) -> [String] {
-        var a = ["--size", String(blob.size)]
-        if let e = blob.etag { a += ["--etag", e] }
-        if let m = blob.lastModified { a += ["--last-modified", m] }
+        knownArguments(size: blob.size, etag: blob.etag, lastModified: blob.lastModified)
+    }
+
+    static func knownArguments(size: UInt64, etag: String?, lastModified: String?) -> [String] {
+        var a = ["--size", String(size)]
+        if let etag { a += ["--etag", etag] }
+        if let lastModified { a += ["--last-modified", lastModified] }
         return a
+    }
+
+    /// What every child `__serve` serving a mount is told: the blob, the cache, the mount, the group
+    /// and writer it inherits, the digest and prefetching.
+    static func serveArguments(_ o: Options, group: Int32, writer: Int32) -> [String] {
+        var a = ["--url", o.url, "--data", o.dataPath, "--record", o.recordPath, "--mountpoint", o.mountpoint,
+                 "--stats", o.statsPath, "--ready-fd=-1", "--group-fd", String(group), "--writer-fd", String(writer)]
+        if let d = o.digest { a += ["--digest", d] }
+        return a + prefetchArguments(o.prefetch, recordProfile: o.recordProfile)
+    }
+
+    /// A server for `lazy` on the group, carrying on from the mount's last figures.
+    static func makeServer(_ lazy: LazyBlob, groupFD: Int32, journal: String, _ o: Options,
+                           log: @escaping (String) -> Void) throws -> FanotifyServer {
+        let server = try FanotifyServer(lazy: lazy, groupFD: groupFD, journalPath: journal, digest: o.digest, log: log)
+        server.prefetch = o.prefetch
+        server.recordProfile = o.recordProfile
+        server.base = previousStats(o.statsPath) ?? FanotifyServer.Stats()
+        return server
+    }
+
+    /// Writes the server's figures within 0.1 s of a change (a SIGKILLed worker loses at most that
+    /// much; its successor carries on from what was written), and not at all while nothing changes,
+    /// until `stop`.
+    static func writeStatsOnChange(_ server: FanotifyServer, to path: String, until stop: Locked<Bool>) {
+        var written = server.counters
+        while !stop.get() {
+            usleep(100_000)
+            let now = server.counters
+            if now != written {
+                writeStats(server.snapshot, to: path)
+                written = now
+            }
+        }
     }
 
     /// The arguments that carry prefetching and profile recording to a child `__serve`.
