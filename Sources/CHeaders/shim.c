@@ -64,8 +64,8 @@ int ecx_mount_identity(const char *path, uint64_t *mnt_id, int *is_root) {
 /* struct open_how (linux/openat2.h, Linux 5.6): declared here for older headers. */
 struct ecx_open_how { uint64_t flags; uint64_t mode; uint64_t resolve; };
 
-int ecx_open_path_no_symlinks(const char *path) {
-    struct ecx_open_how how = { O_PATH | O_CLOEXEC, 0, RESOLVE_NO_SYMLINKS };
+int ecx_open_no_symlinks(const char *path, int flags) {
+    struct ecx_open_how how = { (uint64_t)(flags | O_CLOEXEC), 0, RESOLVE_NO_SYMLINKS };
     return (int)syscall(SYS_openat2, AT_FDCWD, path, &how, sizeof(how));
 }
 

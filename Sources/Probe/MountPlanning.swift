@@ -30,16 +30,20 @@ public enum MountPlanning {
     /// `override` replaces findings before planning (used to simulate hosts that lack a feature).
     /// `cacheFile` keeps host findings between mounts; they are reused only while the boot, the
     /// kernel, the loaded modules, the privileges and the image's filesystem type are unchanged.
-    public static func planLocal(image: String, offset: UInt64, implemented: Set<Backend>,
+    /// A caller that has the image open already passes `imageFD` (read, never closed here) and what
+    /// it knows of its privileges.
+    public static func planLocal(image: String, imageFD: Int32? = nil, privileged: Bool? = nil, offset: UInt64, implemented: Set<Backend>,
                                  override: [Finding] = [], cacheFile: String? = nil) -> Result {
         // Trials run on the image's own filesystem: that is where file-backed mounts must work.
-        let ctx = ProbeContext(options: ProbeOptions(cacheDir: image.parentPath, image: image), lightweight: true)
+        let fsType = imageFD.flatMap { try? Sys.fstatfs($0) }.map { UInt64(bitPattern: Int64($0.f_type)) }
+        let ctx = ProbeContext(options: ProbeOptions(cacheDir: image.parentPath, image: image), lightweight: true,
+                               privileged: privileged, trialFilesystem: fsType)
         let host = hostFindings(ctx, kind: "local", cacheFile: cacheFile) {
             SystemChecks.kernel(ctx) + EROFSChecks.planning(ctx) + BlockChecks.planning(ctx) + FuseChecks.planning(ctx)
         }
         var findings = host.findings
         let (cached, kernelFeatures) = (host.cached, host.kernelFeatures)
-        let image = ImageChecks.inspect(ctx, image: image, offset: offset, kernelFeatures: kernelFeatures, trial: false)
+        let image = ImageChecks.inspect(ctx, image: image, fd: imageFD, offset: offset, kernelFeatures: kernelFeatures, trial: false)
         image.findings.forEach { findings.add($0) }
         override.forEach { findings.add($0) }
         return Result(plan: Planner.plan(findings, source: .local, implemented: implemented), findings: findings, cached: cached,

@@ -48,16 +48,23 @@ struct ProbeContext {
     let trialFSMemoryBacked: Bool
 
     /// `lightweight` skips reading the kernel config (the mount path decides from sysfs and trials).
-    init(options: ProbeOptions, lightweight: Bool = false) {
+    /// `privileged` and `trialFilesystem` (a statfs f_type of the cache dir's filesystem) are passed
+    /// by a caller that knows them already.
+    init(options: ProbeOptions, lightweight: Bool = false, privileged: Bool? = nil, trialFilesystem: UInt64? = nil) {
         self.options = options
         let host = options.host
         release = host.isLive ? Self.liveRelease : (host.read("/proc/sys/kernel/osrelease")?.trimmed ?? "unknown")
         config = lightweight ? nil : Self.loadConfig(host: host, release: release)
         if host.isLive {
-            privileged = Sys.hasCapSysAdmin()
+            self.privileged = privileged ?? Sys.hasCapSysAdmin()
         } else {
             let caps = host.read("/proc/self/status").flatMap(ProcStatus.effectiveCapabilities)
-            privileged = caps.map { $0 & (1 << UInt64(ProcStatus.capSysAdmin)) != 0 } ?? false
+            self.privileged = caps.map { $0 & (1 << UInt64(ProcStatus.capSysAdmin)) != 0 } ?? false
+        }
+        if host.isLive, let known = trialFilesystem {
+            trialDir = options.cacheDir
+            (trialFSType, trialFSMemoryBacked) = (FilesystemMagic.name(known), FilesystemMagic.isMemoryBacked(known))
+            return
         }
         var dir = options.cacheDir
         while !host.isDirectory(dir), dir != "/", !dir.isEmpty {

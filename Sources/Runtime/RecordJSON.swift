@@ -3,6 +3,7 @@ import FoundationEssentials
 #else
 import Foundation
 #endif
+import Glibc
 
 /// A direct JSON form of `MountRecord` for the mount/umount hot path: the record is a flat object of
 /// strings and numbers, and Codable's generic machinery costs more than the mount itself. The output
@@ -99,18 +100,81 @@ extension MountRecord {
 enum FlatJSON {
     enum Value: Equatable { case string(String), number(Double), bool(Bool), null }
 
-    static func parse(_ b: [UInt8]) -> [String: Value]? {
+    static func parse(_ bytes: [UInt8]) -> [String: Value]? {
+        bytes.withUnsafeBufferPointer { buf in
+            var p = Parser(b: buf)
+            return p.object()
+        }
+    }
+
+    /// One pass over the bytes; strings without escapes are decoded straight from the buffer.
+    private struct Parser {
+        let b: UnsafeBufferPointer<UInt8>
         var i = 0
-        func skip() { while i < b.count, b[i] == 0x20 || b[i] == 0x0A || b[i] == 0x0D || b[i] == 0x09 { i += 1 } }
-        func expect(_ c: UInt8) -> Bool { skip(); guard i < b.count, b[i] == c else { return false }; i += 1; return true }
-        func hex4() -> UInt32? {
-            guard i + 4 <= b.count, let v = UInt32(String(decoding: b[i..<i + 4], as: UTF8.self), radix: 16) else { return nil }
-            i += 4
+
+        mutating func skip() {
+            while i < b.count, b[i] == 0x20 || b[i] == 0x0A || b[i] == 0x0D || b[i] == 0x09 { i += 1 }
+        }
+
+        mutating func expect(_ c: UInt8) -> Bool {
+            skip()
+            guard i < b.count, b[i] == c else { return false }
+            i += 1
+            return true
+        }
+
+        mutating func object() -> [String: Value]? {
+            guard expect(UInt8(ascii: "{")) else { return nil }
+            var out: [String: Value] = [:]
+            out.reserveCapacity(16)
+            skip()
+            if i < b.count, b[i] == UInt8(ascii: "}") { i += 1; skip(); return i == b.count ? out : nil }
+            while true {
+                guard let k = string(), expect(UInt8(ascii: ":")), let v = value() else { return nil }
+                out[k] = v
+                skip()
+                guard i < b.count else { return nil }
+                if b[i] == UInt8(ascii: ",") { i += 1; continue }
+                guard b[i] == UInt8(ascii: "}") else { return nil }
+                i += 1
+                skip()
+                return i == b.count ? out : nil
+            }
+        }
+
+        mutating func value() -> Value? {
+            skip()
+            guard i < b.count else { return nil }
+            switch b[i] {
+            case UInt8(ascii: "\""): return string().map(Value.string)
+            case UInt8(ascii: "n"): return literal("null", .null)
+            case UInt8(ascii: "t"): return literal("true", .bool(true))
+            case UInt8(ascii: "f"): return literal("false", .bool(false))
+            default:
+                let start = i
+                while i < b.count, b[i] == UInt8(ascii: "-") || b[i] == UInt8(ascii: "+") || b[i] == UInt8(ascii: ".")
+                        || b[i] == UInt8(ascii: "e") || b[i] == UInt8(ascii: "E") || (0x30...0x39).contains(b[i]) { i += 1 }
+                return Double(String(decoding: UnsafeBufferPointer(rebasing: b[start..<i]), as: UTF8.self)).map(Value.number)
+            }
+        }
+
+        mutating func literal(_ word: StaticString, _ v: Value) -> Value? {
+            let n = word.utf8CodeUnitCount
+            guard i + n <= b.count, memcmp(b.baseAddress! + i, word.utf8Start, n) == 0 else { return nil }
+            i += n
             return v
         }
-        func string() -> String? {
+
+        mutating func string() -> String? {
             guard expect(UInt8(ascii: "\"")) else { return nil }
-            var out: [UInt8] = []
+            let start = i
+            while i < b.count, b[i] != UInt8(ascii: "\""), b[i] != 0x5C, b[i] >= 0x20 { i += 1 }
+            guard i < b.count else { return nil }
+            if b[i] == UInt8(ascii: "\"") {
+                i += 1
+                return String(validating: UnsafeBufferPointer(rebasing: b[start..<i - 1]), as: UTF8.self)
+            }
+            var out = Array(UnsafeBufferPointer(rebasing: b[start..<i]))
             while i < b.count {
                 let c = b[i]; i += 1
                 switch c {
@@ -143,35 +207,25 @@ enum FlatJSON {
             }
             return nil
         }
-        func value() -> Value? {
-            skip()
-            guard i < b.count else { return nil }
-            switch b[i] {
-            case UInt8(ascii: "\""): return string().map(Value.string)
-            case UInt8(ascii: "n"): guard b[i...].starts(with: "null".utf8) else { return nil }; i += 4; return .null
-            case UInt8(ascii: "t"): guard b[i...].starts(with: "true".utf8) else { return nil }; i += 4; return .bool(true)
-            case UInt8(ascii: "f"): guard b[i...].starts(with: "false".utf8) else { return nil }; i += 5; return .bool(false)
-            default:
-                let start = i
-                while i < b.count, b[i] == UInt8(ascii: "-") || b[i] == UInt8(ascii: "+") || b[i] == UInt8(ascii: ".")
-                        || b[i] == UInt8(ascii: "e") || b[i] == UInt8(ascii: "E") || (0x30...0x39).contains(b[i]) { i += 1 }
-                return Double(String(decoding: b[start..<i], as: UTF8.self)).map(Value.number)
+
+        mutating func hex4() -> UInt32? {
+            guard i + 4 <= b.count else { return nil }
+            var v: UInt32 = 0
+            for c in b[i..<i + 4] {
+                guard let d = UInt32(exactly: hexValue(c)) else { return nil }
+                v = v << 4 | d
             }
+            i += 4
+            return v
         }
-        guard expect(UInt8(ascii: "{")) else { return nil }
-        var out: [String: Value] = [:]
-        skip()
-        if i < b.count, b[i] == UInt8(ascii: "}") { i += 1; skip(); return i == b.count ? out : nil }
-        while true {
-            guard let k = string(), expect(UInt8(ascii: ":")), let v = value() else { return nil }
-            out[k] = v
-            skip()
-            guard i < b.count else { return nil }
-            if b[i] == UInt8(ascii: ",") { i += 1; continue }
-            guard b[i] == UInt8(ascii: "}") else { return nil }
-            i += 1
-            skip()
-            return i == b.count ? out : nil
+
+        func hexValue(_ c: UInt8) -> Int {
+            switch c {
+            case 0x30...0x39: return Int(c - 0x30)
+            case UInt8(ascii: "a")...UInt8(ascii: "f"): return Int(c - UInt8(ascii: "a") + 10)
+            case UInt8(ascii: "A")...UInt8(ascii: "F"): return Int(c - UInt8(ascii: "A") + 10)
+            default: return -1
+            }
         }
     }
 }

@@ -77,12 +77,16 @@ public struct Runtime: Sendable {
         if req.source.hasPrefix("http://") || req.source.hasPrefix("https://") || OCIReference.isOCI(req.source) {
             return try mountRemote(req, override: override, note: note)
         }
-        let (source, identity) = try canonicalSource(req.source)
-        let mountpoint = try canonicalMountpoint(req.mountpoint)
-        try? state.ensureDirectories()
-        let admin = Sys.hasCapSysAdmin()
-        let planned = MountPlanning.planLocal(image: source, offset: req.options.fsOffset, implemented: Self.implemented,
-                                              override: override, cacheFile: admin ? state.hostCache : nil)
+        let (source, identity, sourceFD) = try openSource(req.source)
+        let (mountpoint, admin, planned): (String, Bool, MountPlanning.Result)
+        do {
+            defer { sourceFD.map { Sys.close($0.rawValue) } }
+            mountpoint = try canonicalMountpoint(req.mountpoint)
+            try? state.ensureDirectories()
+            admin = Sys.hasCapSysAdmin()
+            planned = MountPlanning.planLocal(image: source, imageFD: sourceFD?.rawValue, privileged: admin, offset: req.options.fsOffset,
+                                              implemented: Self.implemented, override: override, cacheFile: admin ? state.hostCache : nil)
+        }
         let blockSize = try validateImage(source, planned.findings, superblock: planned.superblock, options: req.options)
         let plan = planned.plan
         if req.dryRun { return MountOutcome(plan: plan, record: nil, notes: []) }
@@ -150,6 +154,22 @@ public struct Runtime: Sendable {
             throw RuntimeError.noBackend(why)
         }
         return viable
+    }
+
+    /// The canonical path of a local image, its dev:ino (to recognise it again) and, when it can be
+    /// read, the image opened for the planner's checks (one path walk for all of them).
+    func openSource(_ path: String) throws -> (path: String, identity: String, fd: FileDescriptor?) {
+        // O_NONBLOCK|O_NOCTTY: opening a FIFO or a terminal given by mistake neither waits nor adopts it.
+        if let (fd, p) = try? Sys.openCanonical(path, O_RDONLY | O_NONBLOCK | O_NOCTTY) {
+            guard let st = try? Sys.fstat(fd.rawValue), st.st_mode & S_IFMT == S_IFREG else {
+                Sys.close(fd.rawValue)
+                throw RuntimeError.sourceNotFile(path)
+            }
+            return (p, "\(st.st_dev):\(st.st_ino)", fd)
+        }
+        // Unreadable (the planner says why) or missing.
+        let (p, identity) = try canonicalSource(path)
+        return (p, identity, nil)
     }
 
     /// The canonical path of a local image, and its dev:ino (to recognise it again).

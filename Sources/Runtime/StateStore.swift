@@ -114,14 +114,14 @@ public struct StateStore: Sendable {
     public func path(for mountpoint: String) -> String { mountsDir + "/" + Self.key(for: mountpoint) }
 
     public func load(_ mountpoint: String) -> MountRecord? {
-        guard let bytes = try? Sys.readFile(path(for: mountpoint)) else { return nil }
+        guard let bytes = try? Sys.readRegularFile(path(for: mountpoint)) else { return nil }
         return MountRecord.decode(bytes)
     }
 
     public func all() -> [MountRecord] {
         let names = (try? FileManager.default.contentsOfDirectory(atPath: mountsDir)) ?? []
         return names.filter { $0.hasSuffix(".json") }.sorted().compactMap { name in
-            (try? Sys.readFile(mountsDir + "/" + name)).flatMap(MountRecord.decode)
+            (try? Sys.readRegularFile(mountsDir + "/" + name)).flatMap(MountRecord.decode)
         }
     }
 

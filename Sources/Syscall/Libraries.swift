@@ -54,9 +54,8 @@ package enum Libraries {
                               keys: [String] = ["TYPE", "UUID", "LABEL", "BLOCK_SIZE"]) -> (result: Int32, values: [String: String]) {
         guard let pr = ecx_blkid_new_probe() else { return (-1, [:]) }
         defer { ecx_blkid_free_probe(pr) }
-        guard let st = try? Sys.fstat(fd) else { return (-1, [:]) }
-        let size = Int64(st.st_size) - Int64(offset)
-        guard size > 0, ecx_blkid_probe_set_device(pr, fd, blkid_loff_t(offset), blkid_loff_t(size)) == 0 else { return (-1, [:]) }
+        // Size 0: libblkid takes the rest of the file after `offset` (and fails when there is none).
+        guard ecx_blkid_probe_set_device(pr, fd, blkid_loff_t(offset), 0) == 0 else { return (-1, [:]) }
         ecx_blkid_probe_enable_superblocks(pr, 1)
         ecx_blkid_probe_set_superblocks_flags(pr, ecx_blkid_sublks_flags)
         if !onlyTypes.isEmpty {

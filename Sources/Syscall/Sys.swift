@@ -80,6 +80,18 @@ package enum Sys {
         return try readAll(fd.rawValue)
     }
 
+    /// The content of a small regular file (a state record) in one read when it fits 16 KiB: a
+    /// regular file's read comes back short only at EOF (procfs files do not promise that: `readFile`).
+    package static func readRegularFile(_ path: String) throws -> [UInt8] {
+        let fd = try open(path, O_RDONLY)
+        defer { close(fd.rawValue) }
+        let first = try [UInt8](unsafeUninitializedCapacity: 16384) { buf, count in
+            count = try read(fd.rawValue, into: UnsafeMutableRawBufferPointer(buf))
+        }
+        if first.count < 16384 { return first }
+        return try first + readAll(fd.rawValue)
+    }
+
     /// Everything `fd` yields until EOF (a file, a pipe).
     package static func readAll(_ fd: Int32) throws -> [UInt8] {
         var out: [UInt8] = []
@@ -171,33 +183,46 @@ package enum Sys {
         UInt64(bitPattern: Int64(try statfs(path).f_type))
     }
 
-    /// `path` made absolute and canonical (as realpath(3)), with the stat of what it names. An
-    /// absolute, lexically normal path with no symlink in it is canonical already; one openat2 walk
-    /// with RESOLVE_NO_SYMLINKS proves that (realpath walks the path once per component).
+    /// `path` made absolute and canonical (as realpath(3)), with the stat of what it names.
     package static func canonical(_ path: String) throws -> (path: String, stat: FileStatus) {
+        let (fd, p) = try openCanonical(path, ecx_o_path)
+        defer { close(fd.rawValue) }
+        return (p, try fstat(fd.rawValue))
+    }
+
+    /// Opens `path` with `flags` and returns the descriptor with the canonical path (as realpath(3))
+    /// of what it opened. An absolute, lexically normal path with no symlink in it is canonical
+    /// already; one openat2 walk with RESOLVE_NO_SYMLINKS proves that and opens it (realpath walks
+    /// the path once per component, and opening after it walks once more).
+    package static func openCanonical(_ path: String, _ flags: Int32) throws -> (fd: FileDescriptor, path: String) {
         if isLexicallyNormal(path) {
-            let fd = ecx_open_path_no_symlinks(path)
-            if fd >= 0 {
-                defer { close(fd) }
-                return (path, try fstat(fd))
-            }
+            let fd = ecx_open_no_symlinks(path, flags)
+            if fd >= 0 { return (FileDescriptor(rawValue: fd), path) }
             let e = Errno(rawValue: ecx_errno())
             // ELOOP: a symlink on the way; ENOSYS/EPERM/EINVAL: no openat2 here. Both: realpath.
             if e != .tooManySymbolicLinkLevels && e != .noFunction && e != .notPermitted && e != .invalidArgument { throw e }
         }
         let p = try realpath(path)
-        return (p, try stat(p))
+        return (try open(p, flags), p)
     }
 
     /// Absolute, no empty, "." or ".." components, no trailing slash.
     static func isLexicallyNormal(_ path: String) -> Bool {
-        guard path.hasPrefix("/") else { return false }
-        if path == "/" { return true }
-        if path.hasSuffix("/") { return false }
-        for c in path.utf8.split(separator: UInt8(ascii: "/"), omittingEmptySubsequences: false).dropFirst() {
-            if c.isEmpty || c.elementsEqual(".".utf8) || c.elementsEqual("..".utf8) { return false }
+        var path = path
+        return path.withUTF8 { b in
+            guard let first = b.first, first == UInt8(ascii: "/") else { return false }
+            if b.count == 1 { return true }
+            // Each component: the bytes after a '/' up to the next '/' or the end.
+            var start = 1
+            for i in 1...b.count where i == b.count || b[i] == UInt8(ascii: "/") {
+                let n = i - start
+                if n == 0 || (n == 1 && b[start] == UInt8(ascii: ".")) || (n == 2 && b[start] == UInt8(ascii: ".") && b[start + 1] == UInt8(ascii: ".")) {
+                    return false
+                }
+                start = i + 1
+            }
+            return true
         }
-        return true
     }
 
     package static func realpath(_ path: String) throws -> String {

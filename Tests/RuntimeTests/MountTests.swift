@@ -147,6 +147,9 @@ struct MountTests {
         }
         #expect(code { _ = try rt.mount(MountRequest(source: f.dir.file("missing"), mountpoint: f.mnt)) } == .badSource)
         #expect(code { _ = try rt.mount(MountRequest(source: f.tree, mountpoint: f.mnt)) } == .badSource)
+        // A FIFO is refused at once: opening the source never waits for a writer.
+        #expect(mkfifo(f.dir.file("fifo"), 0o600) == 0)
+        #expect(code { _ = try rt.mount(MountRequest(source: f.dir.file("fifo"), mountpoint: f.mnt)) } == .badSource)
         try Data(repeating: 0x41, count: 16384).write(to: URL(fileURLWithPath: f.dir.file("junk")))
         #expect(code { _ = try rt.mount(MountRequest(source: f.dir.file("junk"), mountpoint: f.mnt)) } == .badSource)
         // An ext4-formatted file is named as such by libblkid.

@@ -1,6 +1,7 @@
 import Foundation
 import Testing
 @testable import Runtime
+import TestSupport
 
 /// The state record's direct JSON form agrees with Foundation's JSON in both directions.
 @Suite struct StateRecordTests {
@@ -41,6 +42,20 @@ import Testing
         enc.outputFormatting = [.prettyPrinted, .sortedKeys, .withoutEscapingSlashes]
         let r = records()[0]
         #expect(String(decoding: r.jsonBytes(), as: UTF8.self) == String(decoding: try enc.encode(r), as: UTF8.self))
+    }
+
+    /// The store reads a record in one read when it is small and still whole when it is not.
+    @Test func storeRoundTripsSmallAndLargeRecords() throws {
+        let dir = try ScratchDir("records")
+        defer { dir.remove() }
+        let store = StateStore(root: dir.file("state"))
+        var records = records()
+        records[1].options = String(repeating: "x,", count: 20_000)  // 40 KB: more than one read
+        for r in records where !r.mountpoint.isEmpty {
+            try store.save(r)
+            #expect(store.load(r.mountpoint) == r)
+        }
+        #expect(store.all().count == Set(records.map(\.mountpoint)).count)
     }
 
     @Test func malformedRecordsAreRejected() {

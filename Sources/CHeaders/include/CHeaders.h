@@ -428,9 +428,9 @@ static const int ecx_o_nofollow = O_NOFOLLOW;
  * is_root is -1 when the kernel does not report it. In shim.c (statx needs _GNU_SOURCE). */
 int ecx_mount_identity(const char *path, uint64_t *mnt_id, int *is_root);
 
-/** Opens `path` with O_PATH only if no component of it is a symbolic link (openat2 with
- * RESOLVE_NO_SYMLINKS, Linux 5.6+): ELOOP when one is, ENOSYS on older kernels. In shim.c. */
-int ecx_open_path_no_symlinks(const char *path);
+/** Opens `path` with `flags` (plus O_CLOEXEC) only if no component of it is a symbolic link
+ * (openat2 with RESOLVE_NO_SYMLINKS, Linux 5.6+): ELOOP when one is, ENOSYS on older kernels. In shim.c. */
+int ecx_open_no_symlinks(const char *path, int flags);
 
 /** The effective capability set (capget, version 3). */
 static inline int ecx_effective_caps(uint64_t *out) {

@@ -17,19 +17,20 @@ enum ImageChecks {
 
     /// The image's findings and, when it has one, its superblock. The superblock is read first; libblkid
     /// then confirms an EROFS signature (probing only for erofs), or names what the file is otherwise.
-    static func inspect(_ ctx: ProbeContext, image: String, offset: UInt64 = 0, kernelFeatures: Set<String>,
+    /// `fd`: the image already open (read from, not closed).
+    static func inspect(_ ctx: ProbeContext, image: String, fd given: Int32? = nil, offset: UInt64 = 0, kernelFeatures: Set<String>,
                         trial: Bool = true) -> (findings: [Finding], superblock: Superblock?) {
         var out: [Finding] = []
         let fd: FileDescriptor
         do {
-            fd = try Sys.open(image, O_RDONLY)
+            fd = try given.map(FileDescriptor.init(rawValue:)) ?? Sys.open(image, O_RDONLY)
         } catch {
             out.append(Finding("image.blkid", "libblkid identification", .unknown, evidence: [.init("open", "\(error)")]))
             out.append(Finding("image.superblock", "EROFS superblock", .absent, evidence: [.init("open", "\(error)")]))
             out.append(Finding("image.mountable", "mountable here", .absent, evidence: [.init("open", "\(error)")]))
             return (out, nil)
         }
-        defer { Sys.close(fd.rawValue) }
+        defer { if given == nil { Sys.close(fd.rawValue) } }
         let parsed = Result<Superblock, Error> {
             // The checksum covers the rest of the first block: read that much, more only for big blocks.
             var head = try Sys.preadFully(fd.rawValue, count: 4096 - Int(Superblock.offset), at: Int64(offset + Superblock.offset))
