@@ -65,7 +65,7 @@ let package = Package(
             ],
             path: "Sources/erofs-compat"
         ),
-        .executableTarget(name: "Bench", dependencies: ["Probe", "Runtime", "Syscall"], path: "Sources/Bench"),
+        .executableTarget(name: "Bench", dependencies: ["EROFS", "Probe", "Runtime", "Syscall", .product(name: "SystemPackage", package: "swift-system")], path: "Sources/Bench"),
         .target(name: "TestSupport", dependencies: ["Syscall", "EROFS", .product(name: "Crypto", package: "swift-crypto")], path: "Tests/TestSupport"),
         .testTarget(name: "SyscallTests", dependencies: ["Syscall", "TestSupport", .product(name: "SystemPackage", package: "swift-system")]),
         .testTarget(name: "EROFSTests", dependencies: ["EROFS", "TestSupport"]),

@@ -20,6 +20,8 @@ done | median | awk '{printf "probe median: %.1f ms\n", $1/1000}'
 
 echo
 echo "== mount+umount latency per backend, in process, vs raw syscalls on the same image (median of 100, interleaved; target <= 1.3x)"
+echo "   (mount and umount timed apart, the mount left in place 2 ms between them on every side; 'required steps alone':"
+echo "   the checks and state the runtime must do around the same syscalls, with no planner, as a floor)"
 mkdir -p "$work/tree" "$work/mnt"
 cp -r "$(dirname "$0")/../Sources" "$work/tree/"
 mkfs.erofs --quiet "$work/img.erofs" "$work/tree"
