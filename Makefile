@@ -12,7 +12,7 @@ BUILD_DEPS = pkg-config libkmod-dev libblkid-dev libcurl4-openssl-dev libfuse3-d
 TEST_DEPS  = erofs-utils fuse3 util-linux attr nginx-light docker-registry apache2-utils curl python3 systemd
 DEB_DEPS   = debhelper dpkg-dev lintian
 
-.PHONY: all build release check test deps demo bench install clean
+.PHONY: all build release check test deps demo bench install deb clean
 
 all: build
 
@@ -48,6 +48,11 @@ bench: release
 install: release
 	install -d $(BINDIR)
 	install -s -m 0755 .build/release/erofs-compat $(BINDIR)/erofs-compat
+
+## The Debian binary package, checked by lintian: .build/deb/erofs-compat_VERSION_ARCH.deb.
+deb:
+	@scripts/apt-deps.sh $(BUILD_DEPS) $(DEB_DEPS)
+	scripts/build-deb.sh
 
 clean:
 	$(SWIFT) package clean
