@@ -51,10 +51,16 @@ extension Sys {
         let envp: [UnsafeMutablePointer<CChar>?]? = environment.map { $0.map { strdup("\($0.key)=\($0.value)") } + [nil] }
         defer { (argv + (envp ?? [])).forEach { free($0) } }
         var pid: pid_t = 0
-        let rc = envp.map { e in e.withUnsafeBufferPointer { posix_spawn(&pid, path, &actions, &attr, argv, $0.baseAddress) } }
-            ?? posix_spawn(&pid, path, &actions, &attr, argv, environ)
-        guard rc == 0 else { throw Errno(rawValue: rc) }
-        return pid
+        // ETXTBSY: the program was written moments ago and a child that another thread is spawning
+        // still holds a copy of the writer's descriptor until its own exec; that lasts microseconds.
+        var attempts = 0
+        while true {
+            let rc = envp.map { e in e.withUnsafeBufferPointer { posix_spawn(&pid, path, &actions, &attr, argv, $0.baseAddress) } }
+                ?? posix_spawn(&pid, path, &actions, &attr, argv, environ)
+            if rc == ETXTBSY, attempts < 50 { attempts += 1; usleep(2_000); continue }
+            guard rc == 0 else { throw Errno(rawValue: rc) }
+            return pid
+        }
     }
 
     /// Runs `path` with `args` and `environment`, `input` on its stdin; returns its exit status (nil

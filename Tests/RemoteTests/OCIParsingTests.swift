@@ -70,8 +70,7 @@ import TestSupport
         defer { d.remove() }
         func helper(_ name: String, _ body: String) throws {
             let path = d.file("docker-credential-" + name)
-            try ("#!/bin/sh\n" + body + "\n").write(toFile: path, atomically: true, encoding: .utf8)
-            chmod(path, 0o755)
+            try writeExecutable(path, "#!/bin/sh\n" + body + "\n")
         }
         try helper("good", #"read reg; [ "$1" = get ] || exit 9; if [ "$reg" = 127.0.0.1:5000 ]; then echo '{"ServerURL":"127.0.0.1:5000","Username":"hu","Secret":"hs"}'; else echo 'credentials not found in native keychain'; exit 1; fi"#)
         try helper("token", #"echo '{"Username":"<token>","Secret":"refresh"}'"#)

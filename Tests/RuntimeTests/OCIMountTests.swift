@@ -175,9 +175,7 @@ struct OCIMountTests {
         let helperDir = f.dir.file("helper")
         try FileManager.default.createDirectory(atPath: helperDir, withIntermediateDirectories: false)
         let helper = helperDir + "/docker-credential-ectest"
-        try "#!/bin/sh\nread reg\n[ \"$reg\" = \"\(f.registry.host)\" ] || { echo 'credentials not found'; exit 1; }\necho '{\"Username\":\"tester\",\"Secret\":\"\(secret)\"}'\n"
-            .write(toFile: helper, atomically: true, encoding: .utf8)
-        chmod(helper, 0o755)
+        try writeExecutable(helper, "#!/bin/sh\nread reg\n[ \"$reg\" = \"\(f.registry.host)\" ] || { echo 'credentials not found'; exit 1; }\necho '{\"Username\":\"tester\",\"Secret\":\"\(secret)\"}'\n")
         try "{\"credHelpers\":{\"\(f.registry.host)\":\"ectest\"}}".write(toFile: helperDir + "/config.json", atomically: true, encoding: .utf8)
         let viaHelper = try f.mount(src, at: f.mnt, oci: OCIOptions(environment: ["DOCKER_CONFIG": helperDir, "PATH": helperDir + ":/usr/bin:/bin"]))
         #expect(viaHelper.record != nil)

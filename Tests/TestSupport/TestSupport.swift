@@ -159,6 +159,15 @@ public func inOtherTestsScratch(_ path: String, mine: ScratchDir) -> Bool {
 }
 
 /// The built CLI binary (built by `swift build` before `swift test`, as `make check` does).
+/// Writes a script and makes it executable, through a close-on-exec descriptor: a child another test
+/// thread spawns meanwhile must not keep it open for writing (exec of it would fail with ETXTBSY).
+public func writeExecutable(_ path: String, _ text: String) throws {
+    let fd = try Sys.open(path, O_WRONLY | O_CREAT | O_TRUNC, mode: 0o755)
+    defer { Sys.close(fd.rawValue) }
+    try Array(text.utf8).withUnsafeBytes { try Sys.pwriteAll(fd.rawValue, $0, at: 0) }
+    _ = fchmod(fd.rawValue, 0o755)
+}
+
 public var cliBinary: String {
     for p in ["/.build/debug/erofs-compat", "/.build/release/erofs-compat"] where FileManager.default.isExecutableFile(atPath: TestEnv.repoRoot + p) {
         return TestEnv.repoRoot + p
