@@ -26,6 +26,6 @@ cp packaging/systemd/erofs-compat.service packaging/systemd/erofs-compat.socket 
 arch=$(dpkg-architecture -qDEB_HOST_ARCH)
 deb=$out/src/erofs-compat_${version}_${arch}.deb
 cp "$out"/src/erofs-compat*_"${version}_${arch}".deb "$out/"
-echo "== lintian"
-lintian --fail-on warning --info "$deb"
+echo "== lintian (the .changes: both packages and the build record)"
+lintian --fail-on warning --info "$out/src/erofs-compat_${version}_${arch}.changes"
 echo "built $out/$(basename "$deb")"
