@@ -117,6 +117,12 @@ func cycle(_ mount: () throws -> Void, _ umount: () throws -> Void) throws -> Do
     return Double(elapsed) / 1e6
 }
 
+/// The bench's state directories (the runtime's and the floor's), on success and on failure.
+func removeState() {
+    try? FileManager.default.removeItem(atPath: floorState)
+    try? FileManager.default.removeItem(atPath: runtime.state.root)
+}
+
 func ms(_ v: Double) -> String { formatDecimal(v, digits: 3) + " ms" }
 
 do {
@@ -142,7 +148,7 @@ do {
 } catch {
     print("bench failed: \(error)")
     try? MountAPI.umount(mnt, detach: true)
+    removeState()
     exit(1)
 }
-try? FileManager.default.removeItem(atPath: floorState)
-try? FileManager.default.removeItem(atPath: runtime.state.root)
+removeState()

@@ -212,20 +212,15 @@ enum FlatJSON {
             guard i + 4 <= b.count else { return nil }
             var v: UInt32 = 0
             for c in b[i..<i + 4] {
-                guard let d = UInt32(exactly: hexValue(c)) else { return nil }
-                v = v << 4 | d
+                switch c {
+                case 0x30...0x39: v = v << 4 | UInt32(c - 0x30)
+                case UInt8(ascii: "a")...UInt8(ascii: "f"): v = v << 4 | UInt32(c - UInt8(ascii: "a") + 10)
+                case UInt8(ascii: "A")...UInt8(ascii: "F"): v = v << 4 | UInt32(c - UInt8(ascii: "A") + 10)
+                default: return nil
+                }
             }
             i += 4
             return v
-        }
-
-        func hexValue(_ c: UInt8) -> Int {
-            switch c {
-            case 0x30...0x39: return Int(c - 0x30)
-            case UInt8(ascii: "a")...UInt8(ascii: "f"): return Int(c - UInt8(ascii: "a") + 10)
-            case UInt8(ascii: "A")...UInt8(ascii: "F"): return Int(c - UInt8(ascii: "A") + 10)
-            default: return -1
-            }
         }
     }
 }
