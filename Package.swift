@@ -71,7 +71,7 @@ let package = Package(
         .testTarget(name: "EROFSTests", dependencies: ["EROFS", "TestSupport"]),
         .testTarget(name: "ProbeTests", dependencies: ["Probe", "EROFS", "Syscall", "TestSupport", .product(name: "SystemPackage", package: "swift-system")]),
         .testTarget(name: "RemoteTests", dependencies: ["Remote", "EROFS", "Syscall", "TestSupport"]),
-        .testTarget(name: "RuntimeTests", dependencies: ["Runtime", "Probe", "EROFS", "Syscall", "TestSupport"]),
+        .testTarget(name: "RuntimeTests", dependencies: ["Runtime", "Probe", "EROFS", "Syscall", "Remote", "TestSupport"]),
         .testTarget(name: "CLITests", dependencies: ["TestSupport"]),
         .testTarget(name: "InstallerTests", dependencies: ["Installer", "TestSupport"]),
     ],

@@ -45,9 +45,14 @@ int ecx_uname_field(int which, char *buf, size_t len) {
 #endif
 
 int ecx_mount_identity(const char *path, uint64_t *mnt_id, int *is_root) {
+    return ecx_mount_identity_at(AT_FDCWD, path, mnt_id, is_root);
+}
+
+int ecx_mount_identity_at(int dirfd, const char *path, uint64_t *mnt_id, int *is_root) {
     struct statx st;
     memset(&st, 0, sizeof(st));
-    if (statx(AT_FDCWD, path, 0, STATX_MNT_ID, &st) != 0) return -1;
+    int flags = (path[0] == 0 ? AT_EMPTY_PATH : 0) | AT_SYMLINK_NOFOLLOW;
+    if (statx(dirfd, path, flags, STATX_MNT_ID, &st) != 0) return -1;
     *mnt_id = (st.stx_mask & STATX_MNT_ID) ? st.stx_mnt_id : 0;
     *is_root = (st.stx_attributes_mask & STATX_ATTR_MOUNT_ROOT) ? ((st.stx_attributes & STATX_ATTR_MOUNT_ROOT) != 0) : -1;
     return 0;
@@ -65,7 +70,13 @@ int ecx_mount_identity(const char *path, uint64_t *mnt_id, int *is_root) {
 struct ecx_open_how { uint64_t flags; uint64_t mode; uint64_t resolve; };
 
 int ecx_open_no_symlinks(const char *path, int flags) {
-    struct ecx_open_how how = { (uint64_t)(flags | O_CLOEXEC), 0, RESOLVE_NO_SYMLINKS };
+    return ecx_open_no_symlinks_mode(path, flags, 0);
+}
+
+int ecx_open_no_symlinks_mode(const char *path, int flags, unsigned int mode) {
+    /* openat2 refuses a mode without O_CREAT/O_TMPFILE. */
+    uint64_t m = (flags & (O_CREAT | __O_TMPFILE)) ? mode : 0;
+    struct ecx_open_how how = { (uint64_t)(flags | O_CLOEXEC), m, RESOLVE_NO_SYMLINKS };
     return (int)syscall(SYS_openat2, AT_FDCWD, path, &how, sizeof(how));
 }
 
@@ -81,6 +92,10 @@ struct ecx_sink {
     char *headers;
     size_t headers_len;
     size_t headers_cap;
+    /* >= 0: the body is written to this file at its offset instead of into `body` (a whole
+     * download is streamed, never held in memory); `cap` still bounds it. */
+    int fd;
+    int write_failed;
 };
 
 static size_t ecx_write_cb(char *ptr, size_t size, size_t nmemb, void *userdata) {
@@ -89,6 +104,17 @@ static size_t ecx_write_cb(char *ptr, size_t size, size_t nmemb, void *userdata)
     if (s->len + n > s->cap) {
         s->truncated = 1;
         return 0; /* aborts the transfer: more than the caller asked for */
+    }
+    if (s->fd >= 0) {
+        size_t done = 0;
+        while (done < n) {
+            ssize_t w = pwrite(s->fd, ptr + done, n - done, (off_t)(s->len + done));
+            if (w < 0 && errno == EINTR) continue;
+            if (w <= 0) { s->write_failed = 1; return 0; }
+            done += (size_t)w;
+        }
+        s->len += n;
+        return n;
     }
     memcpy(s->body + s->len, ptr, n);
     s->len += n;
@@ -190,9 +216,9 @@ const char *ecx_curl_version_string(void) {
 
 int ecx_http_request(CURL *h, const char *url, const char *range, int head_only,
                      const char *const *headers, size_t n_headers,
-                     unsigned char *body, size_t body_cap, long timeout_ms,
+                     unsigned char *body, size_t body_cap, long timeout_ms, long deadline_ms, int body_fd,
                      struct ecx_http_result *result) {
-    struct ecx_sink sink = { body, body_cap, 0, 0, NULL, 0, 0 };
+    struct ecx_sink sink = { body, body_cap, 0, 0, NULL, 0, 0, body_fd, 0 };
     struct curl_slist *list = NULL;
     for (size_t i = 0; i < n_headers; i++) list = ecx_curl.slist_append(list, headers[i]);
     memset(result, 0, sizeof(*result));
@@ -217,9 +243,11 @@ int ecx_http_request(CURL *h, const char *url, const char *range, int head_only,
     ecx_curl.easy_setopt(h, CURLOPT_CONNECTTIMEOUT_MS, timeout_ms < 10000 ? timeout_ms : 10000L);
     ecx_curl.easy_setopt(h, CURLOPT_LOW_SPEED_LIMIT, 1L);
     ecx_curl.easy_setopt(h, CURLOPT_LOW_SPEED_TIME, (timeout_ms + 999) / 1000);
-    ecx_curl.easy_setopt(h, CURLOPT_TIMEOUT_MS, 0L);
+    ecx_curl.easy_setopt(h, CURLOPT_TIMEOUT_MS, deadline_ms > 0 ? deadline_ms : 0L);
     ecx_curl.easy_setopt(h, CURLOPT_PROTOCOLS_STR, "http,https");
-    ecx_curl.easy_setopt(h, CURLOPT_REDIR_PROTOCOLS_STR, "http,https");
+    /* A redirect never downgrades: from an https URL only to https (a plain http URL was allowed
+     * by the caller's own rules, e.g. a loopback registry). */
+    ecx_curl.easy_setopt(h, CURLOPT_REDIR_PROTOCOLS_STR, strncmp(url, "https:", 6) == 0 ? "https" : "http,https");
     CURLcode rc = ecx_curl.easy_perform(h);
     ecx_curl.easy_getinfo(h, CURLINFO_RESPONSE_CODE, &result->status);
     ecx_curl.easy_setopt(h, CURLOPT_HTTPHEADER, NULL);
@@ -229,6 +257,7 @@ int ecx_http_request(CURL *h, const char *url, const char *range, int head_only,
     result->curl_code = (int)rc;
     result->body_len = sink.len;
     result->body_truncated = sink.truncated;
+    result->body_write_failed = sink.write_failed;
     result->headers = sink.headers;
     result->headers_len = sink.headers_len;
     snprintf(result->error, sizeof(result->error), "%s", errbuf[0] ? errbuf : ecx_curl.easy_strerror(rc));

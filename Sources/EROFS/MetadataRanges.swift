@@ -23,6 +23,13 @@ extension EROFSImage {
         var visited = Set<UInt64>()
         var queue: [UInt64] = [superblock.rootNid]
         if superblock.packedNid != 0 { queue.append(superblock.packedNid) }
+        // Each nid is queued once, and each directory's data read once: a crafted image whose
+        // directories share blocks (each listing the others) would otherwise cost N² in time and memory.
+        var queued = Set(queue)
+        var seenDirectoryData = Set<ByteRange>()
+        var directoryBytes: UInt64 = 0
+        // Directories cannot hold more than the image: the walk is bounded by its size.
+        let directoryBudget = source.size * 2 + (1 << 20)
         var directories = 0
         let limit = max(Int(min(superblock.inodeCount, 1 << 26)) * 2, 1024)
         while let nid = queue.popLast() {
@@ -35,14 +42,22 @@ extension EROFSImage {
             switch ino.type {
             case .directory:
                 directories += 1
-                // A directory of several blocks: fetched together, not one round trip per block.
                 let blocks = try dataRanges(ino, from: 0, to: ino.size)
+                // The same data as a directory already walked lists the same children.
+                if !blocks.isEmpty, blocks.allSatisfy(seenDirectoryData.contains) { continue }
+                seenDirectoryData.formUnion(blocks)
+                directoryBytes += ino.size
+                guard directoryBytes <= directoryBudget else {
+                    throw EROFSError.corrupt(structure: "directory tree", offset: ino.position,
+                                             detail: "directories claim more than \(directoryBytes) bytes, more than the image's \(source.size) can hold")
+                }
+                // A directory of several blocks: fetched together, not one round trip per block.
                 if blocks.count > 1 { try source.prefetch(blocks) }
                 let list = try entries(ino)
                 raw += blocks
                 var children: [ByteRange] = []
                 for e in list where e.nameBytes != [0x2E] && e.nameBytes != [0x2E, 0x2E] {
-                    if !visited.contains(e.nid) {
+                    if queued.insert(e.nid).inserted {
                         queue.append(e.nid)
                         children.append(ByteRange(offset: inodePosition(e.nid), length: 64))
                     }

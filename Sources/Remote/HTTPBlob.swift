@@ -3,6 +3,7 @@ import FoundationEssentials
 #else
 import Foundation
 #endif
+import Dispatch
 import Glibc
 import Syscall
 
@@ -20,6 +21,7 @@ public enum RemoteError: Error, Equatable, CustomStringConvertible {
     case rangesUnsupported(url: String)
     case blobChanged(url: String, detail: String)
     case shortRead(url: String, offset: UInt64, got: Int, wanted: Int)
+    case badRange(url: String, asked: String, got: String)
     case badURL(String)
     case cache(String)
     case digestMismatch(expected: String, actual: String)
@@ -37,6 +39,7 @@ public enum RemoteError: Error, Equatable, CustomStringConvertible {
         case .rangesUnsupported(let u): return "\(u) ignores Range requests (answers 200 with the whole blob); pass --allow-full-download to download it whole"
         case .blobChanged(let u, let d): return "the blob at \(u) changed since it was first seen (\(d)); clear its cache entry and mount again"
         case .shortRead(let u, let o, let g, let w): return "\(u) returned \(g) of \(w) bytes at offset \(o)"
+        case .badRange(let u, let a, let g): return "\(u) answered bytes \(g) when asked for \(a)"
         case .badURL(let u): return "'\(u)' is not an http(s) URL"
         case .cache(let d): return "cache: \(d)"
         case .digestMismatch(let e, let a): return "downloaded blob does not match its digest (expected sha256:\(e), got sha256:\(a)); the cache entry was discarded"
@@ -70,10 +73,13 @@ public final class HTTPBlob: @unchecked Sendable {
     package let requestCount = Locked<Int>(0)
     package let bytesFetched = Locked<UInt64>(0)
 
+    /// Userinfo in `url` is taken out of it and answers the server's Basic challenge (when no
+    /// `auth` is given).
     public init(url: String, auth: RegistryAuth? = nil) throws {
-        guard url.hasPrefix("http://") || url.hasPrefix("https://") else { throw RemoteError.badURL(url) }
-        self.url = url
-        self.auth = auth
+        let (plain, credentials) = URLUserinfo.split(url)
+        guard plain.hasPrefix("http://") || plain.hasPrefix("https://") else { throw RemoteError.badURL(plain) }
+        self.url = plain
+        self.auth = auth ?? credentials.map { RegistryAuth(registry: plain, repository: "", credentials: $0) }
     }
 
     /// The first bytes of the blob, when `open` was asked to keep them (until `dropHead()`).
@@ -84,14 +90,17 @@ public final class HTTPBlob: @unchecked Sendable {
     /// then doubles as the fetch of the superblock area, saving a round trip before a lazy mount.
     public func open(allowFullDownload: Bool, head: Int = 1) throws {
         let want = max(head, 1)
-        let r = try withRetries { h, a in h.request(url, range: "0-\(want - 1)", headers: a, bodyLimit: want, timeoutMs: timeoutMs) }
+        let r = try withRetries(length: UInt64(want)) { h, a, d in
+            h.request(url, range: "0-\(want - 1)", headers: a, bodyLimit: want, timeoutMs: timeoutMs, deadlineMs: d)
+        }
         switch r.status {
         case 206:
-            guard let total = r.header("content-range").flatMap(Self.totalFromContentRange) else {
-                throw RemoteError.unreachable(url: url, detail: "206 without a usable Content-Range")
+            guard let cr = r.header("content-range").flatMap(ContentRange.init(parsing:)), cr.start == 0,
+                  cr.end == min(UInt64(want), cr.total) - 1 else {
+                throw RemoteError.unreachable(url: url, detail: "206 without a Content-Range for bytes 0-\(want - 1)")
             }
-            size = total
-            if want > 1, r.body.count == Int(min(UInt64(want), total)) {
+            size = cr.total
+            if want > 1, r.body.count == Int(min(UInt64(want), cr.total)) {
                 self.head = r.body
                 bytesFetched.withLock { $0 += UInt64(r.body.count) }
             }
@@ -99,9 +108,11 @@ public final class HTTPBlob: @unchecked Sendable {
             guard allowFullDownload else { throw RemoteError.rangesUnsupported(url: url) }
             wholeOnly = true
             // The 1-byte limit cut the transfer; ask HEAD for the length.
-            let head = try withRetries { h, a in h.request(url, headOnly: true, headers: a, bodyLimit: 0, timeoutMs: timeoutMs) }
-            guard let len = head.header("content-length").flatMap({ UInt64($0) }) else {
-                throw RemoteError.unreachable(url: url, detail: "no Content-Length for a server without Range support")
+            let head = try withRetries { h, a, d in
+                h.request(url, headOnly: true, headers: a, bodyLimit: 0, timeoutMs: timeoutMs, deadlineMs: d)
+            }
+            guard let len = head.header("content-length").flatMap({ UInt64($0) }), len <= UInt64(Int64.max) else {
+                throw RemoteError.unreachable(url: url, detail: "no usable Content-Length for a server without Range support")
             }
             size = len
         default:
@@ -121,17 +132,29 @@ public final class HTTPBlob: @unchecked Sendable {
         self.lastModified = lastModified
     }
 
-    static func totalFromContentRange(_ v: String) -> UInt64? {
-        // "bytes 0-0/12345"
-        guard let slash = v.lastIndex(of: "/") else { return nil }
-        return UInt64(v[v.index(after: slash)...].trimmingSpaces)
-    }
 
     /// Reads [offset, offset+length) with a Range GET; throws on anything but exactly those bytes.
+    /// A 206 for another range or a short body is retried like a transport error.
     public func read(offset: UInt64, length: Int) throws -> [UInt8] {
+        var attempt = 1
+        while true {
+            do { return try readOnce(offset: offset, length: length) } catch let e as RemoteError {
+                switch e {
+                case .badRange where attempt < attempts, .shortRead where attempt < attempts:
+                    attempt += 1
+                    usleep(UInt32(baseDelayMs * attempt * 1000))
+                default: throw e
+                }
+            }
+        }
+    }
+
+    private func readOnce(offset: UInt64, length: Int) throws -> [UInt8] {
         precondition(!wholeOnly, "range read on a whole-only blob")
         let last = offset + UInt64(length) - 1
-        let r = try withRetries { h, a in h.request(url, range: "\(offset)-\(last)", headers: a, bodyLimit: length, timeoutMs: timeoutMs) }
+        let r = try withRetries(length: UInt64(length)) { h, a, d in
+            h.request(url, range: "\(offset)-\(last)", headers: a, bodyLimit: length, timeoutMs: timeoutMs, deadlineMs: d)
+        }
         guard r.status == 206 else {
             if r.status == 200 { throw RemoteError.blobChanged(url: url, detail: "server stopped honouring Range") }
             throw RemoteError.httpStatus(url: url, status: r.status)
@@ -140,41 +163,69 @@ public final class HTTPBlob: @unchecked Sendable {
         if let m = lastModified, let now = r.header("last-modified"), now != m {
             throw RemoteError.blobChanged(url: url, detail: "Last-Modified \(m) → \(now)")
         }
-        if let cr = r.header("content-range"), let total = Self.totalFromContentRange(cr), total != size {
-            throw RemoteError.blobChanged(url: url, detail: "size \(size) → \(total)")
+        // Every 206 must name exactly the range asked for: bytes of another range stored at this
+        // offset would be served as this one.
+        guard let cr = r.header("content-range").flatMap(ContentRange.init(parsing:)) else {
+            throw RemoteError.badRange(url: url, asked: "\(offset)-\(last)", got: r.header("content-range") ?? "none")
+        }
+        if cr.total != size { throw RemoteError.blobChanged(url: url, detail: "size \(size) → \(cr.total)") }
+        guard cr.start == offset, cr.end == last else {
+            throw RemoteError.badRange(url: url, asked: "\(offset)-\(last)", got: "\(cr.start)-\(cr.end)")
         }
         guard r.body.count == length else { throw RemoteError.shortRead(url: url, offset: offset, got: r.body.count, wanted: length) }
         bytesFetched.withLock { $0 += UInt64(length) }
         return r.body
     }
 
-    /// Downloads everything (for servers without Range support, or a warm-up).
+    /// Downloads everything (for servers without Range support) straight into `fd`, never more
+    /// than the size learned first (a server that sends more is cut off), never held in memory.
     public func readAll(into fd: Int32) throws {
-        let r = try withRetries { h, a in h.request(url, headers: a, bodyLimit: Int(size), timeoutMs: timeoutMs) }
-        guard r.status == 200 || r.status == 206, r.body.count == Int(size) else {
-            throw RemoteError.shortRead(url: url, offset: 0, got: r.body.count, wanted: Int(size))
+        let r = try withRetries(length: size) { h, a, deadline in
+            h.request(url, headers: a, bodyLimit: Int(size), timeoutMs: timeoutMs, deadlineMs: deadline, into: fd)
         }
-        try r.body.withUnsafeBytes { try Sys.pwriteAll(fd, $0, at: 0) }
+        if r.bodyWriteFailed { throw RemoteError.cache("cannot write the download of \(url) to the cache file") }
+        guard r.status == 200 || r.status == 206, r.bodyLength == Int(size), !r.bodyTruncated else {
+            throw RemoteError.shortRead(url: url, offset: 0, got: r.bodyLength, wanted: Int(size))
+        }
         bytesFetched.withLock { $0 += size }
     }
 
-    /// Runs a request on a pooled handle with retries and auth challenges answered.
-    func withRetries(_ body: (HTTPHandle, [String]) -> HTTPResponse) throws -> HTTPResponse {
+    /// Runs a request on a pooled handle with retries and auth challenges answered. Each attempt
+    /// gets a deadline for the whole transfer (30 s plus `length` at 64 KiB/s: a server trickling
+    /// bytes cannot hold a reader forever), cut to what is left of `deadline` when one is set.
+    func withRetries(length: UInt64 = 0, _ body: (HTTPHandle, [String], Int) -> HTTPResponse) throws -> HTTPResponse {
         let handle = try pool.withLock { $0.popLast() } ?? HTTPHandle.make(for: url)
         defer { pool.withLock { $0.append(handle) } }
+        let perRequest = timeoutMs + Int(min(length / 64, UInt64(Int32.max)))
         return try performWithRetries(url: url, handle: handle, attempts: attempts, baseDelayMs: baseDelayMs, auth: auth,
-                                      requests: requestCount, body)
+                                      requests: requestCount, deadline: deadline.get()) { h, a in
+            let left = deadline.get().map { Int((Int64(bitPattern: $0 &- DispatchTime.now().uptimeNanoseconds)) / 1_000_000) }
+            return body(h, a, max(1, min(perRequest, left ?? perRequest)))
+        }
+    }
+
+    /// An absolute end (DispatchTime uptime, ns) for every request of this blob, e.g. a mount's
+    /// preparation; nil: none beyond each request's own.
+    package let deadline = Locked<UInt64?>(nil)
+
+    /// Sets `deadline` to `seconds` from now.
+    public func setDeadline(seconds: Double?) {
+        deadline.set(seconds.map { DispatchTime.now().uptimeNanoseconds + UInt64($0 * 1e9) })
     }
 }
 
 /// Runs `body` (given the handle and the Authorization headers to send), retrying transport errors,
 /// 5xx and 429 with exponential backoff and jitter, and answering 401 challenges through `auth`.
 func performWithRetries(url: String, handle: HTTPHandle, attempts: Int, baseDelayMs: Int, auth: RegistryAuth?,
-                        requests: Locked<Int>?, _ body: (HTTPHandle, [String]) -> HTTPResponse) throws -> HTTPResponse {
+                        requests: Locked<Int>?, deadline: UInt64? = nil,
+                        _ body: (HTTPHandle, [String]) -> HTTPResponse) throws -> HTTPResponse {
     var last = ""
     var authRounds = 0
     var attempt = 0
     while attempt < attempts {
+        if let deadline, DispatchTime.now().uptimeNanoseconds >= deadline {
+            throw RemoteError.unreachable(url: url, detail: "deadline exceeded" + (last.isEmpty ? "" : " (last: \(last))"))
+        }
         if attempt > 0 {
             let delay = baseDelayMs << min(attempt - 1, 6)
             usleep(UInt32((delay + Int.random(in: 0...delay)) * 1000))
@@ -204,4 +255,58 @@ func performWithRetries(url: String, handle: HTTPHandle, attempts: Int, baseDela
 
 extension Substring {
     var trimmingSpaces: String { String(self).trimmed }
+}
+
+/// A Content-Range header of a 206: "bytes START-END/TOTAL", each within Int64 (a total above it
+/// cannot be a file), START <= END < TOTAL.
+struct ContentRange: Equatable {
+    var start: UInt64
+    var end: UInt64
+    var total: UInt64
+
+    init?(parsing v: String) {
+        let t = v.trimmed
+        guard t.hasPrefix("bytes "), let dash = t.firstIndex(of: "-"), let slash = t.lastIndex(of: "/"), dash < slash,
+              let s = UInt64(t[t.index(t.startIndex, offsetBy: 6)..<dash].trimmingSpaces),
+              let e = UInt64(t[t.index(after: dash)..<slash].trimmingSpaces),
+              let total = UInt64(t[t.index(after: slash)...].trimmingSpaces) else { return nil }
+        guard total <= UInt64(Int64.max), s <= e, e < total else { return nil }
+        (start, end, self.total) = (s, e, total)
+    }
+}
+
+/// `user:password@` in an http(s) URL: taken out before the URL is stored, shown, or passed on (a
+/// worker's argv is visible in `ps`), and handed on like any other credentials.
+public enum URLUserinfo {
+    /// The URL without userinfo, and the credentials it carried (percent-decoded).
+    public static func split(_ url: String) -> (url: String, credentials: RegistryCredentials?) {
+        let scheme = url.hasPrefix("https://") ? "https://" : url.hasPrefix("http://") ? "http://" : ""
+        guard !scheme.isEmpty else { return (url, nil) }
+        let rest = url.dropFirst(scheme.count)
+        let authorityEnd = rest.firstIndex { $0 == "/" || $0 == "?" || $0 == "#" } ?? rest.endIndex
+        guard let at = rest[..<authorityEnd].lastIndex(of: "@") else { return (url, nil) }
+        let info = rest[..<at]
+        let stripped: String = scheme + String(rest[rest.index(after: at)...])
+        let parts = info.split(separator: ":", maxSplits: 1, omittingEmptySubsequences: false)
+        let user = percentDecode(String(parts[0]))
+        let password = parts.count > 1 ? percentDecode(String(parts[1])) : ""
+        return (stripped, RegistryCredentials(username: user, password: password, origin: "the URL"))
+    }
+
+    /// The URL as it may be shown or stored.
+    public static func strip(_ url: String) -> String { split(url).url }
+
+    static func percentDecode(_ s: String) -> String {
+        var out: [UInt8] = []
+        var b = Array(s.utf8)[...]
+        while let c = b.popFirst() {
+            if c == UInt8(ascii: "%"), b.count >= 2, let v = UInt8(String(decoding: b.prefix(2), as: UTF8.self), radix: 16) {
+                out.append(v)
+                b = b.dropFirst(2)
+            } else {
+                out.append(c)
+            }
+        }
+        return String(decoding: out, as: UTF8.self)
+    }
 }

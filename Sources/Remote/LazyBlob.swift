@@ -41,11 +41,12 @@ public final class LazyBlob: ImageSource, @unchecked Sendable {
     public init(blob: HTTPBlob, dataPath: String, recordPath: String, granule: UInt64 = 64 << 10, writerFD: Int32? = nil) throws {
         self.blob = blob
         self.dataPath = dataPath
-        writer = try writerFD.map { FileDescriptor(rawValue: $0) } ?? Sys.open(dataPath, O_RDWR | O_CREAT, mode: 0o600)
+        writer = try writerFD.map { FileDescriptor(rawValue: $0) } ?? Sys.openNoSymlinks(dataPath, O_RDWR | O_CREAT, mode: 0o600)
         do {
             let st = try Sys.fstat(writer.rawValue)
             if UInt64(st.st_size) != blob.size { try Sys.ftruncate(writer.rawValue, Int64(blob.size)) }
-            record = try PopulationRecord(path: recordPath, size: blob.size, granule: granule)
+            let identity = PopulationRecord.identity(source: blob.url, size: blob.size, etag: blob.etag, lastModified: blob.lastModified)
+            record = try PopulationRecord(path: recordPath, size: blob.size, granule: granule, identity: identity)
             try takeHead()
         } catch {
             Sys.close(writer.rawValue)

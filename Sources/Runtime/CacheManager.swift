@@ -14,8 +14,87 @@ public struct CacheInfo: Codable, Sendable {
     public var size: UInt64
     public var etag: String?
     public var lastModified: String?
-    /// sha256 hex when the blob was mounted with --digest (then it is also the key).
+    /// sha256 hex when the blob was mounted with --digest or from an OCI registry.
     public var digest: String?
+    /// True once the complete blob matched `digest` (then it is also linked under the digest and
+    /// shared by every source of it); false or absent: its bytes are checked only against the
+    /// server's validators.
+    public var verified: Bool?
+}
+
+extension BlobCache {
+    /// The entry's info file, if readable (never through a symlink).
+    static func readInfo(_ path: String) -> CacheInfo? {
+        guard let fd = try? Sys.openNoSymlinks(path, O_RDONLY) else { return nil }
+        defer { Sys.close(fd.rawValue) }
+        return (try? Sys.readAll(fd.rawValue)).flatMap { try? JSONDecoder().decode(CacheInfo.self, from: Data($0)) }
+    }
+
+    static func writeInfo(_ info: CacheInfo, to path: String) {
+        if let data = try? JSONEncoder().encode(info) { try? Sys.writeFileAtomically(path, [UInt8](data), mode: 0o600) }
+    }
+
+    /// The complete entry verified against `digest`, when there is one of this size.
+    func verifiedEntry(digest: String, size: UInt64) -> (data: String, record: String, info: String, lock: String)? {
+        let p = paths(key: digest)
+        guard let info = Self.readInfo(p.info), info.verified == true, info.digest == digest, info.size == size,
+              let st = try? Sys.lstat(p.data), st.st_mode & S_IFMT == S_IFREG, UInt64(st.st_size) == size,
+              PopulationRecord.presentFraction(path: p.record) == 1 else { return nil }
+        return p
+    }
+
+    /// Compares what the server says of the blob now with what the entry was filled from. A
+    /// changed blob discards the partial entry (a note says so), or is refused while a live mount
+    /// still serves the old version. Then records what the entry now holds.
+    func reconcile(paths p: (data: String, record: String, info: String, lock: String), with blob: HTTPBlob,
+                   digest: String?) throws -> String? {
+        var note: String?
+        if let old = Self.readInfo(p.info), old.url == blob.url,
+           old.size != blob.size || old.etag != blob.etag || old.lastModified != blob.lastModified {
+            var what: [String] = []
+            if old.size != blob.size { what.append("size \(old.size) → \(blob.size)") }
+            if old.etag != blob.etag { what.append("ETag \(old.etag ?? "none") → \(blob.etag ?? "none")") }
+            if old.lastModified != blob.lastModified {
+                what.append("Last-Modified \(old.lastModified ?? "none") → \(blob.lastModified ?? "none")")
+            }
+            let detail = what.joined(separator: ", ")
+            if Self.isLocked(entry: p.data) {
+                throw RuntimeError.remote(RemoteError.blobChanged(url: blob.url, detail: detail + "; a mount still serves the old version")
+                    .description)
+            }
+            try? Sys.unlink(p.data)
+            try? Sys.unlink(p.record)
+            note = "the blob at \(blob.url) changed since it was cached (\(detail)); its partial cache entry was discarded"
+        }
+        let info = CacheInfo(url: blob.url, size: blob.size, etag: blob.etag, lastModified: blob.lastModified, digest: digest,
+                             verified: Self.readInfo(p.info).flatMap { note == nil ? $0.verified : nil })
+        Self.writeInfo(info, to: p.info)
+        return note
+    }
+
+    /// Once the entry at `dataPath` is complete and matched `digest`: links it (data and record)
+    /// under the digest, where every source of that digest may use it, and marks both verified.
+    static func promote(entry dataPath: String, digest: String) {
+        let dir = dataPath.lastIndex(of: "/").map { String(dataPath[..<$0]) } ?? "."
+        let shared = dir + "/" + digest
+        var info = readInfo(dataPath + ".json")
+        info?.verified = true
+        info?.digest = digest
+        if let info { writeInfo(info, to: dataPath + ".json") }
+        guard shared != dataPath, readInfo(shared + ".json")?.verified != true, !isLocked(entry: shared) else { return }
+        // Whatever sits under the digest is not verified (an older version's partial entry): replace it.
+        for suffix in ["", ".pop", ".json"] { try? Sys.unlink(shared + suffix) }
+        do {
+            try Sys.link(dataPath, shared)
+            try Sys.link(dataPath + ".pop", shared + ".pop")
+        } catch {
+            for suffix in ["", ".pop"] { try? Sys.unlink(shared + suffix) }
+            return
+        }
+        if let info { writeInfo(info, to: shared + ".json") }
+    }
+
+    func promote(entry dataPath: String, digest: String) { Self.promote(entry: dataPath, digest: digest) }
 }
 
 /// One entry of the blob cache.
@@ -37,8 +116,9 @@ public struct CacheManager: Sendable {
     public let cache: BlobCache
     public let runtime: Runtime
 
+    /// `directory` is canonicalised: an entry in use is recognised however the cache dir was spelled.
     public init(directory: String, runtime: Runtime = Runtime()) {
-        cache = BlobCache(directory: directory)
+        cache = BlobCache(directory: BlobCache.canonicalDirectory(directory))
         self.runtime = runtime
     }
 
@@ -47,31 +127,46 @@ public struct CacheManager: Sendable {
             .filter { $0.count == 64 && $0.allSatisfy(\.isHexDigit) }.sorted()
         let mounts = MountInfo.current()
         let records = runtime.state.all()
+        // In use is decided by the file itself (device and inode), not by how its path was spelled.
+        func identity(_ path: String) -> String? { (try? Sys.stat(path)).map { "\($0.st_dev):\($0.st_ino)" } }
+        var users: [String: Set<String>] = [:]
+        for r in records {
+            guard let c = r.cachePath, runtime.isOurMount(r, mounts) || r.workerPID.map(Sys.processExists) == true,
+                  let id = identity(c) else { continue }
+            users[id, default: []].insert(r.mountpoint)
+        }
+        for m in mounts where m.fsType == "erofs" && m.source.hasPrefix("/") && !records.contains(where: { $0.mountpoint == m.mountPoint }) {
+            if let id = identity(m.source) { users[id, default: []].insert(m.mountPoint) }
+        }
         return names.map { key in
             let p = cache.paths(key: key)
-            let st = try? Sys.stat(p.data)
-            let info = FileManager.default.contents(atPath: p.info).flatMap { try? JSONDecoder().decode(CacheInfo.self, from: $0) }
+            let st = try? Sys.lstat(p.data)
+            let info = BlobCache.readInfo(p.info)
             let size = UInt64(st?.st_size ?? 0)
             let present = (PopulationRecord.presentFraction(path: p.record) ?? 0) * 100
-            var users = records.filter { $0.cachePath == p.data && (runtime.isOurMount($0, mounts) || $0.workerPID.map(Sys.processExists) == true) }
-                .map(\.mountpoint)
-                + mounts.filter { $0.source == p.data && !records.map(\.mountpoint).contains($0.mountPoint) }.map(\.mountPoint)
-            if users.isEmpty, BlobCache.isLocked(entry: p.data) { users = ["(being filled by another erofs-compat process)"] }
+            var used = st.flatMap { users["\($0.st_dev):\($0.st_ino)"] }.map { Array($0) } ?? []
+            if used.isEmpty, BlobCache.isLocked(entry: p.data) { used = ["(being filled by another erofs-compat process)"] }
             let atime = st.map { Double($0.st_atim.tv_sec) } ?? 0
             let mtime = st.map { Double($0.st_mtim.tv_sec) } ?? 0
             return CacheEntry(key: key, path: p.data, info: info, size: size, allocated: UInt64(st?.st_blocks ?? 0) * 512,
-                              presentPercent: present, usedBy: Array(Set(users)).sorted(), lastUse: max(atime, mtime))
+                              presentPercent: present, usedBy: used.sorted(), lastUse: max(atime, mtime))
         }
     }
 
-    public enum Verdict: String, Codable, Sendable { case ok, mismatch, incomplete, noDigest = "no-digest" }
+    /// `ok`: complete and matches its digest; `mismatch`: complete and does not; `unverified`: its
+    /// bytes were checked only against the server's validators (incomplete, or no digest known).
+    public enum Verdict: String, Codable, Sendable {
+        case ok, mismatch
+        case incomplete = "unverified (incomplete)"
+        case noDigest = "unverified (no digest)"
+    }
 
-    /// Hashes complete entries whose digest is known.
+    /// Hashes complete entries whose digest is known; the others are reported unverified.
     public func verify(_ only: String? = nil) throws -> [(CacheEntry, Verdict)] {
         try entries().filter { only == nil || $0.key.hasPrefix(only!) }.map { e in
             guard let digest = e.info?.digest else { return (e, .noDigest) }
             guard e.presentPercent >= 100 else { return (e, .incomplete) }
-            let fd = try Sys.open(e.path, O_RDONLY)
+            let fd = try Sys.openNoSymlinks(e.path, O_RDONLY)
             defer { Sys.close(fd.rawValue) }
             var h = SHA256()
             var pos: UInt64 = 0
@@ -97,7 +192,7 @@ public struct CacheManager: Sendable {
             for e in all.filter({ $0.usedBy.isEmpty }).sorted(by: { $0.lastUse < $1.lastUse }) {
                 if let maxSize, total <= maxSize { break }
                 let p = cache.paths(key: e.key)
-                for f in [p.data, p.record, p.info, p.lock] { try? Sys.unlink(f) }
+                for f in [p.data, p.record, p.info, p.lock, p.data + ".setup"] { try? Sys.unlink(f) }
                 total -= e.allocated
                 removed.append(e)
             }

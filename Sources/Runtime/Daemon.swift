@@ -59,6 +59,13 @@ public enum DaemonClient {
     public static func mount(_ request: DaemonRequest, socket: String) throws -> DaemonReply? {
         guard let fd = try? Sys.unixConnect(socket) else { return nil }
         defer { Sys.close(fd) }
+        // The request can carry credentials: only a daemon running as this user (root) gets them,
+        // whoever managed to bind a socket at that path.
+        let peer = try? Sys.peerUID(fd)
+        guard peer == Sys.effectiveUID else {
+            throw RuntimeError.state("the socket \(socket) is served by uid \(peer.map(String.init) ?? "unknown"), not \(Sys.effectiveUID); "
+                                     + "remove it or pass --no-daemon")
+        }
         var line = try JSONEncoder().encode(request)
         line.append(0x0A)
         try FileDescriptor(rawValue: fd).writeAll(line)

@@ -10,9 +10,13 @@ public struct MountOptions: Sendable, Equatable, Codable {
     public var noAtime = false
     /// Byte offset of the filesystem inside the image file (`fsoffset=`).
     public var fsOffset: UInt64 = 0
+    /// `suid` / `dev` given: a remote image may keep setuid bits and device nodes working (remote
+    /// mounts are nosuid,nodev otherwise: the bytes come from a server).
+    public var suid = false
+    public var dev = false
 
     public static let known = ["ro", "nosuid", "nodev", "noexec", "noatime", "directio", "cache_strategy=disabled|readahead|readaround",
-                               "fsoffset=BYTES", "user_xattr", "nouser_xattr", "acl", "noacl"]
+                               "fsoffset=BYTES", "user_xattr", "nouser_xattr", "acl", "noacl", "suid", "dev"]
 
     public init() {}
 
@@ -27,6 +31,8 @@ public struct MountOptions: Sendable, Equatable, Codable {
                 case ("rw", _): throw RuntimeError.badOptionValue("rw", detail: "EROFS is read-only; drop 'rw'")
                 case ("nosuid", nil): noSuid = true
                 case ("nodev", nil): noDev = true
+                case ("suid", nil): suid = true
+                case ("dev", nil): dev = true
                 case ("noexec", nil): noExec = true
                 case ("noatime", nil): noAtime = true
                 case ("directio", nil), ("user_xattr", nil), ("nouser_xattr", nil), ("acl", nil), ("noacl", nil):
@@ -47,6 +53,14 @@ public struct MountOptions: Sendable, Equatable, Codable {
         }
     }
 
+    /// The options for a remote image: nosuid and nodev unless `suid` / `dev` was given.
+    public var forRemoteImage: MountOptions {
+        var o = self
+        if !suid { o.noSuid = true }
+        if !dev { o.noDev = true }
+        return o
+    }
+
     /// fsmount attributes.
     package var attributes: MountAPI.Attributes {
         var a: MountAPI.Attributes = [.readOnly]
@@ -60,8 +74,8 @@ public struct MountOptions: Sendable, Equatable, Codable {
     /// The options as `-o` would spell them (for state and status).
     public var summary: String {
         var parts = ["ro"]
-        if noSuid { parts.append("nosuid") }
-        if noDev { parts.append("nodev") }
+        if noSuid { parts.append("nosuid") } else if suid { parts.append("suid") }
+        if noDev { parts.append("nodev") } else if dev { parts.append("dev") }
         if noExec { parts.append("noexec") }
         if noAtime { parts.append("noatime") }
         parts += erofs

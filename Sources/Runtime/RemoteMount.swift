@@ -22,6 +22,8 @@ public struct RemoteOptions: Sendable, Codable {
     public var prefetch: Prefetch
     /// Record the ranges readers ask for into this file (a profile for a later --prefetch).
     public var recordProfile: String?
+    /// Seconds a mount's preparation (manifest, probe, metadata) may take before it fails.
+    public var prepareTimeout: Double = 120
 
     public init(cacheDir: String = BlobCache.defaultDirectory, allowFullDownload: Bool = false, digest: String? = nil,
                 oci: OCIOptions = OCIOptions(), prefetch: Prefetch = .none, recordProfile: String? = nil) {
@@ -67,13 +69,75 @@ public struct OCIOptions: Sendable, Codable {
 
 extension Runtime {
     /// Mounts an http(s) image: lazily through a fanotify worker when the planner allows it, else
-    /// after downloading it whole into the cache.
+    /// after downloading it whole into the cache. The global state lock is held only for the
+    /// attach and the record, never across network I/O; mounts of one cache entry are serialised by
+    /// the entry's setup lock instead.
     func mountRemote(_ req: MountRequest, override: [Finding], note: (String) -> Void) throws -> MountOutcome {
-        let mountpoint = try canonicalMountpoint(req.mountpoint)
+        let target = try MountTarget(req.mountpoint)
+        var req = try validatedRemote(req)
+        req.source = URLUserinfo.strip(req.source)
+        try checkNotMounted(target, source: req.source)
+        guard Sys.hasCapSysAdmin() else { throw RuntimeError.notPrivileged("mounting") }
+        try state.ensureDirectories()
+        let cache = BlobCache(directory: req.remote.cacheDir)
+        do { try cache.ensureDirectories() } catch { throw RuntimeError.state("\(error)") }
+        var notes: [String] = []
+        let blob = try openRemoteBlob(&req, notes: &notes)
+        defer { blob.setDeadline(seconds: nil) }
+        let planned = MountPlanning.planRemote(cacheDir: cache.blobsDir, implemented: Self.implemented, override: override,
+                                               cacheFile: Sys.hasCapSysAdmin() ? state.hostCache : nil)
+        let plan = planned.plan
+        if req.dryRun { return MountOutcome(plan: plan, record: nil, notes: notes) }
+        req.options = req.options.forRemoteImage
+        let digest = req.remote.digest?.lowercased()
+        // A complete blob verified against this digest, from whichever source filled it.
+        if let digest, let verified = cache.verifiedEntry(digest: digest, size: blob.size) {
+            return try mountVerified(req, blob: blob, paths: verified, plan: plan, target: target, notes: notes + ["cached and verified"])
+        }
+        let paths = cache.paths(key: BlobCache.partialKey(source: blob.url))
+        let setup = try BlobCache.lockForSetup(entry: paths.data)
+        defer { Sys.close(setup.rawValue) }
+        if let changed = try cache.reconcile(paths: paths, with: blob, digest: digest) { notes.append(changed); note(changed) }
+        var candidates = try choose(plan, requested: req.backend)
+        if blob.wholeOnly { candidates.removeAll { $0 == .fanotify } }
+        guard let backend = candidates.first else {
+            throw RuntimeError.noBackend("the server does not support Range requests, which lazy mounting needs")
+        }
+        if backend != plan.candidates.first(where: { $0.verdict == .viable })?.backend, req.backend == nil {
+            note("using \(backend.rawValue): the server answers without Range support")
+        }
+        var record = MountRecord(source: req.source, sourceKind: OCIReference.isOCI(req.source) ? "oci" : "http", backend: backend.rawValue,
+                                 mountpoint: target.path, options: req.options.summary, device: nil, workerPID: nil,
+                                 since: Date().timeIntervalSince1970, sourceIdentity: blob.etag ?? blob.lastModified ?? "",
+                                 mountID: nil, cachePath: paths.data, statsPath: nil)
+        if backend == .fanotify {
+            return try mountLazy(req, blob: blob, paths: paths, record: record, plan: plan, target: target, notes: notes)
+        }
+        let blockSize = try download(req, blob: blob, paths: paths, digest: digest)
+        try state.withLock {
+            try checkNotMounted(target, source: req.source)
+            guard let impl = Backends.all[backend] else { throw RuntimeError.noBackend("\(backend.rawValue) is not available") }
+            do {
+                let a = try attachRecorded(&record) {
+                    try impl.attach(PreparedMount(source: paths.data, target: target, options: req.options, blockSize: blockSize))
+                }
+                record.device = a.device
+            } catch let f as BackendFailure {
+                throw RuntimeError.mountFailed(backend: backend.rawValue, detail: f.detail)
+            }
+            try saveOrUndo(record)
+        }
+        return MountOutcome(plan: plan, record: record, notes: notes)
+    }
+
+    /// Checks the remote options and makes their paths absolute.
+    func validatedRemote(_ req: MountRequest) throws -> MountRequest {
+        var req = req
+        req.originalSource = req.source
         if let d = req.remote.digest, d.count != 64 || !d.allSatisfy(\.isHexDigit) {
             throw RuntimeError.badOptionValue("--digest", detail: "expected sha256:<64 hex digits>")
         }
-        var req = req
+        req.remote.cacheDir = BlobCache.canonicalDirectory(req.remote.cacheDir)
         if case .profile(let path) = req.remote.prefetch {
             _ = try PrefetchProfile.load(path)
             req.remote.prefetch = .profile(try Sys.realpath(path))
@@ -86,10 +150,12 @@ extension Runtime {
             let name = path.split(separator: "/").last.map(String.init) ?? path
             req.remote.recordProfile = (try Sys.realpath(dir)) + "/" + name
         }
-        guard Sys.hasCapSysAdmin() else { throw RuntimeError.notPrivileged("mounting") }
-        let cache = BlobCache(directory: req.remote.cacheDir)
-        do { try cache.ensureDirectories() } catch { throw RuntimeError.state("\(error)") }
-        var notes: [String] = []
+        return req
+    }
+
+    /// The blob behind an http(s) URL or an OCI reference, opened (size, validators, Range support)
+    /// within the preparation deadline, which stays set until the caller clears it.
+    func openRemoteBlob(_ req: inout MountRequest, notes: inout [String]) throws -> HTTPBlob {
         let blob: HTTPBlob
         var expectedSize: UInt64?
         do {
@@ -103,8 +169,9 @@ extension Runtime {
                 expectedSize = resolved.size
                 notes.append(resolved.summary)
             } else {
-                blob = try HTTPBlob(url: req.source)
+                blob = try HTTPBlob(url: req.originalSource ?? req.source)
             }
+            blob.setDeadline(seconds: req.remote.prepareTimeout)
             // In the daemon the cache file is written in this process: the probe fetches the
             // superblock area too (one round trip less before the mount).
             try blob.open(allowFullDownload: req.remote.allowFullDownload, head: serving != nil ? 256 << 10 : 1)
@@ -114,115 +181,136 @@ extension Runtime {
         } catch let e as RemoteError {
             throw RuntimeError.remote(e.description)
         }
-        let planned = MountPlanning.planRemote(cacheDir: cache.blobsDir, implemented: Self.implemented, override: override,
-                                               cacheFile: Sys.hasCapSysAdmin() ? state.hostCache : nil)
-        let plan = planned.plan
-        if req.dryRun { return MountOutcome(plan: plan, record: nil, notes: notes) }
-        let key = req.remote.digest?.lowercased() ?? SHA256.hash(data: Array(req.source.utf8)).map { String(hexByte: $0) }.joined()
-        let paths = cache.paths(key: key)
-        let info = CacheInfo(url: blob.url, size: blob.size, etag: blob.etag, lastModified: blob.lastModified, digest: req.remote.digest?.lowercased())
-        // Descriptive (for `cache ls`), so written without fsync.
-        if let data = try? JSONEncoder().encode(info), let fd = try? Sys.open(paths.info, O_WRONLY | O_CREAT | O_TRUNC, mode: 0o600) {
-            _ = try? FileDescriptor(rawValue: fd.rawValue).writeAll(data)
-            Sys.close(fd.rawValue)
+        return blob
+    }
+
+    /// Saves the record of a mount just attached; on failure undoes the mount (never a mount
+    /// without its record).
+    func saveOrUndo(_ record: MountRecord) throws {
+        do { try state.save(record) } catch {
+            try? MountAPI.umount(record.mountpoint)
+            if record.servedByDaemon { serving?.abandon(record.mountpoint) } else { stopWorker(record) }
+            state.remove(record.mountpoint)
+            throw error
         }
-        return try state.withLock {
-            if try isMountRoot(mountpoint) {
-                if let rec = state.load(mountpoint), rec.source == req.source { throw RuntimeError.alreadyMounted(mountpoint, source: req.source) }
-                let existing = MountInfo.mount(at: mountpoint, in: MountInfo.current())
-                throw RuntimeError.mountpointBusy(mountpoint, by: existing.map { "\($0.fsType) from \($0.source)" } ?? "mounted")
-            }
-            var candidates = try choose(plan, requested: req.backend)
-            if blob.wholeOnly { candidates.removeAll { $0 == .fanotify } }
-            guard let backend = candidates.first else {
-                throw RuntimeError.noBackend("the server does not support Range requests, which lazy mounting needs")
-            }
-            if backend != plan.candidates.first(where: { $0.verdict == .viable })?.backend, req.backend == nil {
-                note("using \(backend.rawValue): the server answers without Range support")
-            }
-            var record = MountRecord(source: req.source, sourceKind: OCIReference.isOCI(req.source) ? "oci" : "http", backend: backend.rawValue, mountpoint: mountpoint,
-                                     options: req.options.summary, device: nil, workerPID: nil, since: Date().timeIntervalSince1970,
-                                     sourceIdentity: blob.etag ?? blob.lastModified ?? "", mountID: nil,
-                                     cachePath: paths.data, statsPath: nil)
-            if backend == .fanotify {
-                // A blob already served by a live worker: its mark covers every mount of the cache
-                // file, so this mount shares it (a second group on the same file could deadlock).
-                if let shared = state.all().first(where: { $0.cachePath == paths.data && $0.workerPID.map(Sys.processExists) == true }) {
-                    do {
-                        try attachEROFS(source: paths.data, at: mountpoint, options: req.options, passOffset: true)
-                    } catch {
-                        throw RuntimeError.mountFailed(backend: "fanotify", detail: "\((error as? BackendFailure)?.detail ?? "\(error)")")
-                    }
-                    record.workerPID = shared.workerPID
-                    record.statsPath = shared.statsPath
-                    record.servedBy = shared.servedBy
-                    record.mountID = try? Sys.mountIdentity(mountpoint).id
-                    try state.save(record)
-                    return MountOutcome(plan: plan, record: record, notes: notes + ["sharing the worker of \(shared.mountpoint)"])
+    }
+
+    /// A complete, verified cache entry: mounted straight from the cache file (no worker, no mark).
+    func mountVerified(_ req: MountRequest, blob: HTTPBlob, paths: (data: String, record: String, info: String, lock: String),
+                       plan: Plan, target: MountTarget, notes: [String]) throws -> MountOutcome {
+        let local = plan.candidates.filter { $0.backend != .fanotify && $0.verdict != .rejected }.map(\.backend)
+        guard let backend = req.backend.map({ local.contains($0) ? $0 : .fanotify }) ?? local.first, backend != .fanotify,
+              let impl = Backends.all[backend] else {
+            throw RuntimeError.noBackend("the cached blob is complete; mount it with --backend file or loop")
+        }
+        let blockSize: Int
+        do {
+            let fd = try Sys.openNoSymlinks(paths.data, O_RDONLY)
+            defer { Sys.close(fd.rawValue) }
+            blockSize = try Superblock(parsing: Sys.preadFully(fd.rawValue, count: 128, at: Int64(Superblock.offset)),
+                                       verifyChecksum: false).blockSize
+        } catch {
+            throw RuntimeError.state("cache entry \(paths.data): \(error)")
+        }
+        var record = MountRecord(source: req.source, sourceKind: OCIReference.isOCI(req.source) ? "oci" : "http", backend: backend.rawValue,
+                                 mountpoint: target.path, options: req.options.summary, device: nil, workerPID: nil,
+                                 since: Date().timeIntervalSince1970, sourceIdentity: blob.etag ?? blob.lastModified ?? "",
+                                 mountID: nil, cachePath: paths.data, statsPath: nil)
+        try state.withLock {
+            try checkNotMounted(target, source: req.source)
+            do {
+                let a = try attachRecorded(&record) {
+                    try impl.attach(PreparedMount(source: paths.data, target: target, options: req.options, blockSize: blockSize))
                 }
-                let stats = state.root + "/workers/" + StateStore.key(for: mountpoint)
-                try? Sys.mkdir(state.root + "/workers", mode: 0o700)
-                let pid: Int32
-                if let serving {
-                    do {
-                        try serving.prepare(blob: blob, paths: paths, mountpoint: mountpoint, statsPath: stats, digest: req.remote.digest,
-                                            prefetch: req.remote.prefetch, recordProfile: req.remote.recordProfile)
-                    } catch let e as RemoteError {
-                        throw RuntimeError.remote(e.description)
-                    }
-                    pid = Sys.processID
-                    record.servedBy = MountRecord.daemon
-                } else {
-                    pid = try startWorker(req, blob: blob, paths: paths, mountpoint: mountpoint, statsPath: stats)
-                }
-                do {
-                    try attachEROFS(source: paths.data, at: mountpoint, options: req.options, passOffset: true)
-                } catch {
-                    if let serving { serving.abandon(mountpoint) } else {
-                        try? Sys.kill(pid, SIGKILL)
-                        _ = Sys.reap(pid)
-                    }
-                    throw RuntimeError.mountFailed(backend: "fanotify", detail: "\((error as? BackendFailure)?.detail ?? "\(error)")")
-                }
-                record.workerPID = pid
-                record.statsPath = stats
+                record.device = a.device
+            } catch let f as BackendFailure {
+                throw RuntimeError.mountFailed(backend: backend.rawValue, detail: f.detail)
+            }
+            try saveOrUndo(record)
+        }
+        return MountOutcome(plan: plan, record: record, notes: notes)
+    }
+
+    /// Downloads the whole blob into the cache file (streamed, bounded by the size learned first),
+    /// verifies it, links it under its digest; returns the image's block size.
+    func download(_ req: MountRequest, blob: HTTPBlob, paths: (data: String, record: String, info: String, lock: String),
+                  digest: String?) throws -> Int {
+        do {
+            let entryLock = try BlobCache.lockForWriting(entry: paths.data)
+            defer { Sys.close(entryLock.rawValue) }
+            blob.setDeadline(seconds: nil)
+            let lazy = try LazyBlob(blob: blob, dataPath: paths.data, recordPath: paths.record)
+            if blob.wholeOnly {
+                try blob.readAll(into: lazy.writerFD)
             } else {
-                // Whole download, verified, then a local mount of the cache file.
-                let blockSize: Int
-                do {
-                    let entryLock = try BlobCache.lockForWriting(entry: paths.data)
-                    defer { Sys.close(entryLock.rawValue) }
-                    let lazy = try LazyBlob(blob: blob, dataPath: paths.data, recordPath: paths.record)
-                    if blob.wholeOnly {
-                        try blob.readAll(into: lazy.writerFD)
-                    } else {
-                        try lazy.ensure(offset: 0, length: blob.size)
-                        try lazy.commit()
-                    }
-                    if let d = req.remote.digest { try lazy.verify(sha256: d) }
-                    blockSize = try Superblock(parsing: Sys.preadFully(lazy.writerFD, count: 128, at: Int64(Superblock.offset)),
-                                               verifyChecksum: false).blockSize
-                } catch let e as RemoteError {
-                    if case .digestMismatch = e { try? Sys.unlink(paths.data); try? Sys.unlink(paths.record) }
-                    throw RuntimeError.remote(e.description)
-                }
-                guard let impl = Backends.all[backend] else { throw RuntimeError.noBackend("\(backend.rawValue) is not available") }
-                do {
-                    let a = try impl.attach(PreparedMount(source: paths.data, mountpoint: mountpoint, options: req.options, blockSize: blockSize))
-                    record.device = a.device
-                } catch let f as BackendFailure {
-                    throw RuntimeError.mountFailed(backend: backend.rawValue, detail: f.detail)
-                }
+                try lazy.ensure(offset: 0, length: blob.size)
             }
-            record.mountID = try? Sys.mountIdentity(mountpoint).id
-            do { try state.save(record) } catch {
-                try? MountAPI.umount(mountpoint)
-                if record.servedByDaemon { serving?.abandon(mountpoint) } else { stopWorker(record) }
-                throw error
+            if let digest {
+                try lazy.verify(sha256: digest)
+                try lazy.markAllPresent()
+                BlobCache(directory: req.remote.cacheDir).promote(entry: paths.data, digest: digest)
+            } else {
+                try lazy.markAllPresent()
             }
-            if record.servedByDaemon { serving?.serve(mountpoint) }
-            return MountOutcome(plan: plan, record: record, notes: notes)
+            return try Superblock(parsing: Sys.preadFully(lazy.writerFD, count: 128, at: Int64(Superblock.offset)),
+                                  verifyChecksum: false).blockSize
+        } catch let e as RemoteError {
+            if case .digestMismatch = e { try? Sys.unlink(paths.data); try? Sys.unlink(paths.record) }
+            throw RuntimeError.remote(e.description)
         }
+    }
+
+    /// The fanotify backend: a worker (or the daemon) marks the cache file and fetches the metadata,
+    /// then the cache file is mounted. A blob already served by a live worker is shared: its mark
+    /// covers every mount of the cache file (a second group on the same file could deadlock).
+    func mountLazy(_ req: MountRequest, blob: HTTPBlob, paths: (data: String, record: String, info: String, lock: String),
+                   record: MountRecord, plan: Plan, target: MountTarget, notes: [String]) throws -> MountOutcome {
+        var record = record
+        func attach() throws {
+            do {
+                try attachRecorded(&record) { try attachEROFS(source: paths.data, at: target, options: req.options, passOffset: true) }
+            } catch {
+                throw RuntimeError.mountFailed(backend: "fanotify", detail: "\((error as? BackendFailure)?.detail ?? "\(error)")")
+            }
+        }
+        if let shared = state.all().first(where: { $0.cachePath == paths.data && $0.workerPID.map(Sys.processExists) == true }) {
+            (record.workerPID, record.statsPath, record.servedBy) = (shared.workerPID, shared.statsPath, shared.servedBy)
+            try state.withLock {
+                try checkNotMounted(target, source: req.source)
+                try attach()
+                try saveOrUndo(record)
+            }
+            return MountOutcome(plan: plan, record: record, notes: notes + ["sharing the worker of \(shared.mountpoint)"])
+        }
+        let stats = state.root + "/workers/" + StateStore.key(for: target.path)
+        try? Sys.mkdir(state.root + "/workers", mode: 0o700)
+        record.statsPath = stats
+        if let serving {
+            do {
+                try serving.prepare(blob: blob, paths: paths, mountpoint: target.path, statsPath: stats, digest: req.remote.digest,
+                                    prefetch: req.remote.prefetch, recordProfile: req.remote.recordProfile)
+            } catch let e as RemoteError {
+                throw RuntimeError.remote(e.description)
+            }
+            (record.workerPID, record.servedBy) = (Sys.processID, MountRecord.daemon)
+        } else {
+            record.workerPID = try startWorker(req, blob: blob, paths: paths, mountpoint: target.path, statsPath: stats)
+        }
+        do {
+            try state.withLock {
+                try checkNotMounted(target, source: req.source)
+                try attach()
+                try saveOrUndo(record)
+            }
+        } catch {
+            if let serving { serving.abandon(target.path) } else if let pid = record.workerPID {
+                try? Sys.kill(pid, SIGKILL)
+                _ = Sys.reap(pid)
+            }
+            throw error
+        }
+        if record.servedByDaemon { serving?.serve(target.path) }
+        return MountOutcome(plan: plan, record: record, notes: notes)
     }
 
     /// An `oci://` reference resolved to its blob (with the registry's authentication attached).
@@ -258,6 +346,7 @@ extension Runtime {
         var args = ["__serve", "--url", url, "--data", paths.data, "--record", paths.record, "--mountpoint", mountpoint,
                     "--stats", statsPath, "--ready-fd", String(w)]
         if let d = req.remote.digest { args += ["--digest", d] }
+        args += ["--prepare-timeout", String(req.remote.prepareTimeout)]
         args += LazyWorker.prefetchArguments(req.remote.prefetch, recordProfile: req.remote.recordProfile)
         // What this process just learned from the server (it also checked the cache against it).
         args += LazyWorker.knownArguments(blob)
@@ -282,7 +371,7 @@ extension Runtime {
         var line = [UInt8]()
         var buf = [UInt8](repeating: 0, count: 512)
         while !line.contains(0x0A) {
-            guard (try? Sys.poll(r, timeoutMs: 300_000)) == true else { break }
+            guard (try? Sys.poll(r, timeoutMs: Int32(min(req.remote.prepareTimeout + 30, 3600) * 1000))) == true else { break }
             let n = (try? buf.withUnsafeMutableBytes { try Sys.read(r, into: $0) }) ?? 0
             if n <= 0 { break }
             line += buf[0..<n]

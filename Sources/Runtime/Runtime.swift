@@ -20,6 +20,8 @@ public struct MountRequest: Sendable {
     public var dryRun: Bool
     /// For http(s) sources.
     public var remote: RemoteOptions
+    /// The source as given, before credentials were taken out of a URL (never stored or shown).
+    var originalSource: String?
 
     public init(source: String, mountpoint: String, backend: Backend? = nil, options: MountOptions = MountOptions(),
                 dryRun: Bool = false, remote: RemoteOptions = RemoteOptions()) {
@@ -78,10 +80,10 @@ public struct Runtime: Sendable {
             return try mountRemote(req, override: override, note: note)
         }
         let (source, identity, sourceFD) = try openSource(req.source)
-        let (mountpoint, admin, planned): (String, Bool, MountPlanning.Result)
+        let (target, admin, planned): (MountTarget, Bool, MountPlanning.Result)
         do {
             defer { sourceFD.map { Sys.close($0.rawValue) } }
-            mountpoint = try canonicalMountpoint(req.mountpoint)
+            target = try MountTarget(req.mountpoint)
             try? state.ensureDirectories()
             admin = Sys.hasCapSysAdmin()
             planned = MountPlanning.planLocal(image: source, imageFD: sourceFD?.rawValue, privileged: admin, offset: req.options.fsOffset,
@@ -89,25 +91,24 @@ public struct Runtime: Sendable {
         }
         let blockSize = try validateImage(source, planned.findings, superblock: planned.superblock, options: req.options)
         let plan = planned.plan
+        // A dry run refuses what the mount would refuse.
+        try checkNotMounted(target, source: source)
         if req.dryRun { return MountOutcome(plan: plan, record: nil, notes: []) }
         guard admin else { throw RuntimeError.notPrivileged("mounting") }
 
         return try state.withLock {
-            if try isMountRoot(mountpoint) {
-                if let rec = state.load(mountpoint), rec.source == source {
-                    throw RuntimeError.alreadyMounted(mountpoint, source: source)
-                }
-                let existing = MountInfo.mount(at: mountpoint, in: MountInfo.current())
-                throw RuntimeError.mountpointBusy(mountpoint, by: existing.map { "\($0.fsType) from \($0.source)" } ?? "mounted")
-            }
+            try checkNotMounted(target, source: source)
             let candidates = try choose(plan, requested: req.backend)
             var notes: [String] = []
-            let prepared = PreparedMount(source: source, mountpoint: mountpoint, options: req.options, blockSize: blockSize)
+            let prepared = PreparedMount(source: source, target: target, options: req.options, blockSize: blockSize)
             for (i, backend) in candidates.enumerated() {
                 guard let impl = Backends.all[backend] else { continue }
+                var record = MountRecord(source: source, sourceKind: "local", backend: backend.rawValue, mountpoint: target.path,
+                                         options: req.options.summary, device: nil, workerPID: nil,
+                                         since: Date().timeIntervalSince1970, sourceIdentity: identity, mountID: nil)
                 let attachment: Attachment
                 do {
-                    attachment = try impl.attach(prepared)
+                    attachment = try attachRecorded(&record) { try impl.attach(prepared) }
                 } catch let f as BackendFailure {
                     let canFallBack = req.backend == nil && f.fallback && i + 1 < candidates.count
                     guard canFallBack else { throw RuntimeError.mountFailed(backend: backend.rawValue, detail: f.detail) }
@@ -116,22 +117,42 @@ public struct Runtime: Sendable {
                     note(line)
                     continue
                 }
-                let record = MountRecord(source: source, sourceKind: "local", backend: backend.rawValue, mountpoint: mountpoint,
-                                         options: req.options.summary, device: attachment.device, workerPID: attachment.workerPID,
-                                         since: Date().timeIntervalSince1970, sourceIdentity: identity,
-                                         mountID: try? Sys.mountIdentity(mountpoint).id)
+                (record.device, record.workerPID) = (attachment.device, attachment.workerPID)
                 do {
                     try state.save(record)
                 } catch {
                     // Never leave a mount without its record.
-                    try? MountAPI.umount(mountpoint)
+                    try? MountAPI.umount(target.path)
                     impl.release(record)
+                    state.remove(target.path)
                     throw error
                 }
                 return MountOutcome(plan: plan, record: record, notes: notes)
             }
             throw RuntimeError.noBackend(notes.joined(separator: "; "))
         }
+    }
+
+    /// Refuses a mountpoint that is already the root of a mount (naming what is there).
+    func checkNotMounted(_ target: MountTarget, source: String) throws {
+        guard try target.isMountRoot() else { return }
+        if let rec = state.load(target.path), rec.source == source { throw RuntimeError.alreadyMounted(target.path, source: source) }
+        let existing = MountInfo.mount(at: target.path, in: MountInfo.current())
+        throw RuntimeError.mountpointBusy(target.path, by: existing.map { "\($0.fsType) from \($0.source)" } ?? "mounted")
+    }
+
+    /// Runs `attach` with the record saved first (pending: no mount id yet), so a crash right after
+    /// the kernel attached leaves a mount `umount` still recognises as ours (by mountinfo); the
+    /// record is removed again when attaching fails, and gets the new mount's id when it works.
+    func attachRecorded<T>(_ record: inout MountRecord, _ attach: () throws -> T) throws -> T {
+        try state.save(record)
+        let result: T
+        do { result = try attach() } catch {
+            state.remove(record.mountpoint)
+            throw error
+        }
+        record.mountID = try? Sys.mountIdentity(record.mountpoint).id
+        return result
     }
 
     /// The candidates to try, in order: the named backend alone, or every viable one.
@@ -179,16 +200,13 @@ public struct Runtime: Sendable {
         return (p, "\(st.st_dev):\(st.st_ino)")
     }
 
-    func canonicalMountpoint(_ path: String) throws -> String {
-        guard let (p, st) = try? Sys.canonical(path) else { throw RuntimeError.mountpointMissing(path) }
-        guard st.st_mode & S_IFMT == S_IFDIR else { throw RuntimeError.mountpointNotDirectory(path) }
-        return p
-    }
-
     /// libblkid + superblock + feature bits, from the planner's findings; returns the block size.
     func validateImage(_ source: String, _ f: Findings, superblock: Superblock?, options: MountOptions) throws -> Int {
         if f.status("image.superblock") != .present {
             throw RuntimeError.notEROFS(source, detail: f["image.superblock"]?.evidence.first?.result ?? "no superblock")
+        }
+        if f.status("image.size") == .absent {
+            throw RuntimeError.imageTruncated(source, detail: f["image.size"]?.evidence.first?.result ?? "truncated")
         }
         if let blkid = f["image.blkid"]?.value, let type = blkid.split(separator: " ").first(where: { $0.hasPrefix("TYPE=") }), type != "TYPE=erofs" {
             throw RuntimeError.notEROFS(source, detail: "libblkid identifies it as \(type.dropFirst(5))")

@@ -14,10 +14,12 @@ public enum RuntimeError: Error, Equatable, CustomStringConvertible {
     case sourceMissing(String)
     case sourceNotFile(String)
     case notEROFS(String, detail: String)
+    case imageTruncated(String, detail: String)
     case unsupportedFeatures(String, features: String)
     case mountpointMissing(String)
     case mountpointNotDirectory(String)
     case mountpointBusy(String, by: String)
+    case mountpointChanged(String, detail: String)
     case alreadyMounted(String, source: String)
     case notPrivileged(String)
     case unknownOption(String)
@@ -32,8 +34,8 @@ public enum RuntimeError: Error, Equatable, CustomStringConvertible {
 
     public var exitCode: ExitCode {
         switch self {
-        case .sourceMissing, .sourceNotFile, .notEROFS, .unsupportedFeatures: return .badSource
-        case .mountpointMissing, .mountpointNotDirectory, .mountpointBusy, .alreadyMounted: return .badMountpoint
+        case .sourceMissing, .sourceNotFile, .notEROFS, .imageTruncated, .unsupportedFeatures: return .badSource
+        case .mountpointMissing, .mountpointNotDirectory, .mountpointBusy, .mountpointChanged, .alreadyMounted: return .badMountpoint
         case .notPrivileged: return .notPermitted
         case .unknownOption, .badOptionValue: return .usage
         case .backendUnavailable, .noBackend, .mountFailed, .state: return .mountFailed
@@ -47,10 +49,13 @@ public enum RuntimeError: Error, Equatable, CustomStringConvertible {
         case .sourceMissing(let p): return "source '\(p)' does not exist; pass the path of an EROFS image"
         case .sourceNotFile(let p): return "source '\(p)' is not a regular file; pass an EROFS image file"
         case .notEROFS(let p, let d): return "source '\(p)' is not an EROFS image (\(d)); check the path or build it with mkfs.erofs"
+        case .imageTruncated(let p, let d): return "image '\(p)' is \(d); download or build it again"
         case .unsupportedFeatures(let p, let f): return "image '\(p)' uses features this kernel lacks: \(f); use a newer kernel or rebuild the image without them"
         case .mountpointMissing(let p): return "mountpoint '\(p)' does not exist; create it with mkdir first"
-        case .mountpointNotDirectory(let p): return "mountpoint '\(p)' is not a directory; pass an empty directory"
+        case .mountpointNotDirectory(let p): return "mountpoint '\(p)' is not a directory; pass a directory"
         case .mountpointBusy(let p, let by): return "mountpoint '\(p)' is already a mount point (\(by)); unmount it or choose another directory"
+        case .mountpointChanged(let p, let d):
+            return "mountpoint '\(p)' changed while the mount was prepared (\(d)); nothing was mounted, check who can write its parents"
         case .alreadyMounted(let p, let s): return "'\(s)' is already mounted on '\(p)' by erofs-compat; run 'erofs-compat umount \(p)' first"
         case .notPrivileged(let what): return "\(what) needs root (CAP_SYS_ADMIN); run it with sudo"
         case .unknownOption(let o): return "unknown mount option '\(o)'; known: \(MountOptions.known.joined(separator: ", "))"

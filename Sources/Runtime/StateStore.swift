@@ -85,6 +85,15 @@ public struct StateStore: Sendable {
                 catch { throw RuntimeError.state("cannot create \(d): \(error)") }
             }
         }
+        // As root, a state directory another user owns or can write would let them plant links
+        // that root's record writes follow, or forge records that umount acts on.
+        if Sys.effectiveUID == 0 {
+            for d in [root, mountsDir] {
+                if let why = Sys.unsafeDirectoryReason(d) {
+                    throw RuntimeError.state("refusing state directory \(root): \(why); use a directory only root can write")
+                }
+            }
+        }
         _ = Self.ensured.withLock { $0.insert(root) }
     }
     private static let ensured = Locked<Set<String>>([])
@@ -92,9 +101,9 @@ public struct StateStore: Sendable {
     /// Opens (creating, 0600) a file in the state directory, re-creating the directories once if they
     /// were removed since this process checked them.
     func openRecreatingDirectories(_ path: String, _ flags: Int32) throws -> FileDescriptor {
-        do { return try Sys.open(path, flags, mode: 0o600) } catch let e as Errno where e == .noSuchFileOrDirectory {
+        do { return try Sys.openNoSymlinks(path, flags, mode: 0o600) } catch let e as Errno where e == .noSuchFileOrDirectory {
             try ensureDirectories(recheck: true)
-            return try Sys.open(path, flags, mode: 0o600)
+            return try Sys.openNoSymlinks(path, flags, mode: 0o600)
         }
     }
 

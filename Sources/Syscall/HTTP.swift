@@ -7,7 +7,10 @@ package struct HTTPResponse: Sendable {
     /// Header names lower-cased; the last response's headers only (after redirects).
     package var headers: [String: String]
     package var body: [UInt8]
+    /// Bytes of body received (also when they were written to a file).
+    package var bodyLength: Int
     package var bodyTruncated: Bool
+    package var bodyWriteFailed: Bool
     /// CURLE_* (0 = the transfer itself worked).
     package var curlCode: Int32
     package var error: String
@@ -41,10 +44,12 @@ package final class HTTPHandle {
     deinit { ecx_curl_easy_cleanup(handle) }
 
     /// Performs one request. `range` is "first-last" (inclusive); `bodyLimit` bounds the body kept
-    /// (the transfer is cut beyond it and `bodyTruncated` set).
+    /// (the transfer is cut beyond it and `bodyTruncated` set). The whole transfer ends after
+    /// `deadlineMs` (0: only the low-speed limit of `timeoutMs`). With `into` the body is written to
+    /// that file from offset 0 instead of being kept (`body` stays empty; its length is `bodyLength`).
     package func request(_ url: String, range: String? = nil, headOnly: Bool = false, headers: [String] = [],
-                         bodyLimit: Int, timeoutMs: Int = 30_000) -> HTTPResponse {
-        var body = [UInt8](repeating: 0, count: max(bodyLimit, 1))
+                         bodyLimit: Int, timeoutMs: Int = 30_000, deadlineMs: Int = 0, into fd: Int32? = nil) -> HTTPResponse {
+        var body = [UInt8](repeating: 0, count: fd == nil ? max(bodyLimit, 1) : 1)
         var result = ecx_http_result()
         let cHeaders = headers.map { strdup($0) }
         defer { cHeaders.forEach { free($0) } }
@@ -52,15 +57,16 @@ package final class HTTPHandle {
         _ = body.withUnsafeMutableBufferPointer { b in
             ptrs.withUnsafeMutableBufferPointer { hp in
                 ecx_http_request(handle, url, range, headOnly ? 1 : 0, hp.baseAddress, hp.count,
-                                 b.baseAddress, bodyLimit, timeoutMs, &result)
+                                 b.baseAddress, bodyLimit, timeoutMs, deadlineMs, fd ?? -1, &result)
             }
         }
         defer { ecx_http_result_free(&result) }
         let raw = result.headers.map { String(cString: $0) } ?? ""
         let error = withUnsafeBytes(of: result.error) { String(decoding: $0.prefix(while: { $0 != 0 }), as: UTF8.self) }
-        body.removeSubrange(result.body_len...)
-        return HTTPResponse(status: result.status, headers: Self.parseHeaders(raw), body: body,
-                            bodyTruncated: result.body_truncated != 0, curlCode: result.curl_code, error: error)
+        body.removeSubrange((fd == nil ? result.body_len : 0)...)
+        return HTTPResponse(status: result.status, headers: Self.parseHeaders(raw), body: body, bodyLength: result.body_len,
+                            bodyTruncated: result.body_truncated != 0, bodyWriteFailed: result.body_write_failed != 0,
+                            curlCode: result.curl_code, error: error)
     }
 
     /// Headers of the last response block (redirects and 100-continue produce several).

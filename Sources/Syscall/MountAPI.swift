@@ -62,7 +62,18 @@ package enum MountAPI {
         }
     }
 
-    /// fsmount + move_mount onto `target`.
+    /// fsmount + move_mount onto the directory `target` names (an O_PATH descriptor opened when the
+    /// mountpoint was checked: the mount lands on that directory even if its path has changed since).
+    package static func attach(_ ctx: Context, attributes: Attributes, at target: FileDescriptor) throws {
+        let mfd = try Sys.call { ecx_fsmount(ctx.fd.rawValue, ecx_fsmount_cloexec, attributes.rawValue) }
+        defer { Sys.close(mfd) }
+        _ = try Sys.call {
+            ecx_move_mount(mfd, "", target.rawValue, "", ecx_move_mount_f_empty_path | ecx_move_mount_t_empty_path)
+        }
+    }
+
+    /// fsmount + move_mount onto a path resolved now (tests, and the bench's raw baseline; the
+    /// runtime attaches to the descriptor it checked).
     package static func attach(_ ctx: Context, attributes: Attributes, at target: String) throws {
         let mfd = try Sys.call { ecx_fsmount(ctx.fd.rawValue, ecx_fsmount_cloexec, attributes.rawValue) }
         defer { Sys.close(mfd) }
@@ -77,7 +88,8 @@ package enum MountAPI {
         }
     }
 
+    /// umount2; a symlink as the last component is not followed.
     package static func umount(_ target: String, detach: Bool = false) throws {
-        _ = try Sys.call { Glibc.umount2(target, detach ? ecx_mnt_detach : 0) }
+        _ = try Sys.call { Glibc.umount2(target, (detach ? ecx_mnt_detach : 0) | ecx_umount_nofollow) }
     }
 }

@@ -98,4 +98,12 @@ extension Sys {
         _ = try call { ecx_mount_identity(path, &id, &root) }
         return (id, root < 0 ? nil : root == 1)
     }
+
+    /// The same for what an open descriptor (an O_PATH one too) names.
+    package static func mountIdentity(fd: Int32) throws -> (id: UInt64, isRoot: Bool?) {
+        var id: UInt64 = 0
+        var root: Int32 = 0
+        _ = try call { ecx_mount_identity_at(fd, "", &id, &root) }
+        return (id, root < 0 ? nil : root == 1)
+    }
 }

@@ -13,7 +13,7 @@ extension Sys {
         defer { posix_spawn_file_actions_destroy(&actions) }
         posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
         posix_spawn_file_actions_addopen(&actions, 1, "/dev/null", O_WRONLY, 0)
-        posix_spawn_file_actions_addopen(&actions, 2, logPath, O_WRONLY | O_CREAT | O_APPEND, 0o600)
+        posix_spawn_file_actions_addopen(&actions, 2, logPath, O_WRONLY | O_CREAT | O_APPEND | O_NOFOLLOW, 0o600)
         // dup2(fd, fd) in the child clears its close-on-exec flag there only: the parent's descriptors
         // stay close-on-exec, so a spawn on another thread can never inherit them.
         for fd in keep { posix_spawn_file_actions_adddup2(&actions, fd, fd) }

@@ -21,8 +21,46 @@ package enum Sys {
 
     // MARK: files
 
+    /// open(2). A call that may create the file never follows a symlink in its last component
+    /// (O_NOFOLLOW): as root, a planted link would otherwise create or truncate whatever it names.
     package static func open(_ path: String, _ flags: Int32, mode: UInt32 = 0o600) throws -> FileDescriptor {
-        FileDescriptor(rawValue: try call { ecx_open(path, flags | O_CLOEXEC, mode) })
+        let f = flags & O_CREAT != 0 ? flags | O_NOFOLLOW : flags
+        return FileDescriptor(rawValue: try call { ecx_open(path, f | O_CLOEXEC, mode) })
+    }
+
+    /// Opens an absolute path in which no component may be a symlink (openat2 RESOLVE_NO_SYMLINKS;
+    /// O_NOFOLLOW alone where the kernel has no openat2): for cache and state files, whose
+    /// directories were canonicalised once, so any symlink found later was planted.
+    package static func openNoSymlinks(_ path: String, _ flags: Int32, mode: UInt32 = 0o600) throws -> FileDescriptor {
+        while true {
+            let fd = ecx_open_no_symlinks_mode(path, flags | O_NOFOLLOW, mode)
+            if fd >= 0 { return FileDescriptor(rawValue: fd) }
+            let e = Errno(rawValue: ecx_errno())
+            if e == .interrupted { continue }
+            if e == .noFunction { return try open(path, flags | O_NOFOLLOW, mode: mode) }
+            throw e
+        }
+    }
+
+    /// Why `path` (an existing directory) is not safe for root to keep files in: not owned by this
+    /// user, or writable by group or others — or one of its parents writable by others without the
+    /// sticky bit (someone else could swap it). nil when it is safe. Checked without following
+    /// symlinks.
+    package static func unsafeDirectoryReason(_ path: String) -> String? {
+        guard let st = try? lstat(path) else { return "\(path) does not exist" }
+        if st.st_mode & S_IFMT == S_IFLNK { return "\(path) is a symlink" }
+        guard st.st_mode & S_IFMT == S_IFDIR else { return "\(path) is not a directory" }
+        if st.st_uid != effectiveUID { return "\(path) is owned by uid \(st.st_uid), not \(effectiveUID)" }
+        if st.st_mode & 0o022 != 0 { return "\(path) is writable by group or others (mode \(String(st.st_mode & 0o7777, radix: 8)))" }
+        var parent = path
+        while let slash = parent.lastIndex(of: "/"), parent != "/" {
+            parent = slash == parent.startIndex ? "/" : String(parent[..<slash])
+            guard let p = try? lstat(parent) else { return "\(parent) cannot be examined" }
+            if p.st_mode & S_IFMT == S_IFLNK { return "\(parent) is a symlink" }
+            if p.st_uid != 0 && p.st_uid != effectiveUID { return "\(parent) is owned by uid \(p.st_uid)" }
+            if p.st_mode & 0o002 != 0 && p.st_mode & S_ISVTX == 0 { return "\(parent) is writable by others" }
+        }
+        return nil
     }
 
     package static func openAt(_ dir: FileDescriptor, _ path: String, _ flags: Int32, mode: UInt32 = 0o600) throws -> FileDescriptor {
@@ -107,9 +145,10 @@ package enum Sys {
     /// Replaces `path` with `bytes` atomically: a temporary file beside it, then rename (readers see
     /// the old or the new content, never a mix). The temporary file is removed on failure.
     package static func writeFileAtomically(_ path: String, _ bytes: [UInt8], mode: UInt32 = 0o644) throws {
-        let tmp = path + ".tmp.\(processID)"
+        // A fresh name, created exclusively: a file or link planted under it is never written through.
+        let tmp = path + ".tmp.\(processID).\(UInt32.random(in: 0...UInt32.max))"
         do {
-            let fd = try open(tmp, O_WRONLY | O_CREAT | O_TRUNC, mode: mode)
+            let fd = try open(tmp, O_WRONLY | O_CREAT | O_EXCL, mode: mode)
             defer { close(fd.rawValue) }
             try bytes.withUnsafeBytes { try pwriteAll(fd.rawValue, $0, at: 0) }
         } catch {
@@ -202,8 +241,10 @@ package enum Sys {
             // ELOOP: a symlink on the way; ENOSYS/EPERM/EINVAL: no openat2 here. Both: realpath.
             if e != .tooManySymbolicLinkLevels && e != .noFunction && e != .notPermitted && e != .invalidArgument { throw e }
         }
+        // Opened by the symlink-free path realpath found: a component swapped for a symlink since
+        // is refused (ELOOP), never followed.
         let p = try realpath(path)
-        return (try open(p, flags), p)
+        return (try openNoSymlinks(p, flags), p)
     }
 
     /// Absolute, no empty, "." or ".." components, no trailing slash.

@@ -105,7 +105,7 @@ struct MountCommand: ParsableCommand {
     @Argument(help: "The EROFS image: a file, an http(s) URL or an oci:// reference.")
     var source: String
 
-    @Argument(help: "An existing empty directory.")
+    @Argument(help: "An existing directory that is not already a mount point (its contents are hidden while mounted).")
     var mountpoint: String
 
     func validate() throws {

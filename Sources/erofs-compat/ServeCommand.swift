@@ -26,6 +26,7 @@ struct ServeCommand: ParsableCommand {
     @Option var size: UInt64?
     @Option var etag: String?
     @Option var lastModified: String?
+    @Option var prepareTimeout: Double?
 
     func run() throws {
         var options = LazyWorker.Options(url: url, dataPath: data, recordPath: record, mountpoint: mountpoint, statsPath: stats,
@@ -33,6 +34,7 @@ struct ServeCommand: ParsableCommand {
         options.prefetch = Prefetch(argument: prefetch)
         options.recordProfile = recordProfile
         options.supervisorPID = supervisorPid
+        options.prepareTimeout = prepareTimeout
         if let size { options.known = (size, etag, lastModified) }
         if authFd >= 0 {
             do {

@@ -82,7 +82,11 @@ struct OCIMountTests {
         #expect(out.notes.contains { $0.contains("platform linux/\(OCIFixture.hostPlatform.architecture)") })
         #expect(TreeFactsLite(f.mnt) == (try f.oracle(mine)))
         let layerDigest = sha256Hex([UInt8](try Data(contentsOf: URL(fileURLWithPath: mine))))
-        #expect(rec.cachePath == f.dir.file("cache") + "/blobs/sha256/" + layerDigest, "content-addressed cache")
+        // Keyed by the blob's source (registry, repository, digest) while it fills; by its digest alone
+        // only once complete and verified.
+        let info = try #require(BlobCache.readInfo(try #require(rec.cachePath) + ".json"))
+        #expect(info.url.hasSuffix("/v2/test/app/blobs/sha256:" + layerDigest) && info.digest == layerDigest)
+        #expect(rec.cachePath == f.dir.file("cache") + "/blobs/sha256/" + BlobCache.partialKey(source: info.url), "per-source cache entry")
 
         var oci = OCIOptions(environment: [:])
         oci.platform = "linux/\(OCIFixture.otherArch)"

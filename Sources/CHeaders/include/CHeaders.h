@@ -214,6 +214,7 @@ static inline int ecx_fanotify_mark(int fd, unsigned int flags, uint64_t mask, i
 #define ECX_MOUNT_ATTR_NOEXEC 0x00000008u
 #define ECX_MOUNT_ATTR_NOATIME 0x00000010u
 #define ECX_MOVE_MOUNT_F_EMPTY_PATH 0x00000004u
+#define ECX_MOVE_MOUNT_T_EMPTY_PATH 0x00000040u
 
 static const unsigned int ecx_fsopen_cloexec = ECX_FSOPEN_CLOEXEC;
 static const unsigned int ecx_fsmount_cloexec = ECX_FSMOUNT_CLOEXEC;
@@ -226,6 +227,7 @@ static const unsigned int ecx_mount_attr_nodev = ECX_MOUNT_ATTR_NODEV;
 static const unsigned int ecx_mount_attr_noexec = ECX_MOUNT_ATTR_NOEXEC;
 static const unsigned int ecx_mount_attr_noatime = ECX_MOUNT_ATTR_NOATIME;
 static const unsigned int ecx_move_mount_f_empty_path = ECX_MOVE_MOUNT_F_EMPTY_PATH;
+static const unsigned int ecx_move_mount_t_empty_path = ECX_MOVE_MOUNT_T_EMPTY_PATH;
 
 static inline int ecx_fsopen(const char *fsname, unsigned int flags) {
     return (int)syscall(__NR_fsopen, fsname, flags);
@@ -368,6 +370,7 @@ static const unsigned long ecx_ms_noatime = MS_NOATIME;
 static const unsigned long ecx_ms_rec = MS_REC;
 static const unsigned long ecx_ms_private = MS_PRIVATE;
 static const int ecx_mnt_detach = MNT_DETACH;
+static const int ecx_umount_nofollow = UMOUNT_NOFOLLOW;
 
 /* ---------------------------------------------------------------- variadic wrappers */
 
@@ -431,6 +434,11 @@ int ecx_mount_identity(const char *path, uint64_t *mnt_id, int *is_root);
 /** Opens `path` with `flags` (plus O_CLOEXEC) only if no component of it is a symbolic link
  * (openat2 with RESOLVE_NO_SYMLINKS, Linux 5.6+): ELOOP when one is, ENOSYS on older kernels. In shim.c. */
 int ecx_open_no_symlinks(const char *path, int flags);
+/** The same with a mode for O_CREAT / O_TMPFILE. */
+int ecx_open_no_symlinks_mode(const char *path, int flags, unsigned int mode);
+/** ecx_mount_identity of `path` relative to `dirfd` ("" with AT_EMPTY_PATH: the descriptor itself);
+ * a final symlink is not followed. */
+int ecx_mount_identity_at(int dirfd, const char *path, uint64_t *mnt_id, int *is_root);
 
 /** The effective capability set (capget, version 3). */
 static inline int ecx_effective_caps(uint64_t *out) {
@@ -477,6 +485,8 @@ struct ecx_http_result {
     int curl_code;
     size_t body_len;
     int body_truncated;
+    /* the body could not be written to `body_fd` */
+    int body_write_failed;
     char *headers;
     size_t headers_len;
     char error[256];
@@ -486,11 +496,13 @@ struct ecx_http_result {
  * One request on a reusable easy handle (connection reuse comes from reusing the handle).
  * `range` ("a-b") may be NULL; `head_only` sends HEAD; the body goes into `body` up to `body_cap`
  * bytes (the transfer is aborted beyond that and body_truncated set). `headers` is an array of
- * "Name: value" strings. Timeouts: connect and low-speed limits derived from `timeout_ms`.
+ * "Name: value" strings. Timeouts: connect and low-speed limits derived from `timeout_ms`; the whole
+ * transfer ends after `deadline_ms` (0: none). `body_fd` >= 0 streams the body into that file
+ * (pwrite from offset 0, still bounded by `body_cap`; `body` may then be NULL).
  */
 int ecx_http_request(CURL *handle, const char *url, const char *range, int head_only,
                      const char *const *headers, size_t n_headers,
-                     unsigned char *body, size_t body_cap, long timeout_ms,
+                     unsigned char *body, size_t body_cap, long timeout_ms, long deadline_ms, int body_fd,
                      struct ecx_http_result *result);
 void ecx_http_result_free(struct ecx_http_result *result);
 

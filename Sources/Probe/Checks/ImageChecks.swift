@@ -61,6 +61,18 @@ enum ImageChecks {
             return (out, nil)
         }
 
+        // The kernel mounts a truncated image and fails its reads later (EUCLEAN): refuse it here.
+        if let st = try? Sys.fstat(fd.rawValue), st.st_mode & S_IFMT == S_IFREG {
+            let have = UInt64(max(Int64(st.st_size) - Int64(offset), 0))
+            let (need, overflow) = sb.blocks.multipliedReportingOverflow(by: UInt64(sb.blockSize))
+            if overflow || have < need {
+                let says = overflow ? "\(sb.blocks) blocks of \(sb.blockSize) bytes" : "\(sb.blocks) blocks of \(sb.blockSize) bytes = \(need) bytes"
+                out.append(Finding("image.size", "image as long as its superblock says", .absent,
+                                   evidence: [.init("fstat", "truncated: the superblock says \(says), the file has \(have)")]))
+                out.append(Finding("image.mountable", "mountable here", .absent, evidence: [.init("size", "truncated image")]))
+                return (out, sb)
+            }
+        }
         let used = Feature.table.filter { sb.featureIncompat & $0.bit != 0 }
         var unsupported: [String] = []
         for f in used {

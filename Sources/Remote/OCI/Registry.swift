@@ -106,7 +106,7 @@ public final class RegistryClient: @unchecked Sendable {
         func attempt(_ tries: Int) throws -> HTTPResponse {
             let url = base + path
             return try performWithRetries(url: url, handle: handle(for: url), attempts: tries, baseDelayMs: 100, auth: auth, requests: nil) { h, authHeaders in
-                h.request(url, headers: headers + authHeaders, bodyLimit: limit, timeoutMs: timeoutMs)
+                h.request(url, headers: headers + authHeaders, bodyLimit: limit, timeoutMs: timeoutMs, deadlineMs: timeoutMs + limit / 64)
             }
         }
         guard remembered else { return try attempt(5) }

@@ -58,15 +58,23 @@ public final class RegistryAuth: @unchecked Sendable {
         if let s = c.params["service"] { query.append("service=" + Self.percentEncode(s)) }
         query.append("scope=" + Self.percentEncode(c.params["scope"] ?? "repository:\(repository):pull"))
         let url = realm + (realm.contains("?") ? "&" : "?") + query.joined(separator: "&")
+        // The credentials go to a token realm only over https or on this host: a challenge can name
+        // any realm, and plain http elsewhere would hand them to whoever is on the path.
+        let send = Self.mayCarryCredentials(realm) ? credentials : nil
         let r: HTTPResponse
         do {
             r = try performWithRetries(url: url, handle: HTTPHandle.make(for: url), attempts: 4, baseDelayMs: 100, auth: nil, requests: nil) { h, _ in
-                h.request(url, headers: credentials.map { [$0.basicHeader] } ?? [], bodyLimit: 1 << 20, timeoutMs: timeoutMs)
+                h.request(url, headers: send.map { [$0.basicHeader] } ?? [], bodyLimit: 1 << 20, timeoutMs: timeoutMs,
+                          deadlineMs: timeoutMs)
             }
         } catch RemoteError.unreachable(_, let detail) {
             throw RemoteError.auth(registry: registry, detail: "cannot reach its token service: \(detail)")
         }
         if r.status == 401 || r.status == 403 {
+            if credentials != nil, send == nil {
+                throw RemoteError.auth(registry: registry, detail: "its token service \(realm) is plain http on another host; "
+                                       + "credentials are sent only over https or to this host")
+            }
             if let credentials { throw RemoteError.auth(registry: registry, detail: "its token service refused the \(credentials)") }
             throw RemoteError.authRequired(registry: registry)
         }
@@ -76,6 +84,20 @@ public final class RegistryAuth: @unchecked Sendable {
             throw RemoteError.auth(registry: registry, detail: "its token service answered without a token")
         }
         return tok
+    }
+
+    /// An https URL, or an http one whose host is this machine (127.0.0.0/8, ::1, localhost).
+    static func mayCarryCredentials(_ url: String) -> Bool {
+        if url.hasPrefix("https://") { return true }
+        guard url.hasPrefix("http://") else { return false }
+        let rest = url.dropFirst(7)
+        let authority = rest.prefix { $0 != "/" && $0 != "?" }
+        let hostPort = authority.split(separator: "@").last.map(String.init) ?? ""
+        let host: String
+        if hostPort.hasPrefix("[") { host = String(hostPort.dropFirst().prefix { $0 != "]" }) } else {
+            host = String(hostPort.prefix { $0 != ":" })
+        }
+        return host == "localhost" || host == "::1" || (host.hasPrefix("127.") && host.split(separator: ".").count == 4)
     }
 
     static func percentEncode(_ s: String) -> String {

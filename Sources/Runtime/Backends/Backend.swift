@@ -1,13 +1,61 @@
+import CHeaders
+import Glibc
 import Probe
 import Syscall
 import SystemPackage
 
+/// A checked mountpoint: its canonical path and the directory itself, opened once (O_PATH, no
+/// symlink anywhere on the path) when it was validated. Backends attach to the descriptor, so a
+/// path component swapped for a symlink after the check (network I/O can take seconds) cannot
+/// redirect the mount onto another directory.
+final class MountTarget: @unchecked Sendable {  // immutable after init; the descriptor is only read
+    let path: String
+    let fd: FileDescriptor
+
+    /// Opens `path` (relative or symlinked paths are canonicalised first) and checks it is a directory.
+    init(_ path: String) throws {
+        guard let (fd, p) = try? Sys.openCanonical(path, ecx_o_path) else { throw RuntimeError.mountpointMissing(path) }
+        guard let st = try? Sys.fstat(fd.rawValue), st.st_mode & S_IFMT == S_IFDIR else {
+            Sys.close(fd.rawValue)
+            throw RuntimeError.mountpointNotDirectory(path)
+        }
+        (self.path, self.fd) = (p, fd)
+    }
+
+    deinit { Sys.close(fd.rawValue) }
+
+    /// Whether something is mounted on the directory now. The path is walked again (no symlinks)
+    /// since a mount stacked on the directory is seen only through the path, and what it leads to
+    /// must still be this directory: a path that now names another one is refused.
+    func isMountRoot() throws -> Bool {
+        let now: FileDescriptor
+        do { now = try Sys.openNoSymlinks(path, ecx_o_path) } catch {
+            throw RuntimeError.mountpointChanged(path, detail: "\(error)")
+        }
+        defer { Sys.close(now.rawValue) }
+        let root = try Sys.mountIdentity(fd: now.rawValue).isRoot ?? (MountInfo.mount(at: path, in: MountInfo.current()) != nil)
+        if root { return true }
+        let (a, b) = (try Sys.fstat(fd.rawValue), try Sys.fstat(now.rawValue))
+        guard a.st_dev == b.st_dev, a.st_ino == b.st_ino else {
+            throw RuntimeError.mountpointChanged(path, detail: "it names another directory than when it was checked")
+        }
+        return false
+    }
+
+    /// The mount id now at the directory (after attaching: the new mount's).
+    var mountID: UInt64? { try? Sys.mountIdentity(path).id }
+
+    /// The path mount(2) can be given for the descriptor (kernels without the new mount API).
+    var procPath: String { "/proc/self/fd/\(fd.rawValue)" }
+}
+
 /// A validated request, ready for a backend.
 struct PreparedMount {
     var source: String
-    var mountpoint: String
+    var target: MountTarget
     var options: MountOptions
     var blockSize: Int
+    var mountpoint: String { target.path }
 }
 
 /// What a backend attached.
@@ -37,7 +85,7 @@ enum Backends {
 
 /// Builds and attaches an EROFS superblock from `source` with the new mount API, passing the EROFS
 /// options; falls back to mount(2) when the kernel has no fsopen.
-func attachEROFS(source: String, at mountpoint: String, options: MountOptions, passOffset: Bool) throws {
+func attachEROFS(source: String, at target: MountTarget, options: MountOptions, passOffset: Bool) throws {
     let fc: MountAPI.Context
     do {
         fc = try MountAPI.fsopen("erofs")
@@ -45,7 +93,7 @@ func attachEROFS(source: String, at mountpoint: String, options: MountOptions, p
         var data = options.erofs
         if passOffset, options.fsOffset > 0 { data.append("fsoffset=\(options.fsOffset)") }
         do {
-            try MountAPI.mount(source: source, target: mountpoint, type: "erofs", flags: options.attributes.msFlags,
+            try MountAPI.mount(source: source, target: target.procPath, type: "erofs", flags: options.attributes.msFlags,
                                data: data.isEmpty ? nil : data.joined(separator: ","))
         } catch let e as Errno {
             throw BackendFailure(detail: "mount(2): \(e)", fallback: [.notBlockDevice, .operationNotSupportedByDevice, .notSupported].contains(e))
@@ -75,5 +123,5 @@ func attachEROFS(source: String, at mountpoint: String, options: MountOptions, p
         try step("fsconfig(fsoffset) (Linux 6.16+)") { try MountAPI.setString(fc, "fsoffset", String(options.fsOffset)) }
     }
     try step("FSCONFIG_CMD_CREATE") { try MountAPI.create(fc) }
-    try step("fsmount/move_mount") { try MountAPI.attach(fc, attributes: options.attributes, at: mountpoint) }
+    try step("fsmount/move_mount") { try MountAPI.attach(fc, attributes: options.attributes, at: target.fd) }
 }

@@ -5,7 +5,7 @@ struct FileBackend: MountBackend {
     var kind: Backend { .file }
 
     func attach(_ r: PreparedMount) throws -> Attachment {
-        try attachEROFS(source: r.source, at: r.mountpoint, options: r.options, passOffset: true)
+        try attachEROFS(source: r.source, at: r.target, options: r.options, passOffset: true)
         return Attachment()
     }
 

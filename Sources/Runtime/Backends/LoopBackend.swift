@@ -43,7 +43,7 @@ struct LoopBackend: MountBackend {
                                      fallback: (error as? Errno) == .invalidArgument || (error as? Errno) == .inappropriateIOCTLForDevice)
             }
             do {
-                try attachEROFS(source: "/dev/loop\(n)", at: r.mountpoint, options: r.options, passOffset: false)
+                try attachEROFS(source: "/dev/loop\(n)", at: r.target, options: r.options, passOffset: false)
             } catch {
                 try? Loop.clear(device: dev.rawValue)
                 throw error

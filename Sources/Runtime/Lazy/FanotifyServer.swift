@@ -424,6 +424,19 @@ public final class FanotifyServer: @unchecked Sendable {
         }
     }
 
+    /// After a digest mismatch the bytes readers got were not the blob's: every mount of the cache
+    /// file is detached (no new opens, no path to it), and the cache file's page cache dropped;
+    /// reads that reach the cache file are denied by the mark that stays. What the kernel cannot
+    /// take back: a file a process already has open keeps the pages EROFS itself cached.
+    func detachAfterMismatch() {
+        for m in MountInfo.current() where m.fsType == "erofs" && m.source == lazy.dataPath {
+            do { try MountAPI.umount(m.mountPoint, detach: true); log("detached \(m.mountPoint): the cache failed verification") } catch {
+                log("cannot detach \(m.mountPoint) after the failed verification: \(error)")
+            }
+        }
+        _ = posix_fadvise(lazy.writerFD, 0, 0, POSIX_FADV_DONTNEED)
+    }
+
     /// Commits written ranges; when everything is present verifies the digest and removes the mark,
     /// so complete caches cost nothing extra.
     func commitAndMaybeFinish() {
@@ -433,12 +446,14 @@ public final class FanotifyServer: @unchecked Sendable {
             do {
                 try lazy.verify(sha256: digest)
                 stats.withLock { $0.verified = true }
+                BlobCache.promote(entry: lazy.dataPath, digest: digest)
             } catch {
                 log("\(error)")
                 stats.withLock { $0.verified = false; $0.error = "\(error)" }
                 try? Sys.unlink(lazy.dataPath)
                 try? Sys.unlink(lazy.record.path)
                 marked.set(false)  // keep the mark: every further read is denied
+                detachAfterMismatch()
                 return
             }
         }

@@ -35,6 +35,8 @@ public enum LazyWorker {
         /// Take over a mount another process prepared and served (the daemon, stopping): its group,
         /// cache writer and entry lock; no metadata fetch, no readiness line.
         public var adopt: (group: Int32, writer: Int32, lock: Int32)?
+        /// Seconds the metadata fetch before the mount may take.
+        public var prepareTimeout: Double?
 
         /// The blob: with what the parent already learned from the server when it passed that on,
         /// else opened (asked) here.
@@ -99,7 +101,10 @@ public enum LazyWorker {
             do {
                 // One writer per cache entry, for the supervisor's whole life (released when it exits).
                 entryLock = try BlobCache.lockForWriting(entry: o.dataPath)
-                (lazy, group) = try prepareCache(o.openBlob(), dataPath: o.dataPath, recordPath: o.recordPath, statsPath: o.statsPath, log: log)
+                let blob = try o.openBlob()
+                blob.setDeadline(seconds: o.prepareTimeout)
+                (lazy, group) = try prepareCache(blob, dataPath: o.dataPath, recordPath: o.recordPath, statsPath: o.statsPath, log: log)
+                blob.setDeadline(seconds: nil)
             } catch {
                 log("failed: \(error)")
                 ready("error: \(error)")
