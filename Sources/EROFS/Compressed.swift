@@ -142,7 +142,9 @@ struct Compressed {
         let eofs = pos % packSize
         let base = pos - eofs
         let pack = try image.bytes(base, Int(packSize), "compact index pack of inode \(inode.nid)")
-        let bits = lclusterBits
+        // Each entry's low bits hold a cluster offset or a delta with the CBLKCNT flag (bit 11):
+        // at least 12 bits, also for clusters of 1 or 2 KiB (sub-page blocks).
+        let bits = max(lclusterBits, 12)
         func decode(_ i: Int64) -> (lo: UInt64, type: LType) {
             let bitPos = UInt64(i) * encodeBits
             let byte = Int(bitPos / 8)

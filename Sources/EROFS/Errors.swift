@@ -6,6 +6,8 @@ public enum EROFSError: Error, Equatable, CustomStringConvertible {
     case badChecksum(expected: UInt32, computed: UInt32)
     case unsupportedBlockSize(bits: UInt8)
     case unsupportedFeature(String)
+    /// The path names something that cannot hold an image (a directory, a FIFO…).
+    case notAnImageFile(String)
     case unsupportedAlgorithm(String)
     case notFound(path: String)
     case notADirectory(path: String)
@@ -22,6 +24,7 @@ public enum EROFSError: Error, Equatable, CustomStringConvertible {
         case .badChecksum(let e, let c): return "superblock checksum mismatch (stored 0x\(String(e, radix: 16)), computed 0x\(String(c, radix: 16)))"
         case .unsupportedBlockSize(let b): return "unsupported block size 2^\(b) (EROFS allows 512 B to 64 KiB)"
         case .unsupportedFeature(let f): return "image uses feature \(f), which this reader does not implement"
+        case .notAnImageFile(let what): return "is \(what), not an image file; pass the path of an EROFS image"
         case .unsupportedAlgorithm(let a): return "compression algorithm \(a) is not available in this build"
         case .notFound(let p): return "no such file in image: \(p)"
         case .notADirectory(let p): return "not a directory in image: \(p)"

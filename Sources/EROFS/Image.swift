@@ -25,17 +25,22 @@ public final class EROFSImage {
         let sb = try Superblock(parsing: sbBytes, verifyChecksum: verifyChecksum)
         superblock = sb
         blockSize = UInt64(sb.blockSize)
-        if sb.featureIncompat & Feature.bits48.rawValue != 0 { throw EROFSError.unsupportedFeature("48bit") }
-        if sb.featureIncompat & Feature.metabox.rawValue != 0 { throw EROFSError.unsupportedFeature("metabox") }
-        // Reserved: directory blocks are filesystem blocks (the kernel refuses other values too).
-        if sb.dirBlockBits != 0 { throw EROFSError.unsupportedFeature("dirblkbits \(sb.dirBlockBits)") }
-        let known = Feature.table.reduce(UInt32(0)) { $0 | $1.bit }
-        if sb.featureIncompat & ~known != 0 {
-            throw EROFSError.unsupportedFeature("unknown incompat bits 0x\(String(sb.featureIncompat & ~known, radix: 16))")
-        }
+        if let missing = Self.unimplemented(sb) { throw EROFSError.unsupportedFeature(missing) }
         try loadCompressionConfigs()
         try loadDevices()
         try loadLongPrefixes()
+    }
+
+    /// The first feature of `sb` this reader does not implement, if any (a remote mount of such an
+    /// image cannot be walked for its metadata, so it is downloaded whole instead).
+    public static func unimplemented(_ sb: Superblock) -> String? {
+        if sb.featureIncompat & Feature.bits48.rawValue != 0 { return "48bit" }
+        if sb.featureIncompat & Feature.metabox.rawValue != 0 { return "metabox" }
+        // Reserved: directory blocks are filesystem blocks (the kernel refuses other values too).
+        if sb.dirBlockBits != 0 { return "dirblkbits \(sb.dirBlockBits)" }
+        let known = Feature.table.reduce(UInt32(0)) { $0 | $1.bit }
+        if sb.featureIncompat & ~known != 0 { return "unknown incompat bits 0x\(String(sb.featureIncompat & ~known, radix: 16))" }
+        return nil
     }
 
     public convenience init(path: String) throws {

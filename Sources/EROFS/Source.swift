@@ -25,9 +25,15 @@ public final class FileSource: ImageSource {
 
     public init(path: String) throws {
         self.path = path
-        let f = try Sys.open(path, O_RDONLY)
+        let f = try Sys.open(path, O_RDONLY | O_NONBLOCK | O_NOCTTY)
         fd = f.rawValue
-        do { size = UInt64(try Sys.fstat(fd).st_size) } catch { Sys.close(fd); throw error }
+        do {
+            let st = try Sys.fstat(fd)
+            guard st.st_mode & S_IFMT == S_IFREG || st.st_mode & S_IFMT == S_IFBLK else {
+                throw EROFSError.notAnImageFile(st.st_mode & S_IFMT == S_IFDIR ? "a directory" : "not a regular file or block device")
+            }
+            size = UInt64(st.st_size)
+        } catch { Sys.close(fd); throw error }
     }
 
     deinit { Sys.close(fd) }

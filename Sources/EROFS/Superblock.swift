@@ -44,8 +44,9 @@ public struct Superblock: Sendable, Equatable {
         return String(decoding: out, as: UTF8.self)
     }
 
-    /// Parses a superblock from the bytes starting at image offset 1024 (at least 128 bytes;
-    /// the whole first block after offset 1024 when the checksum is to be verified).
+    /// Parses a superblock from the bytes starting at image offset 1024 (at least 128 bytes; when
+    /// the checksum is to be verified, the rest of the first block, or one block for blocks of
+    /// 1024 bytes and less).
     public init(parsing raw: [UInt8], verifyChecksum: Bool = true) throws {
         let r = LEBytes(raw, origin: Self.offset, structure: "superblock")
         let magic = try r.u32(0)
@@ -83,8 +84,11 @@ public struct Superblock: Sendable, Equatable {
         }
         metaboxNid = featureIncompat & Feature.metabox.rawValue != 0 ? try r.u64(120) : 0
         if verifyChecksum, featureCompat & CompatFeature.sbChecksum.rawValue != 0 {
-            let end = min(raw.count, blockSize - Int(Self.offset))
-            guard end >= 128 else { throw EROFSError.truncated(structure: "superblock checksum area", offset: Self.offset) }
+            // The checksum covers the rest of the first block after offset 1024, or, for blocks of
+            // 1024 bytes and less (the superblock then has a block of its own), one whole block.
+            let covered = blockSize > Int(Self.offset) ? blockSize - Int(Self.offset) : blockSize
+            guard raw.count >= covered else { throw EROFSError.truncated(structure: "superblock checksum area", offset: Self.offset) }
+            let end = covered
             var area = Array(raw[0..<end])
             area.putLE(UInt32(0), at: 4)
             let computed = CRC32C.update(~0, area)
