@@ -182,8 +182,13 @@ public struct BlobCache: Sendable {
                 }
             }
         }
+        try checkDirectories()
+    }
+
+    /// As root, refuses cache directories (those that exist) another user owns or can write.
+    public func checkDirectories() throws {
         guard Sys.effectiveUID == 0 else { return }
-        for d in [directory, directory + "/blobs", blobsDir] {
+        for d in [directory, directory + "/blobs", blobsDir] where (try? Sys.lstat(d)) != nil {
             if let why = Sys.unsafeDirectoryReason(d) {
                 throw RemoteError.cache("refusing cache directory \(directory): \(why); use a directory only root can write")
             }
@@ -206,6 +211,11 @@ extension Array where Element == UInt8 {
 }
 
 extension BlobCache {
+    /// Removes an entry's data, record and info (not its locks, which others may hold).
+    public static func discard(entry dataPath: String) {
+        for suffix in ["", ".pop", ".json"] { try? Sys.unlink(dataPath + suffix) }
+    }
+
     /// Serialises the mounts that set up one cache entry (held from the entry's choice until its
     /// mount is recorded): a second mount of the same blob waits, then shares what the first set up.
     /// Other entries, and the global state lock, are not held meanwhile.
