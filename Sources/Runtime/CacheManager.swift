@@ -58,12 +58,14 @@ extension BlobCache {
                 what.append("Last-Modified \(old.lastModified ?? "none") → \(blob.lastModified ?? "none")")
             }
             let detail = what.joined(separator: ", ")
-            if Self.isLocked(entry: p.data) {
+            // A worker still exiting (its mount just went) releases the entry within moments.
+            guard let writer = try? Self.lockForWriting(entry: p.data) else {
                 throw RuntimeError.remote(RemoteError.blobChanged(url: blob.url, detail: detail + "; a mount still serves the old version")
                     .description)
             }
             try? Sys.unlink(p.data)
             try? Sys.unlink(p.record)
+            Sys.close(writer.rawValue)
             note = "the blob at \(blob.url) changed since it was cached (\(detail)); its partial cache entry was discarded"
         }
         let info = CacheInfo(url: blob.url, size: blob.size, etag: blob.etag, lastModified: blob.lastModified, digest: digest,

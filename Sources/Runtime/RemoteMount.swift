@@ -80,7 +80,9 @@ extension Runtime {
         guard Sys.hasCapSysAdmin() else { throw RuntimeError.notPrivileged("mounting") }
         try state.ensureDirectories()
         let cache = BlobCache(directory: req.remote.cacheDir)
-        do { try cache.ensureDirectories() } catch { throw RuntimeError.state("\(error)") }
+        // An unsafe cache directory is refused before any network I/O; a missing one is created
+        // only once the source answered (a bad source leaves nothing behind).
+        do { try cache.checkDirectories() } catch { throw RuntimeError.state("\(error)") }
         var notes: [String] = []
         let blob = try openRemoteBlob(&req, notes: &notes)
         defer { blob.setDeadline(seconds: nil) }
@@ -88,6 +90,7 @@ extension Runtime {
                                                cacheFile: Sys.hasCapSysAdmin() ? state.hostCache : nil)
         let plan = planned.plan
         if req.dryRun { return MountOutcome(plan: plan, record: nil, notes: notes) }
+        do { try cache.ensureDirectories() } catch { throw RuntimeError.state("\(error)") }
         req.options = req.options.forRemoteImage
         let digest = req.remote.digest?.lowercased()
         // A complete blob verified against this digest, from whichever source filled it.
@@ -100,10 +103,19 @@ extension Runtime {
         if let changed = try cache.reconcile(paths: paths, with: blob, digest: digest) { notes.append(changed); note(changed) }
         var candidates = try choose(plan, requested: req.backend)
         if blob.wholeOnly { candidates.removeAll { $0 == .fanotify } }
+        if let missing = readerLimitation(blob), candidates.contains(.fanotify) {
+            guard req.backend != .fanotify else {
+                throw RuntimeError.backendUnavailable("fanotify", reasons: "the image uses \(missing), which the metadata walker does not read yet")
+            }
+            candidates.removeAll { $0 == .fanotify }
+            let line = "the image uses \(missing), which the metadata walker does not read yet: downloading it whole"
+            notes.append(line)
+            note(line)
+        }
         guard let backend = candidates.first else {
             throw RuntimeError.noBackend("the server does not support Range requests, which lazy mounting needs")
         }
-        if backend != plan.candidates.first(where: { $0.verdict == .viable })?.backend, req.backend == nil {
+        if backend != plan.candidates.first(where: { $0.verdict == .viable })?.backend, req.backend == nil, blob.wholeOnly {
             note("using \(backend.rawValue): the server answers without Range support")
         }
         var record = MountRecord(source: req.source, sourceKind: OCIReference.isOCI(req.source) ? "oci" : "http", backend: backend.rawValue,
@@ -128,6 +140,13 @@ extension Runtime {
             try saveOrUndo(record)
         }
         return MountOutcome(plan: plan, record: record, notes: notes)
+    }
+
+    /// The feature of the image (from the probe's first bytes) that the metadata walk cannot read.
+    func readerLimitation(_ blob: HTTPBlob) -> String? {
+        let head = blob.head
+        guard head.count >= 1024 + 128, let sb = try? Superblock(parsing: Array(head[1024...]), verifyChecksum: false) else { return nil }
+        return EROFSImage.unimplemented(sb)
     }
 
     /// Checks the remote options and makes their paths absolute.
@@ -172,9 +191,10 @@ extension Runtime {
                 blob = try HTTPBlob(url: req.originalSource ?? req.source)
             }
             blob.setDeadline(seconds: req.remote.prepareTimeout)
-            // In the daemon the cache file is written in this process: the probe fetches the
-            // superblock area too (one round trip less before the mount).
-            try blob.open(allowFullDownload: req.remote.allowFullDownload, head: serving != nil ? 256 << 10 : 1)
+            // The probe fetches the superblock (is the image one the reader can walk?); in the daemon,
+            // where the cache file is written in this process, the area after it too (one round
+            // trip less before the mount).
+            try blob.open(allowFullDownload: req.remote.allowFullDownload, head: serving != nil ? 256 << 10 : 4096)
             if let expectedSize, blob.size != expectedSize {
                 throw RemoteError.blobChanged(url: blob.url, detail: "\(blob.size) bytes, but the manifest says \(expectedSize)")
             }
@@ -255,7 +275,9 @@ extension Runtime {
             return try Superblock(parsing: Sys.preadFully(lazy.writerFD, count: 128, at: Int64(Superblock.offset)),
                                   verifyChecksum: false).blockSize
         } catch let e as RemoteError {
-            if case .digestMismatch = e { try? Sys.unlink(paths.data); try? Sys.unlink(paths.record) }
+            // A whole download cannot be resumed, and a mismatch must not be kept: nothing is left.
+            if case .digestMismatch = e { BlobCache.discard(entry: paths.data) }
+            if blob.wholeOnly { BlobCache.discard(entry: paths.data) }
             throw RuntimeError.remote(e.description)
         }
     }

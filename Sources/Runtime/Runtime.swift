@@ -254,7 +254,10 @@ public struct Runtime: Sendable {
             }
             // After a lazy umount the worker must outlive the open files: it exits by itself when the
             // superblock is shut down.
-            if !lazy { stopWorker(record) }
+            if !lazy {
+                stopWorker(record)
+                removeWorkerFiles(record)
+            }
             impl?.release(record)
             state.remove(mountpoint)
             return (record, wasStale)
@@ -266,13 +269,30 @@ public struct Runtime: Sendable {
         guard let pid = record.workerPID, Sys.processExists(pid) else { return }
         let others = state.all().filter { $0.workerPID == pid && $0.cachePath == record.cachePath && $0.mountpoint != record.mountpoint }
         guard others.isEmpty else { return }
-        // The daemon serves many mounts and stops serving this one by itself once it is gone.
-        if !record.servedByDaemon { try? Sys.kill(pid, SIGTERM) }
+        // The daemon serves many mounts and stops serving this one by itself once it is gone. A
+        // recorded pid may since belong to another process: only this mount's worker is signalled.
+        if !record.servedByDaemon, Self.isWorker(pid, serving: record) { try? Sys.kill(pid, SIGTERM) }
         // The serving worker follows within a moment (its mount is gone); wait for it to release the
         // cache entry, so that when `umount` returns the entry is free (e.g. for `cache prune`).
         if let cache = record.cachePath {
             for _ in 0..<60 where BlobCache.isLocked(entry: cache) { usleep(50_000) }
         }
+    }
+
+    /// A stopped worker's figures, journal and log, once no other recorded mount shares them.
+    func removeWorkerFiles(_ record: MountRecord) {
+        guard let stats = record.statsPath, !record.servedByDaemon,
+              !state.all().contains(where: { $0.statsPath == stats && $0.mountpoint != record.mountpoint }),
+              !(record.workerPID.map { Self.isWorker($0, serving: record) } ?? false) else { return }
+        for f in [stats, StateStore.sibling(of: stats, ".journal"), StateStore.sibling(of: stats, ".log")] { try? Sys.unlink(f) }
+    }
+
+    /// Whether `pid` runs `__serve` for the record's cache file (its command line says so).
+    static func isWorker(_ pid: Int32, serving record: MountRecord) -> Bool {
+        guard let cache = record.cachePath, let raw = try? Sys.readFile("/proc/\(pid)/cmdline") else { return false }
+        let argv = raw.split(separator: 0, omittingEmptySubsequences: false).map { String(decoding: $0, as: UTF8.self) }
+        guard argv.count > 1, argv[1] == "__serve", let i = argv.firstIndex(of: "--data"), i + 1 < argv.count else { return false }
+        return argv[i + 1] == cache
     }
 
     /// realpath when the path exists, else a lexically normalised absolute path.
@@ -353,6 +373,7 @@ public struct Runtime: Sendable {
             var pruned: [MountRecord] = []
             for r in state.all() where !isOurMount(r, mounts) {
                 stopWorker(r)
+                removeWorkerFiles(r)
                 Backend(rawValue: r.backend).flatMap { Backends.all[$0] }?.release(r)
                 state.remove(r.mountpoint)
                 pruned.append(r)

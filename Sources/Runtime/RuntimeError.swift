@@ -48,7 +48,9 @@ public enum RuntimeError: Error, Equatable, CustomStringConvertible {
         switch self {
         case .sourceMissing(let p): return "source '\(p)' does not exist; pass the path of an EROFS image"
         case .sourceNotFile(let p): return "source '\(p)' is not a regular file; pass an EROFS image file"
-        case .notEROFS(let p, let d): return "source '\(p)' is not an EROFS image (\(d)); check the path or build it with mkfs.erofs"
+        case .notEROFS(let p, let d):
+            let why = d.hasPrefix("not an EROFS image (") ? String(d.dropFirst("not an EROFS image (".count).dropLast()) : d
+            return "source '\(p)' is not an EROFS image (\(why)); check the path or build it with mkfs.erofs"
         case .imageTruncated(let p, let d): return "image '\(p)' is \(d); download or build it again"
         case .unsupportedFeatures(let p, let f): return "image '\(p)' uses features this kernel lacks: \(f); use a newer kernel or rebuild the image without them"
         case .mountpointMissing(let p): return "mountpoint '\(p)' does not exist; create it with mkdir first"

@@ -21,7 +21,7 @@ func withImage<T>(_ path: String, _ body: (EROFSImage) throws -> T) throws -> T 
         image = try EROFSImage(path: path)
     } catch let e as EROFSError {
         switch e {
-        case .notEROFS, .truncated, .unsupportedBlockSize, .badChecksum:
+        case .notEROFS, .truncated, .unsupportedBlockSize, .badChecksum, .notAnImageFile:
             throw CLIFailure(message: "'\(path)': \(e)", code: 3)
         default:
             throw CLIFailure(message: "'\(path)': \(e)", code: 1)

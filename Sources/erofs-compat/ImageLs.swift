@@ -9,7 +9,7 @@ struct ImageLs: ParsableCommand {
     var long = false
 
     @Argument(help: "The EROFS image.") var image: String
-    @Argument(help: "A path inside the image (default: /).") var path: String = "/"
+    @Argument(help: "A path inside the image.") var path: String = "/"
 
     func run() throws {
         try withImage(image) { img in

@@ -25,7 +25,7 @@ struct InstallCommand: ParsableCommand {
             """
     )
 
-    @Flag(help: "Install the systemd socket and service units.")
+    @Flag(help: "Install the systemd socket and service units (the only kind, so also without this flag).")
     var systemd = false
 
     @Option(help: ArgumentHelp("Prefix every written path with DIR (packaging; no daemon-reload then).", valueName: "DIR"))
@@ -38,7 +38,6 @@ struct InstallCommand: ParsableCommand {
     var binary: String?
 
     func validate() throws {
-        guard systemd else { throw ValidationError("nothing to install: pass --systemd") }
         guard unitDir.hasPrefix("/") else { throw ValidationError("--unit-dir must be an absolute path") }
         if let binary, !binary.hasPrefix("/") { throw ValidationError("--binary must be an absolute path") }
     }

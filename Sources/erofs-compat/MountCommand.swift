@@ -27,7 +27,12 @@ struct MountCommand: ParsableCommand {
             $REGISTRY_AUTH_FILE, $DOCKER_CONFIG/config.json, ~/.docker/config.json (credHelpers and \
             credsStore run docker-credential-NAME from PATH); Bearer tokens are \
             obtained from the registry's challenge. TLS is always verified; plain http only for \
-            127.0.0.0/8 or with --insecure. Credentials never appear in arguments, logs or state. The backend is chosen by the same planner \
+            127.0.0.0/8 or with --insecure; a redirect never goes from https to http; a Bearer token realm \
+            gets the credentials only over https or on this host. user:password in an http(s) URL is taken \
+            out of it and sent like other credentials. Credentials never appear in arguments, logs or \
+            state. A partly fetched image is cached per source (URL, or registry and repository): bytes one \
+            server sent are never served for another; only a complete blob that matched its digest is \
+            shared under the digest. The backend is chosen by the same planner \
             'probe' uses. Local: file (kernel EROFS straight from the file, Linux 6.12+) before loop (a \
             read-only, auto-clearing loop device). Remote: fanotify (the image is fetched lazily into a \
             sparse cache file as it is read, Linux 6.14+ with the cache on ext4/xfs/btrfs; metadata is \
@@ -37,7 +42,8 @@ struct MountCommand: ParsableCommand {
             is never replaced.
 
             Options for -o: ro (always), nosuid, nodev, noexec, noatime, directio, \
-            cache_strategy=disabled|readahead|readaround, fsoffset=BYTES, user_xattr, nouser_xattr, acl, noacl.
+            cache_strategy=disabled|readahead|readaround, fsoffset=BYTES, user_xattr, nouser_xattr, acl, noacl; \
+            remote images are mounted nosuid,nodev unless -o suid,dev is given.
 
             With 'erofs-compat daemon' running, a remote mount is performed and served by it (no process start \
             per mount); --no-daemon mounts from this command, --explain and --dry-run always do.
@@ -46,8 +52,9 @@ struct MountCommand: ParsableCommand {
 
             Exit codes: 0 mounted (or planned, with --dry-run), 1 the mount failed, 2 usage error or bad -o \
             option, 3 bad source (missing, not EROFS, features this kernel lacks, unreachable URL, a server \
-            without Range support, digest mismatch, bad OCI reference, registry or authentication errors), 4 bad mountpoint (missing, not a directory, already a \
-            mount point), 5 not root.
+                        without Range support, digest mismatch, bad OCI reference, registry or authentication errors, a \
+            truncated image), 4 bad mountpoint (missing, not a directory, already a mount point, changed while \
+            the mount was prepared), 5 not root.
             """
     )
 
@@ -62,6 +69,10 @@ struct MountCommand: ParsableCommand {
 
     @Option(help: ArgumentHelp("Expected sha256 of the remote image, checked when the cache is complete.", valueName: "sha256:HEX"))
     var digest: String?
+
+    @Option(help: ArgumentHelp("Remote: give up preparing the mount (manifest, probe, metadata) after this many seconds.",
+                               valueName: "SECONDS"))
+    var prepareTimeout: Double = 120
 
     @Option(help: ArgumentHelp("Remote, lazy: fetch in the background at low priority: none, all, or the ranges of a profile file recorded with --record-profile.", valueName: "none|all|PROFILE"))
     var prefetch: String = "none"
@@ -112,6 +123,7 @@ struct MountCommand: ParsableCommand {
         if passwordStdin, username == nil { throw ValidationError("--password-stdin needs --username") }
         if username != nil, !passwordStdin { throw ValidationError("--username needs --password-stdin (passwords are never taken as arguments)") }
         if let layer, layer < 0 { throw ValidationError("--layer must be 0 or more") }
+        if !(prepareTimeout > 0 && prepareTimeout <= 86_400) { throw ValidationError("--prepare-timeout must be between 0 and 86400 seconds") }
         if layer != nil, blob != nil { throw ValidationError("--layer and --blob exclude each other") }
         let ociOnly = layer != nil || blob != nil || platform != nil || authFile != nil || username != nil || insecure
         if prefetch != "none" || recordProfile != nil, !isRemote {
@@ -139,9 +151,10 @@ struct MountCommand: ParsableCommand {
         }
         let oci = OCIOptions(layer: layer, blob: blob, platform: platform, authFile: authFile, username: username,
                              password: password, insecure: insecure)
-        let remote = RemoteOptions(cacheDir: cacheDir, allowFullDownload: allowFullDownload,
+        var remote = RemoteOptions(cacheDir: cacheDir, allowFullDownload: allowFullDownload,
                                    digest: digest.map { $0.hasPrefix("sha256:") ? String($0.dropFirst(7)) : $0 }, oci: oci,
                                    prefetch: Prefetch(argument: prefetch), recordProfile: recordProfile)
+        remote.prepareTimeout = prepareTimeout
         let request = MountRequest(source: source, mountpoint: mountpoint, backend: backend.backend,
                                    options: try runtimeCall { try MountOptions(parsing: options) }, dryRun: dryRun, remote: remote)
         // A running daemon performs remote mounts (unless asked to only plan or explain).

@@ -11,11 +11,16 @@ Forwards every request to UPSTREAM (http://127.0.0.1:N) and, as the JSON in CONT
   {"fault": "stall", "seconds": 2, "every": 2}       ... the response is delayed
   {"fault": "truncate", "every": 2}                  ... half the body arrives, then the connection closes
   {"fault": "status", "status": 503, "every": 1}     always (a server that is down for reads)
+  {"fault": "shiftrange", "shift": 4096}             ... a 206 for the range "shift" bytes later, labelled so
+  {"fault": "trickle", "seconds": 0.5}               ... headers, then one body byte every "seconds"
+  {"fault": "hugetotal"}                             ... Content-Range total 2^64-1 (above Int64.max)
+  {"fault": "norange", "length": 1099511627776}      ... 200 without Range support; HEAD claims "length"
 
-"every" counts matching requests (default 1 = all); "match" defaults to "" (all paths).
+"every" counts matching requests (default 1 = all); "after" exempts the first N matching
+requests; "match" defaults to "" (all paths).
 With {"bearer": {"user": U, "password": P}} the proxy also acts as a token-auth front: requests
 under /v2/ need "Authorization: Bearer <token>", 401 answers carry a Bearer challenge whose realm
-is this proxy's /token, and /token hands out tokens for Basic U:P (or anonymously when "user" is
+is this proxy's /token ("realm" overrides it), and /token hands out tokens for Basic U:P (or anonymously when "user" is
 null). Statistics are appended to CONTROL_FILE + ".log" (one line per request).
 """
 import base64, http.client, http.server, json, os, secrets, socket, socketserver, struct, sys, threading, time
@@ -66,7 +71,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
             auth = self.headers.get("Authorization", "")
             if not (auth.startswith("Bearer ") and auth[7:] in tokens):
                 repo = self.path[4:].split("/manifests/")[0].split("/blobs/")[0]
-                challenge = ('Bearer realm="http://127.0.0.1:%d/token",service="faultproxy",scope="repository:%s:pull"' % (PORT, repo))
+                realm = c.get("realm", "http://127.0.0.1:%d/token" % PORT)
+                challenge = ('Bearer realm="%s",service="faultproxy",scope="repository:%s:pull"' % (realm, repo))
                 log("401 %s" % self.path)
                 return self.reply(401, b'{"errors":[{"code":"UNAUTHORIZED"}]}', {"WWW-Authenticate": challenge, "Content-Type": "application/json"})
         fault = None
@@ -74,7 +80,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             with lock:
                 counter["n"] += 1
                 n = counter["n"]
-            if n % max(int(c.get("every", 1)), 1) == 0:
+            if n > int(c.get("after", 0)) and n % max(int(c.get("every", 1)), 1) == 0:
                 fault = c["fault"]
         log("%s %s %s" % (fault or "pass", self.path, self.headers.get("Range", "")))
         if fault == "status":
@@ -84,6 +90,12 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if fault == "stall":
             time.sleep(float(c.get("seconds", 2)))
         headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "connection", "authorization")}
+        if fault == "shiftrange" and headers.get("Range", "").startswith("bytes="):
+            a, b = headers["Range"][6:].split("-")
+            shift = int(c.get("shift", 4096))
+            headers["Range"] = "bytes=%d-%d" % (int(a) + shift, int(b) + shift)
+        if fault == "norange":
+            headers.pop("Range", None)
         up = http.client.HTTPConnection(UP_HOST, int(UP_PORT), timeout=60)
         try:
             up.request("HEAD" if head else "GET", self.path, headers=headers)
@@ -94,6 +106,27 @@ class Handler(http.server.BaseHTTPRequestHandler):
         finally:
             up.close()
         out = {k: v for k, v in r.getheaders() if k.lower() not in ("connection", "transfer-encoding", "keep-alive")}
+        if fault == "hugetotal" and "Content-Range" in out:
+            out["Content-Range"] = out["Content-Range"].rsplit("/", 1)[0] + "/18446744073709551615"
+        if fault == "norange":
+            out.pop("Content-Range", None)
+            out.pop("Accept-Ranges", None)
+            if head:
+                out["Content-Length"] = str(int(c.get("length", 1 << 40)))
+            return self.reply(200, body, out, head=head)
+        if fault == "trickle":
+            self.send_response(r.status)
+            for k, v in out.items():
+                self.send_header(k, v)
+            self.end_headers()
+            try:
+                for i in range(len(body)):
+                    self.wfile.write(body[i:i + 1])
+                    self.wfile.flush()
+                    time.sleep(float(c.get("seconds", 0.5)))
+            except Exception:
+                pass
+            return self.reset()
         if fault == "truncate" and len(body) > 1:
             self.send_response(r.status)
             for k, v in out.items():

@@ -84,7 +84,8 @@ struct OCIMountTests {
         let layerDigest = sha256Hex([UInt8](try Data(contentsOf: URL(fileURLWithPath: mine))))
         // Keyed by the blob's source (registry, repository, digest) while it fills; by its digest alone
         // only once complete and verified.
-        let info = try #require(BlobCache.readInfo(try #require(rec.cachePath) + ".json"))
+        let cachePath = try #require(rec.cachePath)
+        let info = try #require(BlobCache.readInfo(cachePath + ".json"))
         #expect(info.url.hasSuffix("/v2/test/app/blobs/sha256:" + layerDigest) && info.digest == layerDigest)
         #expect(rec.cachePath == f.dir.file("cache") + "/blobs/sha256/" + BlobCache.partialKey(source: info.url), "per-source cache entry")
 

@@ -3,6 +3,7 @@ import Glibc
 import Testing
 @testable import EROFS
 @testable import Probe
+@testable import Remote
 @testable import Runtime
 import Syscall
 import TestSupport
