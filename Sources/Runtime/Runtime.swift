@@ -235,7 +235,7 @@ public struct Runtime: Sendable {
         return try state.withLock {
             guard let record = state.load(mountpoint) else {
                 if let m = MountInfo.mount(at: mountpoint, in: MountInfo.current()) {
-                    throw RuntimeError.notOurs(mountpoint, owner: "a \(m.fsType) mount of \(m.source)")
+                    throw RuntimeError.notOurs(mountpoint, owner: Self.describe(m))
                 }
                 throw RuntimeError.notMounted(mountpoint)
             }
@@ -277,6 +277,12 @@ public struct Runtime: Sendable {
         if let cache = record.cachePath {
             for _ in 0..<60 where BlobCache.isLocked(entry: cache) { usleep(50_000) }
         }
+    }
+
+    /// "an ext4 mount of /dev/sda1", "a tmpfs mount of tmpfs".
+    static func describe(_ m: MountInfoEntry) -> String {
+        let article = m.fsType.first.map { "aeiou".contains($0) } == true ? "an" : "a"
+        return "\(article) \(m.fsType) mount of \(m.source)"
     }
 
     /// A stopped worker's figures, journal and log, once no other recorded mount shares them.
@@ -338,7 +344,7 @@ public struct Runtime: Sendable {
             records = records.filter { $0.mountpoint == mp }
             if records.isEmpty {
                 if let m = MountInfo.mount(at: mp, in: mounts) {
-                    throw RuntimeError.notOurs(mp, owner: "a \(m.fsType) mount of \(m.source)")
+                    throw RuntimeError.notOurs(mp, owner: Self.describe(m))
                 }
                 throw RuntimeError.notMounted(mp)
             }

@@ -17,7 +17,7 @@ struct DaemonCommand: ParsableCommand {
             is that manager; started by hand, a small keeper process is. On SIGTERM every lazy mount is handed \
             to a per-mount supervisor process and keeps working.
 
-            Exit codes: 0 stopped cleanly, 1 could not start (socket) or could not hand a mount over.
+            Exit codes: 0 stopped cleanly, 1 could not start (socket) or could not hand a mount over, 5 not root.
             """
     )
 

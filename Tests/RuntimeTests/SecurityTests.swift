@@ -304,8 +304,10 @@ struct SecurityTests {
     @Test func pruneMatchesEntriesByIdentity() throws {
         let f = try RemoteFixture("prune-spelling")
         defer { f.remove() }
-        _ = try f.runtime.mount(MountRequest(source: f.url, mountpoint: f.mnt, remote: f.remote))
+        // Downloaded whole and mounted file-backed: no worker holds the entry's lock.
+        let out = try f.runtime.mount(MountRequest(source: f.url, mountpoint: f.mnt, backend: .file, remote: f.remote))
         defer { try? f.runtime.umount(f.mnt) }
+        #expect(out.record?.workerPID == nil)
         let spelled = f.dir.path + "/./cache/"
         let removed = try CacheManager(directory: spelled, runtime: f.runtime).prune(maxSize: nil)
         #expect(removed.isEmpty, "pruned \(removed.map(\.key)) while mounted")
@@ -329,5 +331,18 @@ struct SecurityTests {
         #expect(TreeFactsLite(f.mnt) == expected)
         let entries = CacheManager(directory: f.dir.file("cache"), runtime: f.runtime).entries()
         #expect(entries.first?.presentPercent == 100, "a whole download is 100 % present")
+    }
+
+    /// 14. A lazy mount's worker files (figures, journal, log) go with its `umount`.
+    @Test func workerFilesGoWithTheMount() throws {
+        let f = try RemoteFixture("worker-files")
+        defer { f.remove() }
+        _ = try f.runtime.mount(MountRequest(source: f.url, mountpoint: f.mnt, remote: f.remote))
+        _ = TreeFactsLite(f.mnt)
+        let workers = f.runtime.state.root + "/workers"
+        #expect(!((try? FileManager.default.contentsOfDirectory(atPath: workers)) ?? []).isEmpty)
+        try f.runtime.umount(f.mnt)
+        let left = (try? FileManager.default.contentsOfDirectory(atPath: workers)) ?? []
+        #expect(left.isEmpty, "left in \(workers): \(left)")
     }
 }
