@@ -139,22 +139,7 @@ public struct BlobCache: Sendable {
     public static func lockForWriting(entry dataPath: String, waitSeconds: Double = 5) throws -> FileDescriptor {
         let path = dataPath + ".lock"
         let key = dataPath.split(separator: "/").last.map(String.init) ?? dataPath
-        let fd: FileDescriptor
-        do { fd = try Sys.openNoSymlinks(path, O_RDWR | O_CREAT, mode: 0o600) } catch {
-            throw RemoteError.cache("cannot open \(path): \(error)")
-        }
-        let deadline = DispatchTime.now().uptimeNanoseconds + UInt64(waitSeconds * 1e9)
-        while true {
-            do {
-                try Sys.flock(fd.rawValue, exclusive: true, nonBlocking: true)
-                return fd
-            } catch let e as Errno where e == .wouldBlock && DispatchTime.now().uptimeNanoseconds < deadline {
-                usleep(50_000)
-            } catch {
-                break
-            }
-        }
-        Sys.close(fd.rawValue)
+        if let fd = try lockWaiting(path, seconds: waitSeconds) { return fd }
         throw RemoteError.cache("cache entry \(key.prefix(12)) is being filled by another erofs-compat process (\(path) is locked); mount with the same state directory to share it, or use another --cache-dir")
     }
 
@@ -221,11 +206,18 @@ extension BlobCache {
     /// Other entries, and the global state lock, are not held meanwhile.
     public static func lockForSetup(entry dataPath: String, waitSeconds: Double = 600) throws -> FileDescriptor {
         let path = dataPath + ".setup"
+        if let fd = try lockWaiting(path, seconds: waitSeconds) { return fd }
+        throw RemoteError.cache("another mount is still setting up \(dataPath) (\(path) is locked)")
+    }
+
+    /// An exclusive flock on `path` (created, never through a symlink), waiting up to `seconds` for
+    /// its holder; nil when it is still held then.
+    static func lockWaiting(_ path: String, seconds: Double) throws -> FileDescriptor? {
         let fd: FileDescriptor
         do { fd = try Sys.openNoSymlinks(path, O_RDWR | O_CREAT, mode: 0o600) } catch {
             throw RemoteError.cache("cannot open \(path): \(error)")
         }
-        let deadline = DispatchTime.now().uptimeNanoseconds + UInt64(waitSeconds * 1e9)
+        let deadline = DispatchTime.now().uptimeNanoseconds + UInt64(seconds * 1e9)
         while true {
             do {
                 try Sys.flock(fd.rawValue, exclusive: true, nonBlocking: true)
@@ -234,7 +226,7 @@ extension BlobCache {
                 usleep(20_000)
             } catch {
                 Sys.close(fd.rawValue)
-                throw RemoteError.cache("another mount is still setting up \(dataPath) (\(path) is locked)")
+                return nil
             }
         }
     }

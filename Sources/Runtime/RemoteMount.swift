@@ -126,19 +126,8 @@ extension Runtime {
             return try mountLazy(req, blob: blob, paths: paths, record: record, plan: plan, target: target, notes: notes)
         }
         let blockSize = try download(req, blob: blob, paths: paths, digest: digest)
-        try state.withLock {
-            try checkNotMounted(target, source: req.source)
-            guard let impl = Backends.all[backend] else { throw RuntimeError.noBackend("\(backend.rawValue) is not available") }
-            do {
-                let a = try attachRecorded(&record) {
-                    try impl.attach(PreparedMount(source: paths.data, target: target, options: req.options, blockSize: blockSize))
-                }
-                record.device = a.device
-            } catch let f as BackendFailure {
-                throw RuntimeError.mountFailed(backend: backend.rawValue, detail: f.detail)
-            }
-            try saveOrUndo(record)
-        }
+        guard let impl = Backends.all[backend] else { throw RuntimeError.noBackend("\(backend.rawValue) is not available") }
+        try attachCacheFile(impl, paths.data, blockSize: blockSize, req, target: target, record: &record)
         return MountOutcome(plan: plan, record: record, notes: notes)
     }
 
@@ -236,19 +225,25 @@ extension Runtime {
                                  mountpoint: target.path, options: req.options.summary, device: nil, workerPID: nil,
                                  since: Date().timeIntervalSince1970, sourceIdentity: blob.etag ?? blob.lastModified ?? "",
                                  mountID: nil, cachePath: paths.data, statsPath: nil)
+        try attachCacheFile(impl, paths.data, blockSize: blockSize, req, target: target, record: &record)
+        return MountOutcome(plan: plan, record: record, notes: notes)
+    }
+
+    /// Mounts a complete cache file with a local backend and records it (under the state lock).
+    func attachCacheFile(_ impl: any MountBackend, _ data: String, blockSize: Int, _ req: MountRequest, target: MountTarget,
+                         record: inout MountRecord) throws {
         try state.withLock {
             try checkNotMounted(target, source: req.source)
             do {
                 let a = try attachRecorded(&record) {
-                    try impl.attach(PreparedMount(source: paths.data, target: target, options: req.options, blockSize: blockSize))
+                    try impl.attach(PreparedMount(source: data, target: target, options: req.options, blockSize: blockSize))
                 }
                 record.device = a.device
             } catch let f as BackendFailure {
-                throw RuntimeError.mountFailed(backend: backend.rawValue, detail: f.detail)
+                throw RuntimeError.mountFailed(backend: impl.kind.rawValue, detail: f.detail)
             }
             try saveOrUndo(record)
         }
-        return MountOutcome(plan: plan, record: record, notes: notes)
     }
 
     /// Downloads the whole blob into the cache file (streamed, bounded by the size learned first),

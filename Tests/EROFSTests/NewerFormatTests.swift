@@ -26,15 +26,7 @@ struct NewerFormatTests {
         #expect(d.isEmpty, "\(name): \(d.count) differences, first: \(d.prefix(5))")
         // The sparse copy holding only the metadata ranges lists and stats the same.
         let meta = try img.metadataRanges()
-        let src = try Sys.open(image, O_RDONLY)
-        defer { Sys.close(src.rawValue) }
-        let dst = try Sys.open(dir.file("sparse"), O_RDWR | O_CREAT)
-        defer { Sys.close(dst.rawValue) }
-        try Sys.ftruncate(dst.rawValue, Int64(img.source.size))
-        for r in meta.ranges {
-            let b = try Sys.preadFully(src.rawValue, count: Int(r.length), at: Int64(r.offset))
-            try b.withUnsafeBytes { try Sys.pwriteAll(dst.rawValue, $0, at: Int64(r.offset)) }
-        }
+        try sparseCopy(image, meta.ranges, size: img.source.size, to: dir.file("sparse"))
         let sparse = try withKernelMount(dir.file("sparse"), dir.file("mnt")) { TreeFacts(dir.file("mnt"), content: false) }
         let full = try withKernelMount(image, dir.file("mnt")) { TreeFacts(dir.file("mnt"), content: false) }
         #expect(full.diff(sparse).isEmpty, "\(name): \(full.diff(sparse).prefix(5))")

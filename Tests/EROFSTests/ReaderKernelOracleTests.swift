@@ -6,6 +6,20 @@ import Syscall
 import TestSupport
 
 let mkfsAvailable = TestEnv.which("mkfs.erofs") != nil
+
+/// A sparse file of `size` bytes holding only `ranges` of `image` (what a lazy cache holds after
+/// fetching them).
+func sparseCopy(_ image: String, _ ranges: [ByteRange], size: UInt64, to path: String) throws {
+    let src = try Sys.open(image, O_RDONLY)
+    defer { Sys.close(src.rawValue) }
+    let dst = try Sys.open(path, O_RDWR | O_CREAT)
+    defer { Sys.close(dst.rawValue) }
+    try Sys.ftruncate(dst.rawValue, Int64(size))
+    for r in ranges {
+        let b = try Sys.preadFully(src.rawValue, count: Int(r.length), at: Int64(r.offset))
+        try b.withUnsafeBytes { try Sys.pwriteAll(dst.rawValue, $0, at: Int64(r.offset)) }
+    }
+}
 let oracleReason = "needs root (to mount with the kernel as the oracle) and mkfs.erofs (erofs-utils)"
 
 /// mkfs.erofs variants: uncompressed, every compressor mkfs.erofs 1.5 offers, full and compact
@@ -121,16 +135,7 @@ struct ReaderKernelOracleTests {
         let meta = try full.metadataRanges()
         #expect(meta.totalBytes < full.source.size)
         #expect(meta.ranges.allSatisfy { $0.offset % full.blockSize == 0 })
-        // The sparse copy.
-        let src = try Sys.open(dir.file("img"), O_RDONLY)
-        defer { Sys.close(src.rawValue) }
-        let dst = try Sys.open(dir.file("sparse"), O_RDWR | O_CREAT)
-        defer { Sys.close(dst.rawValue) }
-        try Sys.ftruncate(dst.rawValue, Int64(full.source.size))
-        for r in meta.ranges {
-            let b = try Sys.preadFully(src.rawValue, count: Int(r.length), at: Int64(r.offset))
-            try b.withUnsafeBytes { try Sys.pwriteAll(dst.rawValue, $0, at: Int64(r.offset)) }
-        }
+        try sparseCopy(dir.file("img"), meta.ranges, size: full.source.size, to: dir.file("sparse"))
         let expected = try withKernelMount(dir.file("img"), dir.file("mnt")) { TreeFacts(dir.file("mnt"), content: false) }
         let got = try withKernelMount(dir.file("sparse"), dir.file("mnt")) { TreeFacts(dir.file("mnt"), content: false) }
         let d = expected.diff(got)

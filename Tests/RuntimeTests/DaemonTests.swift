@@ -218,7 +218,7 @@ struct DaemonTests {
             #expect(TreeFactsLite(f.dir.file("mnt2")) == expected, "the other mount still served")
             #expect(try cli(state, ["umount", f.dir.file("mnt2")]).status == 0)
             var released = false
-            for _ in 0..<60 where !released {
+            for _ in 0..<200 where !released {
                 released = !BlobCache.isLocked(entry: records[0].cachePath!) && specs(state).isEmpty
                 if !released { usleep(50_000) }
             }
