@@ -51,15 +51,16 @@ let package = Package(
         ),
         .target(name: "Remote", dependencies: ["Syscall", "EROFS", .product(name: "Crypto", package: "swift-crypto")]),
         .target(name: "Installer"),
+        .target(name: "NBD", dependencies: ["Syscall"]),
         .target(
             name: "Runtime",
-            dependencies: ["Probe", "Syscall", "EROFS", "Remote", .product(name: "SystemPackage", package: "swift-system"),
+            dependencies: ["Probe", "Syscall", "EROFS", "Remote", "NBD", .product(name: "SystemPackage", package: "swift-system"),
                            .product(name: "Crypto", package: "swift-crypto")]
         ),
         .executableTarget(
             name: "ErofsCompatCLI",
             dependencies: [
-                "Probe", "EROFS", "Runtime", "Installer", "Syscall",
+                "Probe", "EROFS", "Runtime", "Installer", "Syscall", "NBD",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "SystemPackage", package: "swift-system"),
             ],
@@ -74,6 +75,7 @@ let package = Package(
         .testTarget(name: "RuntimeTests", dependencies: ["Runtime", "Probe", "EROFS", "Syscall", "Remote", "TestSupport"]),
         .testTarget(name: "CLITests", dependencies: ["TestSupport"]),
         .testTarget(name: "InstallerTests", dependencies: ["Installer", "TestSupport"]),
+        .testTarget(name: "NBDTests", dependencies: ["NBD", "Syscall", "TestSupport"]),
     ],
     swiftLanguageModes: [.v5]
 )

@@ -94,4 +94,6 @@ done | median | awk '{printf "meta-ranges (10k files, CLI incl. start-up): %.1f 
 
 echo
 "$(dirname "$0")/bench-remote.sh" "$BIN" "$work"
+echo
+"$(dirname "$0")/bench-nbd.sh" "$BIN" "$work"
 exit 0

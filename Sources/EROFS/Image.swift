@@ -16,13 +16,7 @@ public final class EROFSImage {
 
     public init(source: ImageSource, verifyChecksum: Bool = true) throws {
         self.source = source
-        let head = try source.read(at: Superblock.offset, count: 4096 - Int(Superblock.offset))
-        guard head.count >= 128 else { throw EROFSError.truncated(structure: "superblock", offset: Superblock.offset) }
-        var sbBytes = head
-        if head[12] > 12, head[12] <= 16 {
-            sbBytes = try source.read(at: Superblock.offset, count: (1 << Int(head[12])) - Int(Superblock.offset))
-        }
-        let sb = try Superblock(parsing: sbBytes, verifyChecksum: verifyChecksum)
+        let sb = try Self.superblock(of: source, verifyChecksum: verifyChecksum)
         superblock = sb
         blockSize = UInt64(sb.blockSize)
         if let missing = Self.unimplemented(sb) { throw EROFSError.unsupportedFeature(missing) }
@@ -41,6 +35,17 @@ public final class EROFSImage {
         let known = Feature.table.reduce(UInt32(0)) { $0 | $1.bit }
         if sb.featureIncompat & ~known != 0 { return "unknown incompat bits 0x\(String(sb.featureIncompat & ~known, radix: 16))" }
         return nil
+    }
+
+    /// The superblock of the image in `source` (with as much of the first block as its checksum covers).
+    public static func superblock(of source: ImageSource, verifyChecksum: Bool = true) throws -> Superblock {
+        let head = try source.read(at: Superblock.offset, count: 4096 - Int(Superblock.offset))
+        guard head.count >= 128 else { throw EROFSError.truncated(structure: "superblock", offset: Superblock.offset) }
+        var sbBytes = head
+        if head[12] > 12, head[12] <= 16 {
+            sbBytes = try source.read(at: Superblock.offset, count: (1 << Int(head[12])) - Int(Superblock.offset))
+        }
+        return try Superblock(parsing: sbBytes, verifyChecksum: verifyChecksum)
     }
 
     public convenience init(path: String) throws {

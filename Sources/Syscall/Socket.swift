@@ -44,6 +44,26 @@ extension Sys {
         return try unixBound(Int32(SOCK_DGRAM.rawValue), path)
     }
 
+    /// Writes all of `bytes` to a connected stream socket; a peer that has gone away is an error
+    /// (EPIPE), never a SIGPIPE.
+    package static func sendAll(_ fd: Int32, _ bytes: [UInt8]) throws {
+        try bytes.withUnsafeBytes { b in
+            var done = 0
+            while done < b.count {
+                done += try call { Glibc.send(fd, b.baseAddress! + done, b.count - done, Int32(MSG_NOSIGNAL)) }
+            }
+        }
+    }
+
+    /// SO_RCVTIMEO and SO_SNDTIMEO: a blocked read or write of this socket fails with EAGAIN after
+    /// `seconds` (0: never).
+    package static func setTimeouts(_ fd: Int32, receive: Int, send: Int) throws {
+        for (opt, secs) in [(SO_RCVTIMEO, receive), (SO_SNDTIMEO, send)] {
+            var tv = timeval(tv_sec: secs, tv_usec: 0)
+            _ = try call { setsockopt(fd, SOL_SOCKET, opt, &tv, socklen_t(MemoryLayout<timeval>.size)) }
+        }
+    }
+
     /// accept(2), close-on-exec.
     package static func accept(_ fd: Int32) throws -> Int32 {
         try call { ecx_accept_cloexec(fd) }

@@ -98,17 +98,17 @@ package enum Sys {
 
     /// Reads exactly `count` bytes at `offset` unless EOF comes first; returns what was read.
     package static func preadFully(_ fd: Int32, count: Int, at offset: Int64) throws -> [UInt8] {
-        var out = [UInt8](repeating: 0, count: count)
-        var done = 0
-        try out.withUnsafeMutableBytes { buf in
+        // Not zero-filled first: every byte returned was read.
+        try [UInt8](unsafeUninitializedCapacity: count) { buf, initialized in
+            var done = 0
+            defer { initialized = done }
             while done < count {
-                let n = try pread(fd, into: UnsafeMutableRawBufferPointer(rebasing: buf[done...]), at: offset + Int64(done))
+                let n = try pread(fd, into: UnsafeMutableRawBufferPointer(rebasing: UnsafeMutableRawBufferPointer(buf)[done...]),
+                                  at: offset + Int64(done))
                 if n == 0 { break }
                 done += n
             }
         }
-        if done < count { out.removeSubrange(done...) }
-        return out
     }
 
     /// The whole content of a small file (procfs, sysfs, state records): open, read to EOF, close.

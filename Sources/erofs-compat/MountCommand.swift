@@ -61,45 +61,14 @@ struct MountCommand: ParsableCommand {
     @Option(help: "Backend: auto, fanotify (remote sources), file or loop.")
     var backend: BackendChoice = .auto
 
-    @Option(help: ArgumentHelp("Cache directory for remote images (ext4, xfs or btrfs for lazy mounts).", valueName: "DIR"))
-    var cacheDir: String = "/var/cache/erofs-compat"
-
-    @Flag(help: "Accept a server that ignores Range requests by downloading the whole image first.")
-    var allowFullDownload = false
-
-    @Option(help: ArgumentHelp("Expected sha256 of the remote image, checked when the cache is complete.", valueName: "sha256:HEX"))
-    var digest: String?
-
-    @Option(help: ArgumentHelp("Remote: give up preparing the mount (manifest, probe, metadata) after this many seconds.",
-                               valueName: "SECONDS"))
-    var prepareTimeout: Double = 120
+    @OptionGroup(title: "Remote sources")
+    var remote: RemoteSourceOptions
 
     @Option(help: ArgumentHelp("Remote, lazy: fetch in the background at low priority: none, all, or the ranges of a profile file recorded with --record-profile.", valueName: "none|all|PROFILE"))
     var prefetch: String = "none"
 
     @Option(help: ArgumentHelp("Remote, lazy: record the ranges readers ask for into FILE (a profile for a later --prefetch).", valueName: "FILE"))
     var recordProfile: String?
-
-    @Option(help: ArgumentHelp("OCI: mount layer N of the manifest (0 = first).", valueName: "N"))
-    var layer: Int?
-
-    @Option(help: ArgumentHelp("OCI: mount this blob of the repository, skipping the manifest.", valueName: "sha256:HEX"))
-    var blob: String?
-
-    @Option(help: ArgumentHelp("OCI: the platform to pick from an image index (default: this host).", valueName: "OS/ARCH[/VARIANT]"))
-    var platform: String?
-
-    @Option(help: ArgumentHelp("OCI: registry credentials file (docker config.json format).", valueName: "FILE"))
-    var authFile: String?
-
-    @Option(help: ArgumentHelp("OCI: registry user name (the password is read with --password-stdin).", valueName: "USER"))
-    var username: String?
-
-    @Flag(help: "OCI: read the registry password from the first line of standard input.")
-    var passwordStdin = false
-
-    @Flag(help: "OCI: allow plain http to a registry outside 127.0.0.0/8.")
-    var insecure = false
 
     @Option(name: .customShort("o"), help: ArgumentHelp("Comma-separated mount options (repeatable).", valueName: "OPTIONS"))
     var options: [String] = []
@@ -120,17 +89,9 @@ struct MountCommand: ParsableCommand {
     var mountpoint: String
 
     func validate() throws {
-        if passwordStdin, username == nil { throw ValidationError("--password-stdin needs --username") }
-        if username != nil, !passwordStdin { throw ValidationError("--username needs --password-stdin (passwords are never taken as arguments)") }
-        if let layer, layer < 0 { throw ValidationError("--layer must be 0 or more") }
-        if !(prepareTimeout > 0 && prepareTimeout <= 86_400) { throw ValidationError("--prepare-timeout must be between 0 and 86400 seconds") }
-        if layer != nil, blob != nil { throw ValidationError("--layer and --blob exclude each other") }
-        let ociOnly = layer != nil || blob != nil || platform != nil || authFile != nil || username != nil || insecure
+        try remote.validate(source: source)
         if prefetch != "none" || recordProfile != nil, !isRemote {
             throw ValidationError("--prefetch and --record-profile apply to remote (http(s) or oci://) sources only")
-        }
-        if ociOnly, !source.hasPrefix("oci://") {
-            throw ValidationError("--layer, --blob, --platform, --auth-file, --username and --insecure apply to oci:// sources only")
         }
     }
 
@@ -142,19 +103,7 @@ struct MountCommand: ParsableCommand {
 
     func run() throws {
         let runtime = Runtime()
-        var password: String?
-        if passwordStdin {
-            guard let line = readLine(strippingNewline: true), !line.isEmpty else {
-                throw CLIFailure(message: "--password-stdin: no password on standard input", code: 2)
-            }
-            password = line
-        }
-        let oci = OCIOptions(layer: layer, blob: blob, platform: platform, authFile: authFile, username: username,
-                             password: password, insecure: insecure)
-        var remote = RemoteOptions(cacheDir: cacheDir, allowFullDownload: allowFullDownload,
-                                   digest: digest.map { $0.hasPrefix("sha256:") ? String($0.dropFirst(7)) : $0 }, oci: oci,
-                                   prefetch: Prefetch(argument: prefetch), recordProfile: recordProfile)
-        remote.prepareTimeout = prepareTimeout
+        let remote = try self.remote.make(prefetch: Prefetch(argument: prefetch), recordProfile: recordProfile)
         let request = MountRequest(source: source, mountpoint: mountpoint, backend: backend.backend,
                                    options: try runtimeCall { try MountOptions(parsing: options) }, dryRun: dryRun, remote: remote)
         // A running daemon performs remote mounts (unless asked to only plan or explain).

@@ -1,0 +1,190 @@
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
+import Foundation
+#endif
+import Dispatch
+import EROFS
+import Glibc
+import NBD
+import Remote
+import Syscall
+import SystemPackage
+
+/// What `nbd serve` exports: a local image read-only, or a remote blob through the same
+/// per-source, lock-held, digest-checked cache a lazy mount uses (fetched as clients read it).
+public final class ServedSource: @unchecked Sendable {  // immutable after init except `failed` and the readahead state, behind locks
+    public let size: UInt64
+    public let description: String
+    /// The cache granule (64 KiB) for remote blobs, the block size for local images.
+    public let granule: UInt32
+    let source: ImageSource
+    let lazy: LazyBlob?
+    let digest: String?
+    let entryLock: FileDescriptor?
+    let readahead: Readahead?
+    /// Set when the complete cache failed its digest: every further read is EIO.
+    let failed = Locked(false)
+    let stopped = Locked(false)
+
+    init(local: FileSource, blockSize: Int, description: String) {
+        (size, source, lazy, digest, entryLock, readahead) = (local.size, local, nil, nil, nil, nil)
+        (self.description, granule) = (description, UInt32(blockSize))
+    }
+
+    init(lazy: LazyBlob, digest: String?, entryLock: FileDescriptor, description: String) {
+        (size, source, self.lazy, self.digest, self.entryLock) = (lazy.size, lazy, lazy, digest, entryLock)
+        (self.description, granule) = (description, UInt32(lazy.granule))
+        readahead = Readahead(lazy)
+        Threads.detach { [self] in commitLoop() }
+    }
+
+    /// Exactly the bytes of [offset, offset+length), or a throw (EIO for the client).
+    public func read(offset: UInt64, length: Int) throws -> [UInt8] {
+        guard !failed.get() else { throw RemoteError.cache("the blob failed verification") }
+        if let readahead, let lazy, readahead.noteRead(offset: offset, length: UInt64(length)),
+           !lazy.isAvailable(offset: offset, length: UInt64(length)) {
+            // A sequential reader that outran the readahead: a few large requests, not many small ones.
+            try lazy.fetchUnclaimed(offset: offset, length: min(4 << 20, lazy.size - offset))
+        }
+        let data = try source.read(at: offset, count: length)
+        guard data.count == length else { throw RemoteError.cache("short read at \(offset)") }
+        return data
+    }
+
+    /// NBD_CMD_CACHE: fetch the range into the cache now.
+    public func prefetch(offset: UInt64, length: Int) throws {
+        guard let lazy else { return }
+        try lazy.ensure(offset: offset, length: UInt64(length))
+    }
+
+    /// Makes what was fetched durable every 100 ms; once complete, checks the digest (and links the
+    /// entry under it) or, on a mismatch, discards the entry and fails every further read.
+    func commitLoop() {
+        guard let lazy else { return }
+        var finished = false
+        while !stopped.get() {
+            usleep(100_000)
+            try? lazy.commit()
+            guard !finished, lazy.record.isComplete else { continue }
+            finished = true
+            guard let digest else { continue }
+            do {
+                try lazy.verify(sha256: digest)
+                BlobCache.promote(entry: lazy.dataPath, digest: digest)
+            } catch {
+                failed.set(true)
+                BlobCache.discard(entry: lazy.dataPath)
+            }
+        }
+    }
+
+    /// Stops committing (after a last commit) and releases the cache entry.
+    public func close() {
+        stopped.set(true)
+        try? lazy?.commit()
+        entryLock.map { Sys.close($0.rawValue) }
+    }
+}
+
+/// Readahead for a sequential client (nbdcopy, a kernel reading a device in order): after a read
+/// that continues the previous one, the next window (1 MiB doubling to 16 MiB) is fetched in the
+/// background in requests of up to 4 MiB, each readable as soon as it is written.
+final class Readahead: @unchecked Sendable {  // state behind its lock
+    let lazy: LazyBlob
+    /// `end`: where the stream's reads reached; `ahead`: where its readahead reached.
+    private let state = Locked<(end: UInt64, window: UInt64, ahead: UInt64, queued: [(UInt64, UInt64)])>((0, 0, 0, []))
+    private let ready = DispatchSemaphore(value: 0)
+
+    init(_ lazy: LazyBlob, fetchers: Int = 4) {
+        self.lazy = lazy
+        for _ in 0..<fetchers { Threads.detach { [self] in loop() } }
+    }
+
+    /// Notes a read; true when it continues the stream (within 32 MiB behind or 16 MiB ahead of
+    /// its end: several connections and many requests in flight arrive slightly out of order).
+    @discardableResult
+    func noteRead(offset: UInt64, length: UInt64) -> Bool {
+        let (sequential, next): (Bool, (UInt64, UInt64)?) = state.withLock { s in
+            let sequential = s.end > 0 && offset + (32 << 20) >= s.end && offset <= s.end + (16 << 20)
+            s.window = sequential ? min(max(s.window * 2, 1 << 20), 16 << 20) : 0
+            let from = max(s.end, offset + length)
+            s.end = sequential ? max(s.end, offset + length) : offset + length
+            guard s.window > 0, from < lazy.size, from + s.window > s.ahead else { return (sequential, nil) }
+            let start = max(from, s.ahead)
+            let window = (start, min(from + s.window, lazy.size) - start)
+            s.ahead = start + window.1
+            s.queued.append(window)
+            if s.queued.count > 16 { s.queued.removeFirst(s.queued.count - 16) }
+            return (sequential, window)
+        }
+        if next != nil { ready.signal() }
+        return sequential
+    }
+
+    private func loop() {
+        while true {
+            ready.wait()
+            guard let (offset, length) = state.withLock({ $0.queued.isEmpty ? nil : $0.queued.removeFirst() }) else { continue }
+            var pos = offset
+            while pos < offset + length {
+                let n = min(4 << 20, offset + length - pos)
+                try? lazy.fetchUnclaimed(offset: pos, length: n)
+                pos += n
+            }
+        }
+    }
+}
+
+extension Runtime {
+    /// Opens SOURCE (a local image, an http(s) URL or an oci:// reference, with the same options
+    /// and credential handling as `mount`) for an NBD export.
+    public func openServedSource(_ source: String, remote: RemoteOptions) throws -> ServedSource {
+        guard source.hasPrefix("http://") || source.hasPrefix("https://") || OCIReference.isOCI(source) else {
+            return try openLocalExport(source)
+        }
+        var req = try validatedRemote(MountRequest(source: source, mountpoint: "", remote: remote))
+        req.source = URLUserinfo.strip(req.source)
+        let cache = BlobCache(directory: req.remote.cacheDir)
+        do { try cache.checkDirectories() } catch { throw RuntimeError.state("\(error)") }
+        var notes: [String] = []
+        let blob = try openRemoteBlob(&req, notes: &notes)
+        defer { blob.setDeadline(seconds: nil) }
+        do { try cache.ensureDirectories() } catch { throw RuntimeError.state("\(error)") }
+        let digest = req.remote.digest?.lowercased()
+        let what = ([req.source] + notes).joined(separator: "; ")
+        if let digest, let verified = cache.verifiedEntry(digest: digest, size: blob.size) {
+            return try openLocalExport(verified.data, description: what + " (cached, verified)")
+        }
+        let paths = cache.paths(key: BlobCache.partialKey(source: blob.url))
+        do {
+            let lock = try BlobCache.lockForWriting(entry: paths.data)
+            do {
+                _ = try cache.reconcile(paths: paths, with: blob, digest: digest)
+                let lazy = try LazyBlob(blob: blob, dataPath: paths.data, recordPath: paths.record)
+                if blob.wholeOnly {
+                    try blob.readAll(into: lazy.writerFD)
+                    try lazy.markAllPresent()
+                }
+                return ServedSource(lazy: lazy, digest: digest, entryLock: lock, description: what)
+            } catch {
+                Sys.close(lock.rawValue)
+                throw error
+            }
+        } catch let e as RemoteError {
+            throw RuntimeError.remote(e.description)
+        }
+    }
+
+    /// A local EROFS image, checked like `mount` checks it (a regular file with an EROFS superblock).
+    func openLocalExport(_ path: String, description: String? = nil) throws -> ServedSource {
+        let (canonical, _) = try canonicalSource(path)
+        let file: FileSource
+        do { file = try FileSource(path: canonical) } catch { throw RuntimeError.sourceMissing(path) }
+        let blockSize: Int
+        do { blockSize = try EROFSImage.superblock(of: file).blockSize } catch {
+            throw RuntimeError.notEROFS(canonical, detail: "\(error)")
+        }
+        return ServedSource(local: file, blockSize: blockSize, description: description ?? canonical)
+    }
+}

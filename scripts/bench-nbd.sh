@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# NBD figures (part of `make bench`): `erofs-compat nbd serve` against reading the file directly,
+# against nbdkit serving the same file, and (cold, over docker-registry) against pulling the blob.
+# Every side is measured in the same run; medians of 3.
+set -euo pipefail
+BIN=$(readlink -f "$1")
+work=$2/nbd
+median() { sort -n | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }
+now_us() { echo $(( $(date +%s%N) / 1000 )); }
+drop() { sync; echo 3 > /proc/sys/vm/drop_caches; }
+for t in nbdcopy nbdkit mkfs.erofs; do command -v $t >/dev/null || { echo "nbd benches skipped: $t missing"; exit 0; }; done
+[ "$(id -u)" -eq 0 ] || { echo "nbd benches skipped: need root"; exit 0; }
+mkdir -p "$work/tree"
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$work"; }
+trap cleanup EXIT
+python3 - "$work/tree" <<'PY'
+import os, sys
+for i in range(16):
+    with open(os.path.join(sys.argv[1], f"f{i:02d}.bin"), "wb") as f: f.write(os.urandom(16 << 20))
+PY
+mkfs.erofs --quiet "$work/img.erofs" "$work/tree"
+img=$work/img.erofs
+serve() {  # SOCKET ARGS...: waits for the socket
+    local sock=$1; shift
+    "$BIN" nbd serve "$@" --socket "$sock" 2>>"$work/serve.log" & pids+=($!)
+    for _ in $(seq 200); do [ -S "$sock" ] && return 0; sleep 0.02; done
+    echo "nbd serve did not start: $(cat "$work/serve.log")"; exit 1
+}
+time_us() { local s e; s=$(now_us); "$@" >/dev/null; e=$(now_us); echo $((e - s)); }
+
+echo "== nbd: nbdcopy of a 256 MiB export, warm (page cache), median of 3; targets >= 0.70 of the file, >= 1.0 of nbdkit"
+serve "$work/ours.sock" "$img"
+nbdkit -U "$work/kit.sock" --exit-with-parent file "$img" & pids+=($!)
+for _ in $(seq 200); do [ -S "$work/kit.sock" ] && break; sleep 0.02; done
+cat "$img" >/dev/null
+file=(); ours=(); kit=()
+for _ in 1 2 3; do
+    file+=("$(time_us dd if="$img" of=/dev/null bs=4M status=none)")
+    ours+=("$(time_us nbdcopy "nbd+unix:///?socket=$work/ours.sock" null:)")
+    kit+=("$(time_us nbdcopy "nbd+unix:///?socket=$work/kit.sock" null:)")
+done
+f=$(printf '%s\n' "${file[@]}" | median); o=$(printf '%s\n' "${ours[@]}" | median); k=$(printf '%s\n' "${kit[@]}" | median)
+awk -v f="$f" -v o="$o" -v k="$k" 'BEGIN {
+    printf "file %.3f s, erofs-compat nbd %.3f s, nbdkit file %.3f s\n", f/1e6, o/1e6, k/1e6
+    printf "throughput: %.2f of the file (target >= 0.70), %.2f of nbdkit (target >= 1.0)\n", f/o, k/o }'
+
+if command -v docker-registry >/dev/null; then
+    echo
+    echo "== nbd cold: nbdcopy of an oci:// export over docker-registry vs pulling the blob (page cache dropped, median of 3; target <= 1.25x)"
+    port=$((20000 + RANDOM % 30000))
+    printf 'version: 0.1\nlog: {level: error, accesslog: {disabled: true}}\nstorage: {filesystem: {rootdirectory: %s}}\nhttp: {addr: 127.0.0.1:%s}\n' \
+        "$work/registry" "$port" > "$work/registry.yml"
+    docker-registry serve "$work/registry.yml" >"$work/registry.log" 2>&1 & pids+=($!)
+    for _ in $(seq 100); do curl -s -o /dev/null "http://127.0.0.1:$port/v2/" && break; sleep 0.05; done
+    digest=sha256:$(sha256sum "$img" | cut -c1-64); size=$(stat -c %s "$img")
+    loc=$(curl -s -D - -o /dev/null -X POST "http://127.0.0.1:$port/v2/bench/nbd/blobs/uploads/" | awk 'tolower($1)=="location:" {print $2}' | tr -d '\r')
+    case "$loc" in http*) ;; *) loc="http://127.0.0.1:$port$loc" ;; esac
+    curl -s -X PUT -H 'Content-Type: application/octet-stream' --data-binary @"$img" "$loc&digest=$digest" >/dev/null
+    cfg='{}'; cfgd=sha256:$(printf %s "$cfg" | sha256sum | cut -c1-64)
+    loc=$(curl -s -D - -o /dev/null -X POST "http://127.0.0.1:$port/v2/bench/nbd/blobs/uploads/" | awk 'tolower($1)=="location:" {print $2}' | tr -d '\r')
+    case "$loc" in http*) ;; *) loc="http://127.0.0.1:$port$loc" ;; esac
+    printf %s "$cfg" | curl -s -X PUT -H 'Content-Type: application/octet-stream' --data-binary @- "$loc&digest=$cfgd" >/dev/null
+    manifest='{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"'$cfgd'","size":2},"layers":[{"mediaType":"application/vnd.erofs.layer.v1","digest":"'$digest'","size":'$size'}]}'
+    curl -s -X PUT -H 'Content-Type: application/vnd.oci.image.manifest.v1+json' --data-binary "$manifest" "http://127.0.0.1:$port/v2/bench/nbd/manifests/v1" >/dev/null
+    pull=(); cold=()
+    for i in 1 2 3; do
+        drop; pull+=("$(time_us curl -s -o "$work/pulled" "http://127.0.0.1:$port/v2/bench/nbd/blobs/$digest")")
+        rm -f "$work/pulled"
+        rm -rf "$work/cache"; drop
+        s=$(now_us)
+        serve "$work/cold$i.sock" "oci://127.0.0.1:$port/bench/nbd:v1" --cache-dir "$work/cache"
+        m=$(now_us)
+        nbdcopy "nbd+unix:///?socket=$work/cold$i.sock" null:
+        e=$(now_us); cold+=($((e - s)))
+        [ -n "${NBD_BENCH_DEBUG:-}" ] && echo "start $((m - s)) us, copy $((e - m)) us"
+        kill "${pids[-1]}"; wait "${pids[-1]}" 2>/dev/null || true
+    done
+    p=$(printf '%s\n' "${pull[@]}" | median); c=$(printf '%s\n' "${cold[@]}" | median)
+    awk -v p="$p" -v c="$c" 'BEGIN { printf "pull %.3f s, serve + nbdcopy %.3f s: %.2fx (target <= 1.25)\n", p/1e6, c/1e6, c/p }'
+fi
