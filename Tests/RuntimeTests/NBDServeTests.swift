@@ -69,6 +69,17 @@ func sha256File(_ path: String, offset: Int = 0, count: Int? = nil) throws -> St
     return sha256Hex([UInt8](d[offset..<end]))
 }
 
+/// An nginx-served image exported by `nbd serve` through the fault proxy; removed afterwards.
+func withProxiedExport(_ label: String, _ body: (RemoteFixture, FaultProxy, NBDServeProcess, String) throws -> Void) throws {
+    let f = try RemoteFixture(label)
+    defer { f.remove() }
+    let proxy = try FaultProxy(upstream: f.server.base)
+    defer { proxy.remove() }
+    let server = try NBDServeProcess([proxy.base + "/img.erofs", "--cache-dir", f.dir.file("cache")], dir: f.dir)
+    defer { server.stop() }
+    try body(f, proxy, server, f.server.root + "/img.erofs")
+}
+
 /// Issue 17's server, tested with Debian's libnbd tools (the kernel attach needs an NBD driver,
 /// which this host lacks: the kernel-matrix tier boots one).
 @Suite(.serialized, .enabled(if: canServeNBD, Comment(rawValue: nbdReason)))
@@ -99,22 +110,16 @@ struct NBDServeTests {
     /// An http source served lazily: a partial read fetches only around what was asked; a
     /// sequential copy of the whole export equals the image; a refetch is served from the cache.
     @Test func httpExportIsLazy() throws {
-        let f = try RemoteFixture("nbd-http")
-        defer { f.remove() }
-        let proxy = try FaultProxy(upstream: f.server.base)
-        defer { proxy.remove() }
-        let image = f.server.root + "/img.erofs"
-        let server = try NBDServeProcess([proxy.base + "/img.erofs", "--cache-dir", f.dir.file("cache")], dir: f.dir)
-        defer { server.stop() }
-        let at = 1 << 20
-        let r = try libnbd(preadScript, [server.uri, "4096", String(at)])
-        let want = try sha256File(image, offset: at, count: 4096)
-        #expect(r.stdout.trimmingCharacters(in: .whitespacesAndNewlines) == want, "\(r.stderr) \(server.logText)")
-        // Range requests: the probe, then the granule holding the read.
-        let ranges = proxy.log.compactMap { line -> (Int, Int)? in
-            guard let r = line.split(separator: " ").last, r.hasPrefix("bytes=") else { return nil }
-            let p = r.dropFirst(6).split(separator: "-").compactMap { Int($0) }
-            return p.count == 2 ? (p[0], p[1]) : nil
+        try withProxiedExport("nbd-http") { f, proxy, server, image in
+            let at = 1 << 20
+            let r = try libnbd(preadScript, [server.uri, "4096", String(at)])
+            let want = try sha256File(image, offset: at, count: 4096)
+            #expect(r.stdout.trimmingCharacters(in: .whitespacesAndNewlines) == want, "\(r.stderr) \(server.logText)")
+            // Range requests: the probe, then the granule holding the read.
+            let ranges = proxy.log.compactMap { line -> (Int, Int)? in
+                guard let r = line.split(separator: " ").last, r.hasPrefix("bytes=") else { return nil }
+                let p = r.dropFirst(6).split(separator: "-").compactMap { Int($0) }
+                return p.count == 2 ? (p[0], p[1]) : nil
         }
         let fetched = ranges.reduce(0) { $0 + $1.1 - $1.0 + 1 }
         #expect(fetched <= 4096 + (128 << 10), "fetched \(fetched) bytes for a 4 KiB read: \(ranges)")
@@ -122,6 +127,7 @@ struct NBDServeTests {
         let copy = try run("/usr/bin/nbdcopy", [server.uri, f.dir.file("copy")])
         #expect(copy.status == 0, "\(copy.stderr)")
         #expect(try sha256File(f.dir.file("copy")) == sha256File(image))
+        }
     }
 
     /// An oci:// reference through docker-registry: the layer, byte for byte.
@@ -205,22 +211,17 @@ struct NBDServeTests {
     /// The server behind a remote source goes down mid-read: EIO error replies (never zeros, never
     /// a success), then the right bytes once it is back.
     @Test func aServerOutageIsEIOThenRecovers() throws {
-        let f = try RemoteFixture("nbd-outage")
-        defer { f.remove() }
-        let proxy = try FaultProxy(upstream: f.server.base)
-        defer { proxy.remove() }
-        let image = f.server.root + "/img.erofs"
-        let server = try NBDServeProcess([proxy.base + "/img.erofs", "--cache-dir", f.dir.file("cache")], dir: f.dir)
-        defer { server.stop() }
-        try proxy.set("{\"fault\":\"status\",\"status\":503,\"every\":1,\"match\":\"/img.erofs\"}")
-        let at = 2 << 20
-        let down = try libnbd(preadScript, [server.uri, "65536", String(at)])
-        #expect(down.stdout.trimmingCharacters(in: .whitespacesAndNewlines) == "error EIO", "\(down.stdout) \(down.stderr)")
-        try proxy.set("{}")
-        let up = try libnbd(preadScript, [server.uri, "65536", String(at)])
-        let want = try sha256File(image, offset: at, count: 65536)
-        #expect(up.stdout.trimmingCharacters(in: .whitespacesAndNewlines) == want)
-        #expect(server.alive)
+        try withProxiedExport("nbd-outage") { _, proxy, server, image in
+            try proxy.set("{\"fault\":\"status\",\"status\":503,\"every\":1,\"match\":\"/img.erofs\"}")
+            let at = 2 << 20
+            let down = try libnbd(preadScript, [server.uri, "65536", String(at)])
+            #expect(down.stdout.trimmingCharacters(in: .whitespacesAndNewlines) == "error EIO", "\(down.stdout) \(down.stderr)")
+            try proxy.set("{}")
+            let up = try libnbd(preadScript, [server.uri, "65536", String(at)])
+            let want = try sha256File(image, offset: at, count: 65536)
+            #expect(up.stdout.trimmingCharacters(in: .whitespacesAndNewlines) == want)
+            #expect(server.alive)
+        }
     }
 
     /// Usage errors and a bad source: one line each, the documented code, no socket left behind.
