@@ -87,13 +87,15 @@ public final class ServedSource: @unchecked Sendable {  // immutable after init 
     }
 }
 
-/// Readahead for a sequential client (nbdcopy, a kernel reading a device in order): after a read
-/// that continues the previous one, the next window (1 MiB doubling to 16 MiB) is fetched in the
+/// Readahead for sequential clients (nbdcopy, a kernel reading a device in order). Up to 8 streams
+/// are followed at once (nbdcopy's connections each copy a region of their own): a read continues
+/// the stream whose end it is near, else it starts one in place of the least recently used. After
+/// a read that continues a stream, the next window (1 MiB doubling to 16 MiB) is fetched in the
 /// background in requests of up to 4 MiB, each readable as soon as it is written.
 final class Readahead: @unchecked Sendable {  // state behind its lock
+    struct Stream { var end: UInt64; var window: UInt64; var ahead: UInt64; var used: UInt64 }
     let lazy: LazyBlob
-    /// `end`: where the stream's reads reached; `ahead`: where its readahead reached.
-    private let state = Locked<(end: UInt64, window: UInt64, ahead: UInt64, queued: [(UInt64, UInt64)])>((0, 0, 0, []))
+    private let state = Locked<(streams: [Stream], clock: UInt64, queued: [(UInt64, UInt64)])>(([], 0, []))
     private let ready = DispatchSemaphore(value: 0)
 
     init(_ lazy: LazyBlob, fetchers: Int = 4) {
@@ -101,24 +103,36 @@ final class Readahead: @unchecked Sendable {  // state behind its lock
         for _ in 0..<fetchers { Threads.detach { [self] in loop() } }
     }
 
-    /// Notes a read; true when it continues the stream (within 32 MiB behind or 16 MiB ahead of
-    /// its end: several connections and many requests in flight arrive slightly out of order).
+    /// Notes a read; true when it continues a stream (within 32 MiB behind or 16 MiB ahead of its
+    /// end: many requests in flight arrive slightly out of order).
     @discardableResult
     func noteRead(offset: UInt64, length: UInt64) -> Bool {
-        let (sequential, next): (Bool, (UInt64, UInt64)?) = state.withLock { s in
-            let sequential = s.end > 0 && offset + (32 << 20) >= s.end && offset <= s.end + (16 << 20)
-            s.window = sequential ? min(max(s.window * 2, 1 << 20), 16 << 20) : 0
-            let from = max(s.end, offset + length)
-            s.end = sequential ? max(s.end, offset + length) : offset + length
-            guard s.window > 0, from < lazy.size, from + s.window > s.ahead else { return (sequential, nil) }
-            let start = max(from, s.ahead)
-            let window = (start, min(from + s.window, lazy.size) - start)
-            s.ahead = start + window.1
-            s.queued.append(window)
-            if s.queued.count > 16 { s.queued.removeFirst(s.queued.count - 16) }
-            return (sequential, window)
+        let (sequential, queued): (Bool, Bool) = state.withLock { s in
+            s.clock += 1
+            let i = s.streams.firstIndex { offset + (32 << 20) >= $0.end && offset <= $0.end + (16 << 20) }
+            guard let i else {
+                let fresh = Stream(end: offset + length, window: 0, ahead: offset + length, used: s.clock)
+                if s.streams.count < 8 { s.streams.append(fresh) } else if let lru = s.streams.indices.min(by: { s.streams[$0].used < s.streams[$1].used }) {
+                    s.streams[lru] = fresh
+                }
+                return (false, false)
+            }
+            var st = s.streams[i]
+            st.used = s.clock
+            st.window = min(max(st.window * 2, 1 << 20), 16 << 20)
+            st.end = max(st.end, offset + length)
+            let start = max(st.end, st.ahead), stop = min(st.end + st.window, lazy.size)
+            var queued = false
+            if start < stop {
+                st.ahead = stop
+                s.queued.append((start, stop - start))
+                if s.queued.count > 32 { s.queued.removeFirst(s.queued.count - 32) }
+                queued = true
+            }
+            s.streams[i] = st
+            return (true, queued)
         }
-        if next != nil { ready.signal() }
+        if queued { ready.signal() }
         return sequential
     }
 

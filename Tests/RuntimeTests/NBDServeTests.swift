@@ -108,7 +108,7 @@ struct NBDServeTests {
     }
 
     /// An http source served lazily: a partial read fetches only around what was asked; a
-    /// sequential copy of the whole export equals the image; a refetch is served from the cache.
+    /// sequential copy of the whole export equals the image.
     @Test func httpExportIsLazy() throws {
         try withProxiedExport("nbd-http") { f, proxy, server, image in
             let at = 1 << 20
