@@ -44,8 +44,12 @@ public final class ServedSource: @unchecked Sendable {  // immutable after init 
         guard !failed.get() else { throw RemoteError.cache("the blob failed verification") }
         if let readahead, let lazy, readahead.noteRead(offset: offset, length: UInt64(length)),
            !lazy.isAvailable(offset: offset, length: UInt64(length)) {
-            // A sequential reader that outran the readahead: a few large requests, not many small ones.
-            try lazy.fetchUnclaimed(offset: offset, length: min(4 << 20, lazy.size - offset))
+            // A sequential reader that outran the readahead fetches the aligned 4 MiB chunk around
+            // its read: concurrent readers of that chunk join one large request instead of each
+            // sending a small one (a registry spends milliseconds on every request).
+            let chunk: UInt64 = 4 << 20
+            let start = offset / chunk * chunk
+            try lazy.ensure(offset: start, length: min(chunk, lazy.size - start))
         }
         let data = try source.read(at: offset, count: length)
         guard data.count == length else { throw RemoteError.cache("short read at \(offset)") }
@@ -90,8 +94,8 @@ public final class ServedSource: @unchecked Sendable {  // immutable after init 
 /// Readahead for sequential clients (nbdcopy, a kernel reading a device in order). Up to 8 streams
 /// are followed at once (nbdcopy's connections each copy a region of their own): a read continues
 /// the stream whose end it is near, else it starts one in place of the least recently used. After
-/// a read that continues a stream, the next window (1 MiB doubling to 16 MiB) is fetched in the
-/// background in requests of up to 4 MiB, each readable as soon as it is written.
+/// a read that continues a stream, the next window (4 MiB doubling to 16 MiB) is fetched in the
+/// background in aligned 4 MiB requests, each readable as soon as it is written.
 final class Readahead: @unchecked Sendable {  // state behind its lock
     struct Stream { var end: UInt64; var window: UInt64; var ahead: UInt64; var used: UInt64 }
     let lazy: LazyBlob
@@ -119,7 +123,7 @@ final class Readahead: @unchecked Sendable {  // state behind its lock
             }
             var st = s.streams[i]
             st.used = s.clock
-            st.window = min(max(st.window * 2, 1 << 20), 16 << 20)
+            st.window = min(max(st.window * 2, 4 << 20), 16 << 20)
             st.end = max(st.end, offset + length)
             let start = max(st.end, st.ahead), stop = min(st.end + st.window, lazy.size)
             var queued = false
@@ -140,11 +144,12 @@ final class Readahead: @unchecked Sendable {  // state behind its lock
         while true {
             ready.wait()
             guard let (offset, length) = state.withLock({ $0.queued.isEmpty ? nil : $0.queued.removeFirst() }) else { continue }
-            var pos = offset
+            // In aligned 4 MiB chunks, as readers that outran it fetch them.
+            let chunk: UInt64 = 4 << 20
+            var pos = offset / chunk * chunk
             while pos < offset + length {
-                let n = min(4 << 20, offset + length - pos)
-                try? lazy.fetchUnclaimed(offset: pos, length: n)
-                pos += n
+                try? lazy.fetchUnclaimed(offset: pos, length: min(chunk, lazy.size - pos))
+                pos += chunk
             }
         }
     }
