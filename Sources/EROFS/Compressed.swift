@@ -21,9 +21,13 @@ struct Compressed {
         var start: UInt64
         var end: UInt64
         var headType: LType
-        enum Storage { case blocks(UInt64, UInt64), inline(UInt64, UInt64), fragment }
+        /// Byte ranges (offset, length) in the image or the metabox; the tail in the packed inode at the
+        /// header's fragment offset, or at an offset of its own (extent records).
+        enum Storage { case blocks(UInt64, UInt64), inline(UInt64, UInt64), fragment, fragmentAt(UInt64) }
         var storage: Storage
         var partialRef: Bool
+        /// The algorithm when the extent names it itself (extent records); else the head type decides.
+        var algorithm: UInt8? = nil
     }
 
     static let advCompacted2B: UInt16 = 0x1, advBig1: UInt16 = 0x2, advBig2: UInt16 = 0x4, advInline: UInt16 = 0x8,
@@ -41,6 +45,12 @@ struct Compressed {
     let idataSize: UInt64
     let fragmentOffset: UInt64
     let wholeFragment: Bool
+    /// Extent records instead of logical-cluster indexes (Z_EROFS_ADVISE_EXTENTS, full layout):
+    /// their count and size, and where they start.
+    let extentCount: UInt64
+    let recordSize: UInt64
+    var usesExtents: Bool { recordSize > 0 }
+    static let advExtents: UInt16 = 0x1
 
     init(image: EROFSImage, inode: Inode) throws {
         self.image = image
@@ -50,6 +60,21 @@ struct Compressed {
         fragmentOffset = UInt64(LEBytesValue.u32(Array(h[0..<4])))
         idataSize = UInt64(LEBytesValue.u16(Array(h[2..<4])))
         advise = LEBytesValue.u16(Array(h[4..<6]))
+        if inode.layout == .compressedFull, advise & Self.advExtents != 0 {
+            // The map header holds the extent count where the algorithms and cluster bits would be.
+            extentCount = UInt64(LEBytesValue.u32(Array(h[0..<4]))) | UInt64(LEBytesValue.u16(Array(h[6..<8]))) << 32
+            recordSize = 4 << UInt64((advise >> 1) & 0x3)
+            (algorithms, wholeFragment) = ((0, 0), false)
+            // Records of 4 or 8 bytes are one per logical cluster, whose size the low bits of the
+            // header's last byte give (they overlap the count's MSB, which those records do not use).
+            lclusterBits = UInt64(image.superblock.blockSizeBits) + UInt64(h[7] & 0xF)
+            totalIndexes = 0
+            guard recordSize <= 8 || extentCount <= inode.size + 1, lclusterBits <= 20 else {
+                throw EROFSError.corrupt(structure: "extent records of inode \(inode.nid)", offset: headerPos, detail: "\(extentCount) extents")
+            }
+            return
+        }
+        (extentCount, recordSize) = (0, 0)
         algorithms = (h[6] & 0xF, h[6] >> 4)
         wholeFragment = h[7] & 0x80 != 0
         lclusterBits = UInt64(image.superblock.blockSizeBits) + UInt64(h[7] & 0x7)
@@ -82,6 +107,11 @@ struct Compressed {
     /// Where the index area ends (the inline pcluster of ztailpacking follows it): the end of the
     /// index, or of the compact pack, holding the last logical cluster.
     var indexEnd: UInt64 {
+        if usesExtents {
+            // Short records: one per logical cluster; long ones: the count says.
+            let count = recordSize <= 8 ? (inode.size + (1 << lclusterBits) - 1) >> lclusterBits : extentCount
+            return recordsStart + (recordSize == 4 ? 8 : 0) + count * recordSize
+        }
         guard totalIndexes > 0 else { return indexBase }
         if inode.layout == .compressedFull { return indexBase + totalIndexes * 8 }
         let (pos, packSize) = compactPosition(totalIndexes - 1)
@@ -244,7 +274,75 @@ struct Compressed {
         try head(containing: inode.size - 1).lcn
     }
 
+    /// Extent records follow the map header, aligned to their size.
+    var recordsStart: UInt64 { (headerPos + 8 + recordSize - 1) / recordSize * recordSize }
+
+    static let plenMask: UInt32 = (1 << 21) - 1, plenPartial: UInt32 = 1 << 27
+
+    /// The extent holding `la` from extent records: records of 16 or 32 bytes name their logical
+    /// start and are searched; records of 4 or 8 bytes are one per logical cluster, their physical
+    /// start accumulated from a base (4) or stored (8).
+    func recordExtent(containing la: UInt64) throws -> Extent {
+        var (lstart, lend, plen, pa, last) = (inode.size, inode.size, UInt32(0), UInt64(0), false)
+        let what = "extent records of inode \(inode.nid)"
+        if recordSize <= 8 {
+            let step: UInt64 = 1 << lclusterBits
+            guard la >> lclusterBits < 1 << 24 else {
+                throw EROFSError.corrupt(structure: what, offset: headerPos, detail: "offset \(la) is beyond 2^24 records")
+            }
+            var pos = recordsStart
+            var base: UInt64? = nil
+            if recordSize == 4 {
+                base = LEBytesValue.u64(try image.bytes(pos, 8, what))
+                pos += 8
+            }
+            var l: UInt64 = 0
+            while l <= la {
+                let r = try image.bytes(pos, Int(recordSize), what)
+                plen = LEBytesValue.u32(Array(r[0..<4]))
+                if let b = base { pa = b; base = b + UInt64(plen & Self.plenMask) } else { pa = UInt64(LEBytesValue.u32(Array(r[4..<8]))) }
+                pos += recordSize
+                l += step
+            }
+            last = l >= (lend + step - 1) / step * step
+            lend = min(l, lend)
+            lstart = l - step
+        } else {
+            var (lo, hi) = (UInt64(0), extentCount)
+            while lo < hi {
+                let mid = lo + (hi - lo) / 2
+                let r = try image.bytes(recordsStart + mid * recordSize, Int(recordSize), what)
+                var l = UInt64(LEBytesValue.u32(Array(r[12..<16])))
+                if recordSize >= 32 { l |= UInt64(LEBytesValue.u32(Array(r[16..<20]))) << 32 }
+                let p = UInt64(LEBytesValue.u32(Array(r[4..<8]))) | UInt64(LEBytesValue.u32(Array(r[8..<12]))) << 32
+                if l > la {
+                    hi = mid
+                    guard l <= lend else { throw EROFSError.corrupt(structure: what, offset: headerPos, detail: "records out of order") }
+                    lend = l
+                } else {
+                    lo = mid + 1
+                    if la == l { hi = min(lo + 1, hi) }
+                    (lstart, plen, pa) = (l, LEBytesValue.u32(Array(r[0..<4])), p)
+                }
+            }
+            last = lo >= extentCount
+        }
+        guard lstart < lend, lstart <= la, la < lend, lend - lstart <= Self.maxExtent else {
+            throw EROFSError.corrupt(structure: what, offset: headerPos, detail: "offset \(la) maps to [\(lstart), \(lend))")
+        }
+        if last, advise & Self.advFragment != 0 {
+            let off = UInt64(plen) | (recordSize > 4 ? pa << 32 : 0)
+            return Extent(start: lstart, end: lend, headType: .head1, storage: .fragmentAt(off), partialRef: false)
+        }
+        guard plen != 0 else { throw EROFSError.unsupportedFeature("holes in compressed files (inode \(inode.nid))") }
+        let format = UInt8(plen >> 28)
+        let storage = Extent.Storage.blocks(pa, UInt64(plen & Self.plenMask))
+        return Extent(start: lstart, end: lend, headType: format == 0 ? .plain : .head1, storage: storage,
+                      partialRef: plen & Self.plenPartial != 0, algorithm: format == 0 ? nil : format - 1)
+    }
+
     func extent(containing la: UInt64) throws -> Extent {
+        if usesExtents { return try recordExtent(containing: la) }
         if wholeFragment {
             return Extent(start: 0, end: inode.size, headType: .head1, storage: .fragment, partialRef: false)
         }
@@ -336,13 +434,13 @@ struct Compressed {
     func offsetOf(_ e: Extent) -> UInt64 {
         switch e.storage {
         case .blocks(let p, _), .inline(let p, _): return p
-        case .fragment: return image.superblock.packedNid
+        case .fragment, .fragmentAt: return image.superblock.packedNid
         }
     }
 
     func algorithmName(_ e: Extent) -> String {
         if e.headType == .plain { return "uncompressed" }
-        let alg = e.headType == .head2 ? algorithms.1 : algorithms.0
+        let alg = e.algorithm ?? (e.headType == .head2 ? algorithms.1 : algorithms.0)
         return ["lz4", "lzma", "deflate", "zstd"][safe: Int(alg)] ?? "algorithm \(alg)"
     }
 
@@ -351,13 +449,15 @@ struct Compressed {
         let llen = Int(e.end - e.start)
         let input: [UInt8]
         switch e.storage {
-        case .fragment:
+        case .fragment, .fragmentAt:
             guard image.superblock.packedNid != 0 else {
                 throw EROFSError.corrupt(structure: "inode \(inode.nid)", offset: headerPos, detail: "fragment without a packed inode")
             }
             let packed = try image.inode(image.superblock.packedNid)
             guard packed.nid != inode.nid else { throw EROFSError.loop(structure: "packed inode", offset: packed.position) }
-            let data = try image.readData(packed, at: fragmentOffset + (wholeFragment ? e.start : 0), count: llen)
+            var at = fragmentOffset + (wholeFragment ? e.start : 0)
+            if case .fragmentAt(let off) = e.storage { at = off }
+            let data = try image.readData(packed, at: at, count: llen)
             guard data.count == llen else { throw EROFSError.truncated(structure: "fragment of inode \(inode.nid)", offset: packed.position) }
             return data
         case .blocks(let pa, let plen), .inline(let pa, let plen):
@@ -374,7 +474,7 @@ struct Compressed {
             }
             return Array(input[0..<llen])
         }
-        let alg = e.headType == .head2 ? algorithms.1 : algorithms.0
+        let alg = e.algorithm ?? (e.headType == .head2 ? algorithms.1 : algorithms.0)
         // With zero padding the stream is right-aligned in the pcluster: skip the leading zeros.
         var margin = 0
         if image.superblock.featureIncompat & Feature.zeroPadding.rawValue != 0 {

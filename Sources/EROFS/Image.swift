@@ -9,6 +9,8 @@ public final class EROFSImage {
     public private(set) var longPrefixes: [(base: UInt8, infix: [UInt8])] = []
     /// Extra devices from the device table: (tag, blocks, mapped block address).
     public private(set) var devices: [(tag: [UInt8], blocks: UInt32, mappedBlockAddress: UInt32)] = []
+    /// The metabox inode (METABOX images): its data holds inodes and their inline metadata.
+    public private(set) var metabox: Inode?
 
     /// Upper bounds that keep corrupt images from causing unbounded work or memory.
     public static let maxDirectoryEntries = 1 << 20
@@ -20,6 +22,12 @@ public final class EROFSImage {
         superblock = sb
         blockSize = UInt64(sb.blockSize)
         if let missing = Self.unimplemented(sb) { throw EROFSError.unsupportedFeature(missing) }
+        if sb.featureIncompat & Feature.metabox.rawValue != 0 {
+            guard sb.metaboxNid & Self.metaboxBit == 0 else {
+                throw EROFSError.corrupt(structure: "superblock", offset: Superblock.offset, detail: "the metabox inode is in the metabox")
+            }
+            metabox = try inode(sb.metaboxNid)
+        }
         try loadCompressionConfigs()
         try loadDevices()
         try loadLongPrefixes()
@@ -28,8 +36,6 @@ public final class EROFSImage {
     /// The first feature of `sb` this reader does not implement, if any (a remote mount of such an
     /// image cannot be walked for its metadata, so it is downloaded whole instead).
     public static func unimplemented(_ sb: Superblock) -> String? {
-        if sb.featureIncompat & Feature.bits48.rawValue != 0 { return "48bit" }
-        if sb.featureIncompat & Feature.metabox.rawValue != 0 { return "metabox" }
         // Reserved: directory blocks are filesystem blocks (the kernel refuses other values too).
         if sb.dirBlockBits != 0 { return "dirblkbits \(sb.dirBlockBits)" }
         let known = Feature.table.reduce(UInt32(0)) { $0 | $1.bit }
@@ -54,17 +60,41 @@ public final class EROFSImage {
 
     // MARK: raw access
 
+    /// Metadata positions with this bit set are offsets in the metabox inode's data (METABOX
+    /// images keep inodes there, possibly compressed); a nid with it set names such an inode.
+    static let metaboxBit: UInt64 = 1 << 63
+
+    /// `count` bytes at a metadata position (in the image, or in the metabox).
     func bytes(_ offset: UInt64, _ count: Int, _ what: String) throws -> [UInt8] {
-        let b = try source.read(at: offset, count: count)
+        let b = try readMeta(offset, count)
         guard b.count == count else { throw EROFSError.truncated(structure: what, offset: offset) }
         return b
     }
 
+    /// Up to `count` bytes at a metadata position.
+    func readMeta(_ offset: UInt64, _ count: Int) throws -> [UInt8] {
+        guard offset & Self.metaboxBit != 0 else { return try source.read(at: offset, count: count) }
+        guard let metabox else {
+            throw EROFSError.corrupt(structure: "metadata", offset: offset, detail: "a metabox position in an image without a metabox")
+        }
+        return try readData(metabox, at: offset & ~Self.metaboxBit, count: count)
+    }
+
     func blockAddress(_ blk: UInt32) -> UInt64 { UInt64(blk) * blockSize }
 
-    /// The metadata area: inodes live at meta_blkaddr × blocksize + nid × 32.
+    /// Where shared xattr `id` is: in the shared xattr area, which SHARED_EA_IN_METABOX images keep
+    /// in the metabox.
+    func sharedXattrPosition(_ id: UInt64) -> UInt64 {
+        let pos = blockAddress(superblock.xattrBlockAddress) &+ id &* 4
+        return superblock.featureCompat & CompatFeature.sharedXattrInMetabox.rawValue != 0 ? Self.metaboxBit | pos : pos
+    }
+    func blockAddress(_ blk: UInt64) -> UInt64 { blk &* blockSize }
+
+    /// The metadata area: inodes live at meta_blkaddr × blocksize + nid × 32, or (metabox nids) at
+    /// nid × 32 in the metabox inode's data.
     func inodePosition(_ nid: UInt64) -> UInt64 {
-        blockAddress(superblock.metaBlockAddress) &+ nid &* 32
+        if nid & Self.metaboxBit != 0 { return Self.metaboxBit | ((nid & ~Self.metaboxBit) &* 32) }
+        return blockAddress(superblock.metaBlockAddress) &+ nid &* 32
     }
 
     private func loadCompressionConfigs() throws {
@@ -117,8 +147,10 @@ public final class EROFSImage {
 
     public func inode(_ nid: UInt64) throws -> Inode {
         let pos = inodePosition(nid)
-        guard pos < source.size else { throw EROFSError.corrupt(structure: "inode \(nid)", offset: pos, detail: "beyond the end of the image") }
-        let raw = try source.read(at: pos, count: 64)
+        guard pos & Self.metaboxBit != 0 || pos < source.size else {
+            throw EROFSError.corrupt(structure: "inode \(nid)", offset: pos, detail: "beyond the end of the image")
+        }
+        let raw = try readMeta(pos, 64)
         guard raw.count >= 32 else { throw EROFSError.truncated(structure: "inode \(nid)", offset: pos) }
         let ino = try Inode(nid: nid, position: pos, raw: raw, superblock: superblock)
         if ino.isExtended, raw.count < 64 { throw EROFSError.truncated(structure: "inode \(nid)", offset: pos) }
@@ -173,7 +205,7 @@ public final class EROFSImage {
                 guard inode.union != Inode.nullAddress else {
                     throw EROFSError.corrupt(structure: "inode \(inode.nid)", offset: inode.position, detail: "data blocks without a block address")
                 }
-                let phys = blockAddress(inode.union) + pos
+                let phys = blockAddress(inode.startBlock) &+ pos
                 guard phys + 1 <= source.size else { throw EROFSError.corrupt(structure: "inode \(inode.nid)", offset: inode.position, detail: "data beyond the end of the image") }
                 return (phys, lastBlock * bs - pos)
             }
@@ -193,11 +225,14 @@ public final class EROFSImage {
             let within = pos & ((1 << chunkBits) - 1)
             let chunkLen = (1 << chunkBits) - within
             var blkaddr: UInt32
+            var high: UInt64 = 0
             if fmt & 0x20 != 0 {
                 let at = ((inode.bodyEnd + 7) & ~7) + idx * 8
                 let e = try bytes(at, 8, "chunk index of inode \(inode.nid)")
                 let device = LEBytesValue.u16(Array(e[2..<4]))
                 blkaddr = LEBytesValue.u32(Array(e[4..<8]))
+                // EROFS_CHUNK_FORMAT_48BIT: the index's first field is the start block's MSB.
+                if fmt & 0x40 != 0 { high = UInt64(LEBytesValue.u16(Array(e[0..<2]))) << 32 }
                 if blkaddr != Inode.nullAddress, device != 0 {
                     let tag = Int(device) - 1 < devices.count ? String(decoding: devices[Int(device) - 1].tag.prefix { $0 != 0 }, as: UTF8.self) : "?"
                     throw EROFSError.unsupportedFeature("data on extra device \(device) (\(tag)); only the primary image is available")
@@ -206,7 +241,7 @@ public final class EROFSImage {
                 blkaddr = LEBytesValue.u32(try bytes(inode.bodyEnd + idx * 4, 4, "block map of inode \(inode.nid)"))
             }
             if blkaddr == Inode.nullAddress { return (nil, chunkLen) }
-            return (blockAddress(blkaddr) + within, chunkLen)
+            return (blockAddress(UInt64(blkaddr) | high) &+ within, chunkLen)
         case .compressedFull, .compressedCompact:
             throw EROFSError.corrupt(structure: "inode \(inode.nid)", offset: inode.position, detail: "compressed data mapped as flat")
         }
@@ -329,7 +364,7 @@ public final class EROFSImage {
         let r = LEBytes(body, origin: start, structure: "xattrs of inode \(inode.nid)")
         for i in 0..<shared {
             let id = try r.u32(12 + i * 4)
-            let pos = blockAddress(superblock.xattrBlockAddress) + UInt64(id) * 4
+            let pos = sharedXattrPosition(UInt64(id))
             let head = try bytes(pos, 4, "shared xattr \(id)")
             let total = 4 + Int(head[0]) + Int(LEBytesValue.u16(Array(head[2..<4])))
             out.append(try decodeEntry(try bytes(pos, total, "shared xattr \(id)"), at: pos))
@@ -354,7 +389,7 @@ public final class EROFSImage {
         let shared = min(Int(body[4]), (body.count - 12) / 4)
         let r = LEBytes(body, origin: start, structure: "xattrs")
         for i in 0..<shared {
-            let pos = blockAddress(superblock.xattrBlockAddress) + UInt64(try r.u32(12 + i * 4)) * 4
+            let pos = sharedXattrPosition(UInt64(try r.u32(12 + i * 4)))
             let head = try bytes(pos, 4, "shared xattr")
             out.append(ByteRange(offset: pos, length: UInt64(4 + Int(head[0]) + Int(LEBytesValue.u16(Array(head[2..<4]))))))
         }
@@ -384,4 +419,5 @@ public final class EROFSImage {
 enum LEBytesValue {
     static func u16(_ b: [UInt8]) -> UInt16 { UInt16(b[0]) | UInt16(b[1]) << 8 }
     static func u32(_ b: [UInt8]) -> UInt32 { (0..<4).reduce(UInt32(0)) { $0 | UInt32(b[$1]) << (8 * $1) } }
+    static func u64(_ b: [UInt8]) -> UInt64 { (0..<8).reduce(UInt64(0)) { $0 | UInt64(b[$1]) << (8 * UInt64($1)) } }
 }

@@ -54,6 +54,8 @@ public struct Inode: Sendable, Equatable {
     public var size: UInt64
     /// i_u: raw_blkaddr, compressed_blocks, rdev or the chunk format, depending on the type and layout.
     public var union: UInt32
+    /// i_nb's MSB of the start block (48bit images; 0 otherwise).
+    public var startHigh: UInt16 = 0
     public var ino: UInt32
     public var uid: UInt32
     public var gid: UInt32
@@ -68,6 +70,10 @@ public struct Inode: Sendable, Equatable {
     public var bodyEnd: UInt64 { position + inodeSize + xattrIbodySize }
     public var permissions: UInt16 { mode & 0o7777 }
     public var rdev: UInt32 { union }
+    /// A flat inode's first data block (48 bits in 48bit images).
+    public var startBlock: UInt64 { UInt64(union) | UInt64(startHigh) << 32 }
+    /// Directories of newer images may leave out their "." entry (EROFS_I_DOT_OMITTED).
+    public var dotOmitted: Bool { type == .directory && format & 0x10 != 0 }
 
     static let nullAddress: UInt32 = 0xFFFF_FFFF
     /// Bounds that keep arithmetic on corrupt sizes from overflowing or running away.
@@ -92,7 +98,9 @@ public struct Inode: Sendable, Equatable {
             throw EROFSError.corrupt(structure: "inode \(nid)", offset: position, detail: "invalid file type in mode 0o\(String(mode, radix: 8))")
         }
         self.type = type
+        let has48 = sb.featureIncompat & Feature.bits48.rawValue != 0
         if isExtended {
+            if has48 { startHigh = try r.u16(6) }
             size = try r.u64(8)
             union = try r.u32(16)
             ino = try r.u32(20)
@@ -102,7 +110,14 @@ public struct Inode: Sendable, Equatable {
             mtimeNsec = try r.u32(40)
             nlink = try r.u32(44)
         } else {
-            nlink = UInt32(try r.u16(6))
+            // A non-directory compact inode with EROFS_I_NLINK_1 has one link, and i_nb holds the
+            // start block's MSB instead.
+            if type != .directory, format & 0x10 != 0 {
+                nlink = 1
+                if has48 { startHigh = try r.u16(6) }
+            } else {
+                nlink = UInt32(try r.u16(6))
+            }
             size = UInt64(try r.u32(8))
             // Compact inodes store mtime relative to the superblock's build time (0 in older images).
             mtime = sb.buildTime &+ UInt64(try r.u32(12))

@@ -80,6 +80,17 @@ extension EROFSImage {
                 raw.append(ByteRange(offset: start, length: len))
             }
         }
+        if let metabox {
+            // Metadata kept in the metabox is where the metabox inode's data is stored (compressed or not).
+            raw += try inodeMetadata(metabox)
+            var physical: [ByteRange] = []
+            for r in raw {
+                guard r.offset & Self.metaboxBit != 0 else { physical.append(r); continue }
+                let from = r.offset & ~Self.metaboxBit
+                physical += try dataRanges(metabox, from: from, to: from + r.length)
+            }
+            raw = physical
+        }
         let merged = ByteRange.normalize(raw, blockSize: blockSize, limit: source.size)
         return MetadataRanges(ranges: merged, totalBytes: merged.reduce(0) { $0 + $1.length }, inodes: visited.count,
                               directories: directories, imageSize: source.size, blockSize: blockSize)
@@ -131,10 +142,11 @@ extension EROFSImage {
                 switch e.storage {
                 case .blocks(let pa, let plen), .inline(let pa, let plen):
                     out.append(ByteRange(offset: pa, length: plen))
-                case .fragment:
+                case .fragment, .fragmentAt:
                     let packed = try inode(superblock.packedNid)
                     guard packed.nid != ino.nid else { throw EROFSError.loop(structure: "packed inode", offset: packed.position) }
-                    let base = c.fragmentOffset + (c.wholeFragment ? e.start : 0)
+                    var base = c.fragmentOffset + (c.wholeFragment ? e.start : 0)
+                    if case .fragmentAt(let off) = e.storage { base = off }
                     out += try dataRanges(packed, from: base + (la - e.start), to: base + (min(e.end, end) - e.start))
                 }
                 la = e.end
@@ -172,7 +184,7 @@ extension EROFSImage {
                 switch e.storage {
                 case .blocks(let pa, let plen): out.append(DataExtent(logical: logical, physical: ByteRange(offset: pa, length: plen), kind: c.algorithmName(e)))
                 case .inline(let pa, let plen): out.append(DataExtent(logical: logical, physical: ByteRange(offset: pa, length: plen), kind: c.algorithmName(e) + " (inline)"))
-                case .fragment: out.append(DataExtent(logical: logical, physical: nil, kind: "fragment"))
+                case .fragment, .fragmentAt: out.append(DataExtent(logical: logical, physical: nil, kind: "fragment"))
                 }
             }
             return out

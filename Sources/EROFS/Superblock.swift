@@ -74,15 +74,16 @@ public struct Superblock: Sendable, Equatable {
         xattrPrefixStart = try r.u32(92)
         packedNid = try r.u64(96)
         xattrFilterReserved = try r.u8(104)
-        if featureIncompat & Feature.bits48.rawValue != 0 {
-            // 48-bit layout: 64-bit root nid and the high block count live in the tail.
+        if featureIncompat & Feature.bits48.rawValue != 0, try r.u64(112) != 0 {
+            // 48-bit layout with an 8-byte root nid at 112: the 2-byte root nid's place then holds
+            // the block count's MSB (as the kernel reads it; a zero rootnid_8b keeps the 2-byte one).
             rootNid = try r.u64(112)
-            blocks = UInt64(blocksLo) | UInt64(try r.u32(108)) << 32
+            blocks = UInt64(blocksLo) | UInt64(rootNid16) << 32
         } else {
             rootNid = UInt64(rootNid16)
             blocks = UInt64(blocksLo)
         }
-        metaboxNid = featureIncompat & Feature.metabox.rawValue != 0 ? try r.u64(120) : 0
+        metaboxNid = featureIncompat & Feature.metabox.rawValue != 0 ? try r.u64(128) : 0
         if verifyChecksum, featureCompat & CompatFeature.sbChecksum.rawValue != 0 {
             // The checksum covers the rest of the first block after offset 1024, or, for blocks of
             // 1024 bytes and less (the superblock then has a block of its own), one whole block.

@@ -103,15 +103,6 @@ extension Runtime {
         if let changed = try cache.reconcile(paths: paths, with: blob, digest: digest) { notes.append(changed); note(changed) }
         var candidates = try choose(plan, requested: req.backend)
         if blob.wholeOnly { candidates.removeAll { $0 == .fanotify } }
-        if let missing = readerLimitation(blob), candidates.contains(.fanotify) {
-            guard req.backend != .fanotify else {
-                throw RuntimeError.backendUnavailable("fanotify", reasons: "the image uses \(missing), which the metadata walker does not read yet")
-            }
-            candidates.removeAll { $0 == .fanotify }
-            let line = "the image uses \(missing), which the metadata walker does not read yet: downloading it whole"
-            notes.append(line)
-            note(line)
-        }
         guard let backend = candidates.first else {
             throw RuntimeError.noBackend("the server does not support Range requests, which lazy mounting needs")
         }
@@ -129,13 +120,6 @@ extension Runtime {
         guard let impl = Backends.all[backend] else { throw RuntimeError.noBackend("\(backend.rawValue) is not available") }
         try attachCacheFile(impl, paths.data, blockSize: blockSize, req, target: target, record: &record)
         return MountOutcome(plan: plan, record: record, notes: notes)
-    }
-
-    /// The feature of the image (from the probe's first bytes) that the metadata walk cannot read.
-    func readerLimitation(_ blob: HTTPBlob) -> String? {
-        let head = blob.head
-        guard head.count >= 1024 + 128, let sb = try? Superblock(parsing: Array(head[1024...]), verifyChecksum: false) else { return nil }
-        return EROFSImage.unimplemented(sb)
     }
 
     /// Checks the remote options and makes their paths absolute.
@@ -180,10 +164,9 @@ extension Runtime {
                 blob = try HTTPBlob(url: req.originalSource ?? req.source)
             }
             blob.setDeadline(seconds: req.remote.prepareTimeout)
-            // The probe fetches the superblock (is the image one the reader can walk?); in the daemon,
-            // where the cache file is written in this process, the area after it too (one round
-            // trip less before the mount).
-            try blob.open(allowFullDownload: req.remote.allowFullDownload, head: serving != nil ? 256 << 10 : 4096)
+            // In the daemon the cache file is written in this process: the probe fetches the
+            // superblock area too (one round trip less before the mount).
+            try blob.open(allowFullDownload: req.remote.allowFullDownload, head: serving != nil ? 256 << 10 : 1)
             if let expectedSize, blob.size != expectedSize {
                 throw RemoteError.blobChanged(url: blob.url, detail: "\(blob.size) bytes, but the manifest says \(expectedSize)")
             }
@@ -216,7 +199,8 @@ extension Runtime {
         do {
             let fd = try Sys.openNoSymlinks(paths.data, O_RDONLY)
             defer { Sys.close(fd.rawValue) }
-            blockSize = try Superblock(parsing: Sys.preadFully(fd.rawValue, count: 128, at: Int64(Superblock.offset)),
+            let head = try Sys.preadFully(fd.rawValue, count: 4096 - Int(Superblock.offset), at: Int64(Superblock.offset))
+            blockSize = try Superblock(parsing: head,
                                        verifyChecksum: false).blockSize
         } catch {
             throw RuntimeError.state("cache entry \(paths.data): \(error)")
@@ -267,7 +251,8 @@ extension Runtime {
             } else {
                 try lazy.markAllPresent()
             }
-            return try Superblock(parsing: Sys.preadFully(lazy.writerFD, count: 128, at: Int64(Superblock.offset)),
+            let head = try Sys.preadFully(lazy.writerFD, count: 4096 - Int(Superblock.offset), at: Int64(Superblock.offset))
+            return try Superblock(parsing: head,
                                   verifyChecksum: false).blockSize
         } catch let e as RemoteError {
             // A whole download cannot be resumed, and a mismatch must not be kept: nothing is left.
