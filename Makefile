@@ -9,7 +9,7 @@ CONFIG ?= debug
 # Debian packages: to build, to test, to package.
 BUILD_DEPS = libkmod-dev libblkid-dev libcurl4-openssl-dev libfuse3-dev \
              liblz4-dev liblzma-dev libzstd-dev zlib1g-dev
-TEST_DEPS  = erofs-utils fuse3 util-linux attr nginx-light docker-registry apache2-utils curl python3 systemd strace libnbd-bin python3-libnbd nbdkit
+TEST_DEPS  = erofs-utils fuse3 util-linux attr nginx-light docker-registry apache2-utils curl python3 systemd strace libnbd-bin python3-libnbd nbdkit fsverity
 DEB_DEPS   = debhelper dpkg-dev lintian
 
 .PHONY: all build release check test deps demo bench install deb clean

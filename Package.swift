@@ -60,7 +60,7 @@ let package = Package(
         .executableTarget(
             name: "ErofsCompatCLI",
             dependencies: [
-                "Probe", "EROFS", "Runtime", "Installer", "Syscall", "NBD",
+                "Probe", "EROFS", "Runtime", "Installer", "Syscall", "NBD", "Remote",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "SystemPackage", package: "swift-system"),
             ],

@@ -5,12 +5,12 @@ import EROFS
 struct ImageCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "image",
-        abstract: "Read an EROFS image in user space: list, cat, stat, extract, metadata ranges.",
+        abstract: "Read an EROFS image in user space: list, cat, stat, extract, metadata ranges, fs-verity digest.",
         discussion: """
             Exit codes: 0 success, 1 the image is corrupt or uses something this reader lacks (named) or \
             extraction failed, 2 usage error, 3 IMAGE is missing or not EROFS, 4 PATH is not in the image.
             """,
-        subcommands: [ImageLs.self, ImageCat.self, ImageStat.self, ImageExtract.self, ImageMetaRanges.self]
+        subcommands: [ImageLs.self, ImageCat.self, ImageStat.self, ImageExtract.self, ImageMetaRanges.self, ImageVerity.self]
     )
 }
 
