@@ -111,6 +111,9 @@ public struct CacheEntry: Codable, Sendable {
     /// Mountpoints using it now; a blob in use is never pruned.
     public var usedBy: [String]
     public var lastUse: Double
+    /// Another key naming the same file (a verified blob is linked under its digest as well as its
+    /// source's key); its allocation is counted once.
+    public var sameFileAs: String?
 }
 
 /// `cache ls|verify|prune`.
@@ -140,6 +143,7 @@ public struct CacheManager: Sendable {
         for m in mounts where m.fsType == "erofs" && m.source.hasPrefix("/") && !records.contains(where: { $0.mountpoint == m.mountPoint }) {
             if let id = identity(m.source) { users[id, default: []].insert(m.mountPoint) }
         }
+        var firstKeyOfFile: [String: String] = [:]
         return names.map { key in
             let p = cache.paths(key: key)
             let st = try? Sys.lstat(p.data)
@@ -150,8 +154,11 @@ public struct CacheManager: Sendable {
             if used.isEmpty, BlobCache.isLocked(entry: p.data) { used = ["(being filled by another erofs-compat process)"] }
             let atime = st.map { Double($0.st_atim.tv_sec) } ?? 0
             let mtime = st.map { Double($0.st_mtim.tv_sec) } ?? 0
-            return CacheEntry(key: key, path: p.data, info: info, size: size, allocated: UInt64(st?.st_blocks ?? 0) * 512,
-                              presentPercent: present, usedBy: used.sorted(), lastUse: max(atime, mtime))
+            let fileID = st.map { "\($0.st_dev):\($0.st_ino)" }
+            let same = fileID.flatMap { firstKeyOfFile[$0] }
+            if let fileID, same == nil { firstKeyOfFile[fileID] = key }
+            return CacheEntry(key: key, path: p.data, info: info, size: size, allocated: same == nil ? UInt64(st?.st_blocks ?? 0) * 512 : 0,
+                              presentPercent: present, usedBy: used.sorted(), lastUse: max(atime, mtime), sameFileAs: same)
         }
     }
 
