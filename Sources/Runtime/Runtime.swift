@@ -91,9 +91,11 @@ public struct Runtime: Sendable {
         }
         let blockSize = try validateImage(source, planned.findings, superblock: planned.superblock, options: req.options)
         let plan = planned.plan
-        // A dry run refuses what the mount would refuse.
-        try checkNotMounted(target, source: source)
-        if req.dryRun { return MountOutcome(plan: plan, record: nil, notes: []) }
+        if req.dryRun {
+            // A dry run refuses what the mount would refuse.
+            try checkNotMounted(target, source: source)
+            return MountOutcome(plan: plan, record: nil, notes: [])
+        }
         guard admin else { throw RuntimeError.notPrivileged("mounting") }
 
         return try state.withLock {
@@ -145,7 +147,7 @@ public struct Runtime: Sendable {
     /// the kernel attached leaves a mount `umount` still recognises as ours (by mountinfo); the
     /// record is removed again when attaching fails, and gets the new mount's id when it works.
     func attachRecorded<T>(_ record: inout MountRecord, _ attach: () throws -> T) throws -> T {
-        try state.save(record)
+        try state.save(record, durable: false)
         let result: T
         do { result = try attach() } catch {
             state.remove(record.mountpoint)

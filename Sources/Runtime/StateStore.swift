@@ -135,8 +135,10 @@ public struct StateStore: Sendable {
     }
 
     /// Writes the record atomically: a temporary file in the same directory, fsync, rename, fsync dir
-    /// (the directory fsync is skipped on tmpfs/ramfs, where it does nothing).
-    public func save(_ record: MountRecord) throws {
+    /// (the directory fsync is skipped on tmpfs/ramfs, where it does nothing). `durable` false skips
+    /// both fsyncs: for a record that only has to outlive a crash of this process, not of the host
+    /// (the pending record before a mount exists: a reboot takes the mount with it).
+    public func save(_ record: MountRecord, durable: Bool = true) throws {
         let bytes = record.jsonBytes()
         let final = path(for: record.mountpoint)
         let tmp = final + ".tmp.\(Sys.processID)"
@@ -144,14 +146,14 @@ public struct StateStore: Sendable {
             let fd = try openRecreatingDirectories(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_EXCL)
             defer { Sys.close(fd.rawValue) }
             try bytes.withUnsafeBytes { try Sys.pwriteAll(fd.rawValue, $0, at: 0) }
-            try Sys.fsync(fd.rawValue)
+            if durable { try Sys.fsync(fd.rawValue) }
         } catch {
             try? Sys.unlink(tmp)
             throw RuntimeError.state("cannot write \(tmp): \(error)")
         }
         do {
             try Sys.rename(tmp, final)
-            if !Self.isMemoryBacked(mountsDir) {
+            if durable, !Self.isMemoryBacked(mountsDir) {
                 let dir = try Sys.open(mountsDir, O_RDONLY | O_DIRECTORY)
                 defer { Sys.close(dir.rawValue) }
                 try Sys.fsync(dir.rawValue)
