@@ -52,7 +52,7 @@ struct MountCommand: ParsableCommand {
 
             Exit codes: 0 mounted (or planned, with --dry-run), 1 the mount failed, 2 usage error or bad -o \
             option, 3 bad source (missing, not EROFS, features this kernel lacks, unreachable URL, a server \
-                        without Range support, digest mismatch, bad OCI reference, registry or authentication errors, a \
+            without Range support, digest mismatch, bad OCI reference, registry or authentication errors, a \
             truncated image), 4 bad mountpoint (missing, not a directory, already a mount point, changed while \
             the mount was prepared), 5 not root.
             """
