@@ -81,3 +81,128 @@ public struct FsVerityTree: Sendable {
     /// The tree as the kernel stores it: the top level first, the leaves last.
     public var treeBytes: [UInt8] { levels.reversed().flatMap { $0 } }
 }
+
+/// Checks data blocks against an fs-verity file digest before anyone sees them: the tree blocks a
+/// check needs are fetched on demand (`fetchTree(offset, length)` over the tree as the kernel
+/// stores it, top level first), each verified against its parent, the top block against the digest
+/// through the descriptor; verified tree blocks are kept.
+public final class VerityVerifier: @unchecked Sendable {  // `verified` is behind its lock; the rest is immutable
+    public typealias FetchTree = @Sendable (_ offset: UInt64, _ length: Int) throws -> [UInt8]
+    let digest: [UInt8]
+    let dataSize: UInt64
+    let fetchTree: FetchTree
+    /// Tree blocks per level, leaves (level 0) first, and where each level starts in the tree.
+    let levelBlocks: [UInt64]
+    let levelStart: [UInt64]
+    private let verified = Locked<[Int: [UInt64: [UInt8]]]>([:])
+    /// Tree bytes fetched, for figures and tests.
+    package let treeBytesFetched = Locked<UInt64>(0)
+    static let hashesPerBlock: UInt64 = 128
+
+    public init(digest: [UInt8], dataSize: UInt64, fetchTree: @escaping FetchTree) {
+        (self.digest, self.dataSize, self.fetchTree) = (digest, dataSize, fetchTree)
+        var blocks = (dataSize + 4095) / 4096
+        var counts: [UInt64] = []
+        while blocks > 1 {
+            blocks = (blocks + Self.hashesPerBlock - 1) / Self.hashesPerBlock
+            counts.append(blocks)
+        }
+        levelBlocks = counts
+        var starts = [UInt64](repeating: 0, count: counts.count)
+        var off: UInt64 = 0
+        for level in stride(from: counts.count - 1, through: 0, by: -1) {
+            starts[level] = off
+            off += counts[level] * 4096
+        }
+        levelStart = starts
+    }
+
+    public var digestHex: String { digest.map { String(hexByte: $0) }.joined() }
+
+    /// The tree's size in bytes.
+    public var treeSize: UInt64 { levelBlocks.reduce(0, +) * 4096 }
+
+    /// Throws unless every 4 KiB block of `data` (at `offset`, block-aligned; the last block may be
+    /// short at the end of the blob) has the hash the tree gives it.
+    public func check(offset: UInt64, data: [UInt8]) throws {
+        if let bad = try badBlocks(offset: offset, data: data).first { throw mismatch(bad * 4096) }
+    }
+
+    /// The indices (from 0 at the blob's start) of the blocks of `data` at `offset` whose hash is not
+    /// the tree's; throws when the tree itself cannot be had or does not match the digest.
+    public func badBlocks(offset: UInt64, data: [UInt8]) throws -> [UInt64] {
+        precondition(offset % 4096 == 0, "verification works on whole blocks")
+        let first = offset / 4096
+        let count = (UInt64(data.count) + 4095) / 4096
+        if levelBlocks.isEmpty {
+            return count == 1 && digestOf(root: FsVerityTree.hashBlock(data[...])) == digest ? [] : [first]
+        }
+        try prefetchLeaves(first, count)
+        return try (0..<count).filter { i in
+            let start = Int(i * 4096), end = min(start + 4096, data.count)
+            return FsVerityTree.hashBlock(data[start..<end]) != (try leafHash(first + i))
+        }.map { first + $0 }
+    }
+
+    func mismatch(_ offset: UInt64) -> RemoteError {
+        RemoteError.cache("block at \(offset) does not match the fs-verity tree of sha256:\(digest.map { String(hexByte: $0) }.joined())")
+    }
+
+    func digestOf(root: [UInt8]) -> [UInt8] {
+        FsVerityTree(root: root, dataSize: dataSize).digest
+    }
+
+    /// The expected hash of data block `n`.
+    func leafHash(_ n: UInt64) throws -> [UInt8] {
+        let block = try treeBlock(level: 0, index: n / Self.hashesPerBlock)
+        let at = Int(n % Self.hashesPerBlock) * 32
+        return Array(block[at..<(at + 32)])
+    }
+
+    /// Tree block `index` of `level`, verified (from its parent, or the digest for the top block).
+    func treeBlock(level: Int, index: UInt64) throws -> [UInt8] {
+        if let b = verified.withLock({ $0[level]?[index] }) { return b }
+        try fetchVerify(level: level, from: index, count: 1)
+        guard let b = verified.withLock({ $0[level]?[index] }) else { throw mismatch(0) }
+        return b
+    }
+
+    /// Fetches `count` tree blocks of `level` from `from` in one request and keeps those that match
+    /// their parents' hashes.
+    func fetchVerify(level: Int, from: UInt64, count: UInt64) throws {
+        let n = min(count, levelBlocks[level] - from)
+        let bytes = try fetchTree(levelStart[level] + from * 4096, Int(n * 4096))
+        treeBytesFetched.withLock { $0 += UInt64(bytes.count) }
+        guard bytes.count == Int(n * 4096) else { throw RemoteError.cache("the fs-verity tree is shorter than its \(treeSize) bytes") }
+        for i in 0..<n {
+            let block = Array(bytes[Int(i * 4096)..<Int((i + 1) * 4096)])
+            let hash = FsVerityTree.hashBlock(block[...])
+            let index = from + i
+            if level == levelBlocks.count - 1 {
+                guard digestOf(root: hash) == digest else { throw RemoteError.cache("the fs-verity tree's top block does not match the digest") }
+            } else {
+                let parent = try treeBlock(level: level + 1, index: index / Self.hashesPerBlock)
+                let at = Int(index % Self.hashesPerBlock) * 32
+                guard Array(parent[at..<(at + 32)]) == hash else { throw RemoteError.cache("fs-verity tree block \(index) of level \(level) is corrupt") }
+            }
+            verified.withLock { $0[level, default: [:]][index] = block }
+        }
+    }
+
+    /// The level-0 tree blocks covering data blocks [first, first+count), fetched in one request.
+    func prefetchLeaves(_ first: UInt64, _ count: UInt64) throws {
+        let lo = first / Self.hashesPerBlock, hi = (first + count - 1) / Self.hashesPerBlock
+        let missing = verified.withLock { v in (lo...hi).filter { v[0]?[$0] == nil } }
+        guard let a = missing.first, let b = missing.last else { return }
+        try fetchVerify(level: 0, from: a, count: b - a + 1)
+    }
+}
+
+extension FsVerityTree {
+    /// Only the root and size (enough for the descriptor and the digest).
+    init(root: [UInt8], dataSize: UInt64) {
+        self.dataSize = dataSize
+        rootHash = root
+        levels = []
+    }
+}

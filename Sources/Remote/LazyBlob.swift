@@ -28,6 +28,11 @@ public final class LazyBlob: ImageSource, @unchecked Sendable {
     /// it (0: just the granules read). The metadata walk uses it so that one request covers the
     /// neighbouring inodes and directory blocks the next level of the walk reads.
     public var readWindow: UInt64 = 0
+    /// Checks every fetched block against an fs-verity tree before it is written (and so before it is
+    /// marked present or served); nil: the server's validators and the digest at completion only.
+    public let verifier: VerityVerifier?
+    /// Blocks that failed their check (each fetched once more; the read fails if it fails again).
+    package let verityFailures = Locked<Int>(0)
     /// How much of the blob is present in the cache, in percent.
     public var populationPercent: Double { Double(record.presentCount) / Double(max(record.granules, 1)) * 100 }
 
@@ -38,14 +43,21 @@ public final class LazyBlob: ImageSource, @unchecked Sendable {
 
     /// `writerFD`: an inherited descriptor of the cache file opened before the fanotify mark (a
     /// restarted worker gets its supervisor's); nil opens one now.
-    public init(blob: HTTPBlob, dataPath: String, recordPath: String, granule: UInt64 = 64 << 10, writerFD: Int32? = nil) throws {
+    public init(blob: HTTPBlob, dataPath: String, recordPath: String, granule: UInt64 = 64 << 10, writerFD: Int32? = nil,
+                verifier: VerityVerifier? = nil) throws {
         self.blob = blob
         self.dataPath = dataPath
+        self.verifier = verifier
+        // Checked blocks are the unit of what may be served: 4 KiB granules then (requests still
+        // cover runs of up to `maxRequest`), so a bad block fails only the reads that need it.
+        let granule = verifier == nil ? granule : 4096
         writer = try writerFD.map { FileDescriptor(rawValue: $0) } ?? Sys.openNoSymlinks(dataPath, O_RDWR | O_CREAT, mode: 0o600)
         do {
             let st = try Sys.fstat(writer.rawValue)
             if UInt64(st.st_size) != blob.size { try Sys.ftruncate(writer.rawValue, Int64(blob.size)) }
-            let identity = PopulationRecord.identity(source: blob.url, size: blob.size, etag: blob.etag, lastModified: blob.lastModified)
+            // Granules fetched without a tree never count as checked against one (and the other way round).
+            let source = blob.url + (verifier.map { " verity " + $0.digestHex } ?? "")
+            let identity = PopulationRecord.identity(source: source, size: blob.size, etag: blob.etag, lastModified: blob.lastModified)
             record = try PopulationRecord(path: recordPath, size: blob.size, granule: granule, identity: identity)
             try takeHead()
         } catch {
@@ -58,6 +70,8 @@ public final class LazyBlob: ImageSource, @unchecked Sendable {
     /// become present at the next commit, like any fetched data.
     private func takeHead() throws {
         defer { blob.dropHead() }
+        // The probe's bytes are not checked against a tree: with a verifier they are fetched again.
+        guard verifier == nil else { return }
         let head = blob.head
         let usable = UInt64(head.count) == size ? UInt64(head.count) : UInt64(head.count) / granule * granule
         guard usable > 0, let r = granuleRange(0, usable) else { return }
@@ -130,15 +144,22 @@ public final class LazyBlob: ImageSource, @unchecked Sendable {
     private func fetchClaimed(_ mine: [Int]) throws {
         let runs = runs(of: mine)
         for (i, run) in runs.enumerated() {
+            let bad: Set<Int>
             do {
-                try fetchRun(run)
+                bad = try fetchRun(run)
             } catch {
                 state.withLock { s in for r in runs[i...] { for g in r { s.inFlight.remove(g) } } }
                 wakeWaiters()
                 throw error
             }
-            state.withLock { s in for g in run { s.inFlight.remove(g); s.written.insert(g) } }
+            // Granules that failed their check stay missing; the others are readable.
+            state.withLock { s in for g in run { s.inFlight.remove(g); if !bad.contains(g) { s.written.insert(g) } } }
             wakeWaiters()
+            if let g = bad.min() {
+                state.withLock { s in for r in runs[(i + 1)...] { for g in r { s.inFlight.remove(g) } } }
+                wakeWaiters()
+                throw RemoteError.cache("block at \(UInt64(g) * granule) does not match the fs-verity tree (fetched twice)")
+            }
         }
     }
 
@@ -167,10 +188,31 @@ public final class LazyBlob: ImageSource, @unchecked Sendable {
     }
 
     /// One Range request for a run of granules, written into the cache file.
-    func fetchRun(_ run: ClosedRange<Int>) throws {
+    /// One Range request for a run of granules, written into the cache file; with a verifier only
+    /// the granules (4 KiB blocks then) that match the tree are written, and those that do not are
+    /// returned (each fetched once more first: a transfer can go wrong).
+    @discardableResult
+    func fetchRun(_ run: ClosedRange<Int>) throws -> Set<Int> {
         let r = byteRange(run)
-        let bytes = try blob.read(offset: r.offset, length: Int(r.length))
+        var bytes = try blob.read(offset: r.offset, length: Int(r.length))
+        if let verifier {
+            var bad = try verifier.badBlocks(offset: r.offset, data: bytes)
+            if !bad.isEmpty {
+                verityFailures.withLock { $0 += bad.count }
+                bytes = try blob.read(offset: r.offset, length: Int(r.length))
+                bad = try verifier.badBlocks(offset: r.offset, data: bytes)
+                verityFailures.withLock { $0 += bad.count }
+            }
+            let badGranules = Set(bad.map { Int(($0 * 4096) / granule) })
+            for g in run where !badGranules.contains(g) {
+                let (off, len) = byteRange(g...g)
+                let at = Int(off - r.offset)
+                try bytes[at..<(at + Int(len))].withUnsafeBytes { try Sys.pwriteAll(writer.rawValue, $0, at: Int64(off)) }
+            }
+            return badGranules
+        }
         try bytes.withUnsafeBytes { try Sys.pwriteAll(writer.rawValue, $0, at: Int64(r.offset)) }
+        return []
     }
 
     /// Makes written data durable, then records it present (one fdatasync for many ranges).

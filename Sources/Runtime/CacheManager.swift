@@ -20,6 +20,8 @@ public struct CacheInfo: Codable, Sendable {
     /// shared by every source of it); false or absent: its bytes are checked only against the
     /// server's validators.
     public var verified: Bool?
+    /// The fs-verity digest its blocks are checked against as they are fetched, if any.
+    public var verity: String?
 }
 
 extension BlobCache {
@@ -47,7 +49,7 @@ extension BlobCache {
     /// changed blob discards the partial entry (a note says so), or is refused while a live mount
     /// still serves the old version. Then records what the entry now holds.
     func reconcile(paths p: (data: String, record: String, info: String, lock: String), with blob: HTTPBlob,
-                   digest: String?) throws -> String? {
+                   digest: String?, verity: String? = nil) throws -> String? {
         var note: String?
         if let old = Self.readInfo(p.info), old.url == blob.url,
            old.size != blob.size || old.etag != blob.etag || old.lastModified != blob.lastModified {
@@ -68,8 +70,9 @@ extension BlobCache {
             Sys.close(writer.rawValue)
             note = "the blob at \(blob.url) changed since it was cached (\(detail)); its partial cache entry was discarded"
         }
-        let info = CacheInfo(url: blob.url, size: blob.size, etag: blob.etag, lastModified: blob.lastModified, digest: digest,
+        var info = CacheInfo(url: blob.url, size: blob.size, etag: blob.etag, lastModified: blob.lastModified, digest: digest,
                              verified: Self.readInfo(p.info).flatMap { note == nil ? $0.verified : nil })
+        info.verity = verity
         Self.writeInfo(info, to: p.info)
         return note
     }

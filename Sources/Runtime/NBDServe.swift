@@ -179,10 +179,12 @@ extension Runtime {
         do {
             let lock = try BlobCache.lockForWriting(entry: paths.data)
             do {
-                _ = try cache.reconcile(paths: paths, with: blob, digest: digest)
-                let lazy = try LazyBlob(blob: blob, dataPath: paths.data, recordPath: paths.record)
+                _ = try cache.reconcile(paths: paths, with: blob, digest: digest, verity: req.remote.verity?.digest)
+                let lazy = try LazyBlob(blob: blob, dataPath: paths.data, recordPath: paths.record,
+                                        verifier: req.remote.verity?.verifier(for: blob))
                 if blob.wholeOnly {
                     try blob.readAll(into: lazy.writerFD)
+                    if let verity = req.remote.verity { try Self.checkWhole(lazy, against: verity) }
                     try lazy.markAllPresent()
                 }
                 return ServedSource(lazy: lazy, digest: digest, entryLock: lock, description: what)

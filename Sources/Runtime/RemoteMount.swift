@@ -24,6 +24,8 @@ public struct RemoteOptions: Sendable, Codable {
     public var recordProfile: String?
     /// Seconds a mount's preparation (manifest, probe, metadata) may take before it fails.
     public var prepareTimeout: Double = 120
+    /// Check every block against this fs-verity tree before it is served (http(s) sources).
+    public var verity: VeritySource?
 
     public init(cacheDir: String = BlobCache.defaultDirectory, allowFullDownload: Bool = false, digest: String? = nil,
                 oci: OCIOptions = OCIOptions(), prefetch: Prefetch = .none, recordProfile: String? = nil) {
@@ -100,7 +102,10 @@ extension Runtime {
         let paths = cache.paths(key: BlobCache.partialKey(source: blob.url))
         let setup = try BlobCache.lockForSetup(entry: paths.data)
         defer { Sys.close(setup.rawValue) }
-        if let changed = try cache.reconcile(paths: paths, with: blob, digest: digest) { notes.append(changed); note(changed) }
+        if let changed = try cache.reconcile(paths: paths, with: blob, digest: digest, verity: req.remote.verity?.digest) {
+            notes.append(changed)
+            note(changed)
+        }
         var candidates = try choose(plan, requested: req.backend)
         if blob.wholeOnly { candidates.removeAll { $0 == .fanotify } }
         guard let backend = candidates.first else {
@@ -130,6 +135,16 @@ extension Runtime {
             throw RuntimeError.badOptionValue("--digest", detail: "expected sha256:<64 hex digits>")
         }
         req.remote.cacheDir = BlobCache.canonicalDirectory(req.remote.cacheDir)
+        if var v = req.remote.verity {
+            guard !OCIReference.isOCI(req.source) else {
+                throw RuntimeError.badOptionValue("--verity", detail: "applies to http(s) sources (an OCI image names its tree in its manifest)")
+            }
+            guard v.digest.count == 64, v.digest.allSatisfy(\.isHexDigit) else {
+                throw RuntimeError.badOptionValue("--verity", detail: "expected sha256:<64 hex digits>")
+            }
+            if v.treeURL.isEmpty { v.treeURL = req.source + ".verity" }
+            req.remote.verity = v
+        }
         if case .profile(let path) = req.remote.prefetch {
             _ = try PrefetchProfile.load(path)
             req.remote.prefetch = .profile(try Sys.realpath(path))
@@ -238,9 +253,11 @@ extension Runtime {
             let entryLock = try BlobCache.lockForWriting(entry: paths.data)
             defer { Sys.close(entryLock.rawValue) }
             blob.setDeadline(seconds: nil)
-            let lazy = try LazyBlob(blob: blob, dataPath: paths.data, recordPath: paths.record)
+            let verifier = try req.remote.verity?.verifier(for: blob)
+            let lazy = try LazyBlob(blob: blob, dataPath: paths.data, recordPath: paths.record, verifier: verifier)
             if blob.wholeOnly {
                 try blob.readAll(into: lazy.writerFD)
+                if let verity = req.remote.verity { try Self.checkWhole(lazy, against: verity) }
             } else {
                 try lazy.ensure(offset: 0, length: blob.size)
             }
@@ -260,6 +277,13 @@ extension Runtime {
             if blob.wholeOnly { BlobCache.discard(entry: paths.data) }
             throw RuntimeError.remote(e.description)
         }
+    }
+
+    /// A whole download against its fs-verity digest (a server without Range support: no per-block checks).
+    static func checkWhole(_ lazy: LazyBlob, against verity: VeritySource) throws {
+        let tree = try FsVerityTree(size: lazy.size) { try Sys.preadFully(lazy.writerFD, count: $1, at: Int64($0)) }
+        let hex = tree.digest.map { String(hexByte: $0) }.joined()
+        guard hex == verity.digest else { throw RemoteError.digestMismatch(expected: verity.digest, actual: hex) }
     }
 
     /// The fanotify backend: a worker (or the daemon) marks the cache file and fetches the metadata,
@@ -290,7 +314,7 @@ extension Runtime {
         if let serving {
             do {
                 try serving.prepare(blob: blob, paths: paths, mountpoint: target.path, statsPath: stats, digest: req.remote.digest,
-                                    prefetch: req.remote.prefetch, recordProfile: req.remote.recordProfile)
+                                    verity: req.remote.verity, prefetch: req.remote.prefetch, recordProfile: req.remote.recordProfile)
             } catch let e as RemoteError {
                 throw RuntimeError.remote(e.description)
             }
@@ -348,6 +372,7 @@ extension Runtime {
         var args = ["__serve", "--url", url, "--data", paths.data, "--record", paths.record, "--mountpoint", mountpoint,
                     "--stats", statsPath, "--ready-fd", String(w)]
         if let d = req.remote.digest { args += ["--digest", d] }
+        if let v = req.remote.verity { args += ["--verity", v.digest, "--verity-tree", v.treeURL] }
         args += ["--prepare-timeout", String(req.remote.prepareTimeout)]
         args += LazyWorker.prefetchArguments(req.remote.prefetch, recordProfile: req.remote.recordProfile)
         // What this process just learned from the server (it also checked the cache against it).

@@ -22,7 +22,7 @@ struct CacheLs: ParsableCommand {
         }
         if entries.isEmpty { print("no cached blobs in \(dir.cacheDir)") }
         for e in entries {
-            print("\(e.key.prefix(16))…  size \(e.size)  allocated \(e.allocated)  present \(formatPercent(e.presentPercent))  \(e.info?.verified == true ? "verified" : "unverified")  \(e.info?.url ?? "?")"
+            print("\(e.key.prefix(16))…  size \(e.size)  allocated \(e.allocated)  present \(formatPercent(e.presentPercent))  \(e.info?.verified == true ? "verified" : e.info?.verity != nil ? "verified per block" : "unverified")  \(e.info?.url ?? "?")"
                   + (e.usedBy.isEmpty ? "" : "  in use by \(e.usedBy.joined(separator: ", "))")
                   + (e.sameFileAs.map { "  (the same file as \($0.prefix(16))…)" } ?? ""))
         }

@@ -1,4 +1,5 @@
 import ArgumentParser
+import Remote
 import Runtime
 
 /// The options of a remote source (http(s) URL or oci:// reference): the cache, the digest, the
@@ -12,6 +13,13 @@ struct RemoteSourceOptions: ParsableArguments {
 
     @Option(help: ArgumentHelp("Expected sha256 of the remote image, checked when the cache is complete.", valueName: "sha256:HEX"))
     var digest: String?
+
+    @Option(help: ArgumentHelp("http(s): check every block against this fs-verity digest before it is served (see 'image verity').",
+                               valueName: "sha256:HEX"))
+    var verity: String?
+
+    @Option(help: ArgumentHelp("http(s): where the fs-verity tree is (default: the source URL + \".verity\").", valueName: "URL"))
+    var verityTree: String?
 
     @Option(help: ArgumentHelp("Remote: give up preparing (manifest, probe, metadata) after this many seconds.", valueName: "SECONDS"))
     var prepareTimeout: Double = 120
@@ -44,6 +52,10 @@ struct RemoteSourceOptions: ParsableArguments {
         if let layer, layer < 0 { throw ValidationError("--layer must be 0 or more") }
         if layer != nil, blob != nil { throw ValidationError("--layer and --blob exclude each other") }
         if !(prepareTimeout > 0 && prepareTimeout <= 86_400) { throw ValidationError("--prepare-timeout must be between 0 and 86400 seconds") }
+        if verityTree != nil, verity == nil { throw ValidationError("--verity-tree needs --verity") }
+        if verity != nil, !(source.hasPrefix("http://") || source.hasPrefix("https://")) {
+            throw ValidationError("--verity applies to http(s) sources")
+        }
         let ociOnly = layer != nil || blob != nil || platform != nil || authFile != nil || username != nil || insecure
         if ociOnly, !source.hasPrefix("oci://") {
             throw ValidationError("--layer, --blob, --platform, --auth-file, --username and --insecure apply to oci:// sources only")
@@ -65,6 +77,9 @@ struct RemoteSourceOptions: ParsableArguments {
                                    digest: digest.map { $0.hasPrefix("sha256:") ? String($0.dropFirst(7)) : $0 }, oci: oci,
                                    prefetch: prefetch, recordProfile: recordProfile)
         remote.prepareTimeout = prepareTimeout
+        if let verity {
+            remote.verity = VeritySource(digest: verity.hasPrefix("sha256:") ? String(verity.dropFirst(7)) : verity, treeURL: verityTree ?? "")
+        }
         return remote
     }
 }

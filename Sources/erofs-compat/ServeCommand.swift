@@ -1,4 +1,5 @@
 import ArgumentParser
+import Remote
 import Runtime
 
 /// `erofs-compat __serve`: the fanotify worker process that `mount` starts for a remote image.
@@ -27,6 +28,8 @@ struct ServeCommand: ParsableCommand {
     @Option var etag: String?
     @Option var lastModified: String?
     @Option var prepareTimeout: Double?
+    @Option var verity: String?
+    @Option var verityTree: String?
 
     func run() throws {
         var options = LazyWorker.Options(url: url, dataPath: data, recordPath: record, mountpoint: mountpoint, statsPath: stats,
@@ -35,6 +38,7 @@ struct ServeCommand: ParsableCommand {
         options.recordProfile = recordProfile
         options.supervisorPID = supervisorPid
         options.prepareTimeout = prepareTimeout
+        if let verity, let verityTree { options.verity = VeritySource(digest: verity, treeURL: verityTree) }
         if let size { options.known = (size, etag, lastModified) }
         if authFd >= 0 {
             do {

@@ -56,7 +56,7 @@ struct StatusCommand: ParsableCommand {
             if let c = r.cachePath { print("  cache    \(c)") }
             if let pid = r.workerPID { print("  worker   \(pid)\(r.servedByDaemon ? " (erofs-compat daemon)" : "")") }
             if let p = s.progress {
-                print("  progress \(formatPercent(p.population)) present, \(p.bytesFetched) bytes in \(p.requests) requests, \(p.events) events (\(p.allowedFromCache) from cache, \(p.fetched) fetched, \(p.denied) denied), p50 \(formatMs(p.p50Ms)) p99 \(formatMs(p.p99Ms))\(p.complete ? ", complete" : "")\(p.verified == true ? ", verified" : "")")
+                print("  progress \(formatPercent(p.population)) present, \(p.bytesFetched) bytes in \(p.requests) requests, \(p.events) events (\(p.allowedFromCache) from cache, \(p.fetched) fetched, \(p.denied) denied), p50 \(formatMs(p.p50Ms)) p99 \(formatMs(p.p99Ms))\(p.complete ? ", complete" : "")\(p.verified == true ? ", verified" : "")\(p.verityFailures.map { ", every block checked against its fs-verity tree (\($0) failed)" } ?? "")")
                 if let e = p.error { print("  error    \(e)") }
             }
             print("  health   \(s.stale ? "STALE: " + s.problems.joined(separator: "; ") : "ok")")

@@ -15,6 +15,7 @@ Forwards every request to UPSTREAM (http://127.0.0.1:N) and, as the JSON in CONT
   {"fault": "trickle", "seconds": 0.5}               ... headers, then one body byte every "seconds"
   {"fault": "hugetotal"}                             ... Content-Range total 2^64-1 (above Int64.max)
   {"fault": "norange", "length": 1099511627776}      ... 200 without Range support; HEAD claims "length"
+  {"fault": "flip", "at": 123456}                    ... the byte at blob offset "at" inverted in every body holding it
 
 "every" counts matching requests (default 1 = all); "after" exempts the first N matching
 requests; "match" defaults to "" (all paths).
@@ -114,6 +115,15 @@ class Handler(http.server.BaseHTTPRequestHandler):
             if head:
                 out["Content-Length"] = str(int(c.get("length", 1 << 40)))
             return self.reply(200, body, out, head=head)
+        if fault == "flip" and body:
+            at, start = int(c.get("at", 0)), 0
+            rng = self.headers.get("Range", "")
+            if rng.startswith("bytes="):
+                start = int(rng[6:].split("-")[0])
+            if start <= at < start + len(body):
+                body = bytearray(body)
+                body[at - start] ^= 0xFF
+                body = bytes(body)
         if fault == "trickle":
             self.send_response(r.status)
             for k, v in out.items():

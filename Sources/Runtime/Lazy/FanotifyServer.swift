@@ -91,6 +91,8 @@ public final class FanotifyServer: @unchecked Sendable {
         public var complete = false
         public var verified: Bool?
         public var error: String?
+        /// Set when every block is checked against an fs-verity tree: blocks that failed the check.
+        public var verityFailures: Int?
     }
 
     let lazy: LazyBlob
@@ -196,6 +198,7 @@ public final class FanotifyServer: @unchecked Sendable {
         s.bytesFetched = base.bytesFetched + lazy.blob.bytesFetched.get()
         s.requests = base.requests + lazy.blob.requestCount.get()
         s.population = lazy.populationPercent
+        if lazy.verifier != nil { s.verityFailures = (base.verityFailures ?? 0) + lazy.verityFailures.get() }
         return s
     }
 

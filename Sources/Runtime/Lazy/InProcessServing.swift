@@ -25,6 +25,7 @@ struct LazySpec: Codable, Sendable {
     var size: UInt64
     var etag: String?
     var lastModified: String?
+    var verity: VeritySource?
 
     var journalPath: String { StateStore.sibling(of: statsPath, ".journal") }
     var specPath: String { StateStore.sibling(of: statsPath, ".spec") }
@@ -39,6 +40,7 @@ struct LazySpec: Codable, Sendable {
         o.prefetch = Prefetch(argument: prefetch)
         o.recordProfile = recordProfile
         o.known = (size, etag, lastModified)
+        o.verity = verity
         return o
     }
 }
@@ -102,15 +104,16 @@ public final class InProcessServing: @unchecked Sendable {
     /// Before the mount: locks the cache entry, marks the cache file, fetches all metadata, stores the
     /// descriptors with the service manager. Throws (leaving nothing behind) when any step fails.
     func prepare(blob: HTTPBlob, paths: (data: String, record: String, info: String, lock: String), mountpoint: String,
-                 statsPath: String, digest: String?, prefetch: Prefetch, recordProfile: String?) throws {
+                 statsPath: String, digest: String?, verity: VeritySource?, prefetch: Prefetch, recordProfile: String?) throws {
         let spec = LazySpec(id: Self.newID(), url: blob.url, dataPath: paths.data, recordPath: paths.record,
                             mountpoint: mountpoint, statsPath: statsPath, digest: digest, prefetch: prefetch.argument,
-                            recordProfile: recordProfile, size: blob.size, etag: blob.etag, lastModified: blob.lastModified)
+                            recordProfile: recordProfile, size: blob.size, etag: blob.etag, lastModified: blob.lastModified,
+                            verity: verity)
         let lock = try BlobCache.lockForWriting(entry: paths.data)
         var group: FileDescriptor?
         var authFD: Int32?
         do {
-            let prepared = try LazyWorker.prepareCache(blob, dataPath: paths.data, recordPath: paths.record, statsPath: statsPath,
+            let prepared = try LazyWorker.prepareCache(spec.workerOptions.lazyBlob(blob), statsPath: statsPath,
                                                        commit: false, log: { [log] in log("\(mountpoint): \($0)") })
             let lazy = prepared.lazy
             group = prepared.group
@@ -230,7 +233,7 @@ public final class InProcessServing: @unchecked Sendable {
                 let auth = try f["a"].map { try RegistryAuth(secret: Sys.preadFully($0, count: Int(Sys.fstat($0).st_size), at: 0)) }
                 let blob = try HTTPBlob(url: spec.url, auth: auth)
                 blob.adopt(size: spec.size, etag: spec.etag, lastModified: spec.lastModified)
-                let lazy = try LazyBlob(blob: blob, dataPath: spec.dataPath, recordPath: spec.recordPath, writerFD: w)
+                let lazy = try spec.workerOptions.lazyBlob(blob, writerFD: w)
                 let e = Entry(spec: spec, lazy: lazy, group: FileDescriptor(rawValue: g), lock: FileDescriptor(rawValue: l), authFD: f["a"], auth: auth)
                 entries.withLock { $0[spec.mountpoint] = e }
                 updateRecords(of: spec, pid: getpid(), servedBy: MountRecord.daemon)

@@ -37,6 +37,14 @@ public enum LazyWorker {
         public var adopt: (group: Int32, writer: Int32, lock: Int32)?
         /// Seconds the metadata fetch before the mount may take.
         public var prepareTimeout: Double?
+        /// Every fetched block checked against this fs-verity tree.
+        public var verity: VeritySource?
+
+        /// The blob's cache through a verifier when `verity` names one.
+        func lazyBlob(_ blob: HTTPBlob, writerFD: Int32? = nil) throws -> LazyBlob {
+            try LazyBlob(blob: blob, dataPath: dataPath, recordPath: recordPath, writerFD: writerFD,
+                         verifier: verity?.verifier(for: blob))
+        }
 
         /// The blob: with what the parent already learned from the server when it passed that on,
         /// else opened (asked) here.
@@ -87,7 +95,7 @@ public enum LazyWorker {
         let entryLock: FileDescriptor
         if let a = o.adopt {
             do {
-                lazy = try LazyBlob(blob: o.openBlob(), dataPath: o.dataPath, recordPath: o.recordPath, writerFD: a.writer)
+                lazy = try o.lazyBlob(o.openBlob(), writerFD: a.writer)
             } catch {
                 // Never close the group here: answer everything with EIO until the mount is gone.
                 log("cannot take over \(o.mountpoint): \(error)")
@@ -103,7 +111,7 @@ public enum LazyWorker {
                 entryLock = try BlobCache.lockForWriting(entry: o.dataPath)
                 let blob = try o.openBlob()
                 blob.setDeadline(seconds: o.prepareTimeout)
-                (lazy, group) = try prepareCache(blob, dataPath: o.dataPath, recordPath: o.recordPath, statsPath: o.statsPath, log: log)
+                (lazy, group) = try prepareCache(o.lazyBlob(blob), statsPath: o.statsPath, log: log)
                 blob.setDeadline(seconds: nil)
             } catch {
                 log("failed: \(error)")
@@ -195,7 +203,7 @@ public enum LazyWorker {
     public static func runWorker(_ o: Options, groupFD: Int32, writerFD: Int32, journal: String) -> Int32 {
         let server: FanotifyServer
         do {
-            let lazy = try LazyBlob(blob: o.openBlob(), dataPath: o.dataPath, recordPath: o.recordPath, writerFD: writerFD)
+            let lazy = try o.lazyBlob(o.openBlob(), writerFD: writerFD)
             server = try makeServer(lazy, groupFD: groupFD, journal: journal, o, log: log)
         } catch {
             log("worker failed to start: \(error)")
@@ -223,10 +231,10 @@ public enum LazyWorker {
     /// whole mount, across restarts too).
     /// `commit` false: the caller serves with this same LazyBlob, whose committer records the
     /// metadata present moments later (the mount need not wait for an fdatasync).
-    static func prepareCache(_ blob: HTTPBlob, dataPath: String, recordPath: String, statsPath: String, commit: Bool = true,
+    static func prepareCache(_ lazy: LazyBlob, statsPath: String, commit: Bool = true,
                              log: (String) -> Void) throws -> (lazy: LazyBlob, group: FileDescriptor) {
-        let lazy = try LazyBlob(blob: blob, dataPath: dataPath, recordPath: recordPath)
-        let group = try FanotifyServer.makeGroup(marking: dataPath)
+        let blob = lazy.blob
+        let group = try FanotifyServer.makeGroup(marking: lazy.dataPath)
         do {
             let meta = try lazy.fetchMetadata(commit: commit)
             log("metadata ready: \(meta.totalBytes) bytes in \(meta.ranges.count) ranges of \(blob.size)")
@@ -280,6 +288,7 @@ public enum LazyWorker {
         var a = ["--url", o.url, "--data", o.dataPath, "--record", o.recordPath, "--mountpoint", o.mountpoint,
                  "--stats", o.statsPath, "--ready-fd=-1", "--group-fd", String(group), "--writer-fd", String(writer)]
         if let d = o.digest { a += ["--digest", d] }
+        if let v = o.verity { a += ["--verity", v.digest, "--verity-tree", v.treeURL] }
         return a + prefetchArguments(o.prefetch, recordProfile: o.recordProfile)
     }
 

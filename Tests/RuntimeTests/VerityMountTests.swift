@@ -1,0 +1,115 @@
+import Foundation
+import Glibc
+import Testing
+@testable import EROFS
+@testable import Remote
+@testable import Runtime
+import Syscall
+import TestSupport
+
+/// Lazy mounts checked block by block against an fs-verity tree (`--verity`): issue 15's reading side.
+@Suite(.serialized, .enabled(if: canInjectFaults, Comment(rawValue: faultReason)))
+struct VerityMountTests {
+    /// The image's digest, its tree written beside it as IMAGE.verity (what a publisher serves).
+    static func publishTree(_ image: String) throws -> String {
+        let r = try run(cliBinary, ["image", "verity", image, "--tree", image + ".verity"])
+        try #require(r.status == 0, "\(r.stderr)")
+        return String(r.stdout.dropFirst("sha256:".count).prefix(64))
+    }
+
+    /// A data byte inside the image's largest regular file (its first physical extent).
+    static func dataOffset(_ image: String) throws -> (path: String, offset: UInt64) {
+        let img = try EROFSImage(path: image)
+        var best: (String, UInt64, UInt64)?
+        var queue = [("", img.superblock.rootNid)]
+        while let (path, nid) = queue.popLast() {
+            let ino = try img.inode(nid)
+            if ino.type == .directory {
+                for e in try img.entries(ino) where e.name != "." && e.name != ".." { queue.append((path + "/" + e.name, e.nid)) }
+            } else if ino.type == .regular, ino.size > (best?.2 ?? 65536),
+                      let p = try img.extents(ino).first(where: { $0.physical != nil && $0.kind != "inline" })?.physical {
+                best = (String(path.dropFirst()), p.offset + p.length / 2, ino.size)
+            }
+        }
+        let b = try #require(best)
+        return (b.0, b.1)
+    }
+
+    /// Reading one small file of a 48 MiB image fetches a small part of its tree; reading everything
+    /// gives the image's bytes.
+    @Test func verifiedLazyMountFetchesTheTreeLazily() throws {
+        try withVerityFixture("verity-lazy", build: { root in
+            try FileManager.default.createDirectory(atPath: root + "/d", withIntermediateDirectories: true)
+            var rng = SplitMix(seed: 5)
+            try Data((0..<(48 << 20)).map { _ in UInt8(truncatingIfNeeded: rng.next()) }).write(to: URL(fileURLWithPath: root + "/big"))
+            try "small\n".write(toFile: root + "/d/small", atomically: false, encoding: .utf8)
+        }) { f, proxy, digest, expected in
+            var opts = f.remote
+            opts.verity = VeritySource(digest: digest, treeURL: "")
+            _ = try f.runtime.mount(MountRequest(source: proxy.base + "/img.erofs", mountpoint: f.mnt, remote: opts))
+            defer { try? f.runtime.umount(f.mnt) }
+            #expect(try String(contentsOfFile: f.mnt + "/d/small", encoding: .utf8) == "small\n")
+            let treeSize = try #require(try FileManager.default.attributesOfItem(atPath: f.server.root + "/img.erofs.verity")[.size] as? Int)
+            let treeRequests = proxy.log.filter { $0.contains("/img.erofs.verity bytes=") }
+            let fetched = treeRequests.compactMap { $0.split(separator: "=").last }.compactMap { r -> Int? in
+                let p = r.split(separator: "-").compactMap { Int($0) }
+                return p.count == 2 ? p[1] - p[0] + 1 : nil
+            }.reduce(0, +)
+            #expect(fetched < treeSize / 4, "\(fetched) of the tree's \(treeSize) bytes fetched for one small file")
+            #expect(TreeFactsLite(f.mnt) == expected)
+            let info = BlobCache.readInfo(f.dir.file("cache/blobs/sha256/" + BlobCache.partialKey(source: proxy.base + "/img.erofs")) + ".json")
+            #expect(info?.verity == digest)
+        }
+    }
+
+    /// A server that flips one byte: that file's read is EIO, every other byte right; without the
+    /// tree the same server's byte would have been served.
+    @Test func aFlippedByteIsNeverServed() throws {
+        try withVerityFixture("verity-flip") { f, proxy, digest, expected in
+            let (victim, at) = try Self.dataOffset(f.server.root + "/img.erofs")
+            try proxy.set("{\"fault\":\"flip\",\"at\":\(at),\"match\":\"/img.erofs\"}")
+            var opts = f.remote
+            opts.verity = VeritySource(digest: digest, treeURL: f.server.base + "/img.erofs.verity")
+            _ = try f.runtime.mount(MountRequest(source: proxy.base + "/img.erofs", mountpoint: f.mnt, remote: opts))
+            defer { try? f.runtime.umount(f.mnt) }
+            let got = TreeFactsLite(f.mnt)
+            #expect(got.entries[victim]?.contains("read-error") == true, "\(victim): \(got.entries[victim] ?? "missing")")
+            for (path, facts) in expected.entries where path != victim { #expect(got.entries[path] == facts, "\(path)") }
+            // status counts the failed block (fetched twice, so at least 2 checks failed).
+            var failures = 0
+            for _ in 0..<30 where failures < 2 {
+                failures = (try? f.runtime.status(f.mnt).first?.progress?.verityFailures ?? 0) ?? 0
+                if failures < 2 { usleep(100_000) }
+            }
+            #expect(failures >= 2, "status shows \(failures) failed checks")
+            // The same server without the tree (another cache): the flipped byte reaches the reader.
+            var plain = RemoteOptions(cacheDir: f.dir.file("cache-plain"))
+            plain.prepareTimeout = 60
+            _ = try f.runtime.mount(MountRequest(source: proxy.base + "/img.erofs", mountpoint: f.dir.file("mnt2"), remote: plain))
+            defer { try? f.runtime.umount(f.dir.file("mnt2")) }
+            #expect(TreeFactsLite.digest(f.dir.file("mnt2") + "/" + victim) != expected.entries[victim]?.split(separator: " ", maxSplits: 2).last.map(String.init))
+        }
+    }
+
+    /// A wrong digest (or a tree that does not match it) fails the mount with one line; nothing is left.
+    @Test func aWrongRootFailsTheMount() throws {
+        try withVerityFixture("verity-wrong") { f, proxy, digest, _ in
+            var opts = f.remote
+            opts.verity = VeritySource(digest: String(digest.reversed()), treeURL: "")
+            let msg = remoteMessage { _ = try f.runtime.mount(MountRequest(source: proxy.base + "/img.erofs", mountpoint: f.mnt, remote: opts)) }
+            #expect(msg?.contains("fs-verity") == true, "\(msg ?? "mounted")")
+            #expect(!currentMounts().contains(f.mnt) && f.runtime.state.all().isEmpty)
+        }
+    }
+}
+
+/// A RemoteFixture whose image has its tree published beside it, behind a fault proxy.
+func withVerityFixture(_ label: String, build: ((String) throws -> Void)? = nil,
+                       _ body: (RemoteFixture, FaultProxy, String, TreeFactsLite) throws -> Void) throws {
+    let f = try RemoteFixture(label, mkfs: build == nil ? ["-zlz4hc"] : [], build: build)
+    defer { f.remove() }
+    let digest = try VerityMountTests.publishTree(f.server.root + "/img.erofs")
+    let proxy = try FaultProxy(upstream: f.server.base)
+    defer { proxy.remove() }
+    try body(f, proxy, digest, try f.oracle())
+}
