@@ -96,4 +96,6 @@ echo
 "$(dirname "$0")/bench-remote.sh" "$BIN" "$work"
 echo
 "$(dirname "$0")/bench-nbd.sh" "$BIN" "$work"
+echo
+"$(dirname "$0")/bench-verity.sh" "$BIN" "$work"
 exit 0

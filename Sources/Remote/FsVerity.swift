@@ -54,7 +54,7 @@ public struct FsVerityTree: Sendable {
     /// A block's hash; a short (last) block is zero-padded first.
     static func hashBlock(_ b: ArraySlice<UInt8>) -> [UInt8] {
         var h = SHA256()
-        h.update(data: Array(b))
+        b.withUnsafeBytes { h.update(bufferPointer: $0) }
         if b.count < blockSize { h.update(data: [UInt8](repeating: 0, count: blockSize - b.count)) }
         return Array(h.finalize())
     }
@@ -95,6 +95,7 @@ public final class VerityVerifier: @unchecked Sendable {  // `verified` is behin
     let levelBlocks: [UInt64]
     let levelStart: [UInt64]
     private let verified = Locked<[Int: [UInt64: [UInt8]]]>([:])
+    private let fetching = Locked<Void>(())
     /// Tree bytes fetched, for figures and tests.
     package let treeBytesFetched = Locked<UInt64>(0)
     static let hashesPerBlock: UInt64 = 128
@@ -138,10 +139,21 @@ public final class VerityVerifier: @unchecked Sendable {  // `verified` is behin
             return count == 1 && digestOf(root: FsVerityTree.hashBlock(data[...])) == digest ? [] : [first]
         }
         try prefetchLeaves(first, count)
-        return try (0..<count).filter { i in
-            let start = Int(i * 4096), end = min(start + 4096, data.count)
-            return FsVerityTree.hashBlock(data[start..<end]) != (try leafHash(first + i))
-        }.map { first + $0 }
+        var bad: [UInt64] = []
+        var i: UInt64 = 0
+        while i < count {
+            // The leaves for a run of blocks come from one tree block at a time.
+            let n = first + i
+            let leafBlock = try treeBlock(level: 0, index: n / Self.hashesPerBlock)
+            let inBlock = min(count - i, Self.hashesPerBlock - n % Self.hashesPerBlock)
+            for k in 0..<inBlock {
+                let start = Int((i + k) * 4096), end = min(start + 4096, data.count)
+                let at = Int((n + k) % Self.hashesPerBlock) * 32
+                if FsVerityTree.hashBlock(data[start..<end])[...] != leafBlock[at..<(at + 32)] { bad.append(n + k) }
+            }
+            i += inBlock
+        }
+        return bad
     }
 
     func mismatch(_ offset: UInt64) -> RemoteError {
@@ -192,9 +204,14 @@ public final class VerityVerifier: @unchecked Sendable {  // `verified` is behin
     /// The level-0 tree blocks covering data blocks [first, first+count), fetched in one request.
     func prefetchLeaves(_ first: UInt64, _ count: UInt64) throws {
         let lo = first / Self.hashesPerBlock, hi = (first + count - 1) / Self.hashesPerBlock
-        let missing = verified.withLock { v in (lo...hi).filter { v[0]?[$0] == nil } }
-        guard let a = missing.first, let b = missing.last else { return }
-        try fetchVerify(level: 0, from: a, count: b - a + 1)
+        func missing() -> [UInt64] { verified.withLock { v in (lo...hi).filter { v[0]?[$0] == nil } } }
+        guard !missing().isEmpty else { return }
+        // One fetch at a time: concurrent readers of neighbouring ranges would fetch the same leaves.
+        try fetching.withLock { _ in
+            let m = missing()
+            guard let a = m.first, let b = m.last else { return }
+            try fetchVerify(level: 0, from: a, count: b - a + 1)
+        }
     }
 }
 

@@ -204,8 +204,9 @@ public final class LazyBlob: ImageSource, @unchecked Sendable {
                 verityFailures.withLock { $0 += bad.count }
             }
             let badGranules = Set(bad.map { Int(($0 * 4096) / granule) })
-            for g in run where !badGranules.contains(g) {
-                let (off, len) = byteRange(g...g)
+            // The good granules, in runs between the bad ones, one write each.
+            for good in runs(of: run.filter { !badGranules.contains($0) }) {
+                let (off, len) = byteRange(good)
                 let at = Int(off - r.offset)
                 try bytes[at..<(at + Int(len))].withUnsafeBytes { try Sys.pwriteAll(writer.rawValue, $0, at: Int64(off)) }
             }
