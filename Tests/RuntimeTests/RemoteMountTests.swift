@@ -274,7 +274,8 @@ struct RemoteMountTests {
         var last: UInt64 = 0
         _ = waitForProgress { p in defer { last = p.bytesFetched }; return p.bytesFetched > 0 && p.bytesFetched == last }
         for p in picks { #expect(expected.entries[p]!.hasSuffix(TreeFactsLite.digest(f.mnt + "/" + p))) }
-        let after = try #require(waitForProgress { $0.events > 0 })
+        // Settled figures: every event counted has been answered (the figures are written as they change).
+        let after = try #require(waitForProgress { $0.events > 0 && $0.events == $0.allowedFromCache + $0.fetched + $0.denied })
         #expect(after.fetched == 0 && after.allowedFromCache > 0, "profiled reads came from the cache: \(after)")
         try f.runtime.umount(f.mnt)
 
