@@ -142,7 +142,8 @@ extension Runtime {
             guard v.digest.count == 64, v.digest.allSatisfy(\.isHexDigit) else {
                 throw RuntimeError.badOptionValue("--verity", detail: "expected sha256:<64 hex digits>")
             }
-            if v.treeURL.isEmpty { v.treeURL = req.source + ".verity" }
+            // Credentials in either URL are the source's: never carried in the tree's (it reaches argv).
+            v.treeURL = URLUserinfo.strip(v.treeURL.isEmpty ? req.source + ".verity" : v.treeURL)
             req.remote.verity = v
         }
         if case .profile(let path) = req.remote.prefetch {

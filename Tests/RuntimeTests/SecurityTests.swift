@@ -270,7 +270,11 @@ struct SecurityTests {
         defer { f.remove() }
         let secret = "s3cr3t-\(UInt32.random(in: 0...UInt32.max))"
         let url = f.server.base.replacingOccurrences(of: "http://", with: "http://alice:\(secret)@") + "/img.erofs"
-        let out = try f.runtime.mount(MountRequest(source: url, mountpoint: f.mnt, remote: f.remote))
+        // With a tree beside it (its URL derived from the source's) the worker is told where it is too.
+        let tree = try run(cliBinary, ["image", "verity", f.server.root + "/img.erofs", "--tree", f.server.root + "/img.erofs.verity"])
+        var remote = f.remote
+        remote.verity = VeritySource(digest: String(tree.stdout.dropFirst(7).prefix(64)), treeURL: "")
+        let out = try f.runtime.mount(MountRequest(source: url, mountpoint: f.mnt, remote: remote))
         defer { try? f.runtime.umount(f.mnt) }
         let rec = try #require(out.record)
         #expect(!rec.source.contains(secret) && rec.source == f.url)
