@@ -122,9 +122,11 @@ public struct BlobCache: Sendable {
     }
 
     /// The key of a blob being filled from `source` (its URL without credentials; an OCI blob URL
-    /// names registry, repository and digest).
-    public static func partialKey(source: String) -> String {
-        SHA256.hash(data: Array(("partial\n" + source).utf8)).map { String(hexByte: $0) }.joined()
+    /// names registry, repository and digest) — checked block by block against `verity` or not: the
+    /// two never share an entry, nor the worker serving one.
+    public static func partialKey(source: String, verity: String? = nil) -> String {
+        let name = "partial\n" + source + (verity.map { "\nverity " + $0 } ?? "")
+        return SHA256.hash(data: Array(name.utf8)).map { String(hexByte: $0) }.joined()
     }
 
     /// Where a blob lives under `key`.

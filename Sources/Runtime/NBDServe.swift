@@ -175,7 +175,7 @@ extension Runtime {
         if let digest, let verified = cache.verifiedEntry(digest: digest, size: blob.size) {
             return try openLocalExport(verified.data, description: what + " (cached, verified)")
         }
-        let paths = cache.paths(key: BlobCache.partialKey(source: blob.url))
+        let paths = cache.paths(key: BlobCache.partialKey(source: blob.url, verity: req.remote.verity?.digest))
         do {
             let lock = try BlobCache.lockForWriting(entry: paths.data)
             do {

@@ -99,7 +99,7 @@ extension Runtime {
         if let digest, let verified = cache.verifiedEntry(digest: digest, size: blob.size) {
             return try mountVerified(req, blob: blob, paths: verified, plan: plan, target: target, notes: notes + ["cached and verified"])
         }
-        let paths = cache.paths(key: BlobCache.partialKey(source: blob.url))
+        let paths = cache.paths(key: BlobCache.partialKey(source: blob.url, verity: req.remote.verity?.digest))
         let setup = try BlobCache.lockForSetup(entry: paths.data)
         defer { Sys.close(setup.rawValue) }
         if let changed = try cache.reconcile(paths: paths, with: blob, digest: digest, verity: req.remote.verity?.digest) {

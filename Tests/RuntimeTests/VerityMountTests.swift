@@ -57,7 +57,8 @@ struct VerityMountTests {
             }.reduce(0, +)
             #expect(fetched < treeSize / 4, "\(fetched) of the tree's \(treeSize) bytes fetched for one small file")
             #expect(TreeFactsLite(f.mnt) == expected)
-            let info = BlobCache.readInfo(f.dir.file("cache/blobs/sha256/" + BlobCache.partialKey(source: proxy.base + "/img.erofs")) + ".json")
+            let key = BlobCache.partialKey(source: proxy.base + "/img.erofs", verity: digest)
+            let info = BlobCache.readInfo(f.dir.file("cache/blobs/sha256/" + key) + ".json")
             #expect(info?.verity == digest)
         }
     }
@@ -88,6 +89,21 @@ struct VerityMountTests {
             _ = try f.runtime.mount(MountRequest(source: proxy.base + "/img.erofs", mountpoint: f.dir.file("mnt2"), remote: plain))
             defer { try? f.runtime.umount(f.dir.file("mnt2")) }
             #expect(TreeFactsLite.digest(f.dir.file("mnt2") + "/" + victim) != expected.entries[victim]?.split(separator: " ", maxSplits: 2).last.map(String.init))
+        }
+    }
+
+    /// A mount with --verity never joins a worker serving the same source without it (that worker's
+    /// bytes are unchecked): it gets an entry and a worker of its own.
+    @Test func checkedAndUncheckedMountsShareNothing() throws {
+        try withVerityFixture("verity-share") { f, proxy, digest, expected in
+            let plain = try f.runtime.mount(MountRequest(source: f.url, mountpoint: f.mnt, remote: f.remote))
+            defer { try? f.runtime.umount(f.mnt) }
+            var opts = f.remote
+            opts.verity = VeritySource(digest: digest, treeURL: "")
+            let checked = try f.runtime.mount(MountRequest(source: f.url, mountpoint: f.dir.file("mnt2"), remote: opts))
+            defer { try? f.runtime.umount(f.dir.file("mnt2")) }
+            #expect(plain.record?.cachePath != checked.record?.cachePath && plain.record?.workerPID != checked.record?.workerPID)
+            #expect(TreeFactsLite(f.dir.file("mnt2")) == expected)
         }
     }
 
