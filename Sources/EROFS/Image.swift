@@ -33,8 +33,8 @@ public final class EROFSImage {
         try loadLongPrefixes()
     }
 
-    /// The first feature of `sb` this reader does not implement, if any (a remote mount of such an
-    /// image cannot be walked for its metadata, so it is downloaded whole instead).
+    /// The first feature of `sb` this reader does not implement, if any (reserved directory block
+    /// sizes and incompat bits it does not know; the kernel refuses those images too).
     public static func unimplemented(_ sb: Superblock) -> String? {
         // Reserved: directory blocks are filesystem blocks (the kernel refuses other values too).
         if sb.dirBlockBits != 0 { return "dirblkbits \(sb.dirBlockBits)" }

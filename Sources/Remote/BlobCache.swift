@@ -182,8 +182,8 @@ public struct BlobCache: Sendable {
         }
     }
 
-    /// The cache directory as given, made absolute and canonical (created when missing), so every
-    /// command names an entry by one path.
+    /// The cache directory as given, made absolute — and canonical when it exists — so every command
+    /// names an entry by one path (a missing one is created later by `ensureDirectories`).
     public static func canonicalDirectory(_ dir: String) -> String {
         if let p = try? Sys.realpath(dir) { return p }
         let abs = dir.hasPrefix("/") ? dir : ((try? Sys.realpath(".")) ?? "") + "/" + dir

@@ -99,7 +99,6 @@ extension BlobCache {
         if let info { writeInfo(info, to: shared + ".json") }
     }
 
-    func promote(entry dataPath: String, digest: String) { Self.promote(entry: dataPath, digest: digest) }
 }
 
 /// One entry of the blob cache.

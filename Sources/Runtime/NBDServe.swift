@@ -16,7 +16,8 @@ import SystemPackage
 public final class ServedSource: @unchecked Sendable {  // immutable after init except `failed` and the readahead state, behind locks
     public let size: UInt64
     public let description: String
-    /// The cache granule (64 KiB) for remote blobs, the block size for local images.
+    /// The cache granule for remote blobs (64 KiB, or 4 KiB when checked against a tree), the block
+    /// size for local images: the export's preferred block size.
     public let granule: UInt32
     let source: ImageSource
     let lazy: LazyBlob?

@@ -265,7 +265,7 @@ extension Runtime {
             if let digest {
                 try lazy.verify(sha256: digest)
                 try lazy.markAllPresent()
-                BlobCache(directory: req.remote.cacheDir).promote(entry: paths.data, digest: digest)
+                BlobCache.promote(entry: paths.data, digest: digest)
             } else {
                 try lazy.markAllPresent()
             }
