@@ -52,15 +52,17 @@ let package = Package(
         .target(name: "Remote", dependencies: ["Syscall", "EROFS", .product(name: "Crypto", package: "swift-crypto")]),
         .target(name: "Installer"),
         .target(name: "NBD", dependencies: ["Syscall"]),
+        // The FUSE wire protocol and session (testable without /dev/fuse) and its server loop.
+        .target(name: "FUSE", dependencies: ["Syscall"], swiftSettings: [.swiftLanguageMode(.v6)]),
         .target(
             name: "Runtime",
-            dependencies: ["Probe", "Syscall", "EROFS", "Remote", "NBD", .product(name: "SystemPackage", package: "swift-system"),
+            dependencies: ["Probe", "Syscall", "EROFS", "Remote", "NBD", "FUSE", .product(name: "SystemPackage", package: "swift-system"),
                            .product(name: "Crypto", package: "swift-crypto")]
         ),
         .executableTarget(
             name: "ErofsCompatCLI",
             dependencies: [
-                "Probe", "EROFS", "Runtime", "Installer", "Syscall", "NBD", "Remote",
+                "Probe", "EROFS", "Runtime", "Installer", "Syscall", "NBD", "Remote", "FUSE",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "SystemPackage", package: "swift-system"),
             ],
@@ -76,6 +78,7 @@ let package = Package(
         .testTarget(name: "CLITests", dependencies: ["TestSupport"]),
         .testTarget(name: "InstallerTests", dependencies: ["Installer", "TestSupport"]),
         .testTarget(name: "NBDTests", dependencies: ["NBD", "Syscall", "TestSupport"]),
+        .testTarget(name: "FUSETests", dependencies: ["FUSE", "TestSupport"]),
     ],
     swiftLanguageModes: [.v5]
 )

@@ -8,8 +8,12 @@ public enum Backend: String, CaseIterable, Codable, Sendable {
     case loop
     /// Kernel EROFS on an NBD device served by a user-space server.
     case nbd
-    /// The image read in user space and served through FUSE.
-    case fuse
+    /// The image as one file served through FUSE (from the lazy reader for remote sources), with
+    /// kernel EROFS mounted on that file: lazy remote mounts where pre-content fanotify is missing.
+    case fuseBlob = "fuse-blob"
+    /// The image read by the user-space EROFS reader and served through FUSE: kernels without EROFS
+    /// or without the image's features, and callers without CAP_SYS_ADMIN.
+    case fuseErofs = "fuse-erofs"
 }
 
 /// Where the image comes from.
@@ -45,8 +49,8 @@ public enum Planner {
     /// Preference order per source kind.
     public static func order(for source: SourceKind) -> [Backend] {
         switch source {
-        case .local: return [.file, .loop, .fuse, .nbd, .fanotify]
-        case .remote: return [.fanotify, .nbd, .fuse, .file, .loop]
+        case .local: return [.file, .loop, .fuseErofs, .nbd, .fanotify, .fuseBlob]
+        case .remote: return [.fanotify, .fuseBlob, .nbd, .fuseErofs, .file, .loop]
         }
     }
 
@@ -71,8 +75,10 @@ public enum Planner {
                     .init(id: "erofs.file_backed", what: "file-backed EROFS (a loop device over a marked file raises no events)")]
         case .nbd:
             return [admin, erofs, .init(id: "nbd.module", what: "the nbd driver")]
-        case .fuse:
+        case .fuseErofs:
             return [.init(id: "fuse.device", what: "/dev/fuse")]
+        case .fuseBlob:
+            return [admin, erofs, .init(id: "fuse.device", what: "/dev/fuse")]
         }
     }
 
@@ -83,10 +89,11 @@ public enum Planner {
         let imageUnsupported = findings.status("image.features") == .absent || findings.status("image.superblock") == .absent
         for b in order(for: source) {
             var missing: [String] = [], undecided: [String] = [], present: [String] = []
-            if source == .local, b == .fanotify {
+            if source == .local, b == .fanotify || b == .fuseBlob {
                 out.append(Candidate(backend: b, verdict: .rejected, reasons: ["lazy fetching applies to remote sources; a local image is already complete"]))
                 continue
             }
+            if b == .fuseBlob { kernelAttach(findings, present: &present, missing: &missing, undecided: &undecided) }
             for r in requirements(b, source) {
                 switch findings.status(r.id) {
                 case .present: present.append(r.what)
@@ -94,10 +101,10 @@ public enum Planner {
                 case .unknown: undecided.append(r.what + " (could not be decided)")
                 }
             }
-            if b == .fuse, findings.status("privileges.cap_sys_admin") != .present {
+            if b == .fuseErofs, findings.status("privileges.cap_sys_admin") != .present {
                 if findings.isPresent("fuse.fusermount3") { present.append("setuid fusermount3 for an unprivileged mount") } else { missing.append("CAP_SYS_ADMIN or a setuid fusermount3") }
             }
-            if imageUnsupported, b != .fuse {
+            if imageUnsupported, b != .fuseErofs {
                 missing.append("an image this kernel can read (" + (findings["image.features"]?.evidence.last?.result ?? "not an EROFS image") + ")")
             }
             let note = source == .remote && (b == .file || b == .loop) ? ["needs the whole image downloaded first"] : []
@@ -120,6 +127,20 @@ public enum Planner {
             out.append(Candidate(backend: b, verdict: verdict, reasons: reasons))
         }
         return Plan(source: source, candidates: out)
+    }
+
+    /// fuse-blob mounts kernel EROFS on its FUSE file: file-backed where the kernel has it, else
+    /// through a loop device.
+    static func kernelAttach(_ findings: Findings, present: inout [String], missing: inout [String], undecided: inout [String]) {
+        if findings.status("erofs.file_backed") == .present {
+            present.append("file-backed EROFS on the FUSE file")
+        } else if findings.status("loop.module") == .present, findings.status("loop.configure") == .present {
+            present.append("a loop device over the FUSE file (no file-backed EROFS)")
+        } else if findings.status("erofs.file_backed") == .absent, findings.status("loop.module") == .absent {
+            missing.append("file-backed EROFS or the loop driver to mount the FUSE file")
+        } else {
+            undecided.append("file-backed EROFS or a loop device to mount the FUSE file (could not be decided)")
+        }
     }
 
     /// Whether the host itself (implemented or not) could mount with some backend.

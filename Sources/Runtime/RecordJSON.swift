@@ -37,6 +37,7 @@ extension MountRecord {
         string("backend", backend)
         string("cachePath", cachePath)
         string("device", device)
+        string("fuseMount", fuseMount)
         number("mountID", mountID.map { String($0) })
         string("mountpoint", mountpoint)
         string("options", options)
@@ -77,6 +78,7 @@ extension MountRecord {
                   device: string("device"), workerPID: pid, since: since, sourceIdentity: identity, mountID: mid,
                   cachePath: string("cachePath"), statsPath: string("statsPath"))
         self.servedBy = string("servedBy")
+        self.fuseMount = string("fuseMount")
         self.version = v
     }
 

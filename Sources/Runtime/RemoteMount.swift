@@ -101,12 +101,13 @@ extension Runtime {
         }
         let paths = cache.paths(key: BlobCache.partialKey(source: blob.url, verity: req.remote.verity?.digest))
         let setup = try BlobCache.lockForSetup(entry: paths.data)
-        defer { Sys.close(setup.rawValue) }
+        var setupReleased = false
+        defer { if !setupReleased { Sys.close(setup.rawValue) } }
         if let changed = try cache.reconcile(paths: paths, with: blob, digest: digest, verity: req.remote.verity?.digest) {
             notes.append(changed)
             note(changed)
         }
-        var candidates = try choose(plan, requested: req.backend)
+        var candidates = try choose(plan, requested: req.backend, allowed: req.allowed)
         if blob.wholeOnly { candidates.removeAll { $0 == .fanotify } }
         guard let backend = candidates.first else {
             throw RuntimeError.noBackend("the server does not support Range requests, which lazy mounting needs")
@@ -121,9 +122,43 @@ extension Runtime {
         if backend == .fanotify {
             return try mountLazy(req, blob: blob, paths: paths, record: record, plan: plan, target: target, notes: notes)
         }
+        if backend == .fuseBlob || backend == .fuseErofs {
+            Sys.close(setup.rawValue)
+            setupReleased = true
+            return try mountServed(req, backend: backend, record: record, plan: plan, target: target, notes: notes)
+        }
         let blockSize = try download(req, blob: blob, paths: paths, digest: digest)
         guard let impl = Backends.all[backend] else { throw RuntimeError.noBackend("\(backend.rawValue) is not available") }
         try attachCacheFile(impl, paths.data, blockSize: blockSize, req, target: target, record: &record)
+        return MountOutcome(plan: plan, record: record, notes: notes)
+    }
+
+    /// A remote image served by a FUSE backend from the lazy reader: the server opens the blob's
+    /// cache entry itself (this process has released it), so the mount is as lazy as the reads.
+    func mountServed(_ req: MountRequest, backend: Backend, record: MountRecord, plan: Plan, target: MountTarget,
+                     notes: [String]) throws -> MountOutcome {
+        guard let impl = Backends.all[backend] else { throw RuntimeError.noBackend("\(backend.rawValue) is not available") }
+        var record = record
+        record.cachePath = nil
+        let prepared = PreparedMount(source: req.source, target: target, options: req.options, blockSize: 4096,
+                                     stateRoot: state.root, remote: req.remote)
+        try state.withLock {
+            try checkNotMounted(target, source: req.source)
+            let attachment: Attachment
+            do {
+                attachment = try attachRecorded(&record) { try impl.attach(prepared) }
+            } catch let f as BackendFailure {
+                throw RuntimeError.mountFailed(backend: backend.rawValue, detail: f.detail)
+            }
+            (record.device, record.workerPID) = (attachment.device, attachment.workerPID)
+            (record.statsPath, record.fuseMount) = (attachment.statsPath, attachment.fuseMount)
+            do { try state.save(record) } catch {
+                try? MountAPI.umount(target.path)
+                impl.release(record)
+                state.remove(target.path)
+                throw error
+            }
+        }
         return MountOutcome(plan: plan, record: record, notes: notes)
     }
 
@@ -236,7 +271,8 @@ extension Runtime {
             try checkNotMounted(target, source: req.source)
             do {
                 let a = try attachRecorded(&record) {
-                    try impl.attach(PreparedMount(source: data, target: target, options: req.options, blockSize: blockSize))
+                    try impl.attach(PreparedMount(source: data, target: target, options: req.options, blockSize: blockSize,
+                                                  stateRoot: state.root))
                 }
                 record.device = a.device
             } catch let f as BackendFailure {

@@ -4,6 +4,7 @@ import FoundationEssentials
 import Foundation
 #endif
 import EROFS
+import FUSE
 import Glibc
 import Probe
 import Remote
@@ -16,6 +17,8 @@ public struct MountRequest: Sendable {
     public var mountpoint: String
     /// nil: the planner's first viable candidate (`--backend auto`).
     public var backend: Backend?
+    /// With `backend` nil: only these candidates (`--backend fuse`).
+    public var allowed: Set<Backend>?
     public var options: MountOptions
     public var dryRun: Bool
     /// For http(s) sources.
@@ -53,13 +56,15 @@ public struct MountStatus: Codable, Sendable {
     public var problems: [String]
     /// The lazy worker's progress (fanotify backend).
     public var progress: FanotifyServer.Stats?
+    /// The FUSE server's request counts and read latency (fuse-blob, fuse-erofs).
+    public var fuse: FUSEStats?
     public var stale: Bool { !problems.isEmpty }
 }
 
 /// Mounts, unmounts and reports local EROFS images with the backend the planner chooses.
 public struct Runtime: Sendable {
     /// The backends this build implements.
-    public static let implemented: Set<Backend> = [.file, .loop, .fanotify]
+    public static let implemented: Set<Backend> = [.file, .loop, .fanotify, .fuseBlob, .fuseErofs]
 
     public var state: StateStore
     /// Set inside `erofs-compat daemon`: lazy mounts are served in this process instead of by a
@@ -100,9 +105,10 @@ public struct Runtime: Sendable {
 
         return try state.withLock {
             try checkNotMounted(target, source: source)
-            let candidates = try choose(plan, requested: req.backend)
+            let candidates = try choose(plan, requested: req.backend, allowed: req.allowed)
             var notes: [String] = []
-            let prepared = PreparedMount(source: source, target: target, options: req.options, blockSize: blockSize)
+            let prepared = PreparedMount(source: source, target: target, options: req.options, blockSize: blockSize,
+                                         stateRoot: state.root)
             for (i, backend) in candidates.enumerated() {
                 guard let impl = Backends.all[backend] else { continue }
                 var record = MountRecord(source: source, sourceKind: "local", backend: backend.rawValue, mountpoint: target.path,
@@ -120,6 +126,7 @@ public struct Runtime: Sendable {
                     continue
                 }
                 (record.device, record.workerPID) = (attachment.device, attachment.workerPID)
+                (record.statsPath, record.fuseMount) = (attachment.statsPath, attachment.fuseMount)
                 do {
                     try state.save(record)
                 } catch {
@@ -158,7 +165,7 @@ public struct Runtime: Sendable {
     }
 
     /// The candidates to try, in order: the named backend alone, or every viable one.
-    func choose(_ plan: Plan, requested: Backend?) throws -> [Backend] {
+    func choose(_ plan: Plan, requested: Backend?, allowed: Set<Backend>? = nil) throws -> [Backend] {
         if let requested {
             guard let c = plan.candidates.first(where: { $0.backend == requested }) else {
                 throw RuntimeError.backendUnavailable(requested.rawValue, reasons: "not a candidate for a local image")
@@ -170,9 +177,10 @@ public struct Runtime: Sendable {
         }
         // Viable first; an unverified candidate (nothing known missing, a trial was inconclusive, e.g.
         // the image sits on tmpfs) is still worth a try, with fallback on failure.
-        let viable = plan.candidates.filter { $0.verdict == .viable || $0.verdict == .unverified }.map(\.backend)
+        let considered = plan.candidates.filter { allowed?.contains($0.backend) ?? true }
+        let viable = considered.filter { $0.verdict == .viable || $0.verdict == .unverified }.map(\.backend)
         guard !viable.isEmpty else {
-            let why = plan.candidates.filter { Self.implemented.contains($0.backend) }
+            let why = considered.filter { Self.implemented.contains($0.backend) }
                 .map { "\($0.backend.rawValue): \($0.reasons.joined(separator: ", "))" }.joined(separator: "; ")
             throw RuntimeError.noBackend(why)
         }
@@ -241,7 +249,7 @@ public struct Runtime: Sendable {
                 }
                 throw RuntimeError.notMounted(mountpoint)
             }
-            let impl = Backend(rawValue: record.backend).flatMap { Backends.all[$0] }
+            let impl = Backends.implementation(of: record)
             var wasStale = false
             if isOurMount(record) {
                 do {
@@ -260,7 +268,7 @@ public struct Runtime: Sendable {
                 stopWorker(record)
                 removeWorkerFiles(record)
             }
-            impl?.release(record)
+            impl.release(record)
             state.remove(mountpoint)
             return (record, wasStale)
         }
@@ -332,7 +340,7 @@ public struct Runtime: Sendable {
     }
 
     package func isOurMount(_ r: MountRecord, _ mounts: [MountInfoEntry]) -> Bool {
-        mounts.contains { $0.mountPoint == r.mountpoint && $0.fsType == "erofs" && ($0.source == r.source || $0.source == r.device || $0.source == r.cachePath) }
+        mounts.contains { $0.mountPoint == r.mountpoint && Backends.recognises($0, as: r) }
     }
 
     // MARK: status
@@ -360,7 +368,7 @@ public struct Runtime: Sendable {
         if !mounted { problems.append("no longer mounted (plain umount(8)?)") }
         var bound: Bool?
         if let dev = r.device, let n = Int32(dev.dropFirst("/dev/loop".count)) {
-            bound = Loop.backingFile(n) == r.source
+            bound = Loop.backingFile(n) == (r.fuseMount.map { $0 + "/image" } ?? r.source)
             if bound == false, mounted { problems.append("\(dev) no longer backed by the image") }
         }
         var alive: Bool?
@@ -368,7 +376,15 @@ public struct Runtime: Sendable {
             alive = Sys.processExists(pid)
             if alive == false { problems.append("worker \(pid) is gone") }
         }
-        let progress = r.statsPath.flatMap { FileManager.default.contents(atPath: $0) }.flatMap { try? JSONDecoder().decode(FanotifyServer.Stats.self, from: $0) }
+        let stats = r.statsPath.flatMap { FileManager.default.contents(atPath: $0) }
+        if r.isFuseServed {
+            if alive == false, mounted {
+                problems.append("reads fail with ENOTCONN; run `erofs-compat umount \(r.mountpoint)` to clear it")
+            }
+            let fuse = stats.flatMap { try? JSONDecoder().decode(FUSEStats.self, from: $0) }
+            return MountStatus(record: r, mounted: mounted, deviceBound: bound, workerAlive: alive, problems: problems, fuse: fuse)
+        }
+        let progress = stats.flatMap { try? JSONDecoder().decode(FanotifyServer.Stats.self, from: $0) }
         if progress?.verified == false { problems.append("cache failed verification: \(progress?.error ?? "digest mismatch")") }
         return MountStatus(record: r, mounted: mounted, deviceBound: bound, workerAlive: alive, problems: problems, progress: progress)
     }
@@ -382,7 +398,7 @@ public struct Runtime: Sendable {
             for r in state.all() where !isOurMount(r, mounts) {
                 stopWorker(r)
                 removeWorkerFiles(r)
-                Backend(rawValue: r.backend).flatMap { Backends.all[$0] }?.release(r)
+                Backends.implementation(of: r).release(r)
                 state.remove(r.mountpoint)
                 pruned.append(r)
             }

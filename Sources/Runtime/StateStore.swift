@@ -4,6 +4,7 @@ import FoundationEssentials
 import Foundation
 #endif
 import Glibc
+import Probe
 import Syscall
 import SystemPackage
 
@@ -33,10 +34,15 @@ public struct MountRecord: Codable, Sendable, Equatable {
     /// "daemon" when `workerPID` is `erofs-compat daemon` serving the mount in-process (never
     /// signalled by `umount`; it notices the mount is gone by itself).
     public var servedBy: String?
+    /// fuse-blob: where the FUSE filesystem holding the image file is mounted (under the state
+    /// directory), unmounted after the EROFS mount on it.
+    public var fuseMount: String?
 
     /// The `servedBy` of a mount served by `erofs-compat daemon`.
     public static let daemon = "daemon"
     public var servedByDaemon: Bool { servedBy == Self.daemon }
+    /// Served by a FUSE server process (fuse-blob, fuse-erofs).
+    public var isFuseServed: Bool { backend == Backend.fuseBlob.rawValue || backend == Backend.fuseErofs.rawValue }
 }
 
 /// The state directory (/run/erofs-compat by default): one JSON record per mount, keyed by the

@@ -72,6 +72,19 @@ package enum MountAPI {
         }
     }
 
+    /// fsmount alone: a detached mount, attached later with `move(_:to:)` (a FUSE mount whose server
+    /// must answer first); closing it unattached leaves nothing behind.
+    package static func fsmount(_ ctx: Context, attributes: Attributes) throws -> FileDescriptor {
+        FileDescriptor(rawValue: try Sys.call { ecx_fsmount(ctx.fd.rawValue, ecx_fsmount_cloexec, attributes.rawValue) })
+    }
+
+    /// move_mount of a detached mount onto the directory `target` names.
+    package static func move(_ mount: FileDescriptor, to target: FileDescriptor) throws {
+        _ = try Sys.call {
+            ecx_move_mount(mount.rawValue, "", target.rawValue, "", ecx_move_mount_f_empty_path | ecx_move_mount_t_empty_path)
+        }
+    }
+
     /// fsmount + move_mount onto a path resolved now (tests, and the bench's raw baseline; the
     /// runtime attaches to the descriptor it checked).
     package static func attach(_ ctx: Context, attributes: Attributes, at target: String) throws {

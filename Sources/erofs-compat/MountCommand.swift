@@ -9,9 +9,14 @@ import Foundation
 
 /// The backends `--backend` accepts: auto plus what this build implements.
 enum BackendChoice: String, ExpressibleByArgument, CaseIterable {
-    case auto, fanotify, file, loop
+    case auto, fanotify, file, loop, fuse
+    case fuseBlob = "fuse-blob", fuseErofs = "fuse-erofs"
 
-    var backend: Backend? { self == .auto ? nil : Backend(rawValue: rawValue) }
+    /// One backend, or nil for a choice among several (auto, fuse).
+    var backend: Backend? { self == .auto || self == .fuse ? nil : Backend(rawValue: rawValue) }
+    /// `fuse`: the first viable FUSE backend (fuse-blob for remote sources where the kernel has
+    /// EROFS, else fuse-erofs).
+    var allowed: Set<Backend>? { self == .fuse ? [.fuseBlob, .fuseErofs] : nil }
 }
 
 /// `erofs-compat mount SOURCE MOUNTPOINT`.
@@ -58,7 +63,7 @@ struct MountCommand: ParsableCommand {
             """
     )
 
-    @Option(help: "Backend: auto, fanotify (remote sources), file or loop.")
+    @Option(help: "Backend: auto, fanotify (remote sources), file, loop, fuse-blob (remote sources), fuse-erofs, or fuse (the first viable of the two).")
     var backend: BackendChoice = .auto
 
     @OptionGroup(title: "Remote sources")
@@ -104,8 +109,9 @@ struct MountCommand: ParsableCommand {
     func run() throws {
         let runtime = Runtime()
         let remote = try self.remote.make(prefetch: Prefetch(argument: prefetch), recordProfile: recordProfile)
-        let request = MountRequest(source: source, mountpoint: mountpoint, backend: backend.backend,
+        var request = MountRequest(source: source, mountpoint: mountpoint, backend: backend.backend,
                                    options: try runtimeCall { try MountOptions(parsing: options) }, dryRun: dryRun, remote: remote)
+        request.allowed = backend.allowed
         // A running daemon performs remote mounts (unless asked to only plan or explain).
         if isRemote, !dryRun, !explain, !noDaemon,
            let reply = try runtimeCall({ try DaemonClient.mount(DaemonRequest(request, environment: ProcessInfo.processInfo.environment),

@@ -55,6 +55,11 @@ struct StatusCommand: ParsableCommand {
             print("  since    \(since)")
             if let c = r.cachePath { print("  cache    \(c)") }
             if let pid = r.workerPID { print("  worker   \(pid)\(r.servedByDaemon ? " (erofs-compat daemon)" : "")") }
+            if let f = s.fuse {
+                let mean = f.reads == 0 ? 0 : Double(f.readMicros) / Double(f.reads) / 1000
+                print("  fuse     \(f.requests) requests (\(f.errors) answered with an error), \(f.reads) reads of \(f.readBytes) bytes, "
+                      + "mean \(formatMs(mean)) max \(formatMs(Double(f.maxReadMicros) / 1000)), protocol 7.\(f.kernelMinor)")
+            }
             if let p = s.progress {
                 print("  progress \(formatPercent(p.population)) present, \(p.bytesFetched) bytes in \(p.requests) requests, \(p.events) events (\(p.allowedFromCache) from cache, \(p.fetched) fetched, \(p.denied) denied), p50 \(formatMs(p.p50Ms)) p99 \(formatMs(p.p99Ms))\(p.complete ? ", complete" : "")\(p.verified == true ? ", verified" : "")\(p.verityFailures.map { ", every block checked against its fs-verity tree (\($0) failed)" } ?? "")")
                 if let e = p.error { print("  error    \(e)") }

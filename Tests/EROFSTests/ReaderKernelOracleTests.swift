@@ -31,49 +31,6 @@ let variants: [[String]] = [
     ["-Enoinline_data"],
 ]
 
-/// Everything `lstat` and the filesystem say about a tree, keyed by path.
-struct TreeFacts: Equatable, CustomStringConvertible {
-    var entries: [String: String] = [:]
-    var description: String { entries.keys.sorted().prefix(5).map { "\($0): \(entries[$0]!)" }.joined(separator: "\n") }
-
-    init(_ root: String, content: Bool, times: Bool = true) {
-        let fm = FileManager.default
-        var inodes: [UInt64: String] = [:]
-        for p in (fm.subpaths(atPath: root) ?? []).sorted() {
-            let full = root + "/" + p
-            var st = stat()
-            lstat(full, &st)
-            // Directory sizes are filesystem-specific; everything else must match.
-            var desc = "mode \(String(st.st_mode, radix: 8)) uid \(st.st_uid) gid \(st.st_gid)"
-            if st.st_mode & S_IFMT != S_IFDIR { desc += " size \(st.st_size)" }
-            if st.st_mode & S_IFMT != S_IFDIR { desc += " nlink \(st.st_nlink)" }
-            if times, st.st_mode & S_IFMT != S_IFLNK { desc += " mtime \(st.st_mtim.tv_sec).\(st.st_mtim.tv_nsec)" }
-            switch st.st_mode & S_IFMT {
-            case S_IFLNK: desc += " -> " + ((try? fm.destinationOfSymbolicLink(atPath: full)) ?? "?")
-            case S_IFREG:
-                if content, let d = fm.contents(atPath: full) { desc += " sum \(d.reduce(into: UInt64(1469598103934665603)) { $0 = ($0 ^ UInt64($1)) &* 1099511628211 })" }
-                if st.st_nlink > 1 {
-                    if let first = inodes[UInt64(st.st_ino)] { desc += " linked-to \(first)" } else { inodes[UInt64(st.st_ino)] = p }
-                }
-            case S_IFCHR, S_IFBLK: desc += " rdev \(st.st_rdev)"
-            default: break
-            }
-            if let x = try? Sys.listXattrs(full), !x.isEmpty {
-                desc += " xattrs " + x.keys.sorted().map { "\($0)=\(x[$0]!.count)b:\(x[$0]!.reduce(0) { $0 &+ Int($1) })" }.joined(separator: ",")
-            }
-            entries[p] = desc
-        }
-    }
-
-    func diff(_ other: TreeFacts) -> [String] {
-        var out: [String] = []
-        for k in Set(entries.keys).union(other.entries.keys).sorted() where entries[k] != other.entries[k] {
-            out.append("\(k): \(entries[k] ?? "missing") vs \(other.entries[k] ?? "missing")")
-        }
-        return out
-    }
-}
-
 @Suite(.serialized, .enabled(if: TestEnv.isRoot && mkfsAvailable, Comment(rawValue: oracleReason)))
 struct ReaderKernelOracleTests {
     /// Every variant of both trees: `image extract` output equals what the kernel shows when it mounts

@@ -27,12 +27,13 @@ import Testing
     let all = Set(Backend.allCases)
 
     @Test(arguments: [
-        ("5.10", true, true, Backend.loop, Backend.nbd),
-        ("5.10", false, true, .loop, .fuse),
+        ("5.10", true, true, Backend.loop, Backend.fuseBlob),
+        ("5.10", false, true, .loop, .fuseBlob),
         ("5.10", false, false, .loop, .loop),
         ("6.1", true, false, .loop, .nbd),
         ("6.12", false, false, .file, .file),
-        ("6.12", false, true, .file, .fuse),
+        ("6.12", false, true, .file, .fuseBlob),
+        ("6.1", false, true, .loop, .fuseBlob),
         ("6.14", false, false, .file, .fanotify),
         ("6.18", true, true, .file, .fanotify),
         ("6.18", false, false, .file, .fanotify),
@@ -56,7 +57,7 @@ import Testing
 
     @Test func cacheOnTmpfsRulesOutFanotify() {
         let f = Self.host("6.18", nbd: false, fuse: true, preAccessFS: false)
-        #expect(Planner.plan(f, source: .remote, implemented: all).chosen == .fuse)
+        #expect(Planner.plan(f, source: .remote, implemented: all).chosen == .fuseBlob)
     }
 
     @Test func unimplementedBackendsAreRejectedWithThatReason() {
@@ -77,15 +78,28 @@ import Testing
 
     @Test func unprivilegedFuseWithFusermount() {
         let f = Self.host("6.18", nbd: false, fuse: true, privileged: false)
-        #expect(Planner.plan(f, source: .local, implemented: all).chosen == .fuse)
+        #expect(Planner.plan(f, source: .local, implemented: all).chosen == .fuseErofs)
     }
 
     @Test func imageWithUnknownFeaturesOnlyLeavesFuse() {
         var f = Self.host("6.18", nbd: true, fuse: true)
         f.add(Finding("image.features", "", .absent, evidence: [.init("/sys/fs/erofs/features", "missing: metabox")]))
         let plan = Planner.plan(f, source: .local, implemented: all)
-        #expect(plan.chosen == .fuse)
+        #expect(plan.chosen == .fuseErofs)
         #expect(plan.candidates.first { $0.backend == .file }!.reasons.joined().contains("metabox"))
+        #expect(plan.candidates.first { $0.backend == .fuseBlob }!.verdict == .rejected)
+    }
+
+    /// fuse-blob mounts its FUSE file file-backed where the kernel can (6.12+), else through loop;
+    /// without either it is rejected and a remote image falls back to a whole download.
+    @Test func fuseBlobNeedsFileBackedOrLoop() {
+        let on61 = Planner.plan(Self.host("6.1", nbd: false, fuse: true), source: .remote, implemented: all)
+        #expect(on61.candidates.first { $0.backend == .fuseBlob }!.reasons.joined().contains("loop device"))
+        var f = Self.host("6.1", nbd: false, fuse: true)
+        f.add(Finding("loop.module", "", .absent))
+        let plan = Planner.plan(f, source: .remote, implemented: all)
+        #expect(plan.candidates.first { $0.backend == .fuseBlob }!.verdict == .rejected)
+        #expect(plan.chosen == .fuseErofs, "the user-space reader over the lazy blob")
     }
 
     @Test func localNeverUsesFanotify() {

@@ -55,6 +55,10 @@ struct PreparedMount {
     var target: MountTarget
     var options: MountOptions
     var blockSize: Int
+    /// Where served backends keep their servers' figures and private mounts.
+    var stateRoot: String
+    /// For remote sources served by a backend of its own (FUSE): the cache and how to fetch.
+    var remote: RemoteOptions?
     var mountpoint: String { target.path }
 }
 
@@ -62,6 +66,8 @@ struct PreparedMount {
 struct Attachment {
     var device: String?
     var workerPID: Int32?
+    var statsPath: String?
+    var fuseMount: String?
 }
 
 /// A backend failure; `fallback` marks failures the planner could not foresee (ENOTBLK, ENODEV,
@@ -77,10 +83,36 @@ protocol MountBackend {
     func attach(_ request: PreparedMount) throws -> Attachment
     /// Releases what `attach` set up beyond the mount itself, after the mount is gone.
     func release(_ record: MountRecord)
+    /// Whether a mountinfo entry at the record's mountpoint is the mount this backend made.
+    func recognises(_ m: MountInfoEntry, as r: MountRecord) -> Bool
+}
+
+extension MountBackend {
+    /// Kernel EROFS from the recorded image, device or cache file.
+    func recognises(_ m: MountInfoEntry, as r: MountRecord) -> Bool {
+        m.fsType == "erofs" && (m.source == r.source || m.source == r.device || m.source == r.cachePath)
+    }
+}
+
+/// Kernel EROFS mounts of the backends without an implementation of their own here (fanotify).
+struct KernelEROFSMounts: MountBackend {
+    var kind: Backend { .fanotify }
+    func attach(_ request: PreparedMount) throws -> Attachment { throw BackendFailure(detail: "not attachable", fallback: false) }
+    func release(_ record: MountRecord) {}
 }
 
 enum Backends {
-    static let all: [Backend: any MountBackend] = [.file: FileBackend(), .loop: LoopBackend()]
+    /// The implementation that made the record's mount.
+    static func implementation(of r: MountRecord) -> any MountBackend {
+        Backend(rawValue: r.backend).flatMap { all[$0] } ?? KernelEROFSMounts()
+    }
+
+    static func recognises(_ m: MountInfoEntry, as r: MountRecord) -> Bool {
+        implementation(of: r).recognises(m, as: r)
+    }
+
+    static let all: [Backend: any MountBackend] = [.file: FileBackend(), .loop: LoopBackend(), .fuseErofs: FuseErofsBackend(),
+                                                   .fuseBlob: FuseBlobBackend()]
 }
 
 /// Builds and attaches an EROFS superblock from `source` with the new mount API, passing the EROFS

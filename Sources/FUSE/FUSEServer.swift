@@ -1,0 +1,61 @@
+import Glibc
+import Synchronization
+import Syscall
+
+/// The descriptor side of a FUSE connection: threads that read requests from /dev/fuse, hand them
+/// to the session and write the replies. Each thread blocks in read(2) on the same descriptor; the
+/// kernel gives every request to exactly one of them.
+public final class FUSEServer: Sendable {
+    public let session: FUSESession
+    /// The /dev/fuse descriptor; owned by whoever opened it (a supervisor keeps it across restarts).
+    public let fd: Int32
+    /// Serving threads that have seen the connection end.
+    private let finished = Mutex<Int>(0)
+
+    public init(session: FUSESession, fd: Int32) {
+        (self.session, self.fd) = (session, fd)
+    }
+
+    /// Serves on `threads` threads until the connection ends (the filesystem was unmounted or the
+    /// connection aborted: ENODEV), then returns.
+    public func run(threads: Int) {
+        for _ in 1..<max(1, threads) {
+            Threads.detach { [self] in
+                serveLoop()
+                finished.withLock { $0 += 1 }
+            }
+        }
+        serveLoop()
+        // The others see ENODEV too; wait briefly so none writes to a descriptor being closed.
+        for _ in 0..<100 where finished.withLock({ $0 }) < threads - 1 { usleep(10_000) }
+    }
+
+    /// Asks the kernel to queue again every request a dead predecessor read but never answered
+    /// (FUSE_NOTIFY_RESEND, Linux 6.9+): false when the kernel cannot.
+    @discardableResult
+    public func requestResend() -> Bool {
+        guard session.kernelFlags.contains(.hasResend) else { return false }
+        return write(FUSEReply.notify(FUSELayout.notifyResend))
+    }
+
+    private func serveLoop() {
+        var buffer = [UInt8](repeating: 0, count: FUSELayout.requestBuffer)
+        while true {
+            let n = buffer.withUnsafeMutableBytes { Glibc.read(fd, $0.baseAddress, $0.count) }
+            if n < 0 {
+                switch errno {
+                case EINTR, EAGAIN, ENOENT: continue  // ENOENT: the request was interrupted before we read it
+                default: return  // ENODEV: unmounted
+                }
+            }
+            if n == 0 { return }
+            guard let reply = session.handle(buffer[0..<n]) else { continue }
+            _ = write(reply)
+        }
+    }
+
+    /// ENOENT from the kernel means the request was interrupted and needs no answer.
+    private func write(_ reply: [UInt8]) -> Bool {
+        reply.withUnsafeBytes { Glibc.write(fd, $0.baseAddress, $0.count) } == reply.count
+    }
+}

@@ -1,0 +1,229 @@
+import Synchronization
+
+/// A failed operation, answered with this errno.
+public struct FUSEError: Error, Sendable, Equatable {
+    public var errno: Int32
+    public init(_ errno: Int32) { self.errno = errno }
+    public static let noEntry = FUSEError(2)  // ENOENT
+    public static let io = FUSEError(5)  // EIO
+    public static let notDirectory = FUSEError(20)  // ENOTDIR
+    public static let invalid = FUSEError(22)  // EINVAL
+    public static let readOnly = FUSEError(30)  // EROFS
+    public static let range = FUSEError(34)  // ERANGE
+    public static let notImplemented = FUSEError(38)  // ENOSYS
+    public static let noData = FUSEError(61)  // ENODATA
+}
+
+/// A read-only filesystem served over FUSE. Node ids are the filesystem's own (1 is the root);
+/// the kernel may call from several threads at once.
+public protocol FUSEFilesystem: Sendable {
+    func lookup(parent: UInt64, name: [UInt8]) throws(FUSEError) -> FUSEEntry
+    func getattr(_ node: UInt64) throws(FUSEError) -> FUSEAttr
+    func readlink(_ node: UInt64) throws(FUSEError) -> [UInt8]
+    /// Checks the node can be opened for reading; directories are opened with `directory`.
+    func open(_ node: UInt64, directory: Bool) throws(FUSEError)
+    /// Up to `size` bytes at `offset` (fewer only at the end of the file).
+    func read(_ node: UInt64, offset: UInt64, size: Int) throws(FUSEError) -> [UInt8]
+    /// Entries after cookie `after` (0: from the start), as many as the caller takes.
+    func readdir(_ node: UInt64, after: UInt64, plus: Bool) throws(FUSEError) -> [FUSEDirEntry]
+    func getxattr(_ node: UInt64, name: [UInt8]) throws(FUSEError) -> [UInt8]
+    func listxattr(_ node: UInt64) throws(FUSEError) -> [[UInt8]]
+    func statfs() -> FUSEStatfs
+}
+
+/// What a session counts: requests per opcode class, errors, and the time spent answering reads.
+public struct FUSEStats: Sendable, Codable, Equatable {
+    public var requests: UInt64 = 0
+    public var reads: UInt64 = 0
+    public var readBytes: UInt64 = 0
+    public var errors: UInt64 = 0
+    /// Total and worst time answering READ, in microseconds.
+    public var readMicros: UInt64 = 0
+    public var maxReadMicros: UInt64 = 0
+    /// The protocol the kernel offered at INIT.
+    public var kernelMinor: UInt32 = 0
+    public init() {}
+}
+
+/// Turns requests into replies for one FUSE connection: the INIT handshake, then every opcode a
+/// read-only filesystem answers. It owns no descriptor (the server loop reads and writes), so tests
+/// drive it with byte buffers.
+public final class FUSESession: Sendable {
+    public let filesystem: any FUSEFilesystem
+    /// Entry and attribute lifetime handed to the kernel: an image never changes under a mount.
+    public let validSeconds: UInt64
+    /// File content stays in the page cache across opens (FOPEN_KEEP_CACHE).
+    public let keepCache: Bool
+    private let state = Mutex<(initialized: Bool, kernelFlags: FUSEInitFlags, stats: FUSEStats)>((false, [], FUSEStats()))
+    /// Read replies larger than this are split by the kernel; what INIT negotiated (max_pages).
+    public static let maxPages: UInt16 = 256
+
+    public init(filesystem: any FUSEFilesystem, validSeconds: UInt64 = 86_400, keepCache: Bool = true) {
+        (self.filesystem, self.validSeconds, self.keepCache) = (filesystem, validSeconds, keepCache)
+    }
+
+    /// Continues a connection whose INIT an earlier server answered (a restarted server): the
+    /// kernel does not send INIT again.
+    public func resume(kernelFlags: FUSEInitFlags, kernelMinor: UInt32) {
+        state.withLock { s in
+            s.initialized = true
+            s.kernelFlags = kernelFlags
+            s.stats.kernelMinor = kernelMinor
+        }
+    }
+
+    /// The kernel's INIT flags (empty before INIT).
+    public var kernelFlags: FUSEInitFlags { state.withLock { $0.kernelFlags } }
+    public var stats: FUSEStats { state.withLock { $0.stats } }
+
+    /// The reply to one request, or nil for requests that get none (FORGET, BATCH_FORGET, INTERRUPT).
+    public func handle(_ bytes: ArraySlice<UInt8>) -> [UInt8]? {
+        guard let req = FUSERequest(bytes) else { return nil }
+        let op = FUSEOpcode(rawValue: req.opcode)
+        if op == .forget || op == .batchForget || op == .interrupt { return nil }
+        let started = ContinuousClock.now
+        let reply: [UInt8]
+        do throws(FUSEError) {
+            reply = try dispatch(op, req)
+        } catch {
+            state.withLock { $0.stats.errors += 1; $0.stats.requests += 1 }
+            return FUSEReply.error(req.unique, errno: error.errno)
+        }
+        let took = (ContinuousClock.now - started).components
+        let micros = UInt64(max(0, took.seconds * 1_000_000 + took.attoseconds / 1_000_000_000_000))
+        state.withLock { s in
+            s.stats.requests += 1
+            if op == .read {
+                s.stats.reads += 1
+                s.stats.readBytes += UInt64(reply.count - FUSELayout.outHeader)
+                s.stats.readMicros += micros
+                s.stats.maxReadMicros = max(s.stats.maxReadMicros, micros)
+            }
+        }
+        return reply
+    }
+
+    private func dispatch(_ op: FUSEOpcode?, _ req: FUSERequest) throws(FUSEError) -> [UInt8] {
+        guard let op else { throw .notImplemented }
+        if op != .initialize, !state.withLock({ $0.initialized }) { throw .io }
+        let a = req.args
+        switch op {
+        case .initialize: return try initialize(req)
+        case .lookup:
+            let e = try lookupOrNegative(parent: req.node, name: req.name(at: 0))
+            var w = WireWriter(capacity: FUSELayout.entryOut)
+            e.encode(into: &w, validSeconds: validSeconds)
+            return FUSEReply.ok(req.unique, w.bytes)
+        case .getattr:
+            let attr = try filesystem.getattr(req.node)
+            var w = WireWriter(capacity: FUSELayout.attrOut)
+            w.u64(validSeconds)
+            w.u32(0)
+            w.u32(0)
+            attr.encode(into: &w)
+            return FUSEReply.ok(req.unique, w.bytes)
+        case .readlink: return FUSEReply.ok(req.unique, try filesystem.readlink(req.node))
+        case .open, .opendir:
+            // O_ACCMODE other than O_RDONLY: the mount is read-only.
+            guard a.u32(0) & 3 == 0 else { throw .readOnly }
+            try filesystem.open(req.node, directory: op == .opendir)
+            var flags: FUSEOpenFlags = op == .opendir ? [.keepCache, .cacheDir] : (keepCache ? [.keepCache] : [])
+            flags.insert(.noFlush)
+            var w = WireWriter(capacity: 16)
+            w.u64(0)
+            w.u32(flags.rawValue)
+            w.u32(0)
+            return FUSEReply.ok(req.unique, w.bytes)
+        case .read:
+            let size = Int(min(a.u32(16), UInt32(Self.maxPages) * 4096))
+            return FUSEReply.ok(req.unique, try filesystem.read(req.node, offset: a.u64(8), size: size))
+        case .readdir, .readdirplus:
+            return FUSEReply.ok(req.unique, try readdir(req.node, after: a.u64(8), size: Int(a.u32(16)), plus: op == .readdirplus))
+        case .getxattr: return try getxattr(req)
+        case .listxattr: return try listxattr(req)
+        case .statfs:
+            var w = WireWriter(capacity: FUSELayout.statfsOut)
+            filesystem.statfs().encode(into: &w)
+            return FUSEReply.ok(req.unique, w.bytes)
+        case .release, .releasedir, .flush, .access, .destroy, .fsync, .fsyncdir, .syncfs:
+            return FUSEReply.ok(req.unique)
+        case .setattr, .symlink, .mknod, .mkdir, .unlink, .rmdir, .rename, .rename2, .link, .write, .create,
+             .setxattr, .removexattr, .fallocate, .tmpfile, .copyFileRange:
+            throw .readOnly
+        default: throw .notImplemented
+        }
+    }
+
+    /// A missing name becomes a negative entry the kernel caches (node 0), not ENOENT: the image
+    /// never gains it.
+    private func lookupOrNegative(parent: UInt64, name: [UInt8]) throws(FUSEError) -> FUSEEntry {
+        do throws(FUSEError) { return try filesystem.lookup(parent: parent, name: name) } catch where error == .noEntry {
+            return FUSEEntry(node: 0, attr: FUSEAttr(ino: 0, size: 0, blocks: 0, mtime: 0, mtimeNsec: 0, mode: 0,
+                                                      nlink: 0, uid: 0, gid: 0, rdev: 0, blockSize: 0))
+        }
+    }
+
+    private func initialize(_ req: FUSERequest) throws(FUSEError) -> [UInt8] {
+        let a = req.args
+        let (major, minor) = (a.u32(0), a.u32(4))
+        guard major == FUSELayout.protocolMajor, minor >= 23 else {
+            // Older protocols: answer with our major only, as the kernel expects for a mismatch.
+            throw .invalid
+        }
+        var offered = FUSEInitFlags(rawValue: UInt64(a.u32(12)))
+        if offered.contains(.initExt) { offered.formUnion(FUSEInitFlags(rawValue: UInt64(a.u32(16)) << 32)) }
+        let wanted: FUSEInitFlags = [.asyncRead, .doReaddirplus, .parallelDirops, .maxPages, .cacheSymlinks, .asyncDIO, .initExt]
+        let flags = offered.intersection(wanted)
+        state.withLock { s in
+            s.initialized = true
+            s.kernelFlags = offered
+            s.stats.kernelMinor = minor
+        }
+        var w = WireWriter(capacity: FUSELayout.initOut)
+        w.u32(FUSELayout.protocolMajor)
+        w.u32(min(minor, FUSELayout.protocolMinor))
+        w.u32(a.u32(8))  // max_readahead: what the kernel proposed
+        w.u32(UInt32(truncatingIfNeeded: flags.rawValue))
+        w.u16(64)  // max_background
+        w.u16(48)  // congestion_threshold
+        w.u32(4096)  // max_write: nothing is written
+        w.u32(1)  // time_gran: nanoseconds
+        w.u16(Self.maxPages)
+        w.u16(0)
+        w.u32(UInt32(flags.rawValue >> 32))
+        w.zeros(FUSELayout.initOut - w.bytes.count)
+        return FUSEReply.ok(req.unique, w.bytes)
+    }
+
+    private func readdir(_ node: UInt64, after: UInt64, size: Int, plus: Bool) throws(FUSEError) -> [UInt8] {
+        var w = WireWriter(capacity: min(size, 1 << 16))
+        for e in try filesystem.readdir(node, after: after, plus: plus) {
+            guard w.bytes.count + e.encodedSize(plus: plus) <= size else { break }
+            e.encode(into: &w, plus: plus, validSeconds: validSeconds)
+        }
+        return w.bytes
+    }
+
+    /// size 0 asks for the value's length; a buffer too small is ERANGE.
+    private func getxattr(_ req: FUSERequest) throws(FUSEError) -> [UInt8] {
+        let size = Int(req.args.u32(0))
+        let value = try filesystem.getxattr(req.node, name: req.name(at: 8))
+        return try sized(req.unique, value, size)
+    }
+
+    private func listxattr(_ req: FUSERequest) throws(FUSEError) -> [UInt8] {
+        let names: [UInt8] = try filesystem.listxattr(req.node).flatMap { $0 + [UInt8(0)] }
+        return try sized(req.unique, names, Int(req.args.u32(0)))
+    }
+
+    private func sized(_ unique: UInt64, _ value: [UInt8], _ size: Int) throws(FUSEError) -> [UInt8] {
+        if size == 0 {
+            var w = WireWriter(capacity: 8)
+            w.u32(UInt32(value.count))
+            w.u32(0)
+            return FUSEReply.ok(unique, w.bytes)
+        }
+        guard value.count <= size else { throw .range }
+        return FUSEReply.ok(unique, value)
+    }
+}

@@ -1,0 +1,198 @@
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
+import Foundation
+#endif
+import Glibc
+import Probe
+import Syscall
+import SystemPackage
+
+/// A FUSE filesystem served by a supervisor process (FuseWorker): the mount is built detached,
+/// the supervisor answers INIT and starts a server, and only then is the mount attached, so a
+/// failure leaves nothing mounted. What the supervisor serves is described by a `FuseServeSpec`.
+struct FuseMounter {
+    /// The filesystem type in mountinfo: `fuse.erofs-compat`.
+    static let subtype = "erofs-compat"
+    static let fsType = "fuse." + subtype
+
+    var stateRoot: String
+
+    /// Builds the FUSE superblock for `spec`, starts its supervisor, waits until it serves, and
+    /// attaches the mount to `target`. Returns the supervisor's pid.
+    func mount(_ spec: FuseServeSpec, source: String, at target: FileDescriptor, attributes: MountAPI.Attributes,
+               allowOther: Bool) throws -> Int32 {
+        let dev: FileDescriptor
+        do { dev = try Sys.open("/dev/fuse", O_RDWR | O_CLOEXEC) } catch {
+            throw BackendFailure(detail: "open /dev/fuse: \(error)", fallback: true)
+        }
+        defer { Sys.close(dev.rawValue) }
+        let fc: MountAPI.Context
+        do { fc = try MountAPI.fsopen("fuse") } catch {
+            throw BackendFailure(detail: "fsopen(fuse): \(error)", fallback: true)
+        }
+        var options = [("source", source), ("subtype", Self.subtype), ("fd", String(dev.rawValue)), ("rootmode", "40000"),
+                       ("user_id", "0"), ("group_id", "0")]
+        options += [("default_permissions", "")] + (allowOther ? [("allow_other", "")] : [])
+        for (key, value) in options {
+            do {
+                if value.isEmpty, key != "source" { try MountAPI.setFlag(fc, key) } else { try MountAPI.setString(fc, key, value) }
+            } catch {
+                throw BackendFailure(detail: "fsconfig(\(key)) for fuse: \(error)", fallback: false)
+            }
+        }
+        let mnt: FileDescriptor
+        do {
+            try MountAPI.create(fc)
+            mnt = try MountAPI.fsmount(fc, attributes: attributes.union(.readOnly))
+        } catch {
+            throw BackendFailure(detail: "creating the FUSE mount: \(error)", fallback: true)
+        }
+        defer { Sys.close(mnt.rawValue) }
+        let pid = try startSupervisor(spec, fuseFD: dev.rawValue)
+        do {
+            try MountAPI.move(mnt, to: target)
+        } catch {
+            try? Sys.kill(pid, SIGKILL)
+            throw BackendFailure(detail: "move_mount of the FUSE mount: \(error)", fallback: false)
+        }
+        return pid
+    }
+
+    /// Spawns `__fuse-serve` with the device and the spec, and waits for its "ready".
+    func startSupervisor(_ spec: FuseServeSpec, fuseFD: Int32) throws -> Int32 {
+        let json: Data
+        do { json = try JSONEncoder().encode(spec) } catch { throw BackendFailure(detail: "encoding the serve spec: \(error)", fallback: false) }
+        let specFD = try Sys.pipe(holding: Array(json))
+        defer { Sys.close(specFD) }
+        let (r, w) = try Sys.pipe()
+        defer { Sys.close(r) }
+        let args = ["__fuse-serve", "--fuse-fd", String(fuseFD), "--spec-fd", String(specFD), "--ready-fd", String(w)]
+        let pid: Int32
+        do {
+            pid = try Sys.spawnDetached(Runtime.workerExecutable, args, keep: [fuseFD, specFD, w],
+                                        logPath: StateStore.sibling(of: spec.statsPath, ".log"))
+        } catch {
+            Sys.close(w)
+            throw BackendFailure(detail: "cannot start the FUSE server: \(error)", fallback: false)
+        }
+        Sys.close(w)
+        let line = FuseWorker.readLine(r, timeoutMs: Int32(min((spec.remote?.prepareTimeout ?? 60) + 30, 3600) * 1000))
+        guard line == "ready" else {
+            try? Sys.kill(pid, SIGKILL)
+            _ = Sys.reap(pid)
+            let why = line.hasPrefix("error: ") ? String(line.dropFirst(7)) : "the FUSE server exited before it was ready"
+            throw BackendFailure(detail: why, fallback: false)
+        }
+        return pid
+    }
+
+    /// Once its FUSE connection is gone the server exits by itself; wait for that (so that nothing
+    /// of the mount is left when `umount` returns), and stop it if it lingers.
+    static func awaitServerExit(_ record: MountRecord) {
+        if let pid = record.workerPID, isServer(pid) {
+            for _ in 0..<100 where Sys.processExists(pid) && isServer(pid) { usleep(20_000) }
+            if Sys.processExists(pid), isServer(pid) {
+                try? Sys.kill(pid, SIGTERM)
+                for _ in 0..<50 where Sys.processExists(pid) && isServer(pid) { usleep(20_000) }
+            }
+        }
+        // Its last figures and its log go with it.
+        if let stats = record.statsPath { for f in [stats, StateStore.sibling(of: stats, ".log")] { try? Sys.unlink(f) } }
+    }
+
+    /// Whether `pid` runs `__fuse-serve` (a recorded pid may since belong to another process).
+    static func isServer(_ pid: Int32) -> Bool {
+        guard let raw = try? Sys.readFile("/proc/\(pid)/cmdline") else { return false }
+        let argv = raw.split(separator: 0, omittingEmptySubsequences: false).map { String(decoding: $0, as: UTF8.self) }
+        return argv.count > 1 && argv[1] == "__fuse-serve"
+    }
+
+    /// The stats file of the server of the mount at `mountpoint`.
+    func statsPath(for mountpoint: String) -> String {
+        try? Sys.mkdir(stateRoot + "/workers", mode: 0o700)
+        return stateRoot + "/workers/" + StateStore.key(for: mountpoint)
+    }
+}
+
+/// fuse-erofs: the image's files served by the user-space EROFS reader.
+struct FuseErofsBackend: MountBackend {
+    var kind: Backend { .fuseErofs }
+
+    func attach(_ request: PreparedMount) throws -> Attachment {
+        let mounter = FuseMounter(stateRoot: request.stateRoot)
+        let stats = mounter.statsPath(for: request.mountpoint)
+        let spec = FuseServeSpec(filesystem: .erofs, source: request.source, remote: request.remote, statsPath: stats)
+        let pid = try mounter.mount(spec, source: request.source, at: request.target.fd, attributes: request.options.attributes,
+                                    allowOther: true)
+        return Attachment(device: nil, workerPID: pid, statsPath: stats)
+    }
+
+    func release(_ record: MountRecord) { FuseMounter.awaitServerExit(record) }
+
+    func recognises(_ m: MountInfoEntry, as r: MountRecord) -> Bool {
+        m.fsType == FuseMounter.fsType && m.source == r.source
+    }
+}
+
+/// fuse-blob: the image as one file in a private FUSE mount under the state directory, with kernel
+/// EROFS mounted on that file (file-backed, or a loop device where the kernel has no file-backed
+/// mounts).
+struct FuseBlobBackend: MountBackend {
+    var kind: Backend { .fuseBlob }
+
+    func attach(_ request: PreparedMount) throws -> Attachment {
+        let mounter = FuseMounter(stateRoot: request.stateRoot)
+        let stats = mounter.statsPath(for: request.mountpoint)
+        let dir = request.stateRoot + "/fuse/" + StateStore.sibling(of: StateStore.key(for: request.mountpoint), "")
+        try? Sys.mkdir(request.stateRoot + "/fuse", mode: 0o700)
+        do { try Sys.mkdir(dir, mode: 0o700) } catch let e as Errno where e == .fileExists {} catch {
+            throw BackendFailure(detail: "mkdir \(dir): \(error)", fallback: false)
+        }
+        let fuseTarget: MountTarget
+        do { fuseTarget = try MountTarget(dir) } catch { throw BackendFailure(detail: "\(error)", fallback: false) }
+        let spec = FuseServeSpec(filesystem: .blob, source: request.source, remote: request.remote, statsPath: stats)
+        let pid: Int32
+        do {
+            pid = try mounter.mount(spec, source: request.source, at: fuseTarget.fd, attributes: [.readOnly, .noSuid, .noDev, .noExec],
+                                    allowOther: false)
+        } catch {
+            _ = Glibc.rmdir(dir)
+            throw error
+        }
+        var inner = request
+        inner.source = dir + "/" + String(decoding: BlobFilesystem.fileName, as: UTF8.self)
+        do {
+            let attached = try attachKernelEROFS(inner)
+            return Attachment(device: attached.device, workerPID: pid, statsPath: stats, fuseMount: dir)
+        } catch {
+            try? MountAPI.umount(dir, detach: true)
+            _ = Glibc.rmdir(dir)
+            throw error
+        }
+    }
+
+    /// File-backed where the kernel has it (FUSE files can back an EROFS mount on 6.12+), else a
+    /// loop device over the file.
+    func attachKernelEROFS(_ inner: PreparedMount) throws -> Attachment {
+        do { return try FileBackend().attach(inner) } catch let f as BackendFailure where f.fallback {
+            return try LoopBackend().attach(inner)
+        }
+    }
+
+    /// After the EROFS mount: the loop device (if any), then the FUSE mount, whose server exits
+    /// when its connection ends.
+    func release(_ record: MountRecord) {
+        guard let dir = record.fuseMount else { return }
+        var inner = record
+        inner.source = dir + "/" + String(decoding: BlobFilesystem.fileName, as: UTF8.self)
+        if record.device != nil { LoopBackend().release(inner) }
+        try? MountAPI.umount(dir, detach: true)
+        _ = Glibc.rmdir(dir)
+        FuseMounter.awaitServerExit(record)
+    }
+
+    func recognises(_ m: MountInfoEntry, as r: MountRecord) -> Bool {
+        m.fsType == "erofs" && (m.source == r.device || r.fuseMount.map { m.source == $0 + "/image" } == true)
+    }
+}

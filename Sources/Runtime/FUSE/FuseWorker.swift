@@ -1,0 +1,201 @@
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
+import Foundation
+#endif
+import EROFS
+import FUSE
+import Glibc
+import Remote
+import Syscall
+import SystemPackage
+
+/// What a FUSE-served mount serves, handed to its server as JSON over a pipe (never argv: remote
+/// options may carry a registry password).
+public struct FuseServeSpec: Codable, Sendable {
+    public enum Filesystem: String, Codable, Sendable {
+        /// The image's files, read by the user-space EROFS reader (fuse-erofs).
+        case erofs
+        /// The image as one file for kernel EROFS to mount (fuse-blob).
+        case blob
+    }
+
+    public var filesystem: Filesystem
+    /// A local image's canonical path, or an http(s) URL / oci:// reference (without credentials).
+    public var source: String
+    /// For remote sources: the cache and how to reach the blob.
+    public var remote: RemoteOptions?
+    /// Where the server writes its figures (`status`), next to its log.
+    public var statsPath: String
+    public var threads: Int = 4
+}
+
+/// The FUSE server processes. The supervisor owns the /dev/fuse descriptor for the mount's whole
+/// life: it answers the kernel's INIT, then runs a serving child and restarts it if it dies. A
+/// restarted child asks the kernel to resend the requests its predecessor read but never answered
+/// (FUSE_NOTIFY_RESEND), so a reader in flight at the crash gets its bytes from the successor.
+public enum FuseWorker {
+    public static func log(_ s: String) {
+        let line = "\(Date()) erofs-compat fuse[\(Sys.processID)]: \(s)\n"
+        _ = try? FileDescriptor.standardError.writeAll(Array(line.utf8))
+    }
+
+    /// The supervisor; `ready` gets "ready" once a child serves, or "error: …". Returns the exit status.
+    public static func supervise(spec: [UInt8], fuseFD: Int32, readyFD: Int32) -> Int32 {
+        func ready(_ line: String) {
+            _ = try? FileDescriptor(rawValue: readyFD).writeAll(Array((line + "\n").utf8))
+            Sys.close(readyFD)
+        }
+        guard let (flags, minor) = handshake(fuseFD) else {
+            ready("error: the kernel sent no FUSE INIT request")
+            return 1
+        }
+        var readySent = false
+        var restarts = 0
+        while true {
+            let started = ContinuousClock.now
+            guard let (pid, status) = try? startChild(spec: spec, fuseFD: fuseFD, flags: flags, minor: minor, resend: restarts > 0) else {
+                if !readySent { ready("error: cannot start the FUSE server") }
+                return 1
+            }
+            let first = readLine(status, timeoutMs: 120_000)
+            Sys.close(status)
+            if !readySent {
+                guard first == "serving" else {
+                    _ = try? Sys.kill(pid, SIGKILL)
+                    _ = Sys.wait(pid)
+                    ready(first.hasPrefix("error: ") ? first : "error: the FUSE server exited before it served")
+                    return 1
+                }
+                ready("ready")
+                readySent = true
+            }
+            let (code, signal) = Sys.wait(pid)
+            if code == 0 { return 0 }
+            if ContinuousClock.now - started > .seconds(60) { restarts = 0 }
+            restarts += 1
+            log("server \(pid) died (\(signal.map { "signal \($0)" } ?? "exit \(code ?? -1)")); restart \(restarts)")
+            guard restarts <= 50 else {
+                log("giving up after \(restarts) restarts; readers get ENOTCONN")
+                return 1
+            }
+            usleep(UInt32(min(restarts, 10)) * 50_000)
+        }
+    }
+
+    /// Reads and answers INIT (within 10 s of the mount): the kernel's flags and minor version.
+    static func handshake(_ fd: Int32) -> (FUSEInitFlags, UInt32)? {
+        let session = FUSESession(filesystem: BlobFilesystem(size: 0, mtime: 0) { _, _ in [] })
+        var buffer = [UInt8](repeating: 0, count: FUSELayout.requestBuffer)
+        guard (try? Sys.poll(fd, timeoutMs: 10_000)) == true,
+              let n = try? buffer.withUnsafeMutableBytes({ try Sys.read(fd, into: $0) }),
+              let req = FUSERequest(buffer[0..<n]), req.opcode == FUSEOpcode.initialize.rawValue,
+              let reply = session.handle(buffer[0..<n]),
+              (try? FileDescriptor(rawValue: fd).writeAll(reply)) != nil else { return nil }
+        return (session.kernelFlags, session.stats.kernelMinor)
+    }
+
+    /// Spawns a serving child with the spec on a pipe; returns its pid and the read end of its status pipe.
+    static func startChild(spec: [UInt8], fuseFD: Int32, flags: FUSEInitFlags, minor: UInt32, resend: Bool) throws -> (Int32, Int32) {
+        let specFD = try Sys.pipe(holding: spec)
+        defer { Sys.close(specFD) }
+        let (r, w) = try Sys.pipe()
+        defer { Sys.close(w) }
+        var args = ["__fuse-serve", "--child", "--fuse-fd", String(fuseFD), "--spec-fd", String(specFD),
+                    "--status-fd", String(w), "--kernel-flags", String(flags.rawValue), "--kernel-minor", String(minor)]
+        if resend { args.append("--resend") }
+        do {
+            return (try Sys.spawnChild(Runtime.workerExecutable, args, keep: [fuseFD, specFD, w],
+                                       environment: ProcessInfo.processInfo.environment), r)
+        } catch {
+            Sys.close(r)
+            throw error
+        }
+    }
+
+    /// One line from `fd` (without its newline), "" on EOF or after `timeoutMs`.
+    static func readLine(_ fd: Int32, timeoutMs: Int32) -> String {
+        var line = [UInt8]()
+        var buf = [UInt8](repeating: 0, count: 512)
+        while !line.contains(0x0A) {
+            guard (try? Sys.poll(fd, timeoutMs: timeoutMs)) == true,
+                  let n = try? buf.withUnsafeMutableBytes({ try Sys.read(fd, into: $0) }), n > 0 else { break }
+            line += buf[0..<n]
+        }
+        return String(decoding: line.prefix { $0 != 0x0A }, as: UTF8.self)
+    }
+
+    /// A serving child: opens what the spec names, says "serving" (or "error: …") on `statusFD`,
+    /// and serves until the connection ends.
+    public static func serve(spec specBytes: [UInt8], fuseFD: Int32, statusFD: Int32, kernelFlags: UInt64,
+                             kernelMinor: UInt32, resend: Bool) -> Int32 {
+        let status = FileDescriptor(rawValue: statusFD)
+        let served: (FUSEFilesystem, ServedSource)
+        let spec: FuseServeSpec
+        do {
+            spec = try JSONDecoder().decode(FuseServeSpec.self, from: Data(specBytes))
+            served = try openFilesystem(spec)
+        } catch {
+            log("cannot serve: \(error)")
+            _ = try? status.writeAll(Array("error: \(error)\n".utf8))
+            return 2
+        }
+        defer { served.1.close() }
+        let session = FUSESession(filesystem: served.0)
+        session.resume(kernelFlags: FUSEInitFlags(rawValue: kernelFlags), kernelMinor: kernelMinor)
+        let server = FUSEServer(session: session, fd: fuseFD)
+        if resend { log(server.requestResend() ? "asked the kernel to resend unanswered requests" : "the kernel cannot resend requests") }
+        _ = try? status.writeAll(Array("serving\n".utf8))
+        Sys.close(statusFD)
+        let stop = Locked(false)
+        Threads.detach { writeStatsWhileServing(session, to: spec.statsPath, until: stop) }
+        server.run(threads: max(1, spec.threads))
+        stop.set(true)
+        writeStats(session.stats, to: spec.statsPath)
+        log("the FUSE connection ended; exiting")
+        return 0
+    }
+
+    static func openFilesystem(_ spec: FuseServeSpec) throws -> (FUSEFilesystem, ServedSource) {
+        let served = try Runtime().openServedSource(spec.source, remote: spec.remote ?? RemoteOptions())
+        let mtime = UInt64(Date().timeIntervalSince1970)
+        switch spec.filesystem {
+        case .blob:
+            return (BlobFilesystem(size: served.size, mtime: mtime) { try served.read(offset: $0, length: $1) }, served)
+        case .erofs:
+            do {
+                return (ErofsFilesystem(image: try EROFSImage(source: ServedImageSource(served))), served)
+            } catch {
+                served.close()
+                throw error
+            }
+        }
+    }
+
+    static func writeStats(_ s: FUSEStats, to path: String) {
+        guard let data = try? JSONEncoder().encode(s) else { return }
+        try? Sys.writeFileAtomically(path, Array(data))
+    }
+
+    static func writeStatsWhileServing(_ session: FUSESession, to path: String, until stop: Locked<Bool>) {
+        var last: FUSEStats?
+        while !stop.get() {
+            let now = session.stats
+            if now != last { writeStats(now, to: path); last = now }
+            usleep(500_000)
+        }
+    }
+}
+
+/// A served source as the EROFS reader's image source (fuse-erofs over a lazy remote blob or a
+/// local file).
+final class ServedImageSource: ImageSource, @unchecked Sendable {  // immutable; ServedSource is thread-safe
+    let served: ServedSource
+    var size: UInt64 { served.size }
+    init(_ served: ServedSource) { self.served = served }
+
+    func read(at offset: UInt64, count: Int) throws -> [UInt8] {
+        guard offset < size else { return [] }
+        return try served.read(offset: offset, length: Int(min(UInt64(count), size - offset)))
+    }
+}

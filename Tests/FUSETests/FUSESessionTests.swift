@@ -1,0 +1,176 @@
+import Testing
+@testable import FUSE
+
+/// A two-node filesystem: the root directory and one file "f" of 10 000 bytes (byte i is i % 251).
+final class TinyFS: FUSEFilesystem, @unchecked Sendable {
+    func attr(_ node: UInt64) -> FUSEAttr {
+        node == 1 ? FUSEAttr(ino: 1, size: 0, blocks: 0, mtime: 7, mtimeNsec: 9, mode: 0o40755, nlink: 2, uid: 0, gid: 0, rdev: 0, blockSize: 4096)
+            : FUSEAttr(ino: 5, size: 10_000, blocks: 24, mtime: 7, mtimeNsec: 9, mode: 0o100644, nlink: 1, uid: 1, gid: 2, rdev: 0, blockSize: 4096)
+    }
+    func lookup(parent: UInt64, name: [UInt8]) throws(FUSEError) -> FUSEEntry {
+        guard name == Array("f".utf8) else { throw .noEntry }
+        return FUSEEntry(node: 2, attr: attr(2))
+    }
+    func getattr(_ node: UInt64) throws(FUSEError) -> FUSEAttr { attr(node) }
+    func readlink(_ node: UInt64) throws(FUSEError) -> [UInt8] { throw .invalid }
+    func open(_ node: UInt64, directory: Bool) throws(FUSEError) {}
+    func read(_ node: UInt64, offset: UInt64, size: Int) throws(FUSEError) -> [UInt8] {
+        guard offset < 10_000 else { return [] }
+        if offset == 4096 { throw .io }
+        return (offset..<min(10_000, offset + UInt64(size))).map { UInt8($0 % 251) }
+    }
+    func readdir(_ node: UInt64, after: UInt64, plus: Bool) throws(FUSEError) -> [FUSEDirEntry] {
+        let all = [FUSEDirEntry(name: [0x2e], ino: 1, type: 4, cookie: 1, entry: nil),
+                   FUSEDirEntry(name: [0x2e, 0x2e], ino: 1, type: 4, cookie: 2, entry: nil),
+                   FUSEDirEntry(name: Array("f".utf8), ino: 5, type: 8, cookie: 3, entry: FUSEEntry(node: 2, attr: attr(2)))]
+        return Array(all.dropFirst(Int(after)))
+    }
+    func getxattr(_ node: UInt64, name: [UInt8]) throws(FUSEError) -> [UInt8] {
+        guard name == Array("user.k".utf8) else { throw .noData }
+        return Array("value".utf8)
+    }
+    func listxattr(_ node: UInt64) throws(FUSEError) -> [[UInt8]] { [Array("user.k".utf8), Array("user.j".utf8)] }
+    func statfs() -> FUSEStatfs { FUSEStatfs(blocks: 100, files: 2, blockSize: 4096) }
+}
+
+/// A request as the kernel frames it: fuse_in_header then the arguments.
+func request(_ opcode: FUSEOpcode, unique: UInt64, node: UInt64 = 1, _ args: [UInt8] = []) -> ArraySlice<UInt8> {
+    var w = WireWriter()
+    w.u32(UInt32(40 + args.count))
+    w.u32(opcode.rawValue)
+    w.u64(unique)
+    w.u64(node)
+    for v: UInt32 in [1000, 1000, 42, 0] { w.u32(v) }
+    w.append(args)
+    return w.bytes[...]
+}
+
+func u32s(_ values: [UInt32]) -> [UInt8] {
+    var w = WireWriter()
+    values.forEach { w.u32($0) }
+    return w.bytes
+}
+
+/// The out header's (length, error, unique) and the payload.
+func parse(_ reply: [UInt8]?) throws -> (len: UInt32, error: Int32, unique: UInt64, payload: [UInt8]) {
+    let r = try #require(reply)
+    let rd = WireReader(r[...])
+    return (rd.u32(0), Int32(bitPattern: rd.u32(4)), rd.u64(8), Array(r.dropFirst(16)))
+}
+
+/// The session, driven with byte buffers shaped like the kernel's (no /dev/fuse, no root).
+struct FUSESessionTests {
+    func initialized(minor: UInt32 = 45, flags: UInt64 = 0xffff_ffff_ffff) throws -> FUSESession {
+        let s = FUSESession(filesystem: TinyFS())
+        let lo = UInt32(truncatingIfNeeded: flags), hi = UInt32(flags >> 32)
+        let reply = try parse(s.handle(request(.initialize, unique: 1, u32s([7, minor, 131_072, lo, hi] + Array(repeating: 0, count: 11)))))
+        #expect(reply.error == 0)
+        return s
+    }
+
+    /// INIT: our major, the lower minor, the kernel's readahead, and only flags both sides have.
+    @Test func initNegotiatesFlagsAndSizes() throws {
+        let s = FUSESession(filesystem: TinyFS())
+        let offered: UInt64 = 1 << 0 | 1 << 13 | 1 << 22 | 1 << 30 | 1 << 39
+        let r = try parse(s.handle(request(.initialize, unique: 9, u32s([7, 45, 65536, UInt32(offered & 0xffff_ffff), UInt32(offered >> 32)]))))
+        #expect(r.len == 16 + 64 && r.unique == 9 && r.error == 0)
+        let p = WireReader(r.payload[...])
+        #expect(p.u32(0) == 7 && p.u32(4) == FUSELayout.protocolMinor && p.u32(8) == 65536)
+        let flags = UInt64(p.u32(12)) | UInt64(p.u32(32)) << 32
+        #expect(flags == 1 << 0 | 1 << 13 | 1 << 22 | 1 << 30, "resend is the kernel's capability, not requested")
+        #expect(p.u32(28) & 0xffff == UInt32(FUSESession.maxPages))
+        #expect(s.kernelFlags.contains(.hasResend))
+    }
+
+    @Test func requestsBeforeInitFailAndOldProtocolsAreRefused() throws {
+        let s = FUSESession(filesystem: TinyFS())
+        #expect(try parse(s.handle(request(.getattr, unique: 2))).error == -5)
+        #expect(try parse(s.handle(request(.initialize, unique: 3, u32s([7, 22, 0, 0])))).error == -22)
+    }
+
+    @Test func lookupAnswersEntriesAndCachesMisses() throws {
+        let s = try initialized()
+        let hit = try parse(s.handle(request(.lookup, unique: 4, Array("f".utf8) + [0])))
+        #expect(hit.error == 0 && hit.payload.count == FUSELayout.entryOut)
+        let e = WireReader(hit.payload[...])
+        #expect(e.u64(0) == 2 && e.u64(16) == s.validSeconds)
+        #expect(e.u64(40) == 5 && e.u64(48) == 10_000, "ino and size of fuse_attr")
+        #expect(e.u32(40 + 60) == 0o100644 && e.u32(40 + 72) == 2, "mode and gid")
+        let miss = try parse(s.handle(request(.lookup, unique: 5, Array("nope".utf8) + [0])))
+        #expect(miss.error == 0 && WireReader(miss.payload[...]).u64(0) == 0, "a negative entry, node 0")
+    }
+
+    @Test func getattrAndStatfsHaveTheirSizes() throws {
+        let s = try initialized()
+        let a = try parse(s.handle(request(.getattr, unique: 6, node: 2, [UInt8](repeating: 0, count: 16))))
+        #expect(a.payload.count == FUSELayout.attrOut && WireReader(a.payload[...]).u64(16 + 8) == 10_000)
+        let st = try parse(s.handle(request(.statfs, unique: 7)))
+        #expect(st.payload.count == FUSELayout.statfsOut && WireReader(st.payload[...]).u64(0) == 100)
+    }
+
+    func readArgs(offset: UInt64, size: UInt32) -> [UInt8] {
+        var w = WireWriter()
+        w.u64(0)
+        w.u64(offset)
+        w.u32(size)
+        w.zeros(20)
+        return w.bytes
+    }
+
+    /// Reads answer exactly the bytes asked for (short only at the end), a failing source is EIO.
+    @Test func readReturnsBytesOrEIO() throws {
+        let s = try initialized()
+        let r = try parse(s.handle(request(.read, unique: 8, node: 2, readArgs(offset: 9000, size: 4096))))
+        #expect(r.payload == (9000..<10_000).map { UInt8($0 % 251) })
+        #expect(try parse(s.handle(request(.read, unique: 9, node: 2, readArgs(offset: 4096, size: 4096)))).error == -5)
+        #expect(s.stats.reads == 1 && s.stats.readBytes == 1000 && s.stats.errors == 1)
+    }
+
+    @Test func openForWritingIsReadOnly() throws {
+        let s = try initialized()
+        #expect(try parse(s.handle(request(.open, unique: 10, node: 2, u32s([2, 0])))).error == -30)
+        let ok = try parse(s.handle(request(.open, unique: 11, node: 2, u32s([0, 0]))))
+        #expect(ok.error == 0 && WireReader(ok.payload[...]).u32(8) & FUSEOpenFlags.keepCache.rawValue != 0)
+        #expect(try parse(s.handle(request(.mkdir, unique: 12, u32s([0o755, 0]) + Array("d".utf8) + [0]))).error == -30)
+    }
+
+    /// Entries are 8-byte aligned, stop before overflowing the buffer, and continue from a cookie.
+    @Test func readdirPagesWithStableCookies() throws {
+        let s = try initialized()
+        let all = try parse(s.handle(request(.readdir, unique: 13, readArgs(offset: 0, size: 4096))))
+        #expect(all.payload.count == 3 * 32)
+        let one = try parse(s.handle(request(.readdir, unique: 14, readArgs(offset: 0, size: 40))))
+        #expect(one.payload.count == 32 && WireReader(one.payload[...]).u64(8) == 1)
+        let rest = try parse(s.handle(request(.readdir, unique: 15, readArgs(offset: 2, size: 4096))))
+        #expect(rest.payload.count == 32 && rest.payload[24] == UInt8(ascii: "f"))
+        let plus = try parse(s.handle(request(.readdirplus, unique: 16, readArgs(offset: 0, size: 4096))))
+        #expect(plus.payload.count == 3 * (128 + 32))
+        #expect(WireReader(plus.payload[...]).u64(0) == 0, "\".\" carries no entry")
+        #expect(WireReader(plus.payload[...]).u64(2 * 160) == 2, "\"f\" carries its node")
+    }
+
+    /// size 0 asks for the length; a short buffer is ERANGE; a missing name ENODATA.
+    @Test func xattrsFollowTheSizeProtocol() throws {
+        let s = try initialized()
+        let name = Array("user.k".utf8) + [0]
+        #expect(WireReader(try parse(s.handle(request(.getxattr, unique: 17, u32s([0, 0]) + name))).payload[...]).u32(0) == 5)
+        #expect(try parse(s.handle(request(.getxattr, unique: 18, u32s([3, 0]) + name))).error == -34)
+        #expect(try parse(s.handle(request(.getxattr, unique: 19, u32s([64, 0]) + name))).payload == Array("value".utf8))
+        #expect(try parse(s.handle(request(.getxattr, unique: 20, u32s([64, 0]) + Array("user.z".utf8) + [0]))).error == -61)
+        let list = try parse(s.handle(request(.listxattr, unique: 21, u32s([64, 0]))))
+        #expect(list.payload == Array("user.k\0user.j\0".utf8))
+    }
+
+    @Test func forgetsGetNoReplyAndUnknownOpcodesAreENOSYS() throws {
+        let s = try initialized()
+        #expect(s.handle(request(.forget, unique: 22, node: 2, [1, 0, 0, 0, 0, 0, 0, 0])) == nil)
+        #expect(s.handle(request(.interrupt, unique: 23, [0, 0, 0, 0, 0, 0, 0, 0])) == nil)
+        #expect(try parse(s.handle(request(.lseek, unique: 24, node: 2))).error == -38)
+        #expect(s.handle(request(.getattr, unique: 25).dropLast(1)) == nil, "a truncated request is dropped")
+    }
+
+    @Test func resendNotificationIsFramedAsTheKernelExpects() throws {
+        let n = try parse(FUSEReply.notify(FUSELayout.notifyResend))
+        #expect(n.len == 16 && n.error == 7 && n.unique == 0)
+    }
+}
