@@ -94,7 +94,11 @@ public struct Runtime: Sendable {
             planned = MountPlanning.planLocal(image: source, imageFD: sourceFD?.rawValue, privileged: admin, offset: req.options.fsOffset,
                                               implemented: Self.implemented, override: override, cacheFile: admin ? state.hostCache : nil)
         }
-        let blockSize = try validateImage(source, planned.findings, superblock: planned.superblock, options: req.options)
+        // An image the kernel cannot read is still mountable by the user-space reader (fuse-erofs).
+        let userSpace = planned.plan.candidates.contains { $0.backend == .fuseErofs && $0.verdict != .rejected }
+            && (req.backend ?? .fuseErofs) == .fuseErofs && (req.allowed?.contains(.fuseErofs) ?? true)
+        let blockSize = try validateImage(source, planned.findings, superblock: planned.superblock, options: req.options,
+                                          kernelReads: !userSpace)
         let plan = planned.plan
         if req.dryRun {
             // A dry run refuses what the mount would refuse.
@@ -211,7 +215,9 @@ public struct Runtime: Sendable {
     }
 
     /// libblkid + superblock + feature bits, from the planner's findings; returns the block size.
-    func validateImage(_ source: String, _ f: Findings, superblock: Superblock?, options: MountOptions) throws -> Int {
+    /// `kernelReads` false: features the kernel lacks are no reason to refuse (fuse-erofs reads them).
+    func validateImage(_ source: String, _ f: Findings, superblock: Superblock?, options: MountOptions,
+                       kernelReads: Bool = true) throws -> Int {
         if f.status("image.superblock") != .present {
             throw RuntimeError.notEROFS(source, detail: f["image.superblock"]?.evidence.first?.result ?? "no superblock")
         }
@@ -221,7 +227,7 @@ public struct Runtime: Sendable {
         if let blkid = f["image.blkid"]?.value, let type = blkid.split(separator: " ").first(where: { $0.hasPrefix("TYPE=") }), type != "TYPE=erofs" {
             throw RuntimeError.notEROFS(source, detail: "libblkid identifies it as \(type.dropFirst(5))")
         }
-        if f.status("image.features") == .absent {
+        if kernelReads, f.status("image.features") == .absent {
             let missing = f["image.features"]?.evidence.last?.result ?? "unknown features"
             throw RuntimeError.unsupportedFeatures(source, features: missing.replacingPrefix("missing: "))
         }

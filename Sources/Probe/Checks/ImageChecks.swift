@@ -82,6 +82,7 @@ enum ImageChecks {
                 unsupported.append(f.name)
             }
         }
+        unsupported += missingAlgorithms(sb, ctx)
         let unknownBits = sb.featureIncompat & ~Feature.table.reduce(0) { $0 | $1.bit }
         if unknownBits != 0 { unsupported.append("unknown bits 0x\(String(unknownBits, radix: 16))") }
         out.append(Finding("image.features", "image features supported by this kernel", unsupported.isEmpty ? .present : .absent,
@@ -105,6 +106,30 @@ enum ImageChecks {
                                evidence: [.init("trial", ctx.privileged ? "not the live host" : "needs CAP_SYS_ADMIN")]))
         }
         return (out, sb)
+    }
+
+    /// Compression algorithms the image uses (`available_compr_algs` with COMPR_CFGS) that this
+    /// kernel's EROFS cannot decompress: the kernel's config where it is readable, else the release
+    /// that added each (lzma 5.16, deflate 6.6, zstd 6.10). /sys/fs/erofs/features does not list them.
+    static func missingAlgorithms(_ sb: Superblock, _ ctx: ProbeContext) -> [String] {
+        guard sb.featureIncompat & Feature.comprCfgs.rawValue != 0 else { return [] }
+        let known: [(bit: UInt16, name: String, config: String?, since: (Int, Int))] = [
+            (0, "lz4", nil, (4, 19)), (1, "lzma", "CONFIG_EROFS_FS_ZIP_LZMA", (5, 16)),
+            (2, "deflate", "CONFIG_EROFS_FS_ZIP_DEFLATE", (6, 6)), (3, "zstd", "CONFIG_EROFS_FS_ZIP_ZSTD", (6, 10)),
+        ]
+        var out: [String] = []
+        for a in known where sb.u1 & (1 << a.bit) != 0 {
+            let built: Bool
+            if let key = a.config, let config = ctx.config, config.values[key] != nil || kernelAtLeast(ctx.release, a.since.0, a.since.1) {
+                built = config.value(key) == "y" || config.value(key) == "m"
+            } else {
+                built = kernelAtLeast(ctx.release, a.since.0, a.since.1)
+            }
+            if !built { out.append("\(a.name) compression (Linux \(a.since.0).\(a.since.1)+\(a.config.map { ", \($0)" } ?? ""))") }
+        }
+        let unknown = sb.u1 & ~UInt16(0xF)
+        if unknown != 0 { out.append("unknown compression algorithms 0x\(String(unknown, radix: 16))") }
+        return out
     }
 
     static func kernelAtLeast(_ release: String, _ major: Int, _ minor: Int) -> Bool {

@@ -1,0 +1,201 @@
+import Foundation
+import Glibc
+import Testing
+@testable import EROFS
+@testable import Probe
+@testable import Remote
+@testable import Runtime
+import Syscall
+import TestSupport
+
+/// What the probe says of this host's FUSE and EROFS, as the planner sees it (the tests gate on
+/// these findings, not on which machine they run on).
+let fuseHostFindings: Findings = {
+    let ctx = ProbeContext(options: ProbeOptions(cacheDir: TestEnv.scratchBase), lightweight: true)
+    var f = Findings()
+    (FuseChecks.planning(ctx) + EROFSChecks.planning(ctx)).forEach { f.add($0) }
+    return f
+}()
+
+/// Why the FUSE mount tests cannot run here, or nil.
+let fuseSkipReason: String? = {
+    if !TestEnv.isRoot { return "needs root (mounts FUSE with its own /dev/fuse descriptor)" }
+    if fuseHostFindings.status("fuse.device") != .present { return "the probe finds no usable /dev/fuse" }
+    if fuseHostFindings.status("erofs.file_backed") != .present {
+        return "the probe finds no file-backed EROFS (the kernel's own mount is the oracle)"
+    }
+    if TestEnv.which("mkfs.erofs") == nil { return "needs mkfs.erofs (erofs-utils)" }
+    return nil
+}()
+
+/// The processes of this test's FUSE servers that are still running.
+func fuseServers(under dir: ScratchDir) -> [Int32] {
+    ((try? FileManager.default.contentsOfDirectory(atPath: "/proc")) ?? []).compactMap(Int32.init).filter { pid in
+        guard let raw = try? Sys.readFile("/proc/\(pid)/cmdline") else { return false }
+        let argv = String(decoding: raw, as: UTF8.self)
+        guard argv.contains("__fuse-serve") else { return false }
+        // The spec names this test's state directory; argv does not, so look at the log it writes to.
+        let log = (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/\(pid)/fd/2")) ?? ""
+        return log.hasPrefix(dir.path)
+    }
+}
+
+/// The children (serving processes) of a supervisor.
+func children(of pid: Int32) -> [Int32] {
+    let raw = (try? Sys.readFile("/proc/\(pid)/task/\(pid)/children")) ?? []
+    return String(decoding: raw, as: UTF8.self).split(separator: " ").compactMap { Int32($0) }
+}
+
+/// mkfs.erofs 1.5 variants (as the reader's oracle tests): uncompressed, lz4 and lz4hc with full and
+/// compact indexes, big pclusters, ztailpacking, chunked files, inode forms, no inline data.
+let fuseVariants: [[String]] = [
+    [], ["-zlz4"], ["-zlz4hc"], ["-zlz4hc,9", "-C65536"], ["-zlz4hc", "-Eztailpacking"], ["-zlz4", "-Elegacy-compress"],
+    ["--chunksize=8192"], ["--chunksize=16384", "-Eforce-chunk-indexes"], ["-T0", "-Eforce-inode-compact"],
+    ["-x-1", "-Eforce-inode-extended"], ["-Enoinline_data"],
+]
+
+@Suite(.serialized, .enabled(if: fuseSkipReason == nil, Comment(rawValue: fuseSkipReason ?? "")))
+struct FuseMountTests {
+    /// Everything the kernel shows (bytes, modes, owners, symlinks, hard links, devices, xattrs,
+    /// mtimes) equals what fuse-erofs shows, for every mkfs.erofs variant of the reader's oracle
+    /// tests and every image made by erofs-utils 1.9.3 (the reader's newer formats).
+    @Test func fuseErofsMatchesTheKernel() throws {
+        let dir = try ScratchDir("fuse-oracle")
+        let runtime = Runtime(state: StateStore(root: dir.file("state")))
+        Runtime.workerExecutable = cliBinary
+        defer {
+            for m in currentMounts().filter({ $0.hasPrefix(dir.path) }).reversed() { try? MountAPI.umount(m, detach: true) }
+            dir.remove()
+        }
+        try ReaderTrees.makeEdge(at: dir.file("tree/edge"))
+        try ReaderTrees.makeReal(at: dir.file("tree/real"), budget: 1 << 20)
+        for d in ["mnt", "oracle"] { try FileManager.default.createDirectory(atPath: dir.file(d), withIntermediateDirectories: false) }
+        var images: [(String, String)] = []
+        for (i, mkfs) in fuseVariants.enumerated() {
+            try Samples.mkfs(dir.file("tree"), dir.file("img\(i)"), mkfs)
+            images.append((dir.file("img\(i)"), "mkfs \(mkfs)"))
+        }
+        let fixtures = TestEnv.repoRoot + "/Tests/Fixtures/mkfs-erofs-1.9.3"
+        for name in ((try? FileManager.default.contentsOfDirectory(atPath: fixtures)) ?? []).sorted() where name.hasSuffix(".erofs") {
+            images.append((fixtures + "/" + name, name))
+        }
+        #expect(images.count >= fuseVariants.count + 11)
+        for (image, what) in images {
+            let kernel = try withKernelMount(image, dir.file("oracle")) { TreeFacts(dir.file("oracle"), content: true) }
+            let out = try runtime.mount(MountRequest(source: image, mountpoint: dir.file("mnt"), backend: .fuseErofs))
+            #expect(out.record?.backend == "fuse-erofs")
+            let ours = TreeFacts(dir.file("mnt"), content: true)
+            try runtime.umount(dir.file("mnt"))
+            let d = kernel.diff(ours)
+            #expect(d.isEmpty && kernel.entries.count > 3, "\(what): \(d.count) differences, first: \(d.prefix(4))")
+        }
+        #expect(fuseServers(under: dir).isEmpty, "every server exits with its mount")
+        #expect(runtime.state.all().isEmpty)
+    }
+
+    /// fuse-blob and fuse-erofs over nginx: the kernel's view of the local image, status shows the
+    /// server's figures, and umount leaves no mount, server, FUSE directory or state file.
+    @Test(arguments: [Backend.fuseBlob, .fuseErofs])
+    func remoteOverNginx(backend: Backend) throws {
+        let f = try RemoteFixture("fuse-remote")
+        defer { f.remove() }
+        let expected = try f.oracle()
+        let out = try f.runtime.mount(MountRequest(source: f.url, mountpoint: f.mnt, backend: backend, remote: f.remote))
+        let record = try #require(out.record)
+        #expect(record.backend == backend.rawValue)
+        #expect(TreeFactsLite(f.mnt) == expected, "\(f.workerLogs())")
+        var st = try #require(try f.runtime.status(f.mnt).first)
+        // The server writes its figures every half second.
+        for _ in 0..<40 where (st.fuse?.reads ?? 0) == 0 {
+            usleep(100_000)
+            st = try #require(try f.runtime.status(f.mnt).first)
+        }
+        #expect(st.problems.isEmpty && st.workerAlive == true, "\(st.problems)")
+        let fuse = try #require(st.fuse)
+        #expect(fuse.reads > 0 && fuse.readBytes > 0)
+        // Mounted nosuid,nodev like every remote mount.
+        let line = try #require(MountInfo.current().first { $0.mountPoint == f.mnt })
+        #expect(line.options.contains("nosuid") && line.options.contains("nodev"))
+        try f.runtime.umount(f.mnt)
+        #expect(!currentMounts().contains { $0.hasPrefix(f.dir.path) }, "\(currentMounts())")
+        #expect(fuseServers(under: f.dir).isEmpty)
+        #expect(((try? FileManager.default.contentsOfDirectory(atPath: f.dir.file("state/fuse"))) ?? []).isEmpty)
+        #expect(((try? FileManager.default.contentsOfDirectory(atPath: f.dir.file("state/workers"))) ?? []).isEmpty)
+        // The blob stayed in the cache, complete and verified-free (no digest given): a second mount is warm.
+        _ = try f.runtime.mount(MountRequest(source: f.url, mountpoint: f.mnt, backend: backend, remote: f.remote))
+        #expect(TreeFactsLite(f.mnt) == expected)
+        try f.runtime.umount(f.mnt)
+    }
+
+    /// SIGKILL of the serving process during a parallel cold read of every file: every read gets
+    /// the image's bytes or EIO, never other bytes; the supervisor restarts the server on the same
+    /// connection (the kernel resends what the dead one had read), and afterwards everything reads.
+    @Test func killedServerIsReplacedWithoutWrongBytes() throws {
+        let f = try RemoteFixture("fuse-kill")
+        defer { f.remove() }
+        let expected = try f.oracle()
+        let out = try f.runtime.mount(MountRequest(source: f.url, mountpoint: f.mnt, backend: .fuseBlob, remote: f.remote))
+        let supervisor = try #require(out.record?.workerPID)
+        let files = expected.entries.keys.filter { expected.entries[$0]!.hasPrefix("mode 100") }.sorted()
+        let results = Locked<[String: String]>([:])
+        let group = DispatchGroup()
+        for part in 0..<4 {
+            group.enter()
+            Threads.detach {
+                defer { group.leave() }
+                for (k, p) in files.enumerated() where k % 4 == part {
+                    let got = TreeFactsLite.digest(f.mnt + "/" + p)
+                    results.withLock { $0[p] = got }
+                }
+            }
+        }
+        for _ in 0..<200 where results.get().count < 3 { usleep(2_000) }
+        let victims = children(of: supervisor)
+        #expect(victims.count == 1)
+        for pid in victims { try? Sys.kill(pid, SIGKILL) }
+        let doneAtKill = results.get().count
+        #expect(doneAtKill < files.count / 2, "the kill lands during the read (\(doneAtKill) of \(files.count) files done)")
+        guard group.wait(timeout: .now() + 60) == .success else {
+            // A request the dead server had read was never answered: end the connection so the
+            // readers get ENOTCONN and the test can clean up.
+            Issue.record("readers hung after the server was killed: \(f.workerLogs())")
+            for pid in children(of: supervisor) + [supervisor] { try? Sys.kill(pid, SIGKILL) }
+            _ = group.wait(timeout: .now() + 10)
+            return
+        }
+        var wrong: [String] = []
+        for (p, sum) in results.get() where !sum.hasPrefix("read-error") && !expected.entries[p]!.hasSuffix(" " + sum) { wrong.append(p) }
+        #expect(wrong.isEmpty, "wrong bytes in \(wrong.prefix(5))")
+        #expect(results.get().count == files.count)
+        for _ in 0..<100 where children(of: supervisor) == victims || children(of: supervisor).isEmpty { usleep(20_000) }
+        #expect(children(of: supervisor).count == 1 && children(of: supervisor) != victims, "a new server runs")
+        #expect(f.workerLogs().contains("restart 1"))
+        #expect(TreeFactsLite(f.mnt) == expected, "\(f.workerLogs())")
+        try f.runtime.umount(f.mnt)
+        #expect(fuseServers(under: f.dir).isEmpty)
+    }
+
+    /// With its supervisor and server gone, a FUSE mount answers ENOTCONN; status says it is broken
+    /// and how to clear it; umount clears it.
+    @Test func deadServerIsReportedAndCleared() throws {
+        let f = try RemoteFixture("fuse-dead")
+        defer { f.remove() }
+        let out = try f.runtime.mount(MountRequest(source: f.url, mountpoint: f.mnt, backend: .fuseErofs, remote: f.remote))
+        let supervisor = try #require(out.record?.workerPID)
+        let child = children(of: supervisor)
+        try Sys.kill(supervisor, SIGKILL)
+        for pid in child { try? Sys.kill(pid, SIGKILL) }
+        for _ in 0..<100 where Sys.processExists(supervisor) || child.contains(where: Sys.processExists) {
+            _ = Sys.reap(supervisor)
+            usleep(20_000)
+        }
+        var st = stat()
+        #expect(lstat(f.mnt + "/edge", &st) != 0 && errno == ENOTCONN)
+        let status = try #require(try f.runtime.status(f.mnt).first)
+        #expect(status.workerAlive == false)
+        #expect(status.problems.joined().contains("ENOTCONN") && status.problems.joined().contains("erofs-compat umount"))
+        try f.runtime.umount(f.mnt)
+        #expect(!currentMounts().contains { $0.hasPrefix(f.dir.path) })
+        #expect(f.runtime.state.all().isEmpty)
+    }
+}
