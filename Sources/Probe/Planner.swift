@@ -103,6 +103,9 @@ public enum Planner {
             }
             if b == .fuseErofs, findings.status("privileges.cap_sys_admin") != .present {
                 if findings.isPresent("fuse.fusermount3") { present.append("setuid fusermount3 for an unprivileged mount") } else { missing.append("CAP_SYS_ADMIN or a setuid fusermount3") }
+                if findings.status("fuse.device_unprivileged") == .absent {
+                    missing.append("/dev/fuse open to unprivileged users " + absentDetail(findings["fuse.device_unprivileged"]))
+                }
             }
             if imageUnsupported, b != .fuseErofs {
                 missing.append("an image this kernel can read (" + (findings["image.features"]?.evidence.last?.result ?? "not an EROFS image") + ")")

@@ -105,7 +105,12 @@ public struct Runtime: Sendable {
             try checkNotMounted(target, source: source)
             return MountOutcome(plan: plan, record: nil, notes: [])
         }
-        guard admin else { throw RuntimeError.notPrivileged("mounting") }
+        // Without CAP_SYS_ADMIN only fuse-erofs (through the setuid fusermount3) can mount.
+        guard admin || userSpace && req.backend != nil || userSpace && plan.chosen == .fuseErofs else {
+            let fuse = plan.candidates.first { $0.backend == .fuseErofs }
+            let why = fuse.map { $0.verdict == .rejected ? " (fuse-erofs without root: \($0.reasons.joined(separator: "; ")))" : "" } ?? ""
+            throw RuntimeError.notPrivileged("mounting" + (req.backend.map { " with \($0.rawValue)" } ?? "") + why)
+        }
 
         return try state.withLock {
             try checkNotMounted(target, source: source)
@@ -202,8 +207,11 @@ public struct Runtime: Sendable {
             }
             return (p, "\(st.st_dev):\(st.st_ino)", fd)
         }
-        // Unreadable (the planner says why) or missing.
+        // Unreadable or missing.
         let (p, identity) = try canonicalSource(path)
+        do { Sys.close(try Sys.open(p, O_RDONLY | O_NONBLOCK | O_NOCTTY).rawValue) } catch let e as Errno where e == .permissionDenied {
+            throw RuntimeError.sourceUnreadable(p, detail: "permission denied")
+        } catch {}
         return (p, identity, nil)
     }
 
@@ -247,17 +255,24 @@ public struct Runtime: Sendable {
     @discardableResult
     public func umount(_ path: String, lazy: Bool = false) throws -> (record: MountRecord, wasStale: Bool) {
         let mountpoint = Self.canonicalExisting(path)
-        guard Sys.hasCapSysAdmin() else { throw RuntimeError.notPrivileged("unmounting") }
+        let admin = Sys.hasCapSysAdmin()
         return try state.withLock {
             guard let record = state.load(mountpoint) else {
+                guard admin else { throw RuntimeError.notPrivileged("unmounting") }
                 if let m = MountInfo.mount(at: mountpoint, in: MountInfo.current()) {
                     throw RuntimeError.notOurs(mountpoint, owner: Self.describe(m))
                 }
                 throw RuntimeError.notMounted(mountpoint)
             }
             let impl = Backends.implementation(of: record)
+            // A user's own FUSE mount (in their state directory) goes through fusermount3.
+            guard admin || record.isFuseServed else { throw RuntimeError.notPrivileged("unmounting") }
             var wasStale = false
-            if isOurMount(record) {
+            if isOurMount(record), !admin {
+                guard FuseMounter.fusermountUnmount(mountpoint, lazy: lazy) else {
+                    throw RuntimeError.mountFailed(backend: record.backend, detail: "fusermount3 -u \(mountpoint) failed (busy? close the files or use --lazy)")
+                }
+            } else if isOurMount(record) {
                 do {
                     try MountAPI.umount(mountpoint, detach: lazy)
                 } catch let e as Errno where e == .resourceBusy {
@@ -397,7 +412,10 @@ public struct Runtime: Sendable {
 
     /// Removes stale records (their mounts are gone), releasing what is left of them.
     public func prune() throws -> [MountRecord] {
-        guard Sys.hasCapSysAdmin() else { throw RuntimeError.notPrivileged("pruning state") }
+        // A user prunes their own state directory (root's is not theirs to write).
+        guard Sys.hasCapSysAdmin() || Sys.effectiveUID != 0 && state.root != StateStore.defaultRoot else {
+            throw RuntimeError.notPrivileged("pruning state")
+        }
         return try state.withLock {
             let mounts = MountInfo.current()
             var pruned: [MountRecord] = []

@@ -13,6 +13,7 @@ public enum RuntimeError: Error, Equatable, CustomStringConvertible {
 
     case sourceMissing(String)
     case sourceNotFile(String)
+    case sourceUnreadable(String, detail: String)
     case notEROFS(String, detail: String)
     case imageTruncated(String, detail: String)
     case unsupportedFeatures(String, features: String)
@@ -34,7 +35,7 @@ public enum RuntimeError: Error, Equatable, CustomStringConvertible {
 
     public var exitCode: ExitCode {
         switch self {
-        case .sourceMissing, .sourceNotFile, .notEROFS, .imageTruncated, .unsupportedFeatures: return .badSource
+        case .sourceMissing, .sourceNotFile, .sourceUnreadable, .notEROFS, .imageTruncated, .unsupportedFeatures: return .badSource
         case .mountpointMissing, .mountpointNotDirectory, .mountpointBusy, .mountpointChanged, .alreadyMounted: return .badMountpoint
         case .notPrivileged: return .notPermitted
         case .unknownOption, .badOptionValue: return .usage
@@ -48,6 +49,7 @@ public enum RuntimeError: Error, Equatable, CustomStringConvertible {
         switch self {
         case .sourceMissing(let p): return "source '\(p)' does not exist; pass the path of an EROFS image"
         case .sourceNotFile(let p): return "source '\(p)' is not a regular file; pass an EROFS image file"
+        case .sourceUnreadable(let p, let d): return "source '\(p)' cannot be read (\(d)); check its permissions or mount it as a user who can read it"
         case .notEROFS(let p, let d):
             let why = d.hasPrefix("not an EROFS image (") ? String(d.dropFirst("not an EROFS image (".count).dropLast()) : d
             return "source '\(p)' is not an EROFS image (\(why)); check the path or build it with mkfs.erofs"

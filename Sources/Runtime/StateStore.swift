@@ -56,9 +56,17 @@ public struct StateStore: Sendable {
     /// Host findings reused by the mount planner while nothing relevant changed.
     public var hostCache: String { root + "/host-findings.json" }
 
-    /// `root`, or $EROFS_COMPAT_STATE_DIR, or /run/erofs-compat.
+    /// An unprivileged user's own state (their fuse-erofs mounts): $XDG_RUNTIME_DIR/erofs-compat, or
+    /// /run/user/UID/erofs-compat where the variable is unset.
+    static func userRoot(_ env: [String: String]) -> String {
+        (env["XDG_RUNTIME_DIR"].flatMap { $0.hasPrefix("/") ? $0 : nil } ?? "/run/user/\(Sys.effectiveUID)") + "/erofs-compat"
+    }
+
+    /// `root`, or $EROFS_COMPAT_STATE_DIR, or /run/erofs-compat for root and the user's runtime
+    /// directory for anyone else.
     public init(root: String? = nil) {
-        self.root = root ?? ProcessInfo.processInfo.environment["EROFS_COMPAT_STATE_DIR"] ?? Self.defaultRoot
+        let env = ProcessInfo.processInfo.environment
+        self.root = root ?? env["EROFS_COMPAT_STATE_DIR"] ?? (Sys.effectiveUID == 0 ? Self.defaultRoot : Self.userRoot(env))
     }
 
     /// The file name for a mountpoint: '/' becomes '-', bytes outside [A-Za-z0-9._] become _xx.

@@ -85,6 +85,13 @@ extension Sys {
         }
     }
 
+    /// A connected pair of Unix stream sockets (both close-on-exec).
+    package static func socketPair() throws -> (Int32, Int32) {
+        var fds: [Int32] = [-1, -1]
+        _ = try call { Glibc.socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0, &fds) }
+        return (fds[0], fds[1])
+    }
+
     /// Receives one message and the descriptors attached to it (close-on-exec).
     package static func receive(_ sock: Int32, maxBytes: Int = 4096) throws -> (bytes: [UInt8], fds: [Int32]) {
         var buf = [UInt8](repeating: 0, count: maxBytes)

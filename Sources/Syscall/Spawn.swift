@@ -14,6 +14,7 @@ extension Sys {
         posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
         posix_spawn_file_actions_addopen(&actions, 1, "/dev/null", O_WRONLY, 0)
         posix_spawn_file_actions_addopen(&actions, 2, logPath, O_WRONLY | O_CREAT | O_APPEND | O_NOFOLLOW, 0o600)
+        closeInherited(except: keep)
         // dup2(fd, fd) in the child clears its close-on-exec flag there only: the parent's descriptors
         // stay close-on-exec, so a spawn on another thread can never inherit them.
         for fd in keep { posix_spawn_file_actions_adddup2(&actions, fd, fd) }
@@ -28,7 +29,23 @@ extension Sys {
         defer { posix_spawn_file_actions_destroy(&actions) }
         posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
         for fd in keep { posix_spawn_file_actions_adddup2(&actions, fd, fd) }
+        closeInherited(except: keep)
         return try spawn(path, args, actions: &actions, environment: environment, newSession: false)
+    }
+
+    /// Marks close-on-exec every descriptor above 2 that this process did not open itself that way
+    /// (ones it inherited: a caller's pipe or socket, a descriptor handed to it), except `keep`:
+    /// a long-lived helper must not hold them open, or whoever waits for their other end waits for ever.
+    static func closeInherited(except keep: [Int32]) {
+        guard let dir = opendir("/proc/self/fd") else { return }
+        defer { closedir(dir) }
+        let own = dirfd(dir)
+        while let e = readdir(dir) {
+            let name = withUnsafeBytes(of: e.pointee.d_name) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
+            guard let fd = Int32(name), fd > 2, fd != own, !keep.contains(fd) else { continue }
+            let flags = fcntl(fd, F_GETFD)
+            if flags >= 0, flags & FD_CLOEXEC == 0 { _ = fcntl(fd, F_SETFD, flags | FD_CLOEXEC) }
+        }
     }
 
     /// posix_spawn with a clean signal state: callers on thread pools have most signals blocked, which

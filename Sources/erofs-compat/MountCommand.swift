@@ -39,10 +39,14 @@ struct MountCommand: ParsableCommand {
             server sent are never served for another; only a complete blob that matched its digest is \
             shared under the digest. The backend is chosen by the same planner \
             'probe' uses. Local: file (kernel EROFS straight from the file, Linux 6.12+) before loop (a \
-            read-only, auto-clearing loop device). Remote: fanotify (the image is fetched lazily into a \
-            sparse cache file as it is read, Linux 6.14+ with the cache on ext4/xfs/btrfs; metadata is \
-            fetched before mounting; an unfetchable range fails the read with EIO) before file or loop \
-            after a whole download. With --backend auto, a failure the planner could not foresee \
+            read-only, auto-clearing loop device) before fuse-erofs (erofs-compat's own EROFS reader over \
+            FUSE: for kernels without EROFS or without the image's features or compression, and for users \
+            without CAP_SYS_ADMIN through the setuid fusermount3, state under $XDG_RUNTIME_DIR). Remote: \
+            fanotify (the image is fetched lazily into a sparse cache file as it is read, Linux 6.14+ with \
+            the cache on ext4/xfs/btrfs; metadata is fetched before mounting; an unfetchable range fails the \
+            read with EIO) before fuse-blob (the image as one FUSE file served lazily from the same cache, \
+            kernel EROFS on it) before fuse-erofs (lazy too) before file or loop after a whole download. \
+            FUSE servers are restarted if they crash; the kernel resends what the dead one had read. With --backend auto, a failure the planner could not foresee \
             (ENOTBLK, ENODEV, EOPNOTSUPP) moves on to the next candidate and says so; a backend you name \
             is never replaced.
 
@@ -53,13 +57,14 @@ struct MountCommand: ParsableCommand {
             With 'erofs-compat daemon' running, a remote mount is performed and served by it (no process start \
             per mount); --no-daemon mounts from this command, --explain and --dry-run always do.
 
-            State: one record per mount in /run/erofs-compat/mounts ($EROFS_COMPAT_STATE_DIR overrides).
+            State: one record per mount in /run/erofs-compat/mounts, for other users \
+            $XDG_RUNTIME_DIR/erofs-compat/mounts ($EROFS_COMPAT_STATE_DIR overrides).
 
             Exit codes: 0 mounted (or planned, with --dry-run), 1 the mount failed, 2 usage error or bad -o \
             option, 3 bad source (missing, not EROFS, features this kernel lacks, unreachable URL, a server \
             without Range support, digest mismatch, bad OCI reference, registry or authentication errors, a \
             truncated image), 4 bad mountpoint (missing, not a directory, already a mount point, changed while \
-            the mount was prepared), 5 not root.
+            the mount was prepared), 5 not root (and no fuse-erofs mount through fusermount3 possible).
             """
     )
 

@@ -10,7 +10,7 @@ struct UmountCommand: ParsableCommand {
             Works from any directory and with any path form of the mountpoint. A record whose mount is \
             already gone (someone ran umount(8)) is cleaned up. Mounts not made by erofs-compat are refused.
 
-            Exit codes: 0 unmounted, 1 the unmount failed (e.g. busy), 2 usage error, 5 not root, \
+            Exit codes: 0 unmounted, 1 the unmount failed (e.g. busy), 2 usage error, 5 not root (a user may unmount their own fuse-erofs mounts), \
             6 nothing of erofs-compat's is mounted there.
             """
     )

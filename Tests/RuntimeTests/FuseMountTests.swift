@@ -199,3 +199,70 @@ struct FuseMountTests {
         #expect(f.runtime.state.all().isEmpty)
     }
 }
+
+/// fuse-erofs for a user without CAP_SYS_ADMIN (uid 65534 through setpriv), through Debian's setuid
+/// fusermount3, with the user's state under $XDG_RUNTIME_DIR.
+@Suite(.serialized, .enabled(if: fuseSkipReason == nil && TestEnv.which("setpriv") != nil && fuseHostFindings.isPresent("fuse.fusermount3"),
+                             "needs root to set up, setpriv (util-linux) and a setuid fusermount3 (fuse3)"))
+struct UnprivilegedFuseTests {
+    /// Runs `argv` as uid/gid 65534 with no capabilities and the user's runtime directory.
+    static func asNobody(_ dir: ScratchDir, _ argv: [String]) throws -> RunResult {
+        var env = ProcessInfo.processInfo.environment
+        env["EROFS_COMPAT_STATE_DIR"] = nil
+        env["XDG_RUNTIME_DIR"] = dir.file("xdg")
+        return try run(TestEnv.which("setpriv")!, ["--reuid", "65534", "--regid", "65534", "--clear-groups", "--inh-caps=-all"] + argv,
+                       environment: env)
+    }
+
+    /// sha256 of every file under `root`, by relative path, computed as `user` sees them.
+    static func sums(_ dir: ScratchDir, _ root: String, asNobody: Bool) throws -> String {
+        let script = "cd \(root) && find . -type f -print0 | sort -z | xargs -0 sha256sum"
+        let r = asNobody ? try Self.asNobody(dir, ["/bin/sh", "-c", script]) : try run("/bin/sh", ["-c", script])
+        #expect(r.status == 0, "\(r.stderr)")
+        return r.stdout
+    }
+
+    @Test func nobodyMountsReadsAndUnmountsALocalImage() throws {
+        let dir = try ScratchDir("fuse-nobody")
+        // fusermount3 opens /dev/fuse as the user: where this host keeps it 0600, give it the mode
+        // Debian's udev rule gives it (0666) for this test, and put it back after.
+        var dev = stat()
+        stat("/dev/fuse", &dev)
+        if dev.st_mode & 0o006 != 0o006 { chmod("/dev/fuse", 0o666) }
+        defer {
+            chmod("/dev/fuse", dev.st_mode & 0o7777)
+            for m in currentMounts().filter({ $0.hasPrefix(dir.path) }).reversed() { try? MountAPI.umount(m, detach: true) }
+            dir.remove()
+        }
+        chmod(dir.path, 0o755)
+        try Samples.makeTree(at: dir.file("tree"))
+        for d in ["mnt", "oracle", "xdg"] { try FileManager.default.createDirectory(atPath: dir.file(d), withIntermediateDirectories: false) }
+        #expect(try run("/bin/chown", ["-R", "65534:65534", dir.file("tree"), dir.file("mnt"), dir.file("xdg")]).status == 0)
+        chmod(dir.file("xdg"), 0o700)
+        try Samples.mkfs(dir.file("tree"), dir.file("img.erofs"))
+        chmod(dir.file("img.erofs"), 0o644)
+        let expected = try withKernelMount(dir.file("img.erofs"), dir.file("oracle")) { try Self.sums(dir, dir.file("oracle"), asNobody: false) }
+
+        let m = try Self.asNobody(dir, [cliBinary, "mount", dir.file("img.erofs"), dir.file("mnt")])
+        #expect(m.status == 0 && m.stdout.contains("backend fuse-erofs"), "\(m.stderr)")
+        #expect(try Self.sums(dir, dir.file("mnt"), asNobody: true) == expected)
+        let st = try Self.asNobody(dir, [cliBinary, "status", dir.file("mnt")])
+        #expect(st.status == 0 && st.stdout.contains("fuse-erofs") && st.stdout.contains("health   ok"), "\(st.stdout)\(st.stderr)")
+        #expect(FileManager.default.fileExists(atPath: dir.file("xdg/erofs-compat/mounts/") + StateStore.key(for: dir.file("mnt"))))
+        let u = try Self.asNobody(dir, [cliBinary, "umount", dir.file("mnt")])
+        #expect(u.status == 0, "\(u.stderr)")
+        #expect(!currentMounts().contains(dir.file("mnt")))
+        for _ in 0..<100 where !fuseServers(under: dir).isEmpty { usleep(20_000) }
+        #expect(fuseServers(under: dir).isEmpty)
+        #expect(((try? FileManager.default.contentsOfDirectory(atPath: dir.file("xdg/erofs-compat/mounts"))) ?? ["?"]).isEmpty)
+
+        // An image the user cannot read: one line, exit 3, nothing mounted or started.
+        chmod(dir.file("img.erofs"), 0o600)
+        let refused = try Self.asNobody(dir, [cliBinary, "mount", dir.file("img.erofs"), dir.file("mnt")])
+        #expect(refused.status == 3 && refused.stderr.contains("cannot be read"), "\(refused.stderr)")
+        #expect(refused.stderr.split(separator: "\n").count == 1)
+        #expect(!currentMounts().contains(dir.file("mnt")) && fuseServers(under: dir).isEmpty)
+        // Root's mounts are not the user's to unmount.
+        #expect(try Self.asNobody(dir, [cliBinary, "umount", dir.file("oracle")]).status == 5)
+    }
+}

@@ -29,6 +29,7 @@ enum FuseChecks {
         out.append(Finding("fuse.device", "/dev/fuse", devPresent ? .present : .absent, evidence: dev.evidence.suffix(1)))
 
         out.append(fusermount(ctx))
+        out.append(unprivilegedDevice(ctx))
 
         let lib = Libraries.libfuse
         out.append(Finding("fuse.libfuse", "libfuse runtime", .present, value: lib.package,
@@ -70,7 +71,20 @@ enum FuseChecks {
     static func planning(_ ctx: ProbeContext) -> [Finding] {
         let dev = ctx.host.exists("/dev/fuse")
         return [Finding("fuse.device", "/dev/fuse", dev ? .present : .absent, evidence: [.init("/dev/fuse", dev ? "present" : "absent")]),
-                fusermount(ctx)]
+                fusermount(ctx), unprivilegedDevice(ctx)]
+    }
+
+    /// fusermount3 opens /dev/fuse with the caller's credentials: unprivileged mounts need it
+    /// readable and writable by others (Debian's udev rule makes it 0666).
+    static func unprivilegedDevice(_ ctx: ProbeContext) -> Finding {
+        let title = "/dev/fuse open to unprivileged users"
+        guard let st = try? Sys.stat(ctx.host.path("/dev/fuse")) else {
+            return Finding("fuse.device_unprivileged", title, .absent, evidence: [.init("stat /dev/fuse", "absent")])
+        }
+        let mode = String(st.st_mode & 0o777, radix: 8)
+        let open = st.st_mode & 0o006 == 0o006
+        return Finding("fuse.device_unprivileged", title, open ? .present : .absent, value: "mode \(mode)",
+                       evidence: [.init("stat /dev/fuse", "mode \(mode)" + (open ? "" : " (others cannot open it; Debian's udev sets 0666)"))])
     }
 
     /// fusermount3 is only useful to unprivileged callers when it is setuid root.

@@ -59,6 +59,56 @@ struct FuseMounter {
         return pid
     }
 
+    /// An unprivileged mount: Debian's setuid fusermount3 mounts at `target` and hands back the
+    /// /dev/fuse descriptor over a socket (`_FUSE_COMMFD`, as libfuse does); nosuid and nodev are
+    /// forced by fusermount3. The mount exists before the server answers (requests wait for INIT).
+    func mountWithFusermount(_ spec: FuseServeSpec, source: String, at target: String) throws -> Int32 {
+        guard let helper = Self.fusermount else {
+            throw BackendFailure(detail: "fusermount3 not found (Debian: fuse3)", fallback: false)
+        }
+        let (mine, theirs) = try Sys.socketPair()
+        defer { Sys.close(mine) }
+        var env = ProcessInfo.processInfo.environment
+        env["_FUSE_COMMFD"] = String(theirs)
+        // fusermount3 splits its options at commas; a backslash escapes one.
+        let fsname = source.map { $0 == "," || $0 == "\\" ? "\\\($0)" : String($0) }.joined()
+        let options = "ro,nosuid,nodev,default_permissions,subtype=\(Self.subtype),fsname=\(fsname)"
+        let helperPID: Int32
+        do {
+            defer { Sys.close(theirs) }
+            helperPID = try Sys.spawnChild(helper, ["-o", options, "--", target], keep: [theirs], environment: env)
+        } catch {
+            throw BackendFailure(detail: "cannot run \(helper): \(error)", fallback: false)
+        }
+        let received = try? Sys.receive(mine)
+        let (code, _) = Sys.wait(helperPID)
+        guard code == 0, let dev = received?.fds.first else {
+            received?.fds.forEach(Sys.close)
+            throw BackendFailure(detail: "\(helper) could not mount \(target) (exit \(code ?? -1); its message is above)",
+                                 fallback: false)
+        }
+        defer { Sys.close(dev) }
+        do {
+            return try startSupervisor(spec, fuseFD: dev)
+        } catch {
+            Self.fusermountUnmount(target, lazy: true)
+            throw error
+        }
+    }
+
+    static var fusermount: String? {
+        ["/usr/bin/fusermount3", "/bin/fusermount3", "/usr/local/bin/fusermount3"].first { access($0, X_OK) == 0 }
+    }
+
+    /// `fusermount3 -u [-z] MOUNTPOINT`: how an unprivileged user unmounts a FUSE mount.
+    @discardableResult
+    static func fusermountUnmount(_ mountpoint: String, lazy: Bool) -> Bool {
+        guard let helper = fusermount,
+              let r = try? Sys.run(helper, ["-u"] + (lazy ? ["-z"] : []) + ["--", mountpoint], input: [],
+                                   environment: ProcessInfo.processInfo.environment, timeoutMs: 30_000) else { return false }
+        return r.status == 0
+    }
+
     /// Spawns `__fuse-serve` with the device and the spec, and waits for its "ready".
     func startSupervisor(_ spec: FuseServeSpec, fuseFD: Int32) throws -> Int32 {
         let json: Data
@@ -123,6 +173,10 @@ struct FuseErofsBackend: MountBackend {
         let mounter = FuseMounter(stateRoot: request.stateRoot)
         let stats = mounter.statsPath(for: request.mountpoint)
         let spec = FuseServeSpec(filesystem: .erofs, source: request.source, remote: request.remote, statsPath: stats)
+        guard Sys.hasCapSysAdmin() else {
+            let pid = try mounter.mountWithFusermount(spec, source: request.source, at: request.target.path)
+            return Attachment(device: nil, workerPID: pid, statsPath: stats)
+        }
         let pid = try mounter.mount(spec, source: request.source, at: request.target.fd, attributes: request.options.attributes,
                                     allowOther: true)
         return Attachment(device: nil, workerPID: pid, statsPath: stats)
