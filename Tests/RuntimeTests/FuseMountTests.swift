@@ -93,6 +93,34 @@ struct FuseMountTests {
         #expect(runtime.state.all().isEmpty)
     }
 
+    /// An image whose compression the kernel lacks (as Debian's 6.1 lacks zstd; simulated in the
+    /// planner's findings only) is mounted by auto with fuse-erofs; naming a kernel backend is refused
+    /// with that reason.
+    @Test func anImageTheKernelCannotReadGoesToFuseErofs() throws {
+        let dir = try ScratchDir("fuse-features")
+        let runtime = Runtime(state: StateStore(root: dir.file("state")))
+        Runtime.workerExecutable = cliBinary
+        defer {
+            for m in currentMounts().filter({ $0.hasPrefix(dir.path) }).reversed() { try? MountAPI.umount(m, detach: true) }
+            dir.remove()
+        }
+        try Samples.makeTree(at: dir.file("tree"))
+        try Samples.mkfs(dir.file("tree"), dir.file("img"), ["-zlz4hc"])
+        for d in ["mnt", "oracle"] { try FileManager.default.createDirectory(atPath: dir.file(d), withIntermediateDirectories: false) }
+        let missing = Finding("image.features", "image features supported by this kernel", .absent,
+                              evidence: [.init("/sys/fs/erofs/features", "missing: zstd compression (Linux 6.10+)")])
+        let out = try runtime.mount(MountRequest(source: dir.file("img"), mountpoint: dir.file("mnt")), override: [missing])
+        #expect(out.record?.backend == "fuse-erofs")
+        #expect(out.plan.candidates.first { $0.backend == .file }?.reasons.joined().contains("zstd") == true)
+        let kernel = try withKernelMount(dir.file("img"), dir.file("oracle")) { TreeFacts(dir.file("oracle"), content: true) }
+        #expect(kernel.diff(TreeFacts(dir.file("mnt"), content: true)).isEmpty)
+        try runtime.umount(dir.file("mnt"))
+        #expect(throws: RuntimeError.self) {
+            try runtime.mount(MountRequest(source: dir.file("img"), mountpoint: dir.file("mnt"), backend: .file), override: [missing])
+        }
+        #expect(!currentMounts().contains(dir.file("mnt")) && runtime.state.all().isEmpty)
+    }
+
     /// fuse-blob and fuse-erofs over nginx: the kernel's view of the local image, status shows the
     /// server's figures, and umount leaves no mount, server, FUSE directory or state file.
     @Test(arguments: [Backend.fuseBlob, .fuseErofs])
