@@ -97,5 +97,7 @@ echo
 echo
 "$(dirname "$0")/bench-nbd.sh" "$BIN" "$work"
 echo
+"$(dirname "$0")/bench-fuse.sh" "$BIN" "$work"
+echo
 "$(dirname "$0")/bench-verity.sh" "$BIN" "$work"
 exit 0

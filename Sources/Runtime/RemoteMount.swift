@@ -108,7 +108,13 @@ extension Runtime {
             note(changed)
         }
         var candidates = try choose(plan, requested: req.backend, allowed: req.allowed)
-        if blob.wholeOnly { candidates.removeAll { $0 == .fanotify } }
+        if blob.wholeOnly {
+            // Nothing lazy is possible: the blob is downloaded whole, then mounted by the kernel
+            // where it can (a FUSE backend only where it is all that is left, or named).
+            candidates.removeAll { $0 == .fanotify }
+            let kernel = candidates.filter { $0 != .fuseBlob && $0 != .fuseErofs }
+            if !kernel.isEmpty, req.backend == nil { candidates = kernel }
+        }
         guard let backend = candidates.first else {
             throw RuntimeError.noBackend("the server does not support Range requests, which lazy mounting needs")
         }

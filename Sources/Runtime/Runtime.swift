@@ -96,6 +96,7 @@ public struct Runtime: Sendable {
         }
         // An image the kernel cannot read is still mountable by the user-space reader (fuse-erofs).
         let userSpace = planned.plan.candidates.contains { $0.backend == .fuseErofs && $0.verdict != .rejected }
+            && planned.superblock.map { EROFSImage.unimplemented($0) == nil } == true
             && (req.backend ?? .fuseErofs) == .fuseErofs && (req.allowed?.contains(.fuseErofs) ?? true)
         let blockSize = try validateImage(source, planned.findings, superblock: planned.superblock, options: req.options,
                                           kernelReads: !userSpace)

@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# fuse-erofs figures (part of `make bench`): a full read of every file through erofs-compat's FUSE
+# server against the kernel's own file-backed mount of the same image, in the same run, one
+# sequential reader (find -exec cat), page cache dropped before every cold read.
+set -euo pipefail
+BIN=$(readlink -f "$1")
+work=$2
+median() { sort -n | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }
+now_us() { echo $(( $(date +%s%N) / 1000 )); }
+drop() { sync; echo 3 > /proc/sys/vm/drop_caches; }
+if [ "$(id -u)" -ne 0 ] || [ ! -e /dev/fuse ]; then echo "fuse benches skipped: need root and /dev/fuse"; exit 0; fi
+export EROFS_COMPAT_STATE_DIR=/dev/shm/erofs-compat-bench-fuse
+mkdir -p "$work/fk" "$work/ff"
+cleanup() {
+    mountpoint -q "$work/ff" && { "$BIN" umount "$work/ff" >/dev/null 2>&1 || umount -l "$work/ff"; }
+    mountpoint -q "$work/fk" && umount -l "$work/fk"
+    rm -rf "$EROFS_COMPAT_STATE_DIR"
+}
+trap cleanup EXIT
+readall() { find "$1" -type f -exec cat {} + > /dev/null; }
+
+# IMAGE LABEL TARGET: cold and hot full reads, kernel vs fuse-erofs, median of 3 each.
+compare() {
+    local kc=() kh=() fc=() fh=() s e
+    for i in 1 2 3; do
+        mount -t erofs -o ro "$1" "$work/fk"
+        drop; s=$(now_us); readall "$work/fk"; e=$(now_us); kc+=($((e - s)))
+        s=$(now_us); readall "$work/fk"; e=$(now_us); kh+=($((e - s)))
+        umount "$work/fk"
+        "$BIN" mount --backend fuse-erofs "$1" "$work/ff" >/dev/null
+        drop; s=$(now_us); readall "$work/ff"; e=$(now_us); fc+=($((e - s)))
+        s=$(now_us); readall "$work/ff"; e=$(now_us); fh+=($((e - s)))
+        "$BIN" umount "$work/ff" >/dev/null
+    done
+    local a b c d
+    a=$(printf '%s\n' "${kc[@]}" | median); b=$(printf '%s\n' "${fc[@]}" | median)
+    c=$(printf '%s\n' "${kh[@]}" | median); d=$(printf '%s\n' "${fh[@]}" | median)
+    awk -v a="$a" -v b="$b" -v c="$c" -v d="$d" -v n="$2" 'BEGIN {
+        printf "%s: cold kernel %.3f s, fuse-erofs %.3f s, ratio %.2f (target <= 1.25); ", n, a/1e6, b/1e6, b/a
+        printf "hot kernel %.3f s, fuse-erofs %.3f s, ratio %.2f (target <= 1.1)\n", c/1e6, d/1e6, d/c }'
+}
+
+echo "== fuse-erofs vs the kernel's file-backed mount: full read, one sequential reader (median of 3)"
+python3 - "$work/large" "$work/small" <<'PY'
+import os, random, sys
+random.seed(3)
+large, small = sys.argv[1], sys.argv[2]
+os.makedirs(large); os.makedirs(small)
+for i in range(16):
+    with open(os.path.join(large, f"f{i:02d}.bin"), "wb") as f: f.write(os.urandom(16 << 20))
+words = [bytes(random.choice(b"abcdefghijklmnopqrstuvwxyz") for _ in range(random.randint(2, 9))) for _ in range(3000)]
+total, i = 0, 0
+while total < 260 << 20:
+    d = os.path.join(small, f"d{i // 500:03d}")
+    os.makedirs(d, exist_ok=True)
+    size = random.randint(1, 48) << 10
+    with open(os.path.join(d, f"f{i:05d}"), "wb") as f:
+        if i % 3 == 0:
+            f.write(os.urandom(size))
+        else:
+            out = bytearray()
+            while len(out) < size: out += b" ".join(random.choices(words, k=256)) + b"\n"
+            f.write(bytes(out[:size]))
+    total += size; i += 1
+PY
+mkfs.erofs --quiet "$work/large.erofs" "$work/large"
+mkfs.erofs --quiet -zlz4hc "$work/small.erofs" "$work/small"
+nsmall=$(find "$work/small" -type f | wc -l)
+rm -rf "$work/large" "$work/small"
+echo "   images: $(($(stat -c %s "$work/large.erofs") >> 20)) MiB of uncompressed 16 MiB files;" \
+     "$(($(stat -c %s "$work/small.erofs") >> 20)) MiB lz4hc of $nsmall files of 1-48 KiB"
+compare "$work/large.erofs" "large files, uncompressed"
+compare "$work/small.erofs" "small files, lz4hc"
+rm -f "$work/large.erofs" "$work/small.erofs"
