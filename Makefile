@@ -9,10 +9,11 @@ CONFIG ?= debug
 # Debian packages: to build, to test, to package.
 BUILD_DEPS = libkmod-dev libblkid-dev libcurl4-openssl-dev libfuse3-dev \
              liblz4-dev liblzma-dev libzstd-dev zlib1g-dev
-TEST_DEPS  = erofs-utils fuse3 util-linux attr nginx-light docker-registry apache2-utils curl python3 systemd strace libnbd-bin python3-libnbd nbdkit fsverity
+TEST_DEPS  = erofs-utils fuse3 util-linux attr nginx-light docker-registry apache2-utils curl python3 systemd strace libnbd-bin python3-libnbd nbdkit fsverity \
+             qemu-system-x86 busybox-static cpio kmod file
 DEB_DEPS   = debhelper dpkg-dev lintian
 
-.PHONY: all build release check test deps demo bench install deb clean
+.PHONY: all build release check test vm-check deps demo bench install deb clean
 
 all: build
 
@@ -29,9 +30,16 @@ release: deps
 	$(SWIFT) build -c release --static-swift-stdlib
 
 ## All tests: the live kernel tests need root; without it they are skipped with the reason.
+## The VM tier (Debian's 6.1 and 6.12 kernels under QEMU) runs the debug binary here: ~45 s.
 check: deps
 	$(SWIFT) build
 	$(SWIFT) test
+	scripts/vm-check.sh .build/debug/erofs-compat
+
+## The VM tier alone, on the release binary.
+vm-check: release
+	@scripts/apt-deps.sh $(TEST_DEPS)
+	scripts/vm-check.sh .build/release/erofs-compat
 
 test: check
 

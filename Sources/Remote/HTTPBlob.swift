@@ -85,11 +85,12 @@ public final class HTTPBlob: @unchecked Sendable {
     /// The first bytes of the blob, when `open` was asked to keep them (until `dropHead()`).
     public private(set) var head: [UInt8] = []
 
-    /// Learns size and validators: a Range GET of the first `head` bytes (at least 1; 206 with
+    /// Learns size and validators: a Range GET of the first `head` bytes (at least 2: busybox httpd
+    /// answers "bytes=0-0" with the whole file as if no end were given; 206 with
     /// Content-Range proves Range support). With `head` > 1 the bytes are kept in `head`: the probe
     /// then doubles as the fetch of the superblock area, saving a round trip before a lazy mount.
     public func open(allowFullDownload: Bool, head: Int = 1) throws {
-        let want = max(head, 1)
+        let want = max(head, 2)
         let r = try withRetries(length: UInt64(want)) { h, a, d in
             h.request(url, range: "0-\(want - 1)", headers: a, bodyLimit: want, timeoutMs: timeoutMs, deadlineMs: d)
         }
@@ -97,7 +98,8 @@ public final class HTTPBlob: @unchecked Sendable {
         case 206:
             guard let cr = r.header("content-range").flatMap(ContentRange.init(parsing:)), cr.start == 0,
                   cr.end == min(UInt64(want), cr.total) - 1 else {
-                throw RemoteError.unreachable(url: url, detail: "206 without a Content-Range for bytes 0-\(want - 1)")
+                let got = r.header("content-range").map { "Content-Range \($0)" } ?? "no Content-Range"
+                throw RemoteError.unreachable(url: url, detail: "206 with \(got) for bytes 0-\(want - 1)")
             }
             size = cr.total
             if want > 1, r.body.count == Int(min(UInt64(want), cr.total)) {

@@ -77,7 +77,8 @@ enum EROFSChecks {
         case .success:
             return Finding(id, title, .present, evidence: ev + [.init("fsopen+fsconfig(source)+FSCONFIG_CMD_CREATE", "ok with \(place); nothing attached")])
         case .failure(let e as Errno) where e == .notBlockDevice:
-            if ctx.trialFSMemoryBacked {
+            // tmpfs files cannot back EROFS (no read_folio) even where the kernel can; ramfs files can.
+            if ctx.trialFSType == "tmpfs" {
                 return Finding(id, title, .unknown, evidence: ev + [.init("FSCONFIG_CMD_CREATE", "ENOTBLK, but the image sat on \(ctx.trialFSType), which EROFS cannot back from; retry with --cache-dir on ext4/xfs/btrfs")])
             }
             return Finding(id, title, .absent, evidence: ev + [.init("FSCONFIG_CMD_CREATE", "ENOTBLK with \(place): kernel lacks CONFIG_EROFS_FS_BACKED_BY_FILE (Linux 6.12+)")])

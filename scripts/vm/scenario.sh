@@ -1,0 +1,108 @@
+#!/bin/sh
+# Runs inside a guest booted by scripts/vm-check.sh: every check prints one line
+#   VMCHECK <name> PASS|FAIL|SKIP <detail>
+# which the host collects from the serial console. Images and their expected sums are in /w (ramfs:
+# file-backed EROFS does not work from tmpfs).
+E=/usr/bin/erofs-compat
+export EROFS_COMPAT_STATE_DIR=/run/ec
+K=$(uname -r)
+case "$K" in 6.1.*) V=6.1 ;; 6.12.*) V=6.12 ;; *) V=$K ;; esac
+echo "VMCHECK kernel PASS $K"
+
+check() {  # NAME COMMAND...: PASS when COMMAND succeeds
+    name=$1; shift
+    if "$@" > /tmp/check.out 2>&1; then echo "VMCHECK $name PASS"
+    else echo "VMCHECK $name FAIL $(tail -c 400 /tmp/check.out | tr '\n' ' ')"; fi
+}
+finding() {  # FILE ID STATUS: the probe's JSON (keys sorted) has finding ID with STATUS
+    tr -d ' \n' < "$1" | grep -q "\"id\":\"$2\",\"status\":\"$3\""
+}
+module_value() {  # FILE ID: the finding's value
+    tr -d ' \n' < "$1" | grep -o "\"id\":\"$2\",[^}]*" | sed -n 's/.*"value":"\([^"]*\)".*/\1/p'
+}
+sums() { (cd "$1" && find . -type f | LC_ALL=C sort | xargs sha256sum); }
+same_tree() {  # DIR SUMS
+    sums "$1" > /tmp/sums.got && cmp /tmp/sums.got "$2"
+}
+backend_is() {  # OUTPUT BACKEND
+    grep -q "(backend $2" "$1" || { cat "$1"; return 1; }
+}
+nothing_left() {
+    ! grep -q ' /w/\| /tmp/u' /proc/mounts || { grep ' /w/\| /tmp/u' /proc/mounts; return 1; }
+    ! ps -o args | grep -v grep | grep -q __fuse-serve || { echo "a FUSE server is still running"; return 1; }
+    [ -z "$(losetup -a 2>/dev/null)" ] || { losetup -a; return 1; }
+    [ -z "$(ls $EROFS_COMPAT_STATE_DIR/mounts 2>/dev/null)" ] || { echo "records left"; return 1; }
+}
+
+# --- Module autoloading off: the probe reports "loadable" and loads nothing.
+echo /nonexistent > /proc/sys/kernel/modprobe
+$E probe --json --cache-dir /w > /w/probe0.json 2>/w/probe0.err
+check probe-runs test -s /w/probe0.json
+state=$(module_value /w/probe0.json erofs.module)
+check erofs-loadable-not-loaded sh -c "[ '$state' = loadable ] || { echo 'erofs.module: $state'; exit 1; }"
+check nothing-loaded-by-probe sh -c '[ ! -d /sys/module/erofs ] || { echo /sys/module/erofs exists; exit 1; }'
+echo /sbin/modprobe > /proc/sys/kernel/modprobe
+for m in erofs loop fuse; do modprobe "$m" 2>/dev/null; done
+mkdir -p /dev/net
+[ -e /dev/fuse ] || mknod /dev/fuse c 10 229
+[ -e /dev/loop-control ] || mknod /dev/loop-control c 10 237
+
+# --- The probe's findings on this kernel.
+$E probe --json --cache-dir /w > /w/probe.json 2>/w/probe.err
+check pre-access-absent finding /w/probe.json fanotify.pre_access absent
+check fuse-present finding /w/probe.json fuse.device present
+check loop-present finding /w/probe.json loop.module present
+if [ "$V" = 6.1 ]; then
+    check file-backed-absent finding /w/probe.json erofs.file_backed absent
+    check deny-errno-absent finding /w/probe.json fanotify.deny_errno absent
+else
+    check file-backed-present finding /w/probe.json erofs.file_backed present
+fi
+
+# --- A local image: loop on 6.1, file-backed on 6.12; the content is the kernel's own view on the host.
+mkdir -p /w/m /w/cache
+local_backend=file; [ "$V" = 6.1 ] && local_backend=loop
+$E mount --explain /w/local.erofs /w/m > /tmp/mount.out 2>&1
+check local-backend-$local_backend backend_is /tmp/mount.out $local_backend
+check local-content same_tree /w/m /w/local.sums
+check local-umount $E umount /w/m
+if [ "$V" = 6.1 ]; then
+    $E mount --backend file /w/local.erofs /w/m > /tmp/file.out 2>&1; rc=$?
+    check file-refused-clearly sh -c "[ $rc -ne 0 ] && grep -q 'file-backed' /tmp/file.out || { cat /tmp/file.out; exit 1; }"
+fi
+
+# --- An image whose compression this kernel lacks (zstd before 6.10) goes to fuse-erofs.
+if [ "$V" = 6.1 ]; then
+    $E probe --json --cache-dir /w /w/zstd.erofs > /w/probe-zstd.json 2>/dev/null
+    check zstd-not-mountable-by-kernel finding /w/probe-zstd.json image.features absent
+    $E mount /w/zstd.erofs /w/m > /tmp/zstd.out 2>&1
+    check zstd-backend-fuse-erofs backend_is /tmp/zstd.out fuse-erofs
+    check zstd-content same_tree /w/m /w/zstd.sums
+    check zstd-umount $E umount /w/m
+fi
+
+# --- A remote image from busybox httpd on the guest's loopback: fuse-blob, lazily (loop on 6.1).
+ip link set lo up 2>/dev/null || ifconfig lo 127.0.0.1 up
+httpd -p 127.0.0.1:8080 -h /w/www
+$E mount --explain --cache-dir /w/cache http://127.0.0.1:8080/local.erofs /w/m > /tmp/remote.out 2>&1
+check remote-backend-fuse-blob backend_is /tmp/remote.out fuse-blob
+[ "$V" = 6.1 ] && check remote-through-loop grep -q '/dev/loop' /tmp/remote.out
+check remote-content same_tree /w/m /w/local.sums
+$E status /w/m > /tmp/status.out 2>&1
+check remote-status grep -q 'health   ok' /tmp/status.out
+check remote-umount $E umount /w/m
+check remote-nothing-left nothing_left
+
+# --- fuse-erofs as uid 65534 through fusermount3, state under XDG_RUNTIME_DIR (the mountpoint on
+# tmpfs: fusermount3 refuses to mount over ramfs).
+chmod 666 /dev/fuse
+mkdir -p /tmp/u/mnt /tmp/u/xdg && chown -R 65534:65534 /tmp/u && chmod 700 /tmp/u/xdg
+asnobody() { /usr/bin/setpriv --reuid 65534 --regid 65534 --clear-groups env -u EROFS_COMPAT_STATE_DIR XDG_RUNTIME_DIR=/tmp/u/xdg "$@"; }
+asnobody $E mount /w/local.erofs /tmp/u/mnt > /tmp/nobody.out 2>&1
+check nobody-backend-fuse-erofs backend_is /tmp/nobody.out fuse-erofs
+asnobody sh -c 'cd /tmp/u/mnt && find . -type f | LC_ALL=C sort | xargs sha256sum' > /tmp/sums.nobody 2>&1
+check nobody-content cmp /tmp/sums.nobody /w/local.sums
+check nobody-umount asnobody $E umount /tmp/u/mnt
+check nobody-unmounted sh -c '! grep -q /tmp/u/mnt /proc/mounts'
+check nothing-left nothing_left
+echo "VMCHECK done PASS"
