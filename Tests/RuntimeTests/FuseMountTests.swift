@@ -40,6 +40,16 @@ func fuseServers(under dir: ScratchDir) -> [Int32] {
     }
 }
 
+/// umount, retried for a moment while the mount is busy: a test running in parallel may be walking
+/// the scratch directories and briefly hold a file of this mount.
+func umountRetryingBusy(_ runtime: Runtime, _ mnt: String) throws {
+    for attempt in 0..<20 {
+        do { try runtime.umount(mnt); return } catch let e as RuntimeError where attempt < 19 && e.description.contains("busy") {
+            usleep(100_000)
+        }
+    }
+}
+
 /// The children (serving processes) of a supervisor.
 func children(of pid: Int32) -> [Int32] {
     let raw = (try? Sys.readFile("/proc/\(pid)/task/\(pid)/children")) ?? []
@@ -85,7 +95,7 @@ struct FuseMountTests {
             let out = try runtime.mount(MountRequest(source: image, mountpoint: dir.file("mnt"), backend: .fuseErofs))
             #expect(out.record?.backend == "fuse-erofs")
             let ours = TreeFacts(dir.file("mnt"), content: true)
-            try runtime.umount(dir.file("mnt"))
+            try umountRetryingBusy(runtime, dir.file("mnt"))
             let d = kernel.diff(ours)
             #expect(d.isEmpty && kernel.entries.count > 3, "\(what): \(d.count) differences, first: \(d.prefix(4))")
         }
