@@ -290,7 +290,7 @@ public struct Runtime: Sendable {
                 stopWorker(record)
                 removeWorkerFiles(record)
             }
-            impl.release(record)
+            impl?.release(record)
             state.remove(mountpoint)
             return (record, wasStale)
         }
@@ -305,9 +305,10 @@ public struct Runtime: Sendable {
         // recorded pid may since belong to another process: only this mount's worker is signalled.
         if !record.servedByDaemon, Self.isWorker(pid, serving: record) { try? Sys.kill(pid, SIGTERM) }
         // The serving worker follows within a moment (its mount is gone); wait for it to release the
-        // cache entry, so that when `umount` returns the entry is free (e.g. for `cache prune`).
+        // cache entry, so that when `umount` returns the entry is free (e.g. for `cache prune`); up to
+        // 10 s on a loaded machine.
         if let cache = record.cachePath {
-            for _ in 0..<60 where BlobCache.isLocked(entry: cache) { usleep(50_000) }
+            for _ in 0..<200 where BlobCache.isLocked(entry: cache) { usleep(50_000) }
         }
     }
 
@@ -423,7 +424,7 @@ public struct Runtime: Sendable {
             for r in state.all() where !isOurMount(r, mounts) {
                 stopWorker(r)
                 removeWorkerFiles(r)
-                Backends.implementation(of: r).release(r)
+                Backends.implementation(of: r)?.release(r)
                 state.remove(r.mountpoint)
                 pruned.append(r)
             }

@@ -110,6 +110,21 @@ struct OCIMountTests {
     }
 
     /// Several layers: no silent guess; --layer N and --blob pick one; --digest must agree.
+    /// Both FUSE backends through docker-registry (Bearer-free, anonymous): the registry blob served
+    /// lazily; the bytes are the image's; umount leaves no server.
+    @Test(.enabled(if: fuseSkipReason == nil, Comment(rawValue: fuseSkipReason ?? "")), arguments: [Backend.fuseBlob, .fuseErofs])
+    func fuseBackendsThroughTheRegistry(backend: Backend) throws {
+        let f = try OCIFixture("oci-fuse")
+        defer { f.remove() }
+        let img = try f.image("img", budget: 2 << 20)
+        try f.registry.pushImage("test/fuse", reference: "v1", layers: [img], arch: OCIFixture.hostPlatform.architecture)
+        let out = try f.mount("oci://\(f.registry.host)/test/fuse:v1", at: f.mnt, backend: backend)
+        #expect(out.record?.backend == backend.rawValue && out.record?.sourceKind == "oci")
+        #expect(TreeFactsLite(f.mnt) == (try f.oracle(img)))
+        try f.runtime.umount(f.mnt)
+        #expect(fuseServers(under: f.dir).isEmpty && !currentMounts().contains(f.mnt))
+    }
+
     @Test func layerChoice() throws {
         let f = try OCIFixture("oci-layers")
         defer { f.remove() }

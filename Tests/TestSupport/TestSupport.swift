@@ -407,7 +407,7 @@ public struct TreeFacts: Equatable, CustomStringConvertible {
             switch st.st_mode & S_IFMT {
             case S_IFLNK: desc += " -> " + ((try? fm.destinationOfSymbolicLink(atPath: full)) ?? "?")
             case S_IFREG:
-                if content, let d = fm.contents(atPath: full) { desc += " sum \(d.reduce(into: UInt64(1469598103934665603)) { $0 = ($0 ^ UInt64($1)) &* 1099511628211 })" }
+                if content, let d = Self.contents(full) { desc += " sum \(d.reduce(into: UInt64(1469598103934665603)) { $0 = ($0 ^ UInt64($1)) &* 1099511628211 })" }
                 if st.st_nlink > 1 {
                     if let first = inodes[UInt64(st.st_ino)] { desc += " linked-to \(first)" } else { inodes[UInt64(st.st_ino)] = p }
                 }
@@ -418,6 +418,20 @@ public struct TreeFacts: Equatable, CustomStringConvertible {
                 desc += " xattrs " + x.keys.sorted().map { "\($0)=\(x[$0]!.count)b:\(x[$0]!.reduce(0) { $0 &+ Int($1) })" }.joined(separator: ",")
             }
             entries[p] = desc
+        }
+    }
+
+    /// A file's bytes, read through a close-on-exec descriptor: a process another test spawns at
+    /// that moment must not inherit it (and keep the mount busy for its whole life).
+    static func contents(_ path: String) -> [UInt8]? {
+        guard let fd = try? Sys.open(path, O_RDONLY) else { return nil }
+        defer { Sys.close(fd.rawValue) }
+        var out: [UInt8] = []
+        var buf = [UInt8](repeating: 0, count: 1 << 16)
+        while true {
+            guard let n = try? buf.withUnsafeMutableBytes({ try Sys.pread(fd.rawValue, into: $0, at: Int64(out.count)) }) else { return nil }
+            if n == 0 { return out }
+            out += buf[0..<n]
         }
     }
 

@@ -89,30 +89,26 @@ protocol MountBackend {
 
 extension MountBackend {
     /// Kernel EROFS from the recorded image, device or cache file.
-    func recognises(_ m: MountInfoEntry, as r: MountRecord) -> Bool {
-        m.fsType == "erofs" && (m.source == r.source || m.source == r.device || m.source == r.cachePath)
-    }
-}
-
-/// Kernel EROFS mounts of the backends without an implementation of their own here (fanotify).
-struct KernelEROFSMounts: MountBackend {
-    var kind: Backend { .fanotify }
-    func attach(_ request: PreparedMount) throws -> Attachment { throw BackendFailure(detail: "not attachable", fallback: false) }
-    func release(_ record: MountRecord) {}
+    func recognises(_ m: MountInfoEntry, as r: MountRecord) -> Bool { Backends.isKernelEROFS(m, of: r) }
 }
 
 enum Backends {
-    /// The implementation that made the record's mount.
-    static func implementation(of r: MountRecord) -> any MountBackend {
-        Backend(rawValue: r.backend).flatMap { all[$0] } ?? KernelEROFSMounts()
-    }
-
-    static func recognises(_ m: MountInfoEntry, as r: MountRecord) -> Bool {
-        implementation(of: r).recognises(m, as: r)
-    }
-
     static let all: [Backend: any MountBackend] = [.file: FileBackend(), .loop: LoopBackend(), .fuseErofs: FuseErofsBackend(),
                                                    .fuseBlob: FuseBlobBackend()]
+
+    /// The implementation that made the record's mount (nil for fanotify, attached by the lazy path).
+    static func implementation(of r: MountRecord) -> (any MountBackend)? {
+        Backend(rawValue: r.backend).flatMap { all[$0] }
+    }
+
+    /// Whether the mountinfo entry is the record's mount, as its backend recognises it.
+    static func recognises(_ m: MountInfoEntry, as r: MountRecord) -> Bool {
+        implementation(of: r)?.recognises(m, as: r) ?? isKernelEROFS(m, of: r)
+    }
+
+    static func isKernelEROFS(_ m: MountInfoEntry, of r: MountRecord) -> Bool {
+        m.fsType == "erofs" && (m.source == r.source || m.source == r.device || m.source == r.cachePath)
+    }
 }
 
 /// Builds and attaches an EROFS superblock from `source` with the new mount API, passing the EROFS
