@@ -183,6 +183,41 @@ public final class EROFSImage {
         return out
     }
 
+    /// Up to `buffer.count` bytes of the inode's data at `offset` written into `buffer` (fewer at
+    /// end of file); the count written. Flat data is read by the source straight into the buffer
+    /// (no intermediate copy: a FUSE reply is built this way), compressed data is decompressed and copied.
+    public func readData(_ inode: Inode, at offset: UInt64, into buffer: UnsafeMutableRawBufferPointer) throws -> Int {
+        guard offset < inode.size, buffer.count > 0 else { return 0 }
+        let n = Int(min(UInt64(buffer.count), inode.size - offset))
+        if inode.layout.isCompressed {
+            let bytes = try readData(inode, at: offset, count: n)
+            bytes.withUnsafeBytes { buffer.copyMemory(from: $0) }
+            return bytes.count
+        }
+        var done = 0
+        while done < n {
+            let pos = offset + UInt64(done)
+            let seg = try mapFlat(inode, pos)
+            let take = Int(min(seg.length, UInt64(n - done)))
+            let dest = UnsafeMutableRawBufferPointer(rebasing: buffer[done..<(done + take)])
+            if let phys = seg.physical {
+                guard phys & Self.metaboxBit == 0 else {
+                    let b = try bytes(phys, take, "data of inode \(inode.nid)")
+                    b.withUnsafeBytes { dest.copyMemory(from: $0) }
+                    done += take
+                    continue
+                }
+                guard try source.read(at: phys, into: dest) == take else {
+                    throw EROFSError.truncated(structure: "data of inode \(inode.nid)", offset: phys)
+                }
+            } else {
+                dest.initializeMemory(as: UInt8.self, repeating: 0)
+            }
+            done += take
+        }
+        return n
+    }
+
     /// The whole data of an inode (bounded for safety).
     public func readAll(_ inode: Inode) throws -> [UInt8] {
         guard inode.size <= UInt64(Self.maxInlineRead) else {

@@ -11,10 +11,20 @@ public protocol ImageSource: AnyObject {
     func read(at offset: UInt64, count: Int) throws -> [UInt8]
     /// A hint that these ranges are about to be read (a remote source fetches them in parallel).
     func prefetch(_ ranges: [ByteRange]) throws
+    /// Up to `buffer.count` bytes at `offset` straight into `buffer` (fewer only at the end of the
+    /// image); the count written.
+    func read(at offset: UInt64, into buffer: UnsafeMutableRawBufferPointer) throws -> Int
 }
 
 extension ImageSource {
     public func prefetch(_ ranges: [ByteRange]) throws {}
+
+    /// Through `read(at:count:)` and a copy, for sources without a direct path.
+    public func read(at offset: UInt64, into buffer: UnsafeMutableRawBufferPointer) throws -> Int {
+        let bytes = try read(at: offset, count: buffer.count)
+        bytes.withUnsafeBytes { buffer.copyMemory(from: $0) }
+        return bytes.count
+    }
 }
 
 /// An image file read with pread(2).
@@ -37,6 +47,24 @@ public final class FileSource: ImageSource {
     }
 
     deinit { Sys.close(fd) }
+
+    /// pread(2) straight into the caller's buffer (the FUSE server's reply).
+    public func read(at offset: UInt64, into buffer: UnsafeMutableRawBufferPointer) throws -> Int {
+        guard buffer.count > 0, offset < size else { return 0 }
+        let want = Int(min(UInt64(buffer.count), size - offset))
+        var done = 0
+        while done < want {
+            let n: Int
+            do {
+                n = try Sys.pread(fd, into: UnsafeMutableRawBufferPointer(rebasing: buffer[done..<want]), at: Int64(offset) + Int64(done))
+            } catch {
+                throw EROFSError.io(offset: offset + UInt64(done), length: want - done, errno: (error as? Errno)?.rawValue ?? -1)
+            }
+            if n == 0 { break }
+            done += n
+        }
+        return done
+    }
 
     public func read(at offset: UInt64, count: Int) throws -> [UInt8] {
         guard count > 0, offset < size else { return [] }

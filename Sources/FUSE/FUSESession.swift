@@ -29,6 +29,17 @@ public protocol FUSEFilesystem: Sendable {
     func getxattr(_ node: UInt64, name: [UInt8]) throws(FUSEError) -> [UInt8]
     func listxattr(_ node: UInt64) throws(FUSEError) -> [[UInt8]]
     func statfs() -> FUSEStatfs
+    /// `read` straight into `buffer` (the reply being built): the count written.
+    func read(_ node: UInt64, offset: UInt64, into buffer: UnsafeMutableRawBufferPointer) throws(FUSEError) -> Int
+}
+
+extension FUSEFilesystem {
+    /// Through `read(_:offset:size:)` and a copy, for filesystems without a direct path.
+    public func read(_ node: UInt64, offset: UInt64, into buffer: UnsafeMutableRawBufferPointer) throws(FUSEError) -> Int {
+        let bytes = try read(node, offset: offset, size: buffer.count)
+        bytes.withUnsafeBytes { buffer.copyMemory(from: UnsafeRawBufferPointer(rebasing: $0.prefix(buffer.count))) }
+        return min(bytes.count, buffer.count)
+    }
 }
 
 /// What a session counts: requests per opcode class, errors, and the time spent answering reads.
@@ -81,6 +92,7 @@ public final class FUSESession: Sendable {
         guard let req = FUSERequest(bytes) else { return nil }
         let op = FUSEOpcode(rawValue: req.opcode)
         if op == .forget || op == .batchForget || op == .interrupt { return nil }
+        if let reply = zeroMessageOpen(op, req) { return reply }
         let started = ContinuousClock.now
         let reply: [UInt8]
         do throws(FUSEError) {
@@ -136,7 +148,7 @@ public final class FUSESession: Sendable {
             return FUSEReply.ok(req.unique, w.bytes)
         case .read:
             let size = Int(min(a.u32(16), UInt32(Self.maxPages) * 4096))
-            return FUSEReply.ok(req.unique, try filesystem.read(req.node, offset: a.u64(8), size: size))
+            return try readReply(req, offset: a.u64(8), size: size)
         case .readdir, .readdirplus:
             return FUSEReply.ok(req.unique, try readdir(req.node, after: a.u64(8), size: Int(a.u32(16)), plus: op == .readdirplus))
         case .getxattr: return try getxattr(req)
@@ -145,13 +157,49 @@ public final class FUSESession: Sendable {
             var w = WireWriter(capacity: FUSELayout.statfsOut)
             filesystem.statfs().encode(into: &w)
             return FUSEReply.ok(req.unique, w.bytes)
-        case .release, .releasedir, .flush, .access, .destroy, .fsync, .fsyncdir, .syncfs:
+        case .release, .releasedir, .access, .destroy, .fsync, .fsyncdir, .syncfs:
             return FUSEReply.ok(req.unique)
+        case .flush:
+            // ENOSYS once: the kernel stops sending FLUSH on every close (nothing is ever written).
+            throw .notImplemented
         case .setattr, .symlink, .mknod, .mkdir, .unlink, .rmdir, .rename, .rename2, .link, .write, .create,
              .setxattr, .removexattr, .fallocate, .tmpfile, .copyFileRange:
             throw .readOnly
         default: throw .notImplemented
         }
+    }
+
+    /// Where the kernel supports it, OPEN and OPENDIR answer ENOSYS once: the kernel then opens
+    /// files and directories by itself, with FOPEN_KEEP_CACHE (and CACHE_DIR), and sends neither
+    /// OPEN nor RELEASE again — two round trips less per file (an image never changes under a mount).
+    private func zeroMessageOpen(_ op: FUSEOpcode?, _ req: FUSERequest) -> [UInt8]? {
+        let flags = kernelFlags
+        guard op == .open && flags.contains(.noOpenSupport) || op == .opendir && flags.contains(.noOpendirSupport),
+              req.args.u32(0) & 3 == 0 else { return nil }
+        state.withLock { $0.stats.requests += 1 }
+        return FUSEReply.error(req.unique, errno: FUSEError.notImplemented.errno)
+    }
+
+    /// The READ reply in one allocation: the header, then the data read straight after it.
+    private func readReply(_ req: FUSERequest, offset: UInt64, size: Int) throws(FUSEError) -> [UInt8] {
+        var failure: FUSEError?
+        let reply = [UInt8](unsafeUninitializedCapacity: FUSELayout.outHeader + size) { buf, count in
+            let body = UnsafeMutableRawBufferPointer(rebasing: UnsafeMutableRawBufferPointer(buf)[FUSELayout.outHeader...])
+            let n: Int
+            do throws(FUSEError) { n = try filesystem.read(req.node, offset: offset, into: body) } catch {
+                failure = error
+                count = 0
+                return
+            }
+            var w = WireWriter(capacity: FUSELayout.outHeader)
+            w.u32(UInt32(FUSELayout.outHeader + n))
+            w.i32(0)
+            w.u64(req.unique)
+            for (i, b) in w.bytes.enumerated() { buf[i] = b }
+            count = FUSELayout.outHeader + n
+        }
+        if let failure { throw failure }
+        return reply
     }
 
     /// A missing name becomes a negative entry the kernel caches (node 0), not ENOENT: the image

@@ -18,9 +18,12 @@ public struct FUSEInitFlags: OptionSet, Sendable {
     public static let asyncRead = Self(rawValue: 1 << 0)
     public static let doReaddirplus = Self(rawValue: 1 << 13)
     public static let asyncDIO = Self(rawValue: 1 << 15)
+    /// The kernel opens files without asking when OPEN answers ENOSYS (keeping their page cache).
+    public static let noOpenSupport = Self(rawValue: 1 << 17)
     public static let parallelDirops = Self(rawValue: 1 << 18)
     public static let maxPages = Self(rawValue: 1 << 22)
     public static let cacheSymlinks = Self(rawValue: 1 << 23)
+    public static let noOpendirSupport = Self(rawValue: 1 << 24)
     public static let initExt = Self(rawValue: 1 << 30)
     public static let passthrough = Self(rawValue: 1 << 37)
     /// The kernel can resend requests a server read but did not answer (FUSE_NOTIFY_RESEND, 6.9+).

@@ -127,11 +127,21 @@ struct FUSESessionTests {
     }
 
     @Test func openForWritingIsReadOnly() throws {
-        let s = try initialized()
+        let s = try initialized(flags: 0xffff_ffff_ffff & ~(1 << 17 | 1 << 24))
         #expect(try parse(s.handle(request(.open, unique: 10, node: 2, u32s([2, 0])))).error == -30)
         let ok = try parse(s.handle(request(.open, unique: 11, node: 2, u32s([0, 0]))))
         #expect(ok.error == 0 && WireReader(ok.payload[...]).u32(8) & FUSEOpenFlags.keepCache.rawValue != 0)
         #expect(try parse(s.handle(request(.mkdir, unique: 12, u32s([0o755, 0]) + Array("d".utf8) + [0]))).error == -30)
+    }
+
+    /// With FUSE_NO_OPEN(DIR)_SUPPORT offered, a read-only open answers ENOSYS: the kernel then opens
+    /// by itself with the page cache kept; a write open is still EROFS.
+    @Test func zeroMessageOpenWhereTheKernelSupportsIt() throws {
+        let s = try initialized()
+        #expect(try parse(s.handle(request(.open, unique: 30, node: 2, u32s([0, 0])))).error == -38)
+        #expect(try parse(s.handle(request(.opendir, unique: 31, node: 1, u32s([0, 0])))).error == -38)
+        #expect(try parse(s.handle(request(.open, unique: 32, node: 2, u32s([2, 0])))).error == -30)
+        #expect(s.stats.errors == 1, "only the write open counts as an error")
     }
 
     /// Entries are 8-byte aligned, stop before overflowing the buffer, and continue from a cookie.

@@ -33,7 +33,9 @@ struct FuseMounter {
         }
         var options = [("source", source), ("subtype", Self.subtype), ("fd", String(dev.rawValue)), ("rootmode", "40000"),
                        ("user_id", "0"), ("group_id", "0")]
-        options += [("default_permissions", "")] + (allowOther ? [("allow_other", "")] : [])
+        // A read-only superblock (not only a read-only mount): FUSE then never invalidates atime
+        // after a read, which would cost a GETATTR per file on every later stat.
+        options += [("ro", ""), ("default_permissions", "")] + (allowOther ? [("allow_other", "")] : [])
         for (key, value) in options {
             do {
                 if value.isEmpty, key != "source" { try MountAPI.setFlag(fc, key) } else { try MountAPI.setString(fc, key, value) }

@@ -78,6 +78,12 @@ final class ErofsFilesystem: FUSEFilesystem, @unchecked Sendable {  // the image
         do { return try image.readData(i, at: offset, count: size) } catch { throw Self.failure(error) }
     }
 
+    func read(_ node: UInt64, offset: UInt64, into buffer: UnsafeMutableRawBufferPointer) throws(FUSEError) -> Int {
+        let i = try inode(node)
+        guard i.type == .regular else { throw FUSEError(EISDIR) }
+        do { return try image.readData(i, at: offset, into: buffer) } catch { throw Self.failure(error) }
+    }
+
     func readdir(_ node: UInt64, after: UInt64, plus: Bool) throws(FUSEError) -> [FUSEDirEntry] {
         let entries = try listing(node)
         guard after < UInt64(entries.count) else { return [] }
