@@ -110,7 +110,8 @@ public enum Planner {
             if imageUnsupported, b != .fuseErofs {
                 missing.append("an image this kernel can read (" + (findings["image.features"]?.evidence.last?.result ?? "not an EROFS image") + ")")
             }
-            let note = source == .remote && (b == .file || b == .loop) ? ["needs the whole image downloaded first"] : []
+            var note = source == .remote && (b == .file || b == .loop) ? ["needs the whole image downloaded first"] : []
+            if b == .fuseErofs || b == .fuseBlob { note += fuseNotes }
             let built = implemented.contains(b)
             var reasons: [String]
             let verdict: Candidate.Verdict
@@ -131,6 +132,12 @@ public enum Planner {
         }
         return Plan(source: source, candidates: out)
     }
+
+    /// What the FUSE backends leave unused, and why (said by --explain).
+    static let fuseNotes = [
+        "no FUSE passthrough (an image's files are ranges of one file, not whole backing files)",
+        "no FUSE-over-io_uring (not implemented: /dev/fuse is read by 4 threads)",
+    ]
 
     /// fuse-blob mounts kernel EROFS on its FUSE file: file-backed where the kernel has it, else
     /// through a loop device.
