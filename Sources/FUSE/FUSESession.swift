@@ -35,7 +35,8 @@ public protocol FUSEFilesystem: Sendable {
 
 extension FUSEFilesystem {
     /// Through `read(_:offset:size:)` and a copy, for filesystems without a direct path.
-    public func read(_ node: UInt64, offset: UInt64, into buffer: UnsafeMutableRawBufferPointer) throws(FUSEError) -> Int {
+    public func read(_ node: UInt64, offset: UInt64,
+                     into buffer: UnsafeMutableRawBufferPointer) throws(FUSEError) -> Int {
         let bytes = try read(node, offset: offset, size: buffer.count)
         bytes.withUnsafeBytes { buffer.copyMemory(from: UnsafeRawBufferPointer(rebasing: $0.prefix(buffer.count))) }
         return min(bytes.count, buffer.count)
@@ -65,7 +66,8 @@ public final class FUSESession: Sendable {
     public let validSeconds: UInt64
     /// File content stays in the page cache across opens (FOPEN_KEEP_CACHE).
     public let keepCache: Bool
-    private let state = Mutex<(initialized: Bool, kernelFlags: FUSEInitFlags, stats: FUSEStats)>((false, [], FUSEStats()))
+    private let state = Mutex<(initialized: Bool, kernelFlags: FUSEInitFlags, stats: FUSEStats)>(
+        (false, [], FUSEStats()))
     /// Read replies larger than this are split by the kernel; what INIT negotiated (max_pages).
     public static let maxPages: UInt16 = 256
 
@@ -150,7 +152,8 @@ public final class FUSESession: Sendable {
             let size = Int(min(a.u32(16), UInt32(Self.maxPages) * 4096))
             return try readReply(req, offset: a.u64(8), size: size)
         case .readdir, .readdirplus:
-            return FUSEReply.ok(req.unique, try readdir(req.node, after: a.u64(8), size: Int(a.u32(16)), plus: op == .readdirplus))
+            let entries = try readdir(req.node, after: a.u64(8), size: Int(a.u32(16)), plus: op == .readdirplus)
+            return FUSEReply.ok(req.unique, entries)
         case .getxattr: return try getxattr(req)
         case .listxattr: return try listxattr(req)
         case .statfs:
@@ -173,9 +176,9 @@ public final class FUSESession: Sendable {
     /// files and directories by itself, with FOPEN_KEEP_CACHE (and CACHE_DIR), and sends neither
     /// OPEN nor RELEASE again — two round trips less per file (an image never changes under a mount).
     private func zeroMessageOpen(_ op: FUSEOpcode?, _ req: FUSERequest) -> [UInt8]? {
+        guard op == .open || op == .opendir, req.args.u32(0) & 3 == 0 else { return nil }
         let flags = kernelFlags
-        guard op == .open && flags.contains(.noOpenSupport) || op == .opendir && flags.contains(.noOpendirSupport),
-              req.args.u32(0) & 3 == 0 else { return nil }
+        guard op == .open ? flags.contains(.noOpenSupport) : flags.contains(.noOpendirSupport) else { return nil }
         state.withLock { $0.stats.requests += 1 }
         return FUSEReply.error(req.unique, errno: FUSEError.notImplemented.errno)
     }
@@ -184,7 +187,8 @@ public final class FUSESession: Sendable {
     private func readReply(_ req: FUSERequest, offset: UInt64, size: Int) throws(FUSEError) -> [UInt8] {
         var failure: FUSEError?
         let reply = [UInt8](unsafeUninitializedCapacity: FUSELayout.outHeader + size) { buf, count in
-            let body = UnsafeMutableRawBufferPointer(rebasing: UnsafeMutableRawBufferPointer(buf)[FUSELayout.outHeader...])
+            let all = UnsafeMutableRawBufferPointer(buf)
+            let body = UnsafeMutableRawBufferPointer(rebasing: all[FUSELayout.outHeader...])
             let n: Int
             do throws(FUSEError) { n = try filesystem.read(req.node, offset: offset, into: body) } catch {
                 failure = error
@@ -205,9 +209,10 @@ public final class FUSESession: Sendable {
     /// A missing name becomes a negative entry the kernel caches (node 0), not ENOENT: the image
     /// never gains it.
     private func lookupOrNegative(parent: UInt64, name: [UInt8]) throws(FUSEError) -> FUSEEntry {
-        do throws(FUSEError) { return try filesystem.lookup(parent: parent, name: name) } catch where error == .noEntry {
-            return FUSEEntry(node: 0, attr: FUSEAttr(ino: 0, size: 0, blocks: 0, mtime: 0, mtimeNsec: 0, mode: 0,
-                                                      nlink: 0, uid: 0, gid: 0, rdev: 0, blockSize: 0))
+        do throws(FUSEError) {
+            return try filesystem.lookup(parent: parent, name: name)
+        } catch where error == .noEntry {
+            return .negative
         }
     }
 
@@ -220,7 +225,8 @@ public final class FUSESession: Sendable {
         }
         var offered = FUSEInitFlags(rawValue: UInt64(a.u32(12)))
         if offered.contains(.initExt) { offered.formUnion(FUSEInitFlags(rawValue: UInt64(a.u32(16)) << 32)) }
-        let wanted: FUSEInitFlags = [.asyncRead, .doReaddirplus, .parallelDirops, .maxPages, .cacheSymlinks, .asyncDIO, .initExt]
+        let wanted: FUSEInitFlags = [.asyncRead, .doReaddirplus, .parallelDirops, .maxPages, .cacheSymlinks, .asyncDIO,
+                                     .initExt]
         let flags = offered.intersection(wanted)
         state.withLock { s in
             s.initialized = true

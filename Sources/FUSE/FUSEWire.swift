@@ -116,7 +116,9 @@ public struct WireWriter: Sendable {
     public init(capacity: Int = 64) { bytes.reserveCapacity(capacity) }
 
     public mutating func u16(_ v: UInt16) { bytes += [UInt8(v & 0xff), UInt8(v >> 8)] }
-    public mutating func u32(_ v: UInt32) { for i in 0..<4 { bytes.append(UInt8(truncatingIfNeeded: v >> (8 * UInt32(i)))) } }
+    public mutating func u32(_ v: UInt32) {
+        for i in 0..<4 { bytes.append(UInt8(truncatingIfNeeded: v >> (8 * UInt32(i)))) }
+    }
     public mutating func u64(_ v: UInt64) { u32(UInt32(truncatingIfNeeded: v)); u32(UInt32(v >> 32)) }
     public mutating func i32(_ v: Int32) { u32(UInt32(bitPattern: v)) }
     public mutating func zeros(_ n: Int) { bytes += repeatElement(0, count: n) }
@@ -142,7 +144,8 @@ public struct FUSEAttr: Sendable, Equatable {
     public init(ino: UInt64, size: UInt64, blocks: UInt64, mtime: UInt64, mtimeNsec: UInt32, mode: UInt32,
                 nlink: UInt32, uid: UInt32, gid: UInt32, rdev: UInt32, blockSize: UInt32) {
         (self.ino, self.size, self.blocks, self.mtime, self.mtimeNsec) = (ino, size, blocks, mtime, mtimeNsec)
-        (self.mode, self.nlink, self.uid, self.gid, self.rdev, self.blockSize) = (mode, nlink, uid, gid, rdev, blockSize)
+        (self.mode, self.nlink, self.uid, self.gid) = (mode, nlink, uid, gid)
+        (self.rdev, self.blockSize) = (rdev, blockSize)
     }
 
     /// atime and ctime are the mtime: an EROFS image stores one timestamp, and the kernel's own
@@ -159,6 +162,11 @@ public struct FUSEEntry: Sendable, Equatable {
     public var node: UInt64
     public var attr: FUSEAttr
     public init(node: UInt64, attr: FUSEAttr) { (self.node, self.attr) = (node, attr) }
+
+    /// No node: a name that does not exist (or, in readdirplus, an entry without attributes).
+    public static let negative = FUSEEntry(node: 0, attr: FUSEAttr(ino: 0, size: 0, blocks: 0, mtime: 0,
+                                                                   mtimeNsec: 0, mode: 0, nlink: 0, uid: 0, gid: 0,
+                                                                   rdev: 0, blockSize: 0))
 
     func encode(into w: inout WireWriter, validSeconds: UInt64) {
         w.u64(node)
@@ -193,8 +201,7 @@ public struct FUSEDirEntry: Sendable, Equatable {
 
     func encode(into w: inout WireWriter, plus: Bool, validSeconds: UInt64) {
         if plus {
-            let e = entry ?? FUSEEntry(node: 0, attr: FUSEAttr(ino: 0, size: 0, blocks: 0, mtime: 0, mtimeNsec: 0, mode: 0,
-                                                               nlink: 0, uid: 0, gid: 0, rdev: 0, blockSize: 0))
+            let e = entry ?? FUSEEntry.negative
             e.encode(into: &w, validSeconds: entry == nil ? 0 : validSeconds)
         }
         w.u64(ino)

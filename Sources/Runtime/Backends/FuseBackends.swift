@@ -27,22 +27,7 @@ struct FuseMounter {
             throw BackendFailure(detail: "open /dev/fuse: \(error)", fallback: true)
         }
         defer { Sys.close(dev.rawValue) }
-        let fc: MountAPI.Context
-        do { fc = try MountAPI.fsopen("fuse") } catch {
-            throw BackendFailure(detail: "fsopen(fuse): \(error)", fallback: true)
-        }
-        var options = [("source", source), ("subtype", Self.subtype), ("fd", String(dev.rawValue)), ("rootmode", "40000"),
-                       ("user_id", "0"), ("group_id", "0")]
-        // A read-only superblock (not only a read-only mount): FUSE then never invalidates atime
-        // after a read, which would cost a GETATTR per file on every later stat.
-        options += [("ro", ""), ("default_permissions", "")] + (allowOther ? [("allow_other", "")] : [])
-        for (key, value) in options {
-            do {
-                if value.isEmpty, key != "source" { try MountAPI.setFlag(fc, key) } else { try MountAPI.setString(fc, key, value) }
-            } catch {
-                throw BackendFailure(detail: "fsconfig(\(key)) for fuse: \(error)", fallback: false)
-            }
-        }
+        let fc = try context(source: source, fuseFD: dev.rawValue, allowOther: allowOther)
         let mnt: FileDescriptor
         do {
             try MountAPI.create(fc)
@@ -59,6 +44,31 @@ struct FuseMounter {
             throw BackendFailure(detail: "move_mount of the FUSE mount: \(error)", fallback: false)
         }
         return pid
+    }
+
+    /// A FUSE filesystem context on the device: read-only superblock, root's, kernel permission checks.
+    func context(source: String, fuseFD: Int32, allowOther: Bool) throws -> MountAPI.Context {
+        let fc: MountAPI.Context
+        do { fc = try MountAPI.fsopen("fuse") } catch {
+            throw BackendFailure(detail: "fsopen(fuse): \(error)", fallback: true)
+        }
+        var options = [("source", source), ("subtype", Self.subtype), ("fd", String(fuseFD)),
+                       ("rootmode", "40000"), ("user_id", "0"), ("group_id", "0")]
+        // A read-only superblock (not only a read-only mount): FUSE then never invalidates atime
+        // after a read, which would cost a GETATTR per file on every later stat.
+        options += [("ro", ""), ("default_permissions", "")] + (allowOther ? [("allow_other", "")] : [])
+        for (key, value) in options {
+            do {
+                if value.isEmpty, key != "source" {
+                    try MountAPI.setFlag(fc, key)
+                } else {
+                    try MountAPI.setString(fc, key, value)
+                }
+            } catch {
+                throw BackendFailure(detail: "fsconfig(\(key)) for fuse: \(error)", fallback: false)
+            }
+        }
+        return fc
     }
 
     /// An unprivileged mount: Debian's setuid fusermount3 mounts at `target` and hands back the
@@ -86,8 +96,8 @@ struct FuseMounter {
         let (code, _) = Sys.wait(helperPID)
         guard code == 0, let dev = received?.fds.first else {
             received?.fds.forEach(Sys.close)
-            throw BackendFailure(detail: "\(helper) could not mount \(target) (exit \(code ?? -1); its message is above)",
-                                 fallback: false)
+            let why = "\(helper) could not mount \(target) (exit \(code ?? -1); its message is above)"
+            throw BackendFailure(detail: why, fallback: false)
         }
         defer { Sys.close(dev) }
         do {
@@ -107,14 +117,17 @@ struct FuseMounter {
     static func fusermountUnmount(_ mountpoint: String, lazy: Bool) -> Bool {
         guard let helper = fusermount,
               let r = try? Sys.run(helper, ["-u"] + (lazy ? ["-z"] : []) + ["--", mountpoint], input: [],
-                                   environment: ProcessInfo.processInfo.environment, timeoutMs: 30_000) else { return false }
+                                   environment: ProcessInfo.processInfo.environment, timeoutMs: 30_000)
+        else { return false }
         return r.status == 0
     }
 
     /// Spawns `__fuse-serve` with the device and the spec, and waits for its "ready".
     func startSupervisor(_ spec: FuseServeSpec, fuseFD: Int32) throws -> Int32 {
         let json: Data
-        do { json = try JSONEncoder().encode(spec) } catch { throw BackendFailure(detail: "encoding the serve spec: \(error)", fallback: false) }
+        do { json = try JSONEncoder().encode(spec) } catch {
+            throw BackendFailure(detail: "encoding the serve spec: \(error)", fallback: false)
+        }
         let specFD = try Sys.pipe(holding: Array(json))
         defer { Sys.close(specFD) }
         let (r, w) = try Sys.pipe()
@@ -133,7 +146,8 @@ struct FuseMounter {
         guard line == "ready" else {
             try? Sys.kill(pid, SIGKILL)
             _ = Sys.reap(pid)
-            let why = line.hasPrefix("error: ") ? String(line.dropFirst(7)) : "the FUSE server exited before it was ready"
+            let exited = "the FUSE server exited before it was ready"
+            let why = line.hasPrefix("error: ") ? String(line.dropFirst(7)) : exited
             throw BackendFailure(detail: why, fallback: false)
         }
         return pid
@@ -150,7 +164,9 @@ struct FuseMounter {
             }
         }
         // Its last figures and its log go with it.
-        if let stats = record.statsPath { for f in [stats, StateStore.sibling(of: stats, ".log")] { try? Sys.unlink(f) } }
+        if let stats = record.statsPath {
+            for f in [stats, StateStore.sibling(of: stats, ".log")] { try? Sys.unlink(f) }
+        }
     }
 
     /// Whether `pid` runs `__fuse-serve` (a recorded pid may since belong to another process).
@@ -179,8 +195,8 @@ struct FuseErofsBackend: MountBackend {
             let pid = try mounter.mountWithFusermount(spec, source: request.source, at: request.target.path)
             return Attachment(device: nil, workerPID: pid, statsPath: stats)
         }
-        let pid = try mounter.mount(spec, source: request.source, at: request.target.fd, attributes: request.options.attributes,
-                                    allowOther: true)
+        let pid = try mounter.mount(spec, source: request.source, at: request.target.fd,
+                                    attributes: request.options.attributes, allowOther: true)
         return Attachment(device: nil, workerPID: pid, statsPath: stats)
     }
 
@@ -210,8 +226,8 @@ struct FuseBlobBackend: MountBackend {
         let spec = FuseServeSpec(filesystem: .blob, source: request.source, remote: request.remote, statsPath: stats)
         let pid: Int32
         do {
-            pid = try mounter.mount(spec, source: request.source, at: fuseTarget.fd, attributes: [.readOnly, .noSuid, .noDev, .noExec],
-                                    allowOther: false)
+            pid = try mounter.mount(spec, source: request.source, at: fuseTarget.fd,
+                                    attributes: [.readOnly, .noSuid, .noDev, .noExec], allowOther: false)
         } catch {
             _ = Glibc.rmdir(dir)
             throw error

@@ -18,11 +18,11 @@ final class BlobFilesystem: FUSEFilesystem, @unchecked Sendable {  // immutable;
     private func attr(_ node: UInt64) throws(FUSEError) -> FUSEAttr {
         switch node {
         case FUSELayout.rootNode:
-            return FUSEAttr(ino: 1, size: 0, blocks: 0, mtime: mtime, mtimeNsec: 0, mode: UInt32(S_IFDIR) | 0o500, nlink: 2,
-                            uid: 0, gid: 0, rdev: 0, blockSize: 4096)
+            return FUSEAttr(ino: 1, size: 0, blocks: 0, mtime: mtime, mtimeNsec: 0, mode: UInt32(S_IFDIR) | 0o500,
+                            nlink: 2, uid: 0, gid: 0, rdev: 0, blockSize: 4096)
         case Self.fileNode:
-            return FUSEAttr(ino: 2, size: size, blocks: (size + 511) / 512, mtime: mtime, mtimeNsec: 0, mode: UInt32(S_IFREG) | 0o400,
-                            nlink: 1, uid: 0, gid: 0, rdev: 0, blockSize: 4096)
+            return FUSEAttr(ino: 2, size: size, blocks: (size + 511) / 512, mtime: mtime, mtimeNsec: 0,
+                            mode: UInt32(S_IFREG) | 0o400, nlink: 1, uid: 0, gid: 0, rdev: 0, blockSize: 4096)
         default: throw .noEntry
         }
     }

@@ -7,7 +7,8 @@ import Syscall
 /// without EROFS (or without the image's features) and for callers who may not mount EROFS.
 /// Node ids are nids shifted past FUSE's reserved 0 and 1 (the root is node 1); attributes are the
 /// kernel EROFS driver's (ino = nid, the one timestamp for a/m/ctime, 4 KiB st_blksize).
-final class ErofsFilesystem: FUSEFilesystem, @unchecked Sendable {  // the image is read-only after init; caches behind locks
+// @unchecked: the image is only read after init; the caches are behind locks.
+final class ErofsFilesystem: FUSEFilesystem, @unchecked Sendable {
     let image: EROFSImage
     private let rootNid: UInt64
     /// Parsed inodes and directory listings: every getattr, lookup and readdir would parse them again.
@@ -44,8 +45,9 @@ final class ErofsFilesystem: FUSEFilesystem, @unchecked Sendable {  // the image
         // The kernel reports a compressed inode's stored blocks, a flat one's rounded size.
         let blocks = i.layout.isCompressed ? UInt64(i.union) * (bs / 512) : (i.size + bs - 1) / bs * (bs / 512)
         let special = i.type == .characterDevice || i.type == .blockDevice
-        return FUSEAttr(ino: i.nid, size: i.size, blocks: blocks, mtime: i.mtime, mtimeNsec: i.mtimeNsec, mode: UInt32(i.mode),
-                        nlink: i.nlink, uid: i.uid, gid: i.gid, rdev: special ? i.rdev : 0, blockSize: 4096)
+        return FUSEAttr(ino: i.nid, size: i.size, blocks: blocks, mtime: i.mtime, mtimeNsec: i.mtimeNsec,
+                        mode: UInt32(i.mode), nlink: i.nlink, uid: i.uid, gid: i.gid, rdev: special ? i.rdev : 0,
+                        blockSize: 4096)
     }
 
     func lookup(parent: UInt64, name: [UInt8]) throws(FUSEError) -> FUSEEntry {
@@ -139,7 +141,8 @@ final class ErofsFilesystem: FUSEFilesystem, @unchecked Sendable {  // the image
     }
 
     func statfs() -> FUSEStatfs {
-        FUSEStatfs(blocks: image.superblock.blocks, files: image.superblock.inodeCount, blockSize: UInt32(image.blockSize))
+        let sb = image.superblock
+        return FUSEStatfs(blocks: sb.blocks, files: sb.inodeCount, blockSize: UInt32(image.blockSize))
     }
 }
 

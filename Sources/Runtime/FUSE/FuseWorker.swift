@@ -54,7 +54,8 @@ public enum FuseWorker {
         var restarts = 0
         while true {
             let started = ContinuousClock.now
-            guard let (pid, status) = try? startChild(spec: spec, fuseFD: fuseFD, flags: flags, minor: minor, resend: restarts > 0) else {
+            let child = try? startChild(spec: spec, fuseFD: fuseFD, flags: flags, minor: minor, resend: restarts > 0)
+            guard let (pid, status) = child else {
                 if !readySent { ready("error: cannot start the FUSE server") }
                 return 1
             }
@@ -96,7 +97,8 @@ public enum FuseWorker {
     }
 
     /// Spawns a serving child with the spec on a pipe; returns its pid and the read end of its status pipe.
-    static func startChild(spec: [UInt8], fuseFD: Int32, flags: FUSEInitFlags, minor: UInt32, resend: Bool) throws -> (Int32, Int32) {
+    static func startChild(spec: [UInt8], fuseFD: Int32, flags: FUSEInitFlags, minor: UInt32,
+                           resend: Bool) throws -> (Int32, Int32) {
         let specFD = try Sys.pipe(holding: spec)
         defer { Sys.close(specFD) }
         let (r, w) = try Sys.pipe()
@@ -144,7 +146,10 @@ public enum FuseWorker {
         let session = FUSESession(filesystem: served.0)
         session.resume(kernelFlags: FUSEInitFlags(rawValue: kernelFlags), kernelMinor: kernelMinor)
         let server = FUSEServer(session: session, fd: fuseFD)
-        if resend { log(server.requestResend() ? "asked the kernel to resend unanswered requests" : "the kernel cannot resend requests") }
+        if resend {
+            let asked = server.requestResend()
+            log(asked ? "asked the kernel to resend unanswered requests" : "the kernel cannot resend requests")
+        }
         _ = try? status.writeAll(Array("serving\n".utf8))
         Sys.close(statusFD)
         let stop = Locked(false)
