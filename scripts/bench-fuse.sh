@@ -65,10 +65,23 @@ while total < 260 << 20:
 PY
 mkfs.erofs --quiet "$work/large.erofs" "$work/large"
 mkfs.erofs --quiet -zlz4hc "$work/small.erofs" "$work/small"
+# A large compressible file in 1 MiB pclusters: FUSE reads of 128 KiB each hit one pcluster (the
+# reader's pcluster cache decompresses it once).
+mkdir -p "$work/text"
+python3 - "$work/text/log.txt" <<'PY'
+import random, sys
+random.seed(5)
+words = [''.join(random.choice('abcdefghij') for _ in range(random.randint(2, 9))) for _ in range(2000)]
+with open(sys.argv[1], 'w') as f:
+    for _ in range(1 << 15): f.write(' '.join(random.choices(words, k=300)) + '\n')
+PY
+mkfs.erofs --quiet -zlz4hc -C1048576 "$work/text.erofs" "$work/text"
+rm -rf "$work/text"
 nsmall=$(find "$work/small" -type f | wc -l)
 rm -rf "$work/large" "$work/small"
 echo "   images: $(($(stat -c %s "$work/large.erofs") >> 20)) MiB of uncompressed 16 MiB files;" \
      "$(($(stat -c %s "$work/small.erofs") >> 20)) MiB lz4hc of $nsmall files of 1-48 KiB"
 compare "$work/large.erofs" "large files, uncompressed"
 compare "$work/small.erofs" "small files, lz4hc"
-rm -f "$work/large.erofs" "$work/small.erofs"
+compare "$work/text.erofs" "one large text file, lz4hc, 1 MiB pclusters"
+rm -f "$work/large.erofs" "$work/small.erofs" "$work/text.erofs"

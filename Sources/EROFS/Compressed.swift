@@ -414,12 +414,13 @@ struct Compressed {
         var la = offset
         let end = offset + UInt64(count)
         while la < end {
-            let e = try extent(containing: la)
+            let e = try image.extentsSeen.extent(nid: inode.nid, containing: la) { try extent(containing: $0) }
             guard e.start <= la, la < e.end else {
                 throw EROFSError.corrupt(structure: "compression index of inode \(inode.nid)", offset: headerPos,
                                          detail: "offset \(la) maps to extent [\(e.start), \(e.end))")
             }
-            let data = try decompress(e)
+            let key = PclusterCache.Key(nid: inode.nid, start: e.start, end: e.end)
+            let data = try image.pclusters.value(for: key) { try decompress(e) }
             let from = Int(la - e.start)
             let to = Int(min(e.end, end) - e.start)
             guard to <= data.count else {
@@ -507,4 +508,91 @@ struct Compressed {
 
 extension Array {
     subscript(safe i: Int) -> Element? { i >= 0 && i < count ? self[i] : nil }
+}
+
+/// Extents already mapped, per inode, sorted by start: mapping one walks the compression index
+/// lcluster by lcluster (up to 256 index reads for a 1 MiB pcluster of 4 KiB lclusters), and a
+/// reader asking for a pcluster piece by piece would walk it again for every piece. Emptied when it
+/// holds `limit` extents.
+final class ExtentCache: @unchecked Sendable {  // state behind its lock
+    private let state = Locked<(byNid: [UInt64: [Compressed.Extent]], count: Int)>(([:], 0))
+    let limit: Int
+    init(limit: Int) { self.limit = limit }
+
+    func extent(nid: UInt64, containing la: UInt64,
+                _ map: (UInt64) throws -> Compressed.Extent) throws -> Compressed.Extent {
+        let known: Compressed.Extent? = state.withLock { s in
+            guard let list = s.byNid[nid] else { return nil }
+            var lo = 0, hi = list.count
+            while lo < hi {
+                let mid = (lo + hi) / 2
+                if list[mid].end <= la { lo = mid + 1 } else { hi = mid }
+            }
+            return lo < list.count && list[lo].start <= la ? list[lo] : nil
+        }
+        if let known { return known }
+        let e = try map(la)
+        guard e.start <= la, la < e.end else { return e }
+        state.withLock { s in
+            if s.count >= limit { s = ([:], 0) }
+            var list = s.byNid[nid] ?? []
+            var at = 0, hi = list.count
+            while at < hi {
+                let mid = (at + hi) / 2
+                if list[mid].start < e.start { at = mid + 1 } else { hi = mid }
+            }
+            guard at == 0 || list[at - 1].end <= e.start, at == list.count || list[at].start >= e.end else { return }
+            list.insert(e, at: at)
+            s.byNid[nid] = list
+            s.count += 1
+        }
+        return e
+    }
+}
+
+/// Decompressed extents, most recently used kept up to `limit` bytes: a reader that asks for a
+/// pcluster piece by piece (a FUSE read of 128 KiB, a 4 KiB `cat` loop) decompresses it once, not
+/// once per piece. Safe for concurrent readers; two that miss together both decompress (no waiting).
+public final class PclusterCache: @unchecked Sendable {  // state behind its lock
+    struct Key: Hashable { var nid: UInt64; var start: UInt64; var end: UInt64 }
+    private struct State {
+        var entries: [Key: (bytes: [UInt8], used: UInt64)] = [:]
+        var bytes = 0
+        var clock: UInt64 = 0
+        var hits: UInt64 = 0
+        var misses: UInt64 = 0
+    }
+    private let state = Locked(State())
+    public let limit: Int
+
+    public init(limit: Int) { self.limit = limit }
+
+    /// (hits, misses) so far.
+    public var counts: (hits: UInt64, misses: UInt64) { state.withLock { ($0.hits, $0.misses) } }
+
+    func value(for key: Key, _ make: () throws -> [UInt8]) throws -> [UInt8] {
+        let cached: [UInt8]? = state.withLock { s in
+            s.clock += 1
+            guard let e = s.entries[key] else { s.misses += 1; return nil }
+            s.hits += 1
+            s.entries[key]?.used = s.clock
+            return e.bytes
+        }
+        if let cached { return cached }
+        let bytes = try make()
+        guard limit > 0, bytes.count <= limit / 4 else { return bytes }
+        state.withLock { s in
+            if s.entries[key] == nil { s.bytes += bytes.count }
+            s.entries[key] = (bytes, s.clock)
+            // Evict the least recently used eighth at a time (a scan, but rare: only when full).
+            while s.bytes > limit, !s.entries.isEmpty {
+                let victims = s.entries.sorted { $0.value.used < $1.value.used }.prefix(max(1, s.entries.count / 8))
+                for (k, v) in victims {
+                    s.entries[k] = nil
+                    s.bytes -= v.bytes.count
+                }
+            }
+        }
+        return bytes
+    }
 }

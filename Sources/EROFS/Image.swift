@@ -12,6 +12,11 @@ public final class EROFSImage {
     /// The metabox inode (METABOX images): its data holds inodes and their inline metadata.
     public private(set) var metabox: Inode?
 
+    /// Decompressed extents recently read (32 MiB at most).
+    public let pclusters = PclusterCache(limit: 32 << 20)
+    /// Compressed extents already mapped (a million at most).
+    let extentsSeen = ExtentCache(limit: 1 << 20)
+
     /// Upper bounds that keep corrupt images from causing unbounded work or memory.
     public static let maxDirectoryEntries = 1 << 20
     public static let maxInlineRead = 1 << 30
