@@ -290,7 +290,7 @@ public struct Runtime: Sendable {
                 stopWorker(record)
                 removeWorkerFiles(record)
             }
-            impl?.release(record)
+            impl?.release(record, lazy: lazy)
             state.remove(mountpoint)
             return (record, wasStale)
         }

@@ -131,6 +131,27 @@ struct FuseMountTests {
         #expect(!currentMounts().contains(dir.file("mnt")) && runtime.state.all().isEmpty)
     }
 
+    /// `umount --lazy` with a file open: the file keeps reading the image's bytes, the server
+    /// exits once it is closed, and nothing is left.
+    @Test(arguments: [Backend.fuseBlob, .fuseErofs])
+    func lazyUmountKeepsOpenFilesServed(backend: Backend) throws {
+        let f = try RemoteFixture("fuse-lazy")
+        defer { f.remove() }
+        let expected = try f.oracle()
+        _ = try f.runtime.mount(MountRequest(source: f.url, mountpoint: f.mnt, backend: backend, remote: f.remote))
+        let path = try #require(expected.entries.keys.sorted().first { expected.entries[$0]!.hasPrefix("mode 100") && $0.hasPrefix("real") })
+        let fd = try Sys.open(f.mnt + "/" + path, O_RDONLY)
+        try f.runtime.umount(f.mnt, lazy: true)
+        #expect(!currentMounts().contains(f.mnt))
+        #expect(expected.entries[path]!.hasSuffix(" " + TreeFactsLite.digest(fd: fd.rawValue)), "the open file still reads right")
+        #expect(!fuseServers(under: f.dir).isEmpty, "its server still runs while the file is open")
+        Sys.close(fd.rawValue)
+        for _ in 0..<150 where !fuseServers(under: f.dir).isEmpty { usleep(20_000) }
+        #expect(fuseServers(under: f.dir).isEmpty, "the server exits after the last close")
+        #expect(!currentMounts().contains { $0.hasPrefix(f.dir.path) }, "\(currentMounts())")
+        #expect(((try? FileManager.default.contentsOfDirectory(atPath: f.dir.file("state/workers"))) ?? []).isEmpty)
+    }
+
     /// fuse-blob and fuse-erofs over nginx: the kernel's view of the local image, status shows the
     /// server's figures, and umount leaves no mount, server, FUSE directory or state file.
     @Test(arguments: [Backend.fuseBlob, .fuseErofs])

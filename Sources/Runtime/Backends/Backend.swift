@@ -83,11 +83,15 @@ protocol MountBackend {
     func attach(_ request: PreparedMount) throws -> Attachment
     /// Releases what `attach` set up beyond the mount itself, after the mount is gone.
     func release(_ record: MountRecord)
+    /// The same after `umount --lazy`: what still serves open files must stay (it ends by itself).
+    func release(_ record: MountRecord, lazy: Bool)
     /// Whether a mountinfo entry at the record's mountpoint is the mount this backend made.
     func recognises(_ m: MountInfoEntry, as r: MountRecord) -> Bool
 }
 
 extension MountBackend {
+    func release(_ record: MountRecord, lazy: Bool) { release(record) }
+
     /// Kernel EROFS from the recorded image, device or cache file.
     func recognises(_ m: MountInfoEntry, as r: MountRecord) -> Bool { Backends.isKernelEROFS(m, of: r) }
 }

@@ -200,7 +200,12 @@ struct FuseErofsBackend: MountBackend {
         return Attachment(device: nil, workerPID: pid, statsPath: stats)
     }
 
-    func release(_ record: MountRecord) { FuseMounter.awaitServerExit(record) }
+    func release(_ record: MountRecord) { release(record, lazy: false) }
+
+    /// After a lazy umount the server keeps answering for open files; it exits when the superblock goes.
+    func release(_ record: MountRecord, lazy: Bool) {
+        if !lazy { FuseMounter.awaitServerExit(record) }
+    }
 
     func recognises(_ m: MountInfoEntry, as r: MountRecord) -> Bool {
         m.fsType == FuseMounter.fsType && m.source == r.source
@@ -254,14 +259,16 @@ struct FuseBlobBackend: MountBackend {
 
     /// After the EROFS mount: the loop device (if any), then the FUSE mount, whose server exits
     /// when its connection ends.
-    func release(_ record: MountRecord) {
+    func release(_ record: MountRecord) { release(record, lazy: false) }
+
+    func release(_ record: MountRecord, lazy: Bool) {
         guard let dir = record.fuseMount else { return }
         var inner = record
         inner.source = dir + "/" + String(decoding: BlobFilesystem.fileName, as: UTF8.self)
         if record.device != nil { LoopBackend().release(inner) }
         try? MountAPI.umount(dir, detach: true)
         _ = Glibc.rmdir(dir)
-        FuseMounter.awaitServerExit(record)
+        if !lazy { FuseMounter.awaitServerExit(record) }
     }
 
     func recognises(_ m: MountInfoEntry, as r: MountRecord) -> Bool {

@@ -72,7 +72,14 @@ public enum FuseWorker {
                 readySent = true
             }
             let (code, signal) = Sys.wait(pid)
-            if code == 0 { return 0 }
+            if code == 0 {
+                // The connection ended (the mount is gone, also after a lazy umount): the figures and
+                // the log go with it.
+                if let path = statsPath(spec) {
+                    for f in [path, StateStore.sibling(of: path, ".log")] { try? Sys.unlink(f) }
+                }
+                return 0
+            }
             if ContinuousClock.now - started > .seconds(60) { restarts = 0 }
             restarts += 1
             log("server \(pid) died (\(signal.map { "signal \($0)" } ?? "exit \(code ?? -1)")); restart \(restarts)")
@@ -82,6 +89,10 @@ public enum FuseWorker {
             }
             usleep(UInt32(min(restarts, 10)) * 50_000)
         }
+    }
+
+    static func statsPath(_ spec: [UInt8]) -> String? {
+        (try? JSONDecoder().decode(FuseServeSpec.self, from: Data(spec)))?.statsPath
     }
 
     /// Reads and answers INIT (within 10 s of the mount): the kernel's flags and minor version.
@@ -156,7 +167,6 @@ public enum FuseWorker {
         Threads.detach { writeStatsWhileServing(session, to: spec.statsPath, until: stop) }
         server.run(threads: max(1, spec.threads))
         stop.set(true)
-        writeStats(session.stats, to: spec.statsPath)
         log("the FUSE connection ended; exiting")
         return 0
     }
