@@ -321,6 +321,15 @@ struct UnprivilegedFuseTests {
         #expect(refused.status == 3 && refused.stderr.contains("cannot be read"), "\(refused.stderr)")
         #expect(refused.stderr.split(separator: "\n").count == 1)
         #expect(!currentMounts().contains(dir.file("mnt")) && fuseServers(under: dir).isEmpty)
+        // A mount that went away behind the user's back (a lazy umount by root) is pruned by the user.
+        chmod(dir.file("img.erofs"), 0o644)
+        #expect(try Self.asNobody(dir, [cliBinary, "mount", dir.file("img.erofs"), dir.file("mnt")]).status == 0)
+        try MountAPI.umount(dir.file("mnt"), detach: true)
+        let stale = try Self.asNobody(dir, [cliBinary, "status", "--prune"])
+        #expect(stale.status == 0 && stale.stdout.contains("pruned"), "\(stale.stdout)\(stale.stderr)")
+        #expect(((try? FileManager.default.contentsOfDirectory(atPath: dir.file("xdg/erofs-compat/mounts"))) ?? ["?"]).isEmpty)
+        for _ in 0..<100 where !fuseServers(under: dir).isEmpty { usleep(20_000) }
+        #expect(fuseServers(under: dir).isEmpty)
         // Root's mounts are not the user's to unmount.
         #expect(try Self.asNobody(dir, [cliBinary, "umount", dir.file("oracle")]).status == 5)
     }
