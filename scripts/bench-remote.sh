@@ -101,11 +101,12 @@ cold() {
 # small SOURCE DOWNLOAD_URL LABEL [daemon]: (c) lazy mount + one small file vs downloading the whole
 # blob. With "daemon", `erofs-compat daemon` (started once, outside the timing) performs the mount.
 small() {
-    local one=() dl=() x d how="--no-daemon"
+    local one=() dl=() x d how="--no-daemon" backend=${5:-auto}
     [ "${4:-}" = daemon ] && how=""
     for i in 1 2 3 4 5; do
         rm -rf "$work/cache"; drop
-        s=$(now_us); "$BIN" mount $how --cache-dir "$work/cache" "$1" "$work/m1" >/dev/null 2>&1; cat "$work/m1/text05.txt" > /dev/null; e=$(now_us)
+        s=$(now_us); "$BIN" mount $how --backend "$backend" --cache-dir "$work/cache" "$1" "$work/m1" >/dev/null 2>&1
+        cat "$work/m1/text05.txt" > /dev/null; e=$(now_us)
         one+=($((e - s))); "$BIN" umount "$work/m1" >/dev/null
         rm -f "$work/dl.erofs"; drop
         s=$(now_us); curl -s -o "$work/dl.erofs" "$2"; e=$(now_us); dl+=($((e - s)))
@@ -163,5 +164,7 @@ small "$url" "$url" "(d) nginx, http://, daemon" daemon
 stop_daemon
 if [ -n "$registry_pid" ]; then small "oci://127.0.0.1:$rport/bench/img1g:latest" "$blob" "docker-registry, oci://, no daemon"; fi
 small "$url" "$url" "(d) nginx, http://, no daemon"
+if [ -n "$registry_pid" ]; then small "oci://127.0.0.1:$rport/bench/img1g:latest" "$blob" "fuse-blob, docker-registry, oci://, no daemon" no fuse-blob; fi
+small "$url" "$url" "fuse-blob, nginx, http://, no daemon" no fuse-blob
 [ -n "$registry_pid" ] || echo "docker-registry not installed: registry figures skipped"
 rm -f "$work/dl.erofs"
