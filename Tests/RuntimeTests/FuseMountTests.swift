@@ -234,6 +234,36 @@ struct FuseMountTests {
         #expect(fuseServers(under: f.dir).isEmpty)
     }
 
+    /// The web server down mid-read: a file not yet fetched fails with EIO (never other bytes) and
+    /// reads right once the server is back; the mount stays usable throughout.
+    @Test(arguments: [Backend.fuseBlob, .fuseErofs])
+    func serverDownIsEIOThenRecovers(backend: Backend) throws {
+        let f = try RemoteFixture("fuse-down")
+        defer { f.remove() }
+        let expected = try f.oracle()
+        var remote = f.remote
+        remote.prepareTimeout = 20
+        _ = try f.runtime.mount(MountRequest(source: f.url, mountpoint: f.mnt, backend: backend, remote: remote))
+        let files = expected.entries.keys.sorted().filter { expected.entries[$0]!.hasPrefix("mode 100") && $0.hasPrefix("real") }
+        func size(_ p: String) -> Int { Int(expected.entries[p]!.split(separator: " ")[3]) ?? 0 }
+        let victim = try #require(files.max { size($0) < size($1) })
+        f.server.stop()
+        // Its metadata was not fetched either: the open may fail already; either way with EIO.
+        let fd = open(f.mnt + "/" + victim, O_RDONLY | O_CLOEXEC)
+        if fd < 0 {
+            #expect(errno == EIO, "open of \(victim) with the server down: errno \(errno)")
+        } else {
+            let down = TreeFactsLite.digest(fd: fd)
+            close(fd)
+            #expect(down.hasPrefix("read-error") && down.contains("EIO") || down.contains("Input/output"),
+                    "\(victim) (\(size(victim)) bytes, never read) with the server down: \(down)")
+        }
+        try f.server.start()
+        #expect(expected.entries[victim]!.hasSuffix(" " + TreeFactsLite.digest(f.mnt + "/" + victim)))
+        #expect(TreeFactsLite(f.mnt) == expected, "\(f.workerLogs())")
+        try f.runtime.umount(f.mnt)
+    }
+
     /// With its supervisor and server gone, a FUSE mount answers ENOTCONN; status says it is broken
     /// and how to clear it; umount clears it.
     @Test func deadServerIsReportedAndCleared() throws {
