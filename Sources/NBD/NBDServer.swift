@@ -61,6 +61,13 @@ public final class NBDServer: @unchecked Sendable {  // immutable configuration;
         c.run()
     }
 
+    /// Serves a socket whose other end the kernel's NBD driver holds (no negotiation: requests from
+    /// the first byte); closes `fd` when the device disconnects.
+    public func serve(kernelConnection fd: Int32) {
+        let c = Connection(fd: fd, session: NBDSession(transmissionOf: exports[0]), server: self)
+        c.run()
+    }
+
     /// The work behind a `.read` or `.cache` action.
     func perform(_ action: NBDSession.Action) -> Result<[UInt8], NBD.Error> {
         do {

@@ -36,8 +36,17 @@ public final class NBDSession {
         self.exports = exports
     }
 
-    /// The server's greeting: magic, IHAVEOPT, fixed newstyle with no zeroes.
+    /// A session already in transmission (the kernel's NBD driver attached over netlink: it never
+    /// negotiates; the device's size and flags were given to the kernel directly).
+    public init(transmissionOf export: NBDExport) {
+        exports = [export]
+        self.export = export
+        phase = .transmission
+    }
+
+    /// The server's greeting: magic, IHAVEOPT, fixed newstyle with no zeroes (none in transmission).
     public func start() -> [Action] {
+        guard phase == .clientFlags else { return [] }
         var w = WireWriter()
         w.u64(NBD.magic)
         w.u64(NBD.optionMagic)

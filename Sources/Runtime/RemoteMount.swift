@@ -112,7 +112,7 @@ extension Runtime {
             // Nothing lazy is possible: the blob is downloaded whole, then mounted by the kernel
             // where it can (a FUSE backend only where it is all that is left, or named).
             candidates.removeAll { $0 == .fanotify }
-            let kernel = candidates.filter { $0 != .fuseBlob && $0 != .fuseErofs }
+            let kernel = candidates.filter { $0 != .fuseBlob && $0 != .fuseErofs && $0 != .nbd }
             if !kernel.isEmpty, req.backend == nil { candidates = kernel }
         }
         guard let backend = candidates.first else {
@@ -128,7 +128,7 @@ extension Runtime {
         if backend == .fanotify {
             return try mountLazy(req, blob: blob, paths: paths, record: record, plan: plan, target: target, notes: notes)
         }
-        if backend == .fuseBlob || backend == .fuseErofs {
+        if backend == .fuseBlob || backend == .fuseErofs || backend == .nbd {
             Sys.close(setup.rawValue)
             setupReleased = true
             return try mountServed(req, backend: backend, record: record, plan: plan, target: target, notes: notes)

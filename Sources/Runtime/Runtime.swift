@@ -64,7 +64,7 @@ public struct MountStatus: Codable, Sendable {
 /// Mounts, unmounts and reports local EROFS images with the backend the planner chooses.
 public struct Runtime: Sendable {
     /// The backends this build implements.
-    public static let implemented: Set<Backend> = [.file, .loop, .fanotify, .fuseBlob, .fuseErofs]
+    public static let implemented: Set<Backend> = [.file, .loop, .fanotify, .fuseBlob, .fuseErofs, .nbd]
 
     public var state: StateStore
     /// Set inside `erofs-compat daemon`: lazy mounts are served in this process instead of by a
@@ -390,7 +390,7 @@ public struct Runtime: Sendable {
         let mounted = isOurMount(r, mounts)
         if !mounted { problems.append("no longer mounted (plain umount(8)?)") }
         var bound: Bool?
-        if let dev = r.device, let n = Int32(dev.dropFirst("/dev/loop".count)) {
+        if let dev = r.device, dev.hasPrefix("/dev/loop"), let n = Int32(dev.dropFirst("/dev/loop".count)) {
             bound = Loop.backingFile(n) == (r.fuseMount.map { $0 + "/image" } ?? r.source)
             if bound == false, mounted { problems.append("\(dev) no longer backed by the image") }
         }

@@ -43,4 +43,75 @@ package enum GenericNetlink {
 
     private static func le16(_ v: UInt16) -> [UInt8] { [UInt8(v & 0xff), UInt8(v >> 8)] }
     private static func le32(_ v: UInt32) -> [UInt8] { (0..<4).map { UInt8((v >> (8 * $0)) & 0xff) } }
+
+    /// One attribute: length, type, payload padded to 4 bytes.
+    package static func attribute(_ type: UInt16, _ payload: [UInt8]) -> [UInt8] {
+        var a = le16(UInt16(4 + payload.count)) + le16(type) + payload
+        while a.count % 4 != 0 { a.append(0) }
+        return a
+    }
+
+    package static func u32(_ type: UInt16, _ v: UInt32) -> [UInt8] { attribute(type, le32(v)) }
+    package static func u64(_ type: UInt16, _ v: UInt64) -> [UInt8] { attribute(type, le32(UInt32(v & 0xffff_ffff)) + le32(UInt32(v >> 32))) }
+
+    /// Sends one request of `family` (with an ACK asked for) and returns the first reply's attributes
+    /// as (type, payload) pairs: empty for a bare ACK; throws the errno of an error reply.
+    package static func request(family: UInt16, command: UInt8, attributes: [UInt8]) throws -> [(UInt16, [UInt8])] {
+        let sock = try Sys.socket(AF_NETLINK, Int32(SOCK_RAW.rawValue), ecx_netlink_generic)
+        defer { Sys.close(sock.rawValue) }
+        let genl: [UInt8] = [command, 1, 0, 0]
+        let total = 16 + genl.count + attributes.count
+        let msg = le32(UInt32(total)) + le16(family) + le16(ecx_nlm_f_request | ecx_nlm_f_ack) + le32(1) + le32(0)
+            + genl + attributes
+        _ = try Sys.send(sock.rawValue, msg)
+        guard try Sys.poll(sock.rawValue, timeoutMs: 10_000) else { throw Errno.timedOut }
+        let reply = try Sys.recv(sock.rawValue, maxBytes: 16384)
+        guard reply.count >= 20 else { throw Errno.ioError }
+        let type = UInt16(reply[4]) | UInt16(reply[5]) << 8
+        if type == ecx_nlmsg_error {
+            let code = Int32(bitPattern: UInt32(reply[16]) | UInt32(reply[17]) << 8 | UInt32(reply[18]) << 16 | UInt32(reply[19]) << 24)
+            if code != 0 { throw Errno(rawValue: -code) }
+            return []
+        }
+        var out: [(UInt16, [UInt8])] = []
+        var off = 20
+        while off + 4 <= reply.count {
+            let len = Int(UInt16(reply[off]) | UInt16(reply[off + 1]) << 8)
+            guard len >= 4, off + len <= reply.count else { break }
+            out.append((UInt16(reply[off + 2]) | UInt16(reply[off + 3]) << 8 & 0x3fff, Array(reply[(off + 4)..<(off + len)])))
+            off += (len + 3) & ~3
+        }
+        return out
+    }
+}
+
+/// The kernel's NBD driver over generic netlink (Linux 4.12+).
+package enum NBDNetlink {
+    /// Connects a free /dev/nbdN, read-only, to `socket` (one end of a connected pair; the kernel
+    /// takes its own reference): returns N. The device is destroyed again on disconnect.
+    package static func connect(socket: Int32, size: UInt64, blockSize: UInt64, timeoutSeconds: UInt64,
+                                deadConnectionSeconds: UInt64) throws -> UInt32 {
+        let family: UInt16
+        switch try GenericNetlink.familyID("nbd") {
+        case .success(let id): family = id
+        case .failure(let e): throw e
+        }
+        let item = GenericNetlink.attribute(ecx_nbd_sock_item, GenericNetlink.u32(ecx_nbd_sock_fd, UInt32(socket)))
+        let attrs = GenericNetlink.u64(ecx_nbd_attr_size_bytes, size) + GenericNetlink.u64(ecx_nbd_attr_block_size_bytes, blockSize)
+            + GenericNetlink.u64(ecx_nbd_attr_server_flags, ecx_nbd_flag_has_flags | ecx_nbd_flag_read_only)
+            + GenericNetlink.u64(ecx_nbd_attr_client_flags, ecx_nbd_cflag_destroy_on_disconnect)
+            + GenericNetlink.u64(ecx_nbd_attr_timeout, timeoutSeconds)
+            + GenericNetlink.u64(ecx_nbd_attr_dead_conn_timeout, deadConnectionSeconds)
+            + GenericNetlink.attribute(ecx_nbd_attr_sockets, item)
+        let reply = try GenericNetlink.request(family: family, command: ecx_nbd_cmd_connect, attributes: attrs)
+        guard let index = reply.first(where: { $0.0 == ecx_nbd_attr_index }), index.1.count >= 4 else { throw Errno.noData }
+        return UInt32(index.1[0]) | UInt32(index.1[1]) << 8 | UInt32(index.1[2]) << 16 | UInt32(index.1[3]) << 24
+    }
+
+    /// Disconnects /dev/nbdN (its server sees the socket close).
+    package static func disconnect(index: UInt32) throws {
+        guard case .success(let family) = try GenericNetlink.familyID("nbd") else { throw Errno.noSuchFileOrDirectory }
+        _ = try GenericNetlink.request(family: family, command: ecx_nbd_cmd_disconnect,
+                                       attributes: GenericNetlink.u32(ecx_nbd_attr_index, index))
+    }
 }

@@ -11,6 +11,7 @@ import Foundation
 enum BackendChoice: String, ExpressibleByArgument, CaseIterable {
     case auto, fanotify, file, loop, fuse
     case fuseBlob = "fuse-blob", fuseErofs = "fuse-erofs"
+    case nbd
 
     /// One backend, or nil for a choice among several (auto, fuse).
     var backend: Backend? { self == .auto || self == .fuse ? nil : Backend(rawValue: rawValue) }
@@ -68,7 +69,7 @@ struct MountCommand: ParsableCommand {
             """
     )
 
-    @Option(help: "Backend: auto, fanotify (remote sources), file, loop, fuse-blob (remote sources), fuse-erofs, or fuse (the first viable of the two).")
+    @Option(help: "Backend: auto, fanotify (remote sources), file, loop, fuse-blob (remote sources), fuse-erofs, fuse (the first viable of the two), or nbd (kernel EROFS on /dev/nbdN).")
     var backend: BackendChoice = .auto
 
     @OptionGroup(title: "Remote sources")

@@ -42,7 +42,7 @@ state=$(module_value /w/probe0.json erofs.module)
 check erofs-loadable-not-loaded sh -c "[ '$state' = loadable ] || { echo 'erofs.module: $state'; exit 1; }"
 check nothing-loaded-by-probe sh -c '[ ! -d /sys/module/erofs ] || { echo /sys/module/erofs exists; exit 1; }'
 echo /sbin/modprobe > /proc/sys/kernel/modprobe
-for m in erofs loop fuse; do modprobe "$m" 2>/dev/null; done
+for m in erofs loop fuse nbd; do modprobe "$m" 2>/dev/null; done
 mkdir -p /dev/net
 [ -e /dev/fuse ] || mknod /dev/fuse c 10 229
 [ -e /dev/loop-control ] || mknod /dev/loop-control c 10 237
@@ -52,6 +52,7 @@ $E probe --json --cache-dir /w > /w/probe.json 2>/w/probe.err
 check pre-access-absent finding /w/probe.json fanotify.pre_access absent
 check fuse-present finding /w/probe.json fuse.device present
 check loop-present finding /w/probe.json loop.module present
+check nbd-present finding /w/probe.json nbd.module present
 if [ "$V" = 6.1 ]; then
     check file-backed-absent finding /w/probe.json erofs.file_backed absent
     check deny-errno-absent finding /w/probe.json fanotify.deny_errno absent
@@ -92,6 +93,22 @@ $E status /w/m > /tmp/status.out 2>&1
 check remote-status grep -q 'health   ok' /tmp/status.out
 check remote-umount $E umount /w/m
 check remote-nothing-left nothing_left
+
+# --- NBD: kernel EROFS on /dev/nbdN over netlink, served from the image or the lazy cache.
+nbd_connected() { for p in /sys/block/nbd*/pid; do [ -e "$p" ] && return 0; done; return 1; }
+$E mount --backend nbd --explain /w/local.erofs /w/m > /tmp/nbd.out 2>&1
+check nbd-local-backend backend_is /tmp/nbd.out nbd
+check nbd-local-device grep -q '/dev/nbd' /tmp/nbd.out
+check nbd-local-content same_tree /w/m /w/local.sums
+$E status /w/m > /tmp/nbd-status.out 2>&1
+check nbd-status sh -c "grep -q 'health   ok' /tmp/nbd-status.out || { cat /tmp/nbd-status.out; exit 1; }"
+check nbd-local-umount $E umount /w/m
+check nbd-disconnected sh -c '! nbd_connected() { for p in /sys/block/nbd*/pid; do [ -e "$p" ] && return 0; done; return 1; }; ! nbd_connected'
+$E mount --backend nbd --cache-dir /w/cache-nbd http://127.0.0.1:8080/local.erofs /w/m > /tmp/nbd-remote.out 2>&1
+check nbd-remote-backend backend_is /tmp/nbd-remote.out nbd
+check nbd-remote-content same_tree /w/m /w/local.sums
+check nbd-remote-umount $E umount /w/m
+check nbd-nothing-left sh -c 'for p in /sys/block/nbd*/pid; do [ -e "$p" ] && { echo "$p"; exit 1; }; done; ! ps -o args | grep -v grep | grep -q __nbd-serve'
 
 # --- fuse-erofs as uid 65534 through fusermount3, state under XDG_RUNTIME_DIR (the mountpoint on
 # tmpfs: fusermount3 refuses to mount over ramfs).

@@ -36,6 +36,8 @@
 #include <linux/loop.h>
 #include <linux/netlink.h>
 #include <linux/genetlink.h>
+#include <linux/nbd-netlink.h>
+#include <linux/nbd.h>
 
 #include <libkmod.h>
 #include <blkid/blkid.h>
@@ -320,6 +322,24 @@ _Static_assert(sizeof(struct ecx_loop_config) == 304, "loop_config is 304 bytes"
 static const unsigned long ecx_nbd_set_sock = NBD_SET_SOCK;
 static const unsigned long ecx_nbd_do_it = NBD_DO_IT;
 static const unsigned long ecx_nbd_disconnect = NBD_DISCONNECT;
+
+/* NBD generic netlink (linux/nbd-netlink.h, 4.12+) */
+static const unsigned char ecx_nbd_cmd_connect = NBD_CMD_CONNECT;
+static const unsigned char ecx_nbd_cmd_disconnect = NBD_CMD_DISCONNECT;
+static const unsigned short ecx_nbd_attr_index = NBD_ATTR_INDEX;
+static const unsigned short ecx_nbd_attr_size_bytes = NBD_ATTR_SIZE_BYTES;
+static const unsigned short ecx_nbd_attr_block_size_bytes = NBD_ATTR_BLOCK_SIZE_BYTES;
+static const unsigned short ecx_nbd_attr_timeout = NBD_ATTR_TIMEOUT;
+static const unsigned short ecx_nbd_attr_server_flags = NBD_ATTR_SERVER_FLAGS;
+static const unsigned short ecx_nbd_attr_client_flags = NBD_ATTR_CLIENT_FLAGS;
+static const unsigned short ecx_nbd_attr_sockets = NBD_ATTR_SOCKETS;
+static const unsigned short ecx_nbd_attr_dead_conn_timeout = NBD_ATTR_DEAD_CONN_TIMEOUT;
+static const unsigned short ecx_nbd_sock_item = NBD_SOCK_ITEM;
+static const unsigned short ecx_nbd_sock_fd = NBD_SOCK_FD;
+static const unsigned long long ecx_nbd_flag_has_flags = NBD_FLAG_HAS_FLAGS;
+static const unsigned long long ecx_nbd_flag_read_only = NBD_FLAG_READ_ONLY;
+static const unsigned long long ecx_nbd_cflag_destroy_on_disconnect = NBD_CFLAG_DESTROY_ON_DISCONNECT;
+static const unsigned short ecx_nlm_f_ack = NLM_F_ACK;
 
 /* generic netlink control family */
 static const unsigned short ecx_genl_id_ctrl = GENL_ID_CTRL;

@@ -98,7 +98,7 @@ extension MountBackend {
 
 enum Backends {
     static let all: [Backend: any MountBackend] = [.file: FileBackend(), .loop: LoopBackend(), .fuseErofs: FuseErofsBackend(),
-                                                   .fuseBlob: FuseBlobBackend()]
+                                                   .fuseBlob: FuseBlobBackend(), .nbd: NbdBackend()]
 
     /// The implementation that made the record's mount (nil for fanotify, attached by the lazy path).
     static func implementation(of r: MountRecord) -> (any MountBackend)? {

@@ -10,7 +10,7 @@ import SystemPackage
 
 /// A FUSE filesystem served by a supervisor process (FuseWorker): the mount is built detached,
 /// the supervisor answers INIT and starts a server, and only then is the mount attached, so a
-/// failure leaves nothing mounted. What the supervisor serves is described by a `FuseServeSpec`.
+/// failure leaves nothing mounted. What the supervisor serves is described by a `ServeSpec`.
 struct FuseMounter {
     /// The filesystem type in mountinfo: `fuse.erofs-compat`.
     static let subtype = "erofs-compat"
@@ -20,7 +20,7 @@ struct FuseMounter {
 
     /// Builds the FUSE superblock for `spec`, starts its supervisor, waits until it serves, and
     /// attaches the mount to `target`. Returns the supervisor's pid.
-    func mount(_ spec: FuseServeSpec, source: String, at target: FileDescriptor, attributes: MountAPI.Attributes,
+    func mount(_ spec: ServeSpec, source: String, at target: FileDescriptor, attributes: MountAPI.Attributes,
                allowOther: Bool) throws -> Int32 {
         let dev: FileDescriptor
         do { dev = try Sys.open("/dev/fuse", O_RDWR | O_CLOEXEC) } catch {
@@ -74,7 +74,7 @@ struct FuseMounter {
     /// An unprivileged mount: Debian's setuid fusermount3 mounts at `target` and hands back the
     /// /dev/fuse descriptor over a socket (`_FUSE_COMMFD`, as libfuse does); nosuid and nodev are
     /// forced by fusermount3. The mount exists before the server answers (requests wait for INIT).
-    func mountWithFusermount(_ spec: FuseServeSpec, source: String, at target: String) throws -> Int32 {
+    func mountWithFusermount(_ spec: ServeSpec, source: String, at target: String) throws -> Int32 {
         guard let helper = Self.fusermount else {
             throw BackendFailure(detail: "fusermount3 not found (Debian: fuse3)", fallback: false)
         }
@@ -123,7 +123,7 @@ struct FuseMounter {
     }
 
     /// Spawns `__fuse-serve` with the device and the spec, and waits for its "ready".
-    func startSupervisor(_ spec: FuseServeSpec, fuseFD: Int32) throws -> Int32 {
+    func startSupervisor(_ spec: ServeSpec, fuseFD: Int32) throws -> Int32 {
         let json: Data
         do { json = try JSONEncoder().encode(spec) } catch {
             throw BackendFailure(detail: "encoding the serve spec: \(error)", fallback: false)
@@ -155,12 +155,12 @@ struct FuseMounter {
 
     /// Once its FUSE connection is gone the server exits by itself; wait for that (so that nothing
     /// of the mount is left when `umount` returns), and stop it if it lingers.
-    static func awaitServerExit(_ record: MountRecord) {
-        if let pid = record.workerPID, isServer(pid) {
-            for _ in 0..<100 where Sys.processExists(pid) && isServer(pid) { usleep(20_000) }
-            if Sys.processExists(pid), isServer(pid) {
+    static func awaitServerExit(_ record: MountRecord, command: String = "__fuse-serve") {
+        if let pid = record.workerPID, isServer(pid, command) {
+            for _ in 0..<100 where Sys.processExists(pid) && isServer(pid, command) { usleep(20_000) }
+            if Sys.processExists(pid), isServer(pid, command) {
                 try? Sys.kill(pid, SIGTERM)
-                for _ in 0..<50 where Sys.processExists(pid) && isServer(pid) { usleep(20_000) }
+                for _ in 0..<50 where Sys.processExists(pid) && isServer(pid, command) { usleep(20_000) }
             }
         }
         // Its last figures and its log go with it.
@@ -169,11 +169,11 @@ struct FuseMounter {
         }
     }
 
-    /// Whether `pid` runs `__fuse-serve` (a recorded pid may since belong to another process).
-    static func isServer(_ pid: Int32) -> Bool {
+    /// Whether `pid` runs `command` (a recorded pid may since belong to another process).
+    static func isServer(_ pid: Int32, _ command: String = "__fuse-serve") -> Bool {
         guard let raw = try? Sys.readFile("/proc/\(pid)/cmdline") else { return false }
         let argv = raw.split(separator: 0, omittingEmptySubsequences: false).map { String(decoding: $0, as: UTF8.self) }
-        return argv.count > 1 && argv[1] == "__fuse-serve"
+        return argv.count > 1 && argv[1] == command
     }
 
     /// The stats file of the server of the mount at `mountpoint`.
@@ -190,7 +190,7 @@ struct FuseErofsBackend: MountBackend {
     func attach(_ request: PreparedMount) throws -> Attachment {
         let mounter = FuseMounter(stateRoot: request.stateRoot)
         let stats = mounter.statsPath(for: request.mountpoint)
-        let spec = FuseServeSpec(filesystem: .erofs, source: request.source, remote: request.remote, statsPath: stats)
+        let spec = ServeSpec(filesystem: .erofs, source: request.source, remote: request.remote, statsPath: stats)
         guard Sys.hasCapSysAdmin() else {
             let pid = try mounter.mountWithFusermount(spec, source: request.source, at: request.target.path)
             return Attachment(device: nil, workerPID: pid, statsPath: stats)
@@ -228,7 +228,7 @@ struct FuseBlobBackend: MountBackend {
         }
         let fuseTarget: MountTarget
         do { fuseTarget = try MountTarget(dir) } catch { throw BackendFailure(detail: "\(error)", fallback: false) }
-        let spec = FuseServeSpec(filesystem: .blob, source: request.source, remote: request.remote, statsPath: stats)
+        let spec = ServeSpec(filesystem: .blob, source: request.source, remote: request.remote, statsPath: stats)
         let pid: Int32
         do {
             pid = try mounter.mount(spec, source: request.source, at: fuseTarget.fd,

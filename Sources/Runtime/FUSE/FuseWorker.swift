@@ -10,13 +10,13 @@ import Remote
 import Syscall
 import SystemPackage
 
-/// What a FUSE-served mount serves, handed to its server as JSON over a pipe (never argv: remote
-/// options may carry a registry password).
-public struct FuseServeSpec: Codable, Sendable {
+/// What a served mount (FUSE or NBD) serves, handed to its server as JSON over a pipe (never argv:
+/// remote options may carry a registry password).
+public struct ServeSpec: Codable, Sendable {
     public enum Filesystem: String, Codable, Sendable {
         /// The image's files, read by the user-space EROFS reader (fuse-erofs).
         case erofs
-        /// The image as one file for kernel EROFS to mount (fuse-blob).
+        /// The image as one file or device for kernel EROFS to mount (fuse-blob, nbd).
         case blob
     }
 
@@ -92,7 +92,7 @@ public enum FuseWorker {
     }
 
     static func statsPath(_ spec: [UInt8]) -> String? {
-        (try? JSONDecoder().decode(FuseServeSpec.self, from: Data(spec)))?.statsPath
+        (try? JSONDecoder().decode(ServeSpec.self, from: Data(spec)))?.statsPath
     }
 
     /// Reads and answers INIT (within 10 s of the mount): the kernel's flags and minor version.
@@ -144,9 +144,9 @@ public enum FuseWorker {
                              kernelMinor: UInt32, resend: Bool) -> Int32 {
         let status = FileDescriptor(rawValue: statusFD)
         let served: (FUSEFilesystem, ServedSource)
-        let spec: FuseServeSpec
+        let spec: ServeSpec
         do {
-            spec = try JSONDecoder().decode(FuseServeSpec.self, from: Data(specBytes))
+            spec = try JSONDecoder().decode(ServeSpec.self, from: Data(specBytes))
             served = try openFilesystem(spec)
         } catch {
             log("cannot serve: \(error)")
@@ -171,7 +171,7 @@ public enum FuseWorker {
         return 0
     }
 
-    static func openFilesystem(_ spec: FuseServeSpec) throws -> (FUSEFilesystem, ServedSource) {
+    static func openFilesystem(_ spec: ServeSpec) throws -> (FUSEFilesystem, ServedSource) {
         let served = try Runtime().openServedSource(spec.source, remote: spec.remote ?? RemoteOptions())
         let mtime = UInt64(Date().timeIntervalSince1970)
         switch spec.filesystem {

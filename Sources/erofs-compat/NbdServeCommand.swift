@@ -1,0 +1,25 @@
+import ArgumentParser
+import Runtime
+import Syscall
+
+/// `erofs-compat __nbd-serve`: the server of an `nbd` mount, on the socket whose other end the
+/// kernel's NBD driver holds. Internal: not shown in --help.
+struct NbdServeCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "__nbd-serve", shouldDisplay: false)
+
+    @Option var socketFd: Int32
+    @Option var specFd: Int32
+    @Option var readyFd: Int32
+
+    func run() throws {
+        let spec: [UInt8]
+        do {
+            spec = try Sys.readAll(specFd)
+            Sys.close(specFd)
+        } catch {
+            FuseWorker.log("cannot read the serve spec from fd \(specFd): \(error)")
+            throw ExitCode(2)
+        }
+        throw ExitCode(NbdWorker.serve(spec: spec, socketFD: socketFd, readyFD: readyFd))
+    }
+}
