@@ -68,7 +68,7 @@ struct MountCLITests {
             (["mount", e.dir.file("tree"), e.dir.file("mnt")], 3),
             (["mount", e.dir.file("img.erofs"), e.dir.file("nomnt")], 4),
             (["mount", "-o", "bogus", e.dir.file("img.erofs"), e.dir.file("mnt")], 2),
-            (["mount", "--backend", "nbd", e.dir.file("img.erofs"), e.dir.file("mnt")], 2),
+            (["mount", "--backend", "ublk", e.dir.file("img.erofs"), e.dir.file("mnt")], 2),
             (["mount", e.dir.file("img.erofs")], 2),
             (["umount", e.dir.file("mnt")], 6),
             (["status", e.dir.file("mnt")], 6),

@@ -364,3 +364,40 @@ struct UnprivilegedFuseTests {
         #expect(try Self.asNobody(dir, [cliBinary, "umount", dir.file("oracle")]).status == 5)
     }
 }
+
+/// `--backend nbd` on a host the probe finds without the NBD driver is refused naming it, leaving
+/// nothing; where the driver is present, the mount shows the image's bytes and umount frees the device.
+@Suite(.serialized, .enabled(if: TestEnv.isRoot && TestEnv.which("mkfs.erofs") != nil, "needs root and mkfs.erofs"))
+struct NbdBackendTests {
+    @Test func nbdMountsOrIsRefusedNamingTheDriver() throws {
+        let dir = try ScratchDir("nbd-backend")
+        let runtime = Runtime(state: StateStore(root: dir.file("state")))
+        Runtime.workerExecutable = cliBinary
+        defer {
+            for m in currentMounts().filter({ $0.hasPrefix(dir.path) }).reversed() { try? MountAPI.umount(m, detach: true) }
+            dir.remove()
+        }
+        try Samples.makeTree(at: dir.file("tree"))
+        try Samples.mkfs(dir.file("tree"), dir.file("img"), ["-zlz4hc"])
+        try FileManager.default.createDirectory(atPath: dir.file("mnt"), withIntermediateDirectories: false)
+        let plan = try runtime.mount(MountRequest(source: dir.file("img"), mountpoint: dir.file("mnt"), dryRun: true)).plan
+        let nbd = try #require(plan.candidates.first { $0.backend == .nbd })
+        let request = MountRequest(source: dir.file("img"), mountpoint: dir.file("mnt"), backend: .nbd)
+        guard nbd.verdict == .viable else {
+            #expect(nbd.reasons.joined().contains("nbd driver"), "\(nbd.reasons)")
+            do {
+                _ = try runtime.mount(request)
+                Issue.record("mounted with nbd although the planner rejected it")
+            } catch let e as RuntimeError {
+                #expect(e.description.contains("nbd driver"), "\(e)")
+            }
+            #expect(!currentMounts().contains(dir.file("mnt")) && runtime.state.all().isEmpty)
+            return
+        }
+        let out = try runtime.mount(request)
+        #expect(out.record?.device?.hasPrefix("/dev/nbd") == true)
+        #expect(Samples.compare(dir.file("tree"), dir.file("mnt")).isEmpty)
+        try runtime.umount(dir.file("mnt"))
+        #expect(!currentMounts().contains(dir.file("mnt")) && runtime.state.all().isEmpty)
+    }
+}
