@@ -47,7 +47,9 @@ struct MountCommand: ParsableCommand {
             the cache on ext4/xfs/btrfs; metadata is fetched before mounting; an unfetchable range fails the \
             read with EIO) before fuse-blob (the image as one FUSE file served lazily from the same cache, \
             kernel EROFS on it) before fuse-erofs (lazy too) before file or loop after a whole download. \
-            FUSE servers are restarted if they crash; the kernel resends what the dead one had read. With --backend auto, a failure the planner could not foresee \
+            FUSE servers are restarted if they crash; the kernel resends what the dead one had read. \
+            --backend nbd: kernel EROFS on /dev/nbdN attached over netlink to a server of the same cache \
+            (kernels with the nbd driver); umount disconnects it. With --backend auto, a failure the planner could not foresee \
             (ENOTBLK, ENODEV, EOPNOTSUPP) moves on to the next candidate and says so; a backend you name \
             is never replaced.
 
