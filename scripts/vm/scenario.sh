@@ -40,7 +40,11 @@ $E probe --json --cache-dir /w > /w/probe0.json 2>/w/probe0.err
 check probe-runs test -s /w/probe0.json
 state=$(module_value /w/probe0.json erofs.module)
 check erofs-loadable-not-loaded sh -c "[ '$state' = loadable ] || { echo 'erofs.module: $state'; exit 1; }"
-check nothing-loaded-by-probe sh -c '[ ! -d /sys/module/erofs ] || { echo /sys/module/erofs exists; exit 1; }'
+for m in loop nbd; do
+    v=$(module_value /w/probe0.json $m.module)
+    check $m-loadable-not-loaded sh -c "[ '$v' = loadable ] || { echo '$m.module: $v'; exit 1; }"
+done
+check nothing-loaded-by-probe sh -c 'for m in erofs loop nbd; do [ ! -d /sys/module/$m ] || { echo /sys/module/$m exists; exit 1; }; done'
 echo /sbin/modprobe > /proc/sys/kernel/modprobe
 for m in erofs loop fuse nbd; do modprobe "$m" 2>/dev/null; done
 mkdir -p /dev/net
