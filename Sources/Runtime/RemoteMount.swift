@@ -438,15 +438,7 @@ extension Runtime {
             throw RuntimeError.mountFailed(backend: "fanotify", detail: "cannot start the worker: \(error)")
         }
         Sys.close(w)
-        var line = [UInt8]()
-        var buf = [UInt8](repeating: 0, count: 512)
-        while !line.contains(0x0A) {
-            guard (try? Sys.poll(r, timeoutMs: Int32(min(req.remote.prepareTimeout + 30, 3600) * 1000))) == true else { break }
-            let n = (try? buf.withUnsafeMutableBytes { try Sys.read(r, into: $0) }) ?? 0
-            if n <= 0 { break }
-            line += buf[0..<n]
-        }
-        let text = String(decoding: line, as: UTF8.self).trimmed
+        let text = Sys.readLine(r, timeoutMs: Int32(min(req.remote.prepareTimeout + 30, 3600) * 1000)).trimmed
         guard text == "ready" else {
             try? Sys.kill(pid, SIGKILL)
             _ = Sys.reap(pid)

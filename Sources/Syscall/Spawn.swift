@@ -142,6 +142,19 @@ extension Sys {
         return r
     }
 
+    /// One line from `fd` (without its newline): what a helper reports on its ready pipe; "" on EOF
+    /// or when nothing complete arrived within `timeoutMs`.
+    package static func readLine(_ fd: Int32, timeoutMs: Int32) -> String {
+        var line = [UInt8]()
+        var buf = [UInt8](repeating: 0, count: 512)
+        while !line.contains(0x0A) {
+            guard (try? poll(fd, timeoutMs: timeoutMs)) == true,
+                  let n = try? buf.withUnsafeMutableBytes({ try read(fd, into: $0) }), n > 0 else { break }
+            line += buf[0..<n]
+        }
+        return String(decoding: line.prefix { $0 != 0x0A }, as: UTF8.self)
+    }
+
     /// A pipe (both ends close-on-exec).
     package static func pipe() throws -> (read: Int32, write: Int32) {
         var fds: [Int32] = [0, 0]

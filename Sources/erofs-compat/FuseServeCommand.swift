@@ -18,18 +18,22 @@ struct FuseServeCommand: ParsableCommand {
     @Flag var resend = false
 
     func run() throws {
-        let spec: [UInt8]
-        do {
-            spec = try Sys.readAll(specFd)
-            Sys.close(specFd)
-        } catch {
-            FuseWorker.log("cannot read the serve spec from fd \(specFd): \(error)")
-            throw ExitCode(2)
-        }
+        let spec = try readServeSpec(specFd)
         if child {
             throw ExitCode(FuseWorker.serve(spec: spec, fuseFD: fuseFd, statusFD: statusFd, kernelFlags: kernelFlags,
                                             kernelMinor: kernelMinor, resend: resend))
         }
         throw ExitCode(FuseWorker.supervise(spec: spec, fuseFD: fuseFd, readyFD: readyFd))
+    }
+}
+
+/// The serve spec a served mount's process gets on a pipe (exit 2 when it cannot be read).
+func readServeSpec(_ fd: Int32) throws -> [UInt8] {
+    do {
+        defer { Sys.close(fd) }
+        return try Sys.readAll(fd)
+    } catch {
+        FuseWorker.log("cannot read the serve spec from fd \(fd): \(error)")
+        throw ExitCode(2)
     }
 }

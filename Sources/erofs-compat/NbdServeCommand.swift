@@ -1,6 +1,5 @@
 import ArgumentParser
 import Runtime
-import Syscall
 
 /// `erofs-compat __nbd-serve`: the server of an `nbd` mount, on the socket whose other end the
 /// kernel's NBD driver holds. Internal: not shown in --help.
@@ -12,14 +11,7 @@ struct NbdServeCommand: ParsableCommand {
     @Option var readyFd: Int32
 
     func run() throws {
-        let spec: [UInt8]
-        do {
-            spec = try Sys.readAll(specFd)
-            Sys.close(specFd)
-        } catch {
-            FuseWorker.log("cannot read the serve spec from fd \(specFd): \(error)")
-            throw ExitCode(2)
-        }
+        let spec = try readServeSpec(specFd)
         throw ExitCode(NbdWorker.serve(spec: spec, socketFD: socketFd, readyFD: readyFd))
     }
 }

@@ -40,6 +40,24 @@ func fuseServers(under dir: ScratchDir) -> [Int32] {
     }
 }
 
+/// A scratch directory with a private state directory, and the CLI as the servers' executable;
+/// `remove` detaches whatever is still mounted under it.
+struct LocalFixture {
+    let dir: ScratchDir
+    let runtime: Runtime
+
+    init(_ label: String) throws {
+        dir = try ScratchDir(label)
+        runtime = Runtime(state: StateStore(root: dir.file("state")))
+        Runtime.workerExecutable = cliBinary
+    }
+
+    func remove() {
+        for m in currentMounts().filter({ $0.hasPrefix(dir.path) }).reversed() { try? MountAPI.umount(m, detach: true) }
+        dir.remove()
+    }
+}
+
 /// umount, retried for a moment while the mount is busy: a test running in parallel may be walking
 /// the scratch directories and briefly hold a file of this mount.
 func umountRetryingBusy(_ runtime: Runtime, _ mnt: String) throws {
@@ -70,13 +88,9 @@ struct FuseMountTests {
     /// mtimes) equals what fuse-erofs shows, for every mkfs.erofs variant of the reader's oracle
     /// tests and every image made by erofs-utils 1.9.3 (the reader's newer formats).
     @Test func fuseErofsMatchesTheKernel() throws {
-        let dir = try ScratchDir("fuse-oracle")
-        let runtime = Runtime(state: StateStore(root: dir.file("state")))
-        Runtime.workerExecutable = cliBinary
-        defer {
-            for m in currentMounts().filter({ $0.hasPrefix(dir.path) }).reversed() { try? MountAPI.umount(m, detach: true) }
-            dir.remove()
-        }
+        let f = try LocalFixture("fuse-oracle")
+        defer { f.remove() }
+        let (dir, runtime) = (f.dir, f.runtime)
         try ReaderTrees.makeEdge(at: dir.file("tree/edge"))
         try ReaderTrees.makeReal(at: dir.file("tree/real"), budget: 1 << 20)
         for d in ["mnt", "oracle"] { try FileManager.default.createDirectory(atPath: dir.file(d), withIntermediateDirectories: false) }
@@ -107,13 +121,9 @@ struct FuseMountTests {
     /// planner's findings only) is mounted by auto with fuse-erofs; naming a kernel backend is refused
     /// with that reason.
     @Test func anImageTheKernelCannotReadGoesToFuseErofs() throws {
-        let dir = try ScratchDir("fuse-features")
-        let runtime = Runtime(state: StateStore(root: dir.file("state")))
-        Runtime.workerExecutable = cliBinary
-        defer {
-            for m in currentMounts().filter({ $0.hasPrefix(dir.path) }).reversed() { try? MountAPI.umount(m, detach: true) }
-            dir.remove()
-        }
+        let f = try LocalFixture("fuse-features")
+        defer { f.remove() }
+        let (dir, runtime) = (f.dir, f.runtime)
         try Samples.makeTree(at: dir.file("tree"))
         try Samples.mkfs(dir.file("tree"), dir.file("img"), ["-zlz4hc"])
         for d in ["mnt", "oracle"] { try FileManager.default.createDirectory(atPath: dir.file(d), withIntermediateDirectories: false) }
@@ -370,13 +380,9 @@ struct UnprivilegedFuseTests {
 @Suite(.serialized, .enabled(if: TestEnv.isRoot && TestEnv.which("mkfs.erofs") != nil, "needs root and mkfs.erofs"))
 struct NbdBackendTests {
     @Test func nbdMountsOrIsRefusedNamingTheDriver() throws {
-        let dir = try ScratchDir("nbd-backend")
-        let runtime = Runtime(state: StateStore(root: dir.file("state")))
-        Runtime.workerExecutable = cliBinary
-        defer {
-            for m in currentMounts().filter({ $0.hasPrefix(dir.path) }).reversed() { try? MountAPI.umount(m, detach: true) }
-            dir.remove()
-        }
+        let f = try LocalFixture("nbd-backend")
+        defer { f.remove() }
+        let (dir, runtime) = (f.dir, f.runtime)
         try Samples.makeTree(at: dir.file("tree"))
         try Samples.mkfs(dir.file("tree"), dir.file("img"), ["-zlz4hc"])
         try FileManager.default.createDirectory(atPath: dir.file("mnt"), withIntermediateDirectories: false)

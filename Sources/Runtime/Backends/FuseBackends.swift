@@ -122,64 +122,19 @@ struct FuseMounter {
         return r.status == 0
     }
 
-    /// Spawns `__fuse-serve` with the device and the spec, and waits for its "ready".
+    /// Starts `__fuse-serve` with the device and the spec, and waits for its "ready".
     func startSupervisor(_ spec: ServeSpec, fuseFD: Int32) throws -> Int32 {
-        let json: Data
-        do { json = try JSONEncoder().encode(spec) } catch {
-            throw BackendFailure(detail: "encoding the serve spec: \(error)", fallback: false)
-        }
-        let specFD = try Sys.pipe(holding: Array(json))
-        defer { Sys.close(specFD) }
-        let (r, w) = try Sys.pipe()
-        defer { Sys.close(r) }
-        let args = ["__fuse-serve", "--fuse-fd", String(fuseFD), "--spec-fd", String(specFD), "--ready-fd", String(w)]
-        let pid: Int32
-        do {
-            pid = try Sys.spawnDetached(Runtime.workerExecutable, args, keep: [fuseFD, specFD, w],
-                                        logPath: StateStore.sibling(of: spec.statsPath, ".log"))
-        } catch {
-            Sys.close(w)
-            throw BackendFailure(detail: "cannot start the FUSE server: \(error)", fallback: false)
-        }
-        Sys.close(w)
-        let line = FuseWorker.readLine(r, timeoutMs: Int32(min((spec.remote?.prepareTimeout ?? 60) + 30, 3600) * 1000))
+        let server = ServedProcess.fuse
+        let (pid, line) = try server.start(spec, args: ["--fuse-fd", String(fuseFD)], keeping: [fuseFD])
         guard line == "ready" else {
-            try? Sys.kill(pid, SIGKILL)
-            _ = Sys.reap(pid)
-            let exited = "the FUSE server exited before it was ready"
-            let why = line.hasPrefix("error: ") ? String(line.dropFirst(7)) : exited
-            throw BackendFailure(detail: why, fallback: false)
+            server.kill(pid)
+            throw BackendFailure(detail: "the FUSE server answered '\(line)'", fallback: false)
         }
         return pid
     }
 
-    /// Once its FUSE connection is gone the server exits by itself; wait for that (so that nothing
-    /// of the mount is left when `umount` returns), and stop it if it lingers.
-    static func awaitServerExit(_ record: MountRecord, command: String = "__fuse-serve") {
-        if let pid = record.workerPID, isServer(pid, command) {
-            for _ in 0..<100 where Sys.processExists(pid) && isServer(pid, command) { usleep(20_000) }
-            if Sys.processExists(pid), isServer(pid, command) {
-                try? Sys.kill(pid, SIGTERM)
-                for _ in 0..<50 where Sys.processExists(pid) && isServer(pid, command) { usleep(20_000) }
-            }
-        }
-        // Its last figures and its log go with it.
-        if let stats = record.statsPath {
-            for f in [stats, StateStore.sibling(of: stats, ".log")] { try? Sys.unlink(f) }
-        }
-    }
-
-    /// Whether `pid` runs `command` (a recorded pid may since belong to another process).
-    static func isServer(_ pid: Int32, _ command: String = "__fuse-serve") -> Bool {
-        guard let raw = try? Sys.readFile("/proc/\(pid)/cmdline") else { return false }
-        let argv = raw.split(separator: 0, omittingEmptySubsequences: false).map { String(decoding: $0, as: UTF8.self) }
-        return argv.count > 1 && argv[1] == command
-    }
-
-    /// The stats file of the server of the mount at `mountpoint`.
     func statsPath(for mountpoint: String) -> String {
-        try? Sys.mkdir(stateRoot + "/workers", mode: 0o700)
-        return stateRoot + "/workers/" + StateStore.key(for: mountpoint)
+        ServedProcess.statsPath(stateRoot: stateRoot, mountpoint: mountpoint)
     }
 }
 
@@ -204,7 +159,7 @@ struct FuseErofsBackend: MountBackend {
 
     /// After a lazy umount the server keeps answering for open files; it exits when the superblock goes.
     func release(_ record: MountRecord, lazy: Bool) {
-        if !lazy { FuseMounter.awaitServerExit(record) }
+        if !lazy { ServedProcess.fuse.awaitExit(record) }
     }
 
     func recognises(_ m: MountInfoEntry, as r: MountRecord) -> Bool {
@@ -268,7 +223,7 @@ struct FuseBlobBackend: MountBackend {
         if record.device != nil { LoopBackend().release(inner) }
         try? MountAPI.umount(dir, detach: true)
         _ = Glibc.rmdir(dir)
-        if !lazy { FuseMounter.awaitServerExit(record) }
+        if !lazy { ServedProcess.fuse.awaitExit(record) }
     }
 
     func recognises(_ m: MountInfoEntry, as r: MountRecord) -> Bool {

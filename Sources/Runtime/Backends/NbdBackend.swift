@@ -19,7 +19,7 @@ struct NbdBackend: MountBackend {
         guard request.options.fsOffset == 0 else {
             throw BackendFailure(detail: "fsoffset is not supported with nbd", fallback: false)
         }
-        let stats = FuseMounter(stateRoot: request.stateRoot).statsPath(for: request.mountpoint)
+        let stats = ServedProcess.statsPath(stateRoot: request.stateRoot, mountpoint: request.mountpoint)
         let spec = ServeSpec(filesystem: .blob, source: request.source, remote: request.remote, statsPath: stats)
         let (mine, theirs) = try Sys.socketPair()
         defer { Sys.close(mine) }
@@ -29,8 +29,7 @@ struct NbdBackend: MountBackend {
             index = try NBDNetlink.connect(socket: mine, size: size, blockSize: UInt64(min(max(request.blockSize, 512), 4096)),
                                            timeoutSeconds: 30, deadConnectionSeconds: 30)
         } catch {
-            try? Sys.kill(pid, SIGKILL)
-            _ = Sys.reap(pid)
+            ServedProcess.nbd.kill(pid)
             throw BackendFailure(detail: "NBD_CMD_CONNECT over netlink: \(error)", fallback: false)
         }
         let device = "/dev/nbd\(index)"
@@ -44,34 +43,15 @@ struct NbdBackend: MountBackend {
         return Attachment(device: device, workerPID: pid, statsPath: stats)
     }
 
-    /// Spawns `__nbd-serve` with the spec and its end of the socket pair; waits for "ready SIZE".
+    /// Starts `__nbd-serve` with the spec and its end of the socket pair; waits for "ready SIZE".
     func startServer(_ spec: ServeSpec, socket: Int32) throws -> (pid: Int32, size: UInt64) {
         defer { Sys.close(socket) }
-        let json: Data
-        do { json = try JSONEncoder().encode(spec) } catch {
-            throw BackendFailure(detail: "encoding the serve spec: \(error)", fallback: false)
-        }
-        let specFD = try Sys.pipe(holding: Array(json))
-        defer { Sys.close(specFD) }
-        let (r, w) = try Sys.pipe()
-        defer { Sys.close(r) }
-        let args = ["__nbd-serve", "--socket-fd", String(socket), "--spec-fd", String(specFD), "--ready-fd", String(w)]
-        let pid: Int32
-        do {
-            pid = try Sys.spawnDetached(Runtime.workerExecutable, args, keep: [socket, specFD, w],
-                                        logPath: StateStore.sibling(of: spec.statsPath, ".log"))
-        } catch {
-            Sys.close(w)
-            throw BackendFailure(detail: "cannot start the NBD server: \(error)", fallback: false)
-        }
-        Sys.close(w)
-        let line = FuseWorker.readLine(r, timeoutMs: Int32(min((spec.remote?.prepareTimeout ?? 60) + 30, 3600) * 1000))
+        let server = ServedProcess.nbd
+        let (pid, line) = try server.start(spec, args: ["--socket-fd", String(socket)], keeping: [socket])
         let fields = line.split(separator: " ")
         guard fields.count == 2, fields[0] == "ready", let size = UInt64(fields[1]) else {
-            try? Sys.kill(pid, SIGKILL)
-            _ = Sys.reap(pid)
-            let why = line.hasPrefix("error: ") ? String(line.dropFirst(7)) : "the NBD server exited before it was ready"
-            throw BackendFailure(detail: why, fallback: false)
+            server.kill(pid)
+            throw BackendFailure(detail: "the NBD server answered '\(line)'", fallback: false)
         }
         return (pid, size)
     }
@@ -93,6 +73,6 @@ struct NbdBackend: MountBackend {
            FileManager.default.fileExists(atPath: "/sys/block/nbd\(index)/pid") {
             try? NBDNetlink.disconnect(index: index)
         }
-        FuseMounter.awaitServerExit(record, command: "__nbd-serve")
+        ServedProcess.nbd.awaitExit(record)
     }
 }

@@ -59,7 +59,7 @@ public enum FuseWorker {
                 if !readySent { ready("error: cannot start the FUSE server") }
                 return 1
             }
-            let first = readLine(status, timeoutMs: 120_000)
+            let first = Sys.readLine(status, timeoutMs: 120_000)
             Sys.close(status)
             if !readySent {
                 guard first == "serving" else {
@@ -124,18 +124,6 @@ public enum FuseWorker {
             Sys.close(r)
             throw error
         }
-    }
-
-    /// One line from `fd` (without its newline), "" on EOF or after `timeoutMs`.
-    static func readLine(_ fd: Int32, timeoutMs: Int32) -> String {
-        var line = [UInt8]()
-        var buf = [UInt8](repeating: 0, count: 512)
-        while !line.contains(0x0A) {
-            guard (try? Sys.poll(fd, timeoutMs: timeoutMs)) == true,
-                  let n = try? buf.withUnsafeMutableBytes({ try Sys.read(fd, into: $0) }), n > 0 else { break }
-            line += buf[0..<n]
-        }
-        return String(decoding: line.prefix { $0 != 0x0A }, as: UTF8.self)
     }
 
     /// A serving child: opens what the spec names, says "serving" (or "error: …") on `statusFD`,
