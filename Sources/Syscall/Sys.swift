@@ -332,9 +332,15 @@ package enum Sys {
         FileDescriptor(rawValue: try call { ecx_inotify_init() })
     }
 
-    /// Watches the directory at `path` for its filesystem's shutdown (IN_UNMOUNT); returns the watch.
-    package static func inotifyWatchUnmount(_ fd: FileDescriptor, _ path: String) throws -> Int32 {
-        try call { ecx_inotify_add_watch(fd.rawValue, path, ecx_in_unmount | ecx_in_onlydir) }
+    /// Watches the directory at `path` for its filesystem's shutdown (IN_UNMOUNT); returns the watch,
+    /// or nil when `path` no longer shows the filesystem on `device` ("MAJOR:MINOR", as mountinfo
+    /// has it): a mount gone between reading mountinfo and adding the watch would otherwise leave a
+    /// watch on the directory beneath, which never sees an unmount.
+    package static func inotifyWatchUnmount(_ fd: FileDescriptor, _ path: String, device: String) throws -> Int32? {
+        let wd = try call { ecx_inotify_add_watch(fd.rawValue, path, ecx_in_unmount | ecx_in_onlydir) }
+        if let st = try? stat(path), "\(major(st.st_dev)):\(minor(st.st_dev))" == device { return wd }
+        _ = inotify_rm_watch(fd.rawValue, wd)
+        return nil
     }
 
     /// Watches whose filesystem went away (IN_UNMOUNT or IN_IGNORED) among the pending events.

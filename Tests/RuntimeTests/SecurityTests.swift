@@ -110,6 +110,7 @@ struct SecurityTests {
         _ = try f.runtime.mount(MountRequest(source: f.url, mountpoint: f.mnt, remote: f.remote))
         _ = TreeFactsLite.digest(f.mnt + "/bin/tool")
         try f.runtime.umount(f.mnt)
+        #expect(Self.holdersOfLockedEntries(f.dir.file("cache")).isEmpty)
         // Version 2: same size, other bytes, a later mtime (nginx's ETag changes with it).
         try shapedTree(f.dir.file("v2"), seed: 4)
         try Samples.mkfs(f.dir.file("v2"), f.dir.file("v2.erofs"), [])
@@ -123,6 +124,28 @@ struct SecurityTests {
         defer { try? f.runtime.umount(f.mnt) }
         #expect(expected.entries["bin/tool"]?.hasSuffix(" " + TreeFactsLite.digest(f.mnt + "/bin/tool")) == true)
         #expect((notes + out.notes).contains { $0.contains("changed since it was cached") }, "\(notes + out.notes)")
+    }
+
+    /// Cache entries still locked after their mount went, each with whoever still has the data file
+    /// open or a mount of it (any process's descriptors and mount namespace): what a failure needs.
+    static func holdersOfLockedEntries(_ cacheDir: String) -> [String] {
+        let files = (FileManager.default.subpaths(atPath: cacheDir) ?? []).map { cacheDir + "/" + $0 }
+        let locked = files.filter { !($0.split(separator: "/").last ?? "").contains(".") && BlobCache.isLocked(entry: $0) }
+        let procs = (try? FileManager.default.contentsOfDirectory(atPath: "/proc"))?.filter { Int($0) != nil } ?? []
+        return locked.map { entry in
+            let holders = procs.compactMap { pid -> String? in
+                let fds = (try? FileManager.default.contentsOfDirectory(atPath: "/proc/\(pid)/fd")) ?? []
+                let open = fds.contains {
+                    let target = try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/\(pid)/fd/\($0)")
+                    return target == entry || target == entry + ".lock"
+                }
+                let mounted = (try? String(contentsOfFile: "/proc/\(pid)/mountinfo", encoding: .utf8))?.contains(entry) == true
+                guard open || mounted else { return nil }
+                let cmd = (try? String(contentsOfFile: "/proc/\(pid)/cmdline", encoding: .utf8))?.replacingOccurrences(of: "\0", with: " ")
+                return "\(pid)\(open ? " open" : "")\(mounted ? " mounted" : "") \(cmd?.prefix(80) ?? "")"
+            }
+            return "\(entry) locked; holders: \(holders.joined(separator: "; "))"
+        }
     }
 
     /// 4. As root, a cache directory another user owns is refused; links planted in the cache are

@@ -367,7 +367,8 @@ public enum LazyWorker {
             if let notify {
                 for m in mounts where !watchedMounts.contains(m.mountID) {
                     watchedMounts.insert(m.mountID)
-                    if let wd = try? Sys.inotifyWatchUnmount(notify, m.mountPoint) { liveWatches.insert(wd) }
+                    let wd = try? Sys.inotifyWatchUnmount(notify, m.mountPoint, device: m.device)
+                    if let wd = wd ?? nil { liveWatches.insert(wd) }
                 }
                 liveWatches.subtract(Sys.inotifyEndedWatches(notify))
             }
