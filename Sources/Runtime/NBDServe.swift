@@ -210,32 +210,3 @@ extension Runtime {
         return ServedSource(local: file, blockSize: blockSize, description: description ?? canonical)
     }
 }
-
-/// The server process of an `nbd` mount: serves the kernel's end-of-pair socket from the source
-/// the spec names (no negotiation: the kernel was told size and flags over netlink) until the
-/// device is disconnected.
-public enum NbdWorker {
-    public static func serve(spec bytes: [UInt8], socketFD: Int32, readyFD: Int32) -> Int32 {
-        let ready = FileDescriptor(rawValue: readyFD)
-        let served: ServedSource
-        let spec: ServeSpec
-        do {
-            spec = try JSONDecoder().decode(ServeSpec.self, from: Data(bytes))
-            served = try Runtime().openServedSource(spec.source, remote: spec.remote ?? RemoteOptions())
-        } catch {
-            FuseWorker.log("cannot serve: \(error)")
-            _ = try? ready.writeAll(Array("error: \(error)\n".utf8))
-            return 2
-        }
-        defer { served.close() }
-        let export = NBDExport(name: "image", description: served.description, size: served.size, preferredBlock: served.granule)
-        let server = NBDServer(exports: [export], read: { try served.read(offset: $0, length: $1) },
-                               prefetch: { try served.prefetch(offset: $0, length: $1) }, log: { FuseWorker.log($0) })
-        _ = try? ready.writeAll(Array("ready \(served.size)\n".utf8))
-        Sys.close(readyFD)
-        server.serve(kernelConnection: socketFD)
-        FuseWorker.log("the device was disconnected; exiting")
-        try? Sys.unlink(StateStore.sibling(of: spec.statsPath, ".log"))
-        return 0
-    }
-}

@@ -91,11 +91,7 @@ package enum NBDNetlink {
     /// takes its own reference): returns N. The device is destroyed again on disconnect.
     package static func connect(socket: Int32, size: UInt64, blockSize: UInt64, timeoutSeconds: UInt64,
                                 deadConnectionSeconds: UInt64) throws -> UInt32 {
-        let family: UInt16
-        switch try GenericNetlink.familyID("nbd") {
-        case .success(let id): family = id
-        case .failure(let e): throw e
-        }
+        let family = try familyID()
         let item = GenericNetlink.attribute(ecx_nbd_sock_item, GenericNetlink.u32(ecx_nbd_sock_fd, UInt32(socket)))
         let attrs = GenericNetlink.u64(ecx_nbd_attr_size_bytes, size) + GenericNetlink.u64(ecx_nbd_attr_block_size_bytes, blockSize)
             + GenericNetlink.u64(ecx_nbd_attr_server_flags, ecx_nbd_flag_has_flags | ecx_nbd_flag_read_only)
@@ -110,8 +106,30 @@ package enum NBDNetlink {
 
     /// Disconnects /dev/nbdN (its server sees the socket close).
     package static func disconnect(index: UInt32) throws {
-        guard case .success(let family) = try GenericNetlink.familyID("nbd") else { throw Errno.noSuchFileOrDirectory }
-        _ = try GenericNetlink.request(family: family, command: ecx_nbd_cmd_disconnect,
+        _ = try GenericNetlink.request(family: try familyID(), command: ecx_nbd_cmd_disconnect,
                                        attributes: GenericNetlink.u32(ecx_nbd_attr_index, index))
+    }
+
+    /// NBD_CMD_RECONFIGURE of /dev/nbdN: `socket` replaces its dead connection (requests waiting
+    /// for one are sent on it); `disconnectOnClose` makes the kernel disconnect the device when its
+    /// last opener (a mounted filesystem) closes it. The device stays destroyed on disconnect.
+    package static func reconfigure(index: UInt32, socket: Int32? = nil, disconnectOnClose: Bool) throws {
+        var attrs = GenericNetlink.u32(ecx_nbd_attr_index, index)
+            + GenericNetlink.u64(ecx_nbd_attr_client_flags, ecx_nbd_cflag_destroy_on_disconnect
+                                 | (disconnectOnClose ? ecx_nbd_cflag_disconnect_on_close : 0))
+        if let socket {
+            let item = GenericNetlink.attribute(ecx_nbd_sock_item, GenericNetlink.u32(ecx_nbd_sock_fd, UInt32(socket)))
+            attrs += GenericNetlink.attribute(ecx_nbd_attr_sockets, item)
+        }
+        _ = try GenericNetlink.request(family: try familyID(), command: ecx_nbd_cmd_reconfigure, attributes: attrs)
+    }
+
+    /// The "nbd" family's id. ENOENT where it is not registered in this network namespace (the
+    /// family is not namespace-aware: in a container's own netns it is absent even with the driver).
+    static func familyID() throws -> UInt16 {
+        switch try GenericNetlink.familyID("nbd") {
+        case .success(let id): return id
+        case .failure(let e): throw e
+        }
     }
 }

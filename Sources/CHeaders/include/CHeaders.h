@@ -339,6 +339,8 @@ static const unsigned short ecx_nbd_sock_fd = NBD_SOCK_FD;
 static const unsigned long long ecx_nbd_flag_has_flags = NBD_FLAG_HAS_FLAGS;
 static const unsigned long long ecx_nbd_flag_read_only = NBD_FLAG_READ_ONLY;
 static const unsigned long long ecx_nbd_cflag_destroy_on_disconnect = NBD_CFLAG_DESTROY_ON_DISCONNECT;
+static const unsigned long long ecx_nbd_cflag_disconnect_on_close = NBD_CFLAG_DISCONNECT_ON_CLOSE;
+static const unsigned char ecx_nbd_cmd_reconfigure = NBD_CMD_RECONFIGURE;
 static const unsigned short ecx_nlm_f_ack = NLM_F_ACK;
 
 /* generic netlink control family */

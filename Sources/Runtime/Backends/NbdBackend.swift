@@ -9,9 +9,10 @@ import Probe
 import Syscall
 import SystemPackage
 
-/// nbd: kernel EROFS on /dev/nbdN, attached over generic netlink to one end of a socket pair
-/// whose other end `__nbd-serve` serves from the lazy reader (or a local image): read-only, the
-/// image's block size, a dead-connection timeout; the device is destroyed on disconnect.
+/// nbd: kernel EROFS on /dev/nbdN, whose connection `__nbd-serve` made over generic netlink and
+/// keeps served (a dead server is replaced and the device reconnected to its successor): read-only,
+/// the image's block size, the kernel's request and dead-connection timeouts; once mounted the device
+/// disconnects when the filesystem lets go of it (also after a lazy umount) and is then destroyed.
 struct NbdBackend: MountBackend {
     var kind: Backend { .nbd }
 
@@ -20,17 +21,14 @@ struct NbdBackend: MountBackend {
             throw BackendFailure(detail: "fsoffset is not supported with nbd", fallback: false)
         }
         let stats = ServedProcess.statsPath(stateRoot: request.stateRoot, mountpoint: request.mountpoint)
-        let spec = ServeSpec(filesystem: .blob, source: request.source, remote: request.remote, statsPath: stats)
-        let (mine, theirs) = try Sys.socketPair()
-        defer { Sys.close(mine) }
-        let (pid, size) = try startServer(spec, socket: theirs)
-        let index: UInt32
-        do {
-            index = try NBDNetlink.connect(socket: mine, size: size, blockSize: UInt64(min(max(request.blockSize, 512), 4096)),
-                                           timeoutSeconds: 30, deadConnectionSeconds: 30)
-        } catch {
-            ServedProcess.nbd.kill(pid)
-            throw BackendFailure(detail: "NBD_CMD_CONNECT over netlink: \(error)", fallback: false)
+        var spec = ServeSpec(filesystem: .blob, source: request.source, remote: request.remote, statsPath: stats)
+        spec.device = NBDDeviceSpec(blockSize: UInt64(min(max(request.blockSize, 512), 4096)))
+        let server = ServedProcess.nbd
+        let (pid, line) = try server.start(spec, args: [], keeping: [])
+        let fields = line.split(separator: " ")
+        guard fields.count == 2, fields[0] == "ready", let index = UInt32(fields[1]) else {
+            server.kill(pid)
+            throw BackendFailure(detail: "the NBD server answered '\(line)'", fallback: false)
         }
         let device = "/dev/nbd\(index)"
         do {
@@ -38,22 +36,16 @@ struct NbdBackend: MountBackend {
             try attachEROFS(source: device, at: request.target, options: request.options, passOffset: false)
         } catch {
             try? NBDNetlink.disconnect(index: index)
+            server.awaitExit(pid: pid, statsPath: stats)
             throw error
         }
-        return Attachment(device: device, workerPID: pid, statsPath: stats)
-    }
-
-    /// Starts `__nbd-serve` with the spec and its end of the socket pair; waits for "ready SIZE".
-    func startServer(_ spec: ServeSpec, socket: Int32) throws -> (pid: Int32, size: UInt64) {
-        defer { Sys.close(socket) }
-        let server = ServedProcess.nbd
-        let (pid, line) = try server.start(spec, args: ["--socket-fd", String(socket)], keeping: [socket])
-        let fields = line.split(separator: " ")
-        guard fields.count == 2, fields[0] == "ready", let size = UInt64(fields[1]) else {
-            server.kill(pid)
-            throw BackendFailure(detail: "the NBD server answered '\(line)'", fallback: false)
+        do {
+            try NBDNetlink.reconfigure(index: index, disconnectOnClose: true)
+        } catch {
+            // Still served; only a lazy umount then leaves the device connected until `umount` again.
+            FuseWorker.log("NBD_CMD_RECONFIGURE of \(device) (disconnect on close): \(error)")
         }
-        return (pid, size)
+        return Attachment(device: device, workerPID: pid, statsPath: stats)
     }
 
     /// The device has its size once the kernel set it up (udev may still be running elsewhere).
@@ -67,8 +59,12 @@ struct NbdBackend: MountBackend {
         throw BackendFailure(detail: "/dev/nbd\(index) did not appear with its size within 5 s", fallback: false)
     }
 
-    /// Disconnects the device (its server sees the socket close and exits) and waits for the server.
-    func release(_ record: MountRecord) {
+    /// Disconnects the device (its server sees the socket close) and waits for the server. After a
+    /// lazy umount the device stays until the filesystem lets go of it, then disconnects by itself.
+    func release(_ record: MountRecord) { release(record, lazy: false) }
+
+    func release(_ record: MountRecord, lazy: Bool) {
+        guard !lazy else { return }
         if let dev = record.device, dev.hasPrefix("/dev/nbd"), let index = UInt32(dev.dropFirst("/dev/nbd".count)),
            FileManager.default.fileExists(atPath: "/sys/block/nbd\(index)/pid") {
             try? NBDNetlink.disconnect(index: index)

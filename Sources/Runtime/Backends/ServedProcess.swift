@@ -57,15 +57,18 @@ struct ServedProcess {
 
     /// Once what it serves is gone the server exits by itself; wait for that (so that nothing of the
     /// mount is left when `umount` returns), stop it if it lingers, and remove its figures and log.
-    func awaitExit(_ record: MountRecord) {
-        if let pid = record.workerPID, isRunning(pid) {
+    func awaitExit(_ record: MountRecord) { awaitExit(pid: record.workerPID, statsPath: record.statsPath) }
+
+    func awaitExit(pid: Int32?, statsPath: String?) {
+        if let pid, isRunning(pid) {
             for _ in 0..<100 where Sys.processExists(pid) && isRunning(pid) { usleep(20_000) }
             if Sys.processExists(pid), isRunning(pid) {
                 try? Sys.kill(pid, SIGTERM)
                 for _ in 0..<50 where Sys.processExists(pid) && isRunning(pid) { usleep(20_000) }
             }
         }
-        if let stats = record.statsPath {
+        if let pid { _ = Sys.reap(pid) }
+        if let stats = statsPath {
             for f in [stats, StateStore.sibling(of: stats, ".log")] { try? Sys.unlink(f) }
         }
     }

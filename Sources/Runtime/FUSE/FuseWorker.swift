@@ -28,6 +28,8 @@ public struct ServeSpec: Codable, Sendable {
     /// Where the server writes its figures (`status`), next to its log.
     public var statsPath: String
     public var threads: Int = 4
+    /// For an nbd mount: how its kernel device is set up.
+    public var device: NBDDeviceSpec?
 }
 
 /// The FUSE server processes. The supervisor owns the /dev/fuse descriptor for the mount's whole
