@@ -1,3 +1,8 @@
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
+import Foundation
+#endif
 import CHeaders
 import Glibc
 import SystemPackage
@@ -131,5 +136,61 @@ package enum NBDNetlink {
         case .success(let id): return id
         case .failure(let e): throw e
         }
+    }
+}
+
+/// The kernel's NBD driver through its ioctls on /dev/nbdN: where generic netlink cannot reach it
+/// (the "nbd" family is not namespace-aware, so a process in its own network namespace sees none).
+/// No reconnection: the device lives as long as its one socket and the NBD_DO_IT call serving it.
+package enum NBDIoctl {
+    /// Claims the first free /dev/nbdN and configures it read-only on `socket`; returns its
+    /// descriptor and N. A device another process is setting up answers EBUSY: the next is tried.
+    package static func claim(socket: Int32, size: UInt64, blockSize: UInt64, timeoutSeconds: UInt64) throws
+        -> (fd: FileDescriptor, index: UInt32) {
+        let indices = ((try? FileManager.default.contentsOfDirectory(atPath: "/sys/block")) ?? [])
+            .compactMap { $0.hasPrefix("nbd") ? UInt32($0.dropFirst(3)) : nil }.sorted()
+        var last: Error = Errno.noSuchFileOrDirectory
+        for n in indices where !FileManager.default.fileExists(atPath: "/sys/block/nbd\(n)/pid") {
+            do {
+                let fd = try Sys.open("/dev/nbd\(n)", O_RDWR)
+                do {
+                    try configure(fd.rawValue, socket: socket, size: size, blockSize: blockSize, timeout: timeoutSeconds)
+                    return (fd, n)
+                } catch {
+                    Sys.close(fd.rawValue)
+                    throw error
+                }
+            } catch let e as Errno where e == .resourceBusy || e == .noSuchFileOrDirectory {
+                last = e
+            }
+        }
+        throw last
+    }
+
+    static func configure(_ fd: Int32, socket: Int32, size: UInt64, blockSize: UInt64, timeout: UInt64) throws {
+        _ = try Sys.call { ecx_ioctl_val(fd, ecx_nbd_set_blksize, UInt(blockSize)) }
+        _ = try Sys.call { ecx_ioctl_val(fd, ecx_nbd_set_size, UInt(size)) }
+        _ = try Sys.call { ecx_ioctl_val(fd, ecx_nbd_set_flags, UInt(ecx_nbd_flag_has_flags | ecx_nbd_flag_read_only)) }
+        _ = try Sys.call { ecx_ioctl_val(fd, ecx_nbd_set_timeout, UInt(timeout)) }
+        _ = try Sys.call { ecx_ioctl_val(fd, ecx_nbd_set_sock, UInt(socket)) }
+    }
+
+    /// NBD_DO_IT: serves the device until it is disconnected or its socket dies, then clears it.
+    package static func run(_ fd: Int32) -> Errno? {
+        let rc = ecx_ioctl_val(fd, ecx_nbd_do_it, 0)
+        let e = rc < 0 ? Errno(rawValue: errno) : nil
+        _ = ecx_ioctl_val(fd, ecx_nbd_clear_sock, 0)
+        return e
+    }
+
+    /// NBD_DISCONNECT of /dev/nbdN, opened for the call.
+    package static func disconnect(index: UInt32) throws {
+        let fd = try Sys.open("/dev/nbd\(index)", O_RDWR)
+        defer { Sys.close(fd.rawValue) }
+        try disconnect(fd: fd.rawValue)
+    }
+
+    package static func disconnect(fd: Int32) throws {
+        _ = try Sys.call { ecx_ioctl_val(fd, ecx_nbd_disconnect, 0) }
     }
 }

@@ -46,6 +46,10 @@ for m in loop nbd; do
 done
 check nothing-loaded-by-probe sh -c 'for m in erofs loop nbd; do [ ! -d /sys/module/$m ] || { echo /sys/module/$m exists; exit 1; }; done'
 echo /sbin/modprobe > /proc/sys/kernel/modprobe
+# With --allow-module-load the probe's trials may load erofs (fsopen autoloads it) and find out.
+$E probe --json --allow-module-load --cache-dir /w > /w/probe1.json 2>/w/probe1.err
+check allow-module-load-loads-erofs sh -c '[ -d /sys/module/erofs ] || { cat /w/probe1.err; exit 1; }'
+check allow-module-load-decides finding /w/probe1.json erofs.module present
 for m in erofs loop fuse nbd; do modprobe "$m" 2>/dev/null; done
 mkdir -p /dev/net
 [ -e /dev/fuse ] || mknod /dev/fuse c 10 229
@@ -138,6 +142,33 @@ fi
 echo "VMCHECK nbd-kernel-said PASS $(dmesg | grep -i 'nbd' | tail -4 | tr '\n' ' ')"
 check nbd-remote-umount $E umount /w/m
 check nbd-nothing-left sh -c 'for p in /sys/block/nbd*/pid; do [ -e "$p" ] && { echo "$p"; exit 1; }; done; ! ps -o args | grep -v grep | grep -q __nbd-serve'
+# A lazy umount with a file open: it reads on, and the device disconnects itself once it is closed.
+nbd_gone() { ! nbd_connected && ! ps -o args | grep -v grep | grep -q __nbd-serve; }
+$E mount --backend nbd /w/local.erofs /w/m > /tmp/nbd-lazy.out 2>&1
+exec 3< /w/m/big
+$E umount --lazy /w/m
+sum=$(sha256sum <&3 | cut -d' ' -f1)
+check nbd-lazy-reads-on grep -q "$sum  ./big" /w/local.sums
+check nbd-lazy-still-connected nbd_connected
+exec 3<&-
+for i in 1 2 3 4 5 6 7 8 9 10; do nbd_gone && break; sleep 0.3; done
+check nbd-lazy-disconnected-after-close nbd_gone
+# In a network namespace of its own (a container's): 6.1's "nbd" netlink family is not visible there
+# (6.12's is namespace-aware), so the device is set up through its ioctls.
+unshare -n $E mount --backend nbd /w/local.erofs /w/m > /tmp/nbd-netns.out 2>&1
+check nbd-netns-backend backend_is /tmp/nbd-netns.out nbd
+check nbd-netns-content same_tree /w/m /w/local.sums
+unshare -n $E probe --json --cache-dir /w > /tmp/probe-netns.json 2>/dev/null
+if [ "$V" = 6.1 ]; then
+    check nbd-netns-ioctl-interface sh -c 'grep -h "ioctl interface" $EROFS_COMPAT_STATE_DIR/workers/*.log'
+    check nbd-netns-no-family finding /tmp/probe-netns.json nbd.netlink absent
+else
+    check nbd-netns-netlink sh -c '! grep -h "ioctl interface" $EROFS_COMPAT_STATE_DIR/workers/*.log'
+    check nbd-netns-family finding /tmp/probe-netns.json nbd.netlink present
+fi
+unshare -n $E umount /w/m
+for i in 1 2 3 4 5 6 7 8 9 10; do nbd_gone && break; sleep 0.3; done
+check nbd-netns-umount nbd_gone
 
 # --- fuse-erofs as uid 65534 through fusermount3, state under XDG_RUNTIME_DIR (the mountpoint on
 # tmpfs: fusermount3 refuses to mount over ramfs).

@@ -322,6 +322,11 @@ _Static_assert(sizeof(struct ecx_loop_config) == 304, "loop_config is 304 bytes"
 static const unsigned long ecx_nbd_set_sock = NBD_SET_SOCK;
 static const unsigned long ecx_nbd_do_it = NBD_DO_IT;
 static const unsigned long ecx_nbd_disconnect = NBD_DISCONNECT;
+static const unsigned long ecx_nbd_set_blksize = NBD_SET_BLKSIZE;
+static const unsigned long ecx_nbd_set_size = NBD_SET_SIZE;
+static const unsigned long ecx_nbd_clear_sock = NBD_CLEAR_SOCK;
+static const unsigned long ecx_nbd_set_timeout = NBD_SET_TIMEOUT;
+static const unsigned long ecx_nbd_set_flags = NBD_SET_FLAGS;
 
 /* NBD generic netlink (linux/nbd-netlink.h, 4.12+) */
 static const unsigned char ecx_nbd_cmd_connect = NBD_CMD_CONNECT;

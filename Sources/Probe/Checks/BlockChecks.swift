@@ -84,7 +84,13 @@ enum BlockChecks {
         case .success(.success(let fid)):
             return Finding(id, title, .present, value: "family id \(fid)", evidence: [.init("CTRL_CMD_GETFAMILY nbd", "family id \(fid)"), note])
         case .success(.failure(let e)) where e == .noSuchFileOrDirectory:
-            return Finding(id, title, .absent, evidence: [.init("CTRL_CMD_GETFAMILY nbd", "ENOENT: no nbd family registered"), note])
+            var ev: [Finding.Evidence] = [.init("CTRL_CMD_GETFAMILY nbd", "ENOENT: no nbd family registered"), note]
+            if module.status == .present {
+                // The family is not namespace-aware: a process in its own network namespace sees none.
+                ev.append(.init("nbd driver", "present: this network namespace cannot see the family; "
+                                + "mounts set devices up through their ioctls (no reconnection after a server crash)"))
+            }
+            return Finding(id, title, .absent, evidence: ev)
         case .success(.failure(let e)):
             return Finding(id, title, .unknown, evidence: [.init("CTRL_CMD_GETFAMILY nbd", errnoName(e))])
         case .failure(let e):

@@ -35,12 +35,14 @@ struct NbdBackend: MountBackend {
             try awaitDevice(index)
             try attachEROFS(source: device, at: request.target, options: request.options, passOffset: false)
         } catch {
-            try? NBDNetlink.disconnect(index: index)
+            NbdWorker.disconnect(index)
             server.awaitExit(pid: pid, statsPath: stats)
             throw error
         }
         do {
             try NBDNetlink.reconfigure(index: index, disconnectOnClose: true)
+        } catch let e as Errno where e == .noSuchFileOrDirectory {
+            // Set up through ioctls (no "nbd" family here): its server disconnects it once unmounted.
         } catch {
             // Still served; only a lazy umount then leaves the device connected until `umount` again.
             FuseWorker.log("NBD_CMD_RECONFIGURE of \(device) (disconnect on close): \(error)")
@@ -67,7 +69,7 @@ struct NbdBackend: MountBackend {
         guard !lazy else { return }
         if let dev = record.device, dev.hasPrefix("/dev/nbd"), let index = UInt32(dev.dropFirst("/dev/nbd".count)),
            FileManager.default.fileExists(atPath: "/sys/block/nbd\(index)/pid") {
-            try? NBDNetlink.disconnect(index: index)
+            NbdWorker.disconnect(index)
         }
         ServedProcess.nbd.awaitExit(record)
     }

@@ -35,25 +35,29 @@ public enum NbdWorker {
             ready("error: the serve spec names no NBD device")
             return 2
         }
-        var index: UInt32?
+        var link: Link?
         var restarts = 0
         while true {
             let started = ContinuousClock.now
-            switch startChild(spec: bytes, device: device, index: index) {
+            switch startChild(spec: bytes, device: device, link: link) {
             case .failure(let why):
-                guard index != nil else { ready("error: \(why)"); return 1 }
-                FuseWorker.log("cannot restart the server: \(why)")
+                guard let link else { ready("error: \(why)"); return 1 }
+                FuseWorker.log("cannot restart the server of /dev/nbd\(link.index): \(why)")
             case .success(let (pid, connected)):
-                if index == nil { ready("ready \(connected)") }
-                index = connected
+                if link == nil { ready("ready \(connected.index)") }
+                link = connected
                 let (code, signal) = Sys.wait(pid)
-                guard isMounted(connected) else { return finish(spec) }
+                guard isMounted(connected.index) else { return finish(spec) }
                 FuseWorker.log("server \(pid) ended (\(signal.map { "signal \($0)" } ?? "exit \(code ?? -1)")) "
-                               + "while /dev/nbd\(connected) is mounted; reconnecting it")
+                               + "while /dev/nbd\(connected.index) is mounted; reconnecting it")
+                guard connected.ioctl == nil else {
+                    FuseWorker.log("set up through ioctls, /dev/nbd\(connected.index) cannot be reconnected; its reads fail")
+                    return 1
+                }
             }
             if ContinuousClock.now - started > .seconds(60) { restarts = 0 }
             restarts += 1
-            guard restarts <= 50, let current = index, isMounted(current) else {
+            guard restarts <= 50, let current = link, isMounted(current.index) else {
                 FuseWorker.log("giving up after \(restarts) restarts; reads of the device fail")
                 return 1
             }
@@ -61,9 +65,16 @@ public enum NbdWorker {
         }
     }
 
-    /// Starts a serving child on a new socket pair and, once it has opened its source, connects the
-    /// device to the pair's other end (`index` nil) or reconnects device `index` to it.
-    static func startChild(spec: [UInt8], device: NBDDeviceSpec, index: UInt32?) -> Result<(Int32, UInt32), Failure> {
+    /// How the supervisor holds the device: its index, and for the ioctl interface the descriptor
+    /// whose NBD_DO_IT call serves it.
+    struct Link {
+        var index: UInt32
+        var ioctl: FileDescriptor?
+    }
+
+    /// Starts a serving child on a new socket pair and, once it has opened its source, connects a
+    /// device to the pair's other end (`link` nil) or reconnects the linked device to it.
+    static func startChild(spec: [UInt8], device: NBDDeviceSpec, link: Link?) -> Result<(Int32, Link), Failure> {
         do {
             let (kernelEnd, serverEnd) = try Sys.socketPair()
             defer { Sys.close(kernelEnd) }
@@ -73,26 +84,61 @@ public enum NbdWorker {
             Sys.close(status)
             let fields = line.split(separator: " ")
             guard fields.count == 2, fields[0] == "ready", let size = UInt64(fields[1]) else {
-                try? Sys.kill(pid, SIGKILL)
-                _ = Sys.wait(pid)
+                stop(pid)
                 return .failure(Failure(line.hasPrefix("error: ") ? String(line.dropFirst(7)) : "the server exited before it was ready"))
             }
             do {
-                if let index {
-                    try NBDNetlink.reconfigure(index: index, socket: kernelEnd, disconnectOnClose: true)
-                    return .success((pid, index))
+                if let link {
+                    try NBDNetlink.reconfigure(index: link.index, socket: kernelEnd, disconnectOnClose: true)
+                    return .success((pid, link))
                 }
-                return .success((pid, try NBDNetlink.connect(socket: kernelEnd, size: size, blockSize: device.blockSize,
-                                                             timeoutSeconds: device.timeoutSeconds,
-                                                             deadConnectionSeconds: device.deadConnectionSeconds)))
+                return .success((pid, try connect(kernelEnd, size: size, device)))
             } catch {
-                try? Sys.kill(pid, SIGKILL)
-                _ = Sys.wait(pid)
-                return .failure(Failure("\(index == nil ? "NBD_CMD_CONNECT" : "NBD_CMD_RECONFIGURE") over netlink: \(error)"))
+                stop(pid)
+                return .failure(Failure("\(link == nil ? "connecting" : "NBD_CMD_RECONFIGURE of") an NBD device: \(error)"))
             }
         } catch {
             return .failure(Failure("cannot start the server: \(error)"))
         }
+    }
+
+    static func stop(_ pid: Int32) {
+        try? Sys.kill(pid, SIGKILL)
+        _ = Sys.wait(pid)
+    }
+
+    /// A free device connected to `socket`: over generic netlink (NBD_CMD_CONNECT), or where this
+    /// network namespace has no "nbd" family, through the device's ioctls with NBD_DO_IT on a thread
+    /// of this process and a watcher that disconnects the device once it is no longer mounted.
+    static func connect(_ socket: Int32, size: UInt64, _ device: NBDDeviceSpec) throws -> Link {
+        do {
+            return Link(index: try NBDNetlink.connect(socket: socket, size: size, blockSize: device.blockSize,
+                                                      timeoutSeconds: device.timeoutSeconds,
+                                                      deadConnectionSeconds: device.deadConnectionSeconds))
+        } catch let e as Errno where e == .noSuchFileOrDirectory {
+            FuseWorker.log("no \"nbd\" generic netlink family in this network namespace; using the ioctl interface")
+        }
+        let (fd, index) = try NBDIoctl.claim(socket: socket, size: size, blockSize: device.blockSize,
+                                             timeoutSeconds: device.timeoutSeconds)
+        Threads.detach {
+            if let e = NBDIoctl.run(fd.rawValue) { FuseWorker.log("NBD_DO_IT on /dev/nbd\(index): \(e)") }
+        }
+        for _ in 0..<250 where !FileManager.default.fileExists(atPath: "/sys/block/nbd\(index)/pid") { usleep(20_000) }
+        Threads.detach { disconnectWhenUnmounted(fd.rawValue, index: index) }
+        return Link(index: index, ioctl: fd)
+    }
+
+    /// For an ioctl-configured device (no disconnect-on-close): once it has been mounted and is no
+    /// longer, NBD_DISCONNECT, which ends NBD_DO_IT and the server's connection.
+    static func disconnectWhenUnmounted(_ fd: Int32, index: UInt32) {
+        var seen = false
+        while FileManager.default.fileExists(atPath: "/sys/block/nbd\(index)/pid") {
+            let mounted = isMounted(index)
+            if seen && !mounted { break }
+            seen = seen || mounted
+            usleep(seen ? 500_000 : 100_000)
+        }
+        try? NBDIoctl.disconnect(fd: fd)
     }
 
     static func spawnChild(spec: [UInt8], socket: Int32) throws -> (Int32, Int32) {
@@ -109,6 +155,14 @@ public enum NbdWorker {
             Sys.close(r)
             throw error
         }
+    }
+
+    /// Disconnects /dev/nbdN over generic netlink, or through its ioctl where this network namespace
+    /// has no "nbd" family.
+    static func disconnect(_ index: UInt32) {
+        do { try NBDNetlink.disconnect(index: index) } catch let e as Errno where e == .noSuchFileOrDirectory {
+            try? NBDIoctl.disconnect(index: index)
+        } catch {}
     }
 
     /// Whether a filesystem (or anyone else) still holds /dev/nbdN exclusively: an exclusive open
