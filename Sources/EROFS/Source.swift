@@ -14,10 +14,23 @@ public protocol ImageSource: AnyObject {
     /// Up to `buffer.count` bytes at `offset` straight into `buffer` (fewer only at the end of the
     /// image); the count written.
     func read(at offset: UInt64, into buffer: UnsafeMutableRawBufferPointer) throws -> Int
+    /// Where exactly the bytes of [offset, offset+count) lie in a file this source keeps open, once
+    /// they are there (a lazy source fetches and checks them first): for sendfile(2). nil when the
+    /// source has no such file or the range runs past the end.
+    func fileRegion(at offset: UInt64, count: Int) throws -> FileRegion?
+}
+
+/// A byte range of an open file: what a server can send with sendfile(2) instead of reading it.
+public struct FileRegion: Sendable, Equatable {
+    public var fd: Int32
+    public var offset: UInt64
+    public init(fd: Int32, offset: UInt64) { (self.fd, self.offset) = (fd, offset) }
 }
 
 extension ImageSource {
     public func prefetch(_ ranges: [ByteRange]) throws {}
+
+    public func fileRegion(at offset: UInt64, count: Int) throws -> FileRegion? { nil }
 
     /// Through `read(at:count:)` and a copy, for sources without a direct path.
     public func read(at offset: UInt64, into buffer: UnsafeMutableRawBufferPointer) throws -> Int {
@@ -47,6 +60,10 @@ public final class FileSource: ImageSource {
     }
 
     deinit { Sys.close(fd) }
+
+    public func fileRegion(at offset: UInt64, count: Int) throws -> FileRegion? {
+        offset + UInt64(count) <= size ? FileRegion(fd: fd, offset: offset) : nil
+    }
 
     /// pread(2) straight into the caller's buffer (the FUSE server's reply).
     public func read(at offset: UInt64, into buffer: UnsafeMutableRawBufferPointer) throws -> Int {

@@ -261,18 +261,25 @@ extension NBDSession {
 
     /// The same as header and data apart, so the data can be sent without copying it.
     public func replyParts(to action: Action, result: Result<[UInt8], NBD.Error>) -> (head: [UInt8], data: [UInt8]) {
-        if case .read(let handle, let offset, let length) = action, case .success(let data) = result, data.count == Int(length) {
-            guard structured else { return (simpleReply(handle, nil), data) }
-            var w = WireWriter()
-            w.u32(NBD.structuredReplyMagic)
-            w.u16(NBD.replyFlagDone)
-            w.u16(NBD.replyTypeOffsetData)
-            w.u64(handle)
-            w.u32(UInt32(8 + data.count))
-            w.u64(offset)
-            return (w.bytes, data)
+        if case .read(_, _, let length) = action, case .success(let data) = result, data.count == Int(length),
+           let head = readReplyHead(to: action) {
+            return (head, data)
         }
         return (errorOrAck(to: action, result: result), [])
+    }
+
+    /// What precedes the data of a successful, complete read reply (the data follows as is).
+    public func readReplyHead(to action: Action) -> [UInt8]? {
+        guard case .read(let handle, let offset, let length) = action else { return nil }
+        guard structured else { return simpleReply(handle, nil) }
+        var w = WireWriter()
+        w.u32(NBD.structuredReplyMagic)
+        w.u16(NBD.replyFlagDone)
+        w.u16(NBD.replyTypeOffsetData)
+        w.u64(handle)
+        w.u32(8 + length)
+        w.u64(offset)
+        return w.bytes
     }
 
     private func errorOrAck(to action: Action, result: Result<[UInt8], NBD.Error>) -> [UInt8] {

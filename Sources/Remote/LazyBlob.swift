@@ -229,13 +229,25 @@ public final class LazyBlob: ImageSource, @unchecked Sendable {
     public func read(at offset: UInt64, count: Int) throws -> [UInt8] {
         guard count > 0, offset < size else { return [] }
         let n = Int(min(UInt64(count), size - offset))
+        try ensureForRead(offset: offset, count: n)
+        return try Sys.preadFully(writer.rawValue, count: n, at: Int64(offset))
+    }
+
+    /// The range in the cache file once it is present (fetched and checked as for `read`).
+    public func fileRegion(at offset: UInt64, count: Int) throws -> FileRegion? {
+        guard count > 0, offset + UInt64(count) <= size else { return nil }
+        try ensureForRead(offset: offset, count: count)
+        return FileRegion(fd: writer.rawValue, offset: offset)
+    }
+
+    /// What a read needs present first: its range, widened to the read window when one is set.
+    func ensureForRead(offset: UInt64, count n: Int) throws {
         if readWindow > 0, !isAvailable(offset: offset, length: UInt64(n)) {
             let start = offset / readWindow * readWindow
             let end = min((offset + UInt64(n) + readWindow - 1) / readWindow * readWindow, size)
             try ensure(offset: start, length: end - start)
         }
         try ensure(offset: offset, length: UInt64(n))
-        return try Sys.preadFully(writer.rawValue, count: n, at: Int64(offset))
     }
 
     /// Fetches what is missing of the ranges, as runs of granules, up to 4 requests at once.

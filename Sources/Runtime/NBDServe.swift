@@ -43,18 +43,29 @@ public final class ServedSource: @unchecked Sendable {  // immutable after init 
     /// Exactly the bytes of [offset, offset+length), or a throw (EIO for the client).
     public func read(offset: UInt64, length: Int) throws -> [UInt8] {
         guard !failed.get() else { throw RemoteError.cache("the blob failed verification") }
-        if let readahead, let lazy, readahead.noteRead(offset: offset, length: UInt64(length)),
-           !lazy.isAvailable(offset: offset, length: UInt64(length)) {
-            // A sequential reader that outran the readahead fetches the aligned 4 MiB chunk around
-            // its read: concurrent readers of that chunk join one large request instead of each
-            // sending a small one (a registry spends milliseconds on every request).
-            let chunk: UInt64 = 4 << 20
-            let start = offset / chunk * chunk
-            try lazy.ensure(offset: start, length: min(chunk, lazy.size - start))
-        }
+        try noteSequential(offset: offset, length: length)
         let data = try source.read(at: offset, count: length)
         guard data.count == length else { throw RemoteError.cache("short read at \(offset)") }
         return data
+    }
+
+    /// Where [offset, offset+length) lies in the image or cache file once present (the same checks
+    /// and readahead as `read`), for sendfile; nil when it must be read instead.
+    public func region(offset: UInt64, length: Int) throws -> FileRegion? {
+        guard !failed.get() else { throw RemoteError.cache("the blob failed verification") }
+        try noteSequential(offset: offset, length: length)
+        return try source.fileRegion(at: offset, count: length)
+    }
+
+    /// A sequential reader that outran the readahead fetches the aligned 4 MiB chunk around its
+    /// read: concurrent readers of that chunk join one large request instead of each sending a small
+    /// one (a registry spends milliseconds on every request).
+    func noteSequential(offset: UInt64, length: Int) throws {
+        guard let readahead, let lazy, readahead.noteRead(offset: offset, length: UInt64(length)),
+              !lazy.isAvailable(offset: offset, length: UInt64(length)) else { return }
+        let chunk: UInt64 = 4 << 20
+        let start = offset / chunk * chunk
+        try lazy.ensure(offset: start, length: min(chunk, lazy.size - start))
     }
 
     /// NBD_CMD_CACHE: fetch the range into the cache now.

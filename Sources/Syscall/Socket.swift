@@ -46,13 +46,34 @@ extension Sys {
 
     /// Writes all of `bytes` to a connected stream socket; a peer that has gone away is an error
     /// (EPIPE), never a SIGPIPE.
-    package static func sendAll(_ fd: Int32, _ bytes: [UInt8]) throws {
+    /// send(2) until all of `bytes` is out; `more`: MSG_MORE (what follows joins the same segment).
+    package static func sendAll(_ fd: Int32, _ bytes: [UInt8], more: Bool = false) throws {
+        let flags = Int32(MSG_NOSIGNAL) | (more ? Int32(MSG_MORE) : 0)
         try bytes.withUnsafeBytes { b in
             var done = 0
             while done < b.count {
-                done += try call { Glibc.send(fd, b.baseAddress! + done, b.count - done, Int32(MSG_NOSIGNAL)) }
+                done += try call { Glibc.send(fd, b.baseAddress! + done, b.count - done, flags) }
             }
         }
+    }
+
+    /// sendfile(2) of `count` bytes of `file` from `offset` to the socket `fd`; EIO if the file ends
+    /// first.
+    package static func sendFileAll(_ fd: Int32, from file: Int32, offset: UInt64, count: Int) throws {
+        var off = off_t(offset)
+        var left = count
+        while left > 0 {
+            let n = try call { Glibc.sendfile(fd, file, &off, left) }
+            if n == 0 { throw Errno.ioError }
+            left -= n
+        }
+    }
+
+    /// SO_SNDBUF: room for `bytes` of replies in the socket before a sender blocks (the kernel
+    /// doubles it and caps it at wmem_max; unix sockets are not capped below that).
+    package static func setSendBuffer(_ fd: Int32, _ bytes: Int) throws {
+        var v = Int32(bytes)
+        _ = try call { setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &v, socklen_t(MemoryLayout<Int32>.size)) }
     }
 
     /// SO_RCVTIMEO and SO_SNDTIMEO: a blocked read or write of this socket fails with EAGAIN after

@@ -69,6 +69,7 @@ struct NBDServeCommand: ParsableCommand {
         let name = exportName ?? String(source.split(separator: "/").last ?? "image")
         let export = NBDExport(name: name, description: served.description, size: served.size, preferredBlock: served.granule)
         let server = NBDServer(exports: [export], read: { try served.read(offset: $0, length: $1) },
+                               region: { try served.region(offset: $0, length: $1).map { ($0.fd, $0.offset) } },
                                prefetch: { try served.prefetch(offset: $0, length: $1) }, log: { printError($0) })
         if let fd {
             server.serve(connection: fd)

@@ -209,6 +209,7 @@ public enum NbdWorker {
         let export = NBDExport(name: "image", description: served.description, size: served.size,
                                preferredBlock: served.granule)
         let server = NBDServer(exports: [export], read: { try served.read(offset: $0, length: $1) },
+                               region: { try served.region(offset: $0, length: $1).map { ($0.fd, $0.offset) } },
                                prefetch: { try served.prefetch(offset: $0, length: $1) }, log: { FuseWorker.log($0) })
         _ = try? ready.writeAll(Array("ready \(served.size)\n".utf8))
         Sys.close(readyFD)
