@@ -21,7 +21,7 @@ public enum MountPlanning {
 
     /// Host findings already decoded in this process, by cache key (a runtime mounting many images
     /// decodes them once).
-    private static let memo = Locked<[String: (findings: Findings, kernelFeatures: Set<String>)]>([:])
+    private static let memo = Locked<[String: (findings: Findings, kernelFeatures: Set<String>?)]>([:])
 
     /// Forgets the in-process memo (tests of the cache file).
     static func forgetMemo() { memo.withLock { $0 = [:] } }
@@ -54,7 +54,7 @@ public enum MountPlanning {
     /// when its key still matches (same boot, kernel, modules, privileges, trial filesystem type),
     /// else gathered by `gather` (and stored). Without `cacheFile` they are always gathered.
     static func hostFindings(_ ctx: ProbeContext, kind: String, cacheFile: String?, gather: () -> [Finding])
-        -> (findings: Findings, kernelFeatures: Set<String>, cached: Bool) {
+        -> (findings: Findings, kernelFeatures: Set<String>?, cached: Bool) {
         let key = kind + " " + cacheKey(ctx)
         if cacheFile != nil, let hit = memo.withLock({ $0[key] }) { return (hit.findings, hit.kernelFeatures, true) }
         var findings = Findings()
@@ -67,7 +67,7 @@ public enum MountPlanning {
             gather().forEach { findings.add($0) }
             if let cacheFile { store(CacheEntry(key: key, findings: findings), at: cacheFile, replacingIn: entries) }
         }
-        let kernelFeatures = Set(ctx.host.list("/sys/fs/erofs/features"))
+        let kernelFeatures = ImageChecks.kernelFeatures(ctx)
         if cacheFile != nil { memo.withLock { [findings] in $0[key] = (findings, kernelFeatures) } }
         return (findings, kernelFeatures, cached)
     }

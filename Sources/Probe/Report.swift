@@ -100,8 +100,7 @@ public enum HostProbe {
             times[name] = ms(since: t)
         }
         if let image = options.image {
-            let kernelFeatures = Set(findings["erofs.features"]?.value?.split(separator: " ").map(String.init) ?? [])
-            ImageChecks.run(ctx, image: image, kernelFeatures: kernelFeatures).forEach { findings.add($0) }
+            ImageChecks.run(ctx, image: image, kernelFeatures: ImageChecks.kernelFeatures(ctx)).forEach { findings.add($0) }
         }
         let plans = [Planner.plan(findings, source: .local, implemented: implemented),
                      Planner.plan(findings, source: .remote, implemented: implemented)]

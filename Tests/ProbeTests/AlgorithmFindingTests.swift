@@ -33,4 +33,21 @@ struct AlgorithmFindingTests {
             #expect(found.count == 1 && found[0].hasPrefix(missing + " compression"), "\(fixture) on \(release): \(found)")
         }
     }
+
+    /// Before the erofs module is loaded /sys/fs/erofs/features does not exist: features the kernel
+    /// would list are unknown, not missing; what the release alone decides stays absent.
+    @Test(arguments: [("b1024-lz4", "6.1.0", Finding.Status.unknown), ("zstd", "6.1.0", .absent),
+                      ("b1024-lz4", "6.12.0", .unknown)])
+    func featuresBeforeTheModuleLoads(fixture: String, release: String, expected: Finding.Status) throws {
+        let (ctx, dir) = try context(release: release)
+        defer { dir.remove() }
+        let sb = try superblock(fixture)
+        let before = ImageChecks.featureFinding(sb, ctx, kernelFeatures: nil)
+        #expect(before.status == expected, "\(fixture) on \(release): \(before.evidence)")
+        if expected == .unknown { #expect(before.evidence.last?.result.contains("not loaded") == true) }
+        let loaded = ImageChecks.featureFinding(sb, ctx, kernelFeatures: ["zero_padding", "compr_cfgs", "big_pcluster",
+                                                                           "chunked_file", "device_table", "ztailpacking",
+                                                                           "fragments", "dedupe", "compr_head2"])
+        #expect(loaded.status == (expected == .absent ? .absent : .present), "\(fixture) on \(release) loaded: \(loaded.evidence)")
+    }
 }

@@ -44,6 +44,9 @@ for m in loop nbd; do
     v=$(module_value /w/probe0.json $m.module)
     check $m-loadable-not-loaded sh -c "[ '$v' = loadable ] || { echo '$m.module: $v'; exit 1; }"
 done
+# Before erofs is loaded its features are not known (no /sys/fs/erofs/features yet): not "missing".
+$E probe --json --cache-dir /w /w/local.erofs > /w/probe0-img.json 2>/dev/null
+check image-features-unknown-before-load finding /w/probe0-img.json image.features unknown
 check nothing-loaded-by-probe sh -c 'for m in erofs loop nbd; do [ ! -d /sys/module/$m ] || { echo /sys/module/$m exists; exit 1; }; done'
 echo /sbin/modprobe > /proc/sys/kernel/modprobe
 # With --allow-module-load the probe's trials may load erofs (fsopen autoloads it) and find out.
@@ -58,6 +61,10 @@ mkdir -p /dev/net
 # --- The probe's findings on this kernel.
 $E probe --json --cache-dir /w > /w/probe.json 2>/w/probe.err
 check pre-access-absent finding /w/probe.json fanotify.pre_access absent
+evidence_has() {  # FILE ID TEXT: the finding's evidence (keys sorted: it precedes the id) says TEXT
+    tr -d ' \n' < "$1" | grep -o "\"evidence\":\[[^]]*\],\"id\":\"$2\"" | grep -q "$3"
+}
+check pre-access-einval evidence_has /w/probe.json fanotify.pre_access EINVAL
 check fuse-present finding /w/probe.json fuse.device present
 check loop-present finding /w/probe.json loop.module present
 check nbd-present finding /w/probe.json nbd.module present

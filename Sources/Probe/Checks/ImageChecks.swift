@@ -11,14 +11,47 @@ import SystemPackage
 /// With IMAGE: libblkid's verdict, the superblock's feature bits against the kernel's, and a
 /// side-effect-free superblock trial with the image itself.
 enum ImageChecks {
-    static func run(_ ctx: ProbeContext, image: String, offset: UInt64 = 0, kernelFeatures: Set<String>, trial: Bool = true) -> [Finding] {
+    /// What /sys/fs/erofs/features lists; nil where it does not exist (the erofs module is not
+    /// loaded yet, so what it supports is not known — a mount would load it).
+    static func kernelFeatures(_ ctx: ProbeContext) -> Set<String>? {
+        ctx.host.exists("/sys/fs/erofs/features") ? Set(ctx.host.list("/sys/fs/erofs/features")) : nil
+    }
+
+    /// Whether this kernel reads the image's incompatible features and compression algorithms:
+    /// absent naming what it lacks, unknown when that depends on features the kernel does not list yet.
+    static func featureFinding(_ sb: Superblock, _ ctx: ProbeContext, kernelFeatures: Set<String>?) -> Finding {
+        let used = Feature.table.filter { sb.featureIncompat & $0.bit != 0 }
+        var unsupported: [String] = [], undecided: [String] = []
+        for f in used {
+            if f.sysfs.isEmpty {
+                if !kernelAtLeast(ctx.release, 6, 4) { unsupported.append(f.name) }
+            } else if let kernelFeatures {
+                if kernelFeatures.isDisjoint(with: f.sysfs) { unsupported.append(f.name) }
+            } else {
+                undecided.append(f.name)
+            }
+        }
+        unsupported += missingAlgorithms(sb, ctx)
+        let unknownBits = sb.featureIncompat & ~Feature.table.reduce(0) { $0 | $1.bit }
+        if unknownBits != 0 { unsupported.append("unknown bits 0x\(String(unknownBits, radix: 16))") }
+        let status: Finding.Status = !unsupported.isEmpty ? .absent : (undecided.isEmpty ? .present : .unknown)
+        let says = !unsupported.isEmpty ? "missing: \(unsupported.joined(separator: ", "))"
+            : undecided.isEmpty ? "all understood"
+            : "does not exist yet (the erofs module is not loaded; a mount loads it): \(undecided.joined(separator: ", ")) not known"
+        let names = sb.incompatFeatureNames
+        return Finding("image.features", "image features supported by this kernel", status, value: names.joined(separator: " "),
+                       evidence: [.init("feature_incompat", "0x\(String(sb.featureIncompat, radix: 16)) = [\(names.joined(separator: ", "))]"),
+                                  .init("/sys/fs/erofs/features", says)])
+    }
+
+    static func run(_ ctx: ProbeContext, image: String, offset: UInt64 = 0, kernelFeatures: Set<String>?, trial: Bool = true) -> [Finding] {
         inspect(ctx, image: image, offset: offset, kernelFeatures: kernelFeatures, trial: trial).findings
     }
 
     /// The image's findings and, when it has one, its superblock. The superblock is read first; libblkid
     /// then confirms an EROFS signature (probing only for erofs), or names what the file is otherwise.
     /// `fd`: the image already open (read from, not closed).
-    static func inspect(_ ctx: ProbeContext, image: String, fd given: Int32? = nil, offset: UInt64 = 0, kernelFeatures: Set<String>,
+    static func inspect(_ ctx: ProbeContext, image: String, fd given: Int32? = nil, offset: UInt64 = 0, kernelFeatures: Set<String>?,
                         trial: Bool = true) -> (findings: [Finding], superblock: Superblock?) {
         var out: [Finding] = []
         let fd: FileDescriptor
@@ -73,22 +106,8 @@ enum ImageChecks {
                 return (out, sb)
             }
         }
-        let used = Feature.table.filter { sb.featureIncompat & $0.bit != 0 }
-        var unsupported: [String] = []
-        for f in used {
-            if f.sysfs.isEmpty {
-                if !kernelAtLeast(ctx.release, 6, 4) { unsupported.append(f.name) }
-            } else if kernelFeatures.isDisjoint(with: f.sysfs) {
-                unsupported.append(f.name)
-            }
-        }
-        unsupported += missingAlgorithms(sb, ctx)
-        let unknownBits = sb.featureIncompat & ~Feature.table.reduce(0) { $0 | $1.bit }
-        if unknownBits != 0 { unsupported.append("unknown bits 0x\(String(unknownBits, radix: 16))") }
-        out.append(Finding("image.features", "image features supported by this kernel", unsupported.isEmpty ? .present : .absent,
-                           value: sb.incompatFeatureNames.joined(separator: " "),
-                           evidence: [.init("feature_incompat", "0x\(String(sb.featureIncompat, radix: 16)) = [\(sb.incompatFeatureNames.joined(separator: ", "))]"),
-                                      .init("/sys/fs/erofs/features", unsupported.isEmpty ? "all understood" : "missing: \(unsupported.joined(separator: ", "))")]))
+        let features = featureFinding(sb, ctx, kernelFeatures: kernelFeatures)
+        out.append(features)
 
         // The image itself: build a superblock from it without attaching it.
         guard trial else { return (out, sb) }
@@ -98,11 +117,11 @@ enum ImageChecks {
                 out.append(Finding("image.mountable", "mountable here", .present, value: "file-backed",
                                    evidence: [.init("fsopen+fsconfig(source=IMAGE)+FSCONFIG_CMD_CREATE", "ok; nothing attached")]))
             case .failure(let e):
-                out.append(Finding("image.mountable", "mountable here", unsupported.isEmpty ? .unknown : .absent,
+                out.append(Finding("image.mountable", "mountable here", features.status != .absent ? .unknown : .absent,
                                    evidence: [.init("FSCONFIG_CMD_CREATE with the image", "\(e)" + ((e as? Errno) == .notBlockDevice ? " (file-backed unavailable for this file; a loop device may still work)" : ""))]))
             }
         } else {
-            out.append(Finding("image.mountable", "mountable here", unsupported.isEmpty ? .unknown : .absent,
+            out.append(Finding("image.mountable", "mountable here", features.status != .absent ? .unknown : .absent,
                                evidence: [.init("trial", ctx.privileged ? "not the live host" : "needs CAP_SYS_ADMIN")]))
         }
         return (out, sb)
