@@ -48,8 +48,9 @@ struct MountCommand: ParsableCommand {
             read with EIO) before fuse-blob (the image as one FUSE file served lazily from the same cache, \
             kernel EROFS on it) before fuse-erofs (lazy too) before file or loop after a whole download. \
             FUSE servers are restarted if they crash; the kernel resends what the dead one had read. \
-            --backend nbd: kernel EROFS on /dev/nbdN attached over netlink to a server of the same cache \
-            (kernels with the nbd driver); umount disconnects it. With --backend auto, a failure the planner could not foresee \
+            --backend nbd: kernel EROFS on /dev/nbdN attached over netlink (or the device's ioctls where \
+            this network namespace has no nbd family) to a server of the same cache (kernels with the nbd \
+            driver); a crashed server is replaced and the device reconnected to it; umount disconnects it. With --backend auto, a failure the planner could not foresee \
             (ENOTBLK, ENODEV, EOPNOTSUPP) moves on to the next candidate and says so; a backend you name \
             is never replaced.
 
