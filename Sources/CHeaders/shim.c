@@ -214,26 +214,15 @@ const char *ecx_curl_version_string(void) {
     return d ? d->version : "";
 }
 
-int ecx_http_request(CURL *h, const char *url, const char *range, int head_only,
-                     const char *const *headers, size_t n_headers,
-                     unsigned char *body, size_t body_cap, long timeout_ms, long deadline_ms, int body_fd,
-                     struct ecx_http_result *result) {
-    struct ecx_sink sink = { body, body_cap, 0, 0, NULL, 0, 0, body_fd, 0 };
-    struct curl_slist *list = NULL;
-    for (size_t i = 0; i < n_headers; i++) list = ecx_curl.slist_append(list, headers[i]);
-    memset(result, 0, sizeof(*result));
-    char errbuf[CURL_ERROR_SIZE];
-    errbuf[0] = 0;
+/* What every request sets: where, headers, sinks, limits, TLS and redirect rules. */
+static void ecx_http_common(CURL *h, const char *url, struct curl_slist *list, struct ecx_sink *sink,
+                            char *errbuf, long timeout_ms, long deadline_ms) {
     ecx_curl.easy_setopt(h, CURLOPT_URL, url);
-    ecx_curl.easy_setopt(h, CURLOPT_RANGE, range);
-    ecx_curl.easy_setopt(h, CURLOPT_NOBODY, head_only ? 1L : 0L);
-    ecx_curl.easy_setopt(h, CURLOPT_HTTPGET, head_only ? 0L : 1L);
-    if (head_only) ecx_curl.easy_setopt(h, CURLOPT_NOBODY, 1L);
     ecx_curl.easy_setopt(h, CURLOPT_HTTPHEADER, list);
     ecx_curl.easy_setopt(h, CURLOPT_WRITEFUNCTION, ecx_write_cb);
-    ecx_curl.easy_setopt(h, CURLOPT_WRITEDATA, &sink);
+    ecx_curl.easy_setopt(h, CURLOPT_WRITEDATA, sink);
     ecx_curl.easy_setopt(h, CURLOPT_HEADERFUNCTION, ecx_header_cb);
-    ecx_curl.easy_setopt(h, CURLOPT_HEADERDATA, &sink);
+    ecx_curl.easy_setopt(h, CURLOPT_HEADERDATA, sink);
     ecx_curl.easy_setopt(h, CURLOPT_ERRORBUFFER, errbuf);
     ecx_curl.easy_setopt(h, CURLOPT_FOLLOWLOCATION, 1L);
     ecx_curl.easy_setopt(h, CURLOPT_MAXREDIRS, 8L);
@@ -248,20 +237,87 @@ int ecx_http_request(CURL *h, const char *url, const char *range, int head_only,
     /* A redirect never downgrades: from an https URL only to https (a plain http URL was allowed
      * by the caller's own rules, e.g. a loopback registry). */
     ecx_curl.easy_setopt(h, CURLOPT_REDIR_PROTOCOLS_STR, strncmp(url, "https:", 6) == 0 ? "https" : "http,https");
+}
+
+/* Performs the request set up on `h`, fills `result` and resets what must not leak into the
+ * handle's next request. */
+static int ecx_http_finish(CURL *h, struct curl_slist *list, struct ecx_sink *sink, const char *errbuf,
+                           struct ecx_http_result *result) {
     CURLcode rc = ecx_curl.easy_perform(h);
     ecx_curl.easy_getinfo(h, CURLINFO_RESPONSE_CODE, &result->status);
     ecx_curl.easy_setopt(h, CURLOPT_HTTPHEADER, NULL);
     ecx_curl.easy_setopt(h, CURLOPT_ERRORBUFFER, NULL);
     ecx_curl.easy_setopt(h, CURLOPT_RANGE, NULL);
+    ecx_curl.easy_setopt(h, CURLOPT_CUSTOMREQUEST, NULL);
+    ecx_curl.easy_setopt(h, CURLOPT_UPLOAD, 0L);
     ecx_curl.slist_free_all(list);
     result->curl_code = (int)rc;
-    result->body_len = sink.len;
-    result->body_truncated = sink.truncated;
-    result->body_write_failed = sink.write_failed;
-    result->headers = sink.headers;
-    result->headers_len = sink.headers_len;
+    result->body_len = sink->len;
+    result->body_truncated = sink->truncated;
+    result->body_write_failed = sink->write_failed;
+    result->headers = sink->headers;
+    result->headers_len = sink->headers_len;
     snprintf(result->error, sizeof(result->error), "%s", errbuf[0] ? errbuf : ecx_curl.easy_strerror(rc));
     return (int)rc;
+}
+
+int ecx_http_request(CURL *h, const char *url, const char *range, int head_only,
+                     const char *const *headers, size_t n_headers,
+                     unsigned char *body, size_t body_cap, long timeout_ms, long deadline_ms, int body_fd,
+                     struct ecx_http_result *result) {
+    struct ecx_sink sink = { body, body_cap, 0, 0, NULL, 0, 0, body_fd, 0 };
+    struct curl_slist *list = NULL;
+    for (size_t i = 0; i < n_headers; i++) list = ecx_curl.slist_append(list, headers[i]);
+    memset(result, 0, sizeof(*result));
+    char errbuf[CURL_ERROR_SIZE];
+    errbuf[0] = 0;
+    ecx_http_common(h, url, list, &sink, errbuf, timeout_ms, deadline_ms);
+    ecx_curl.easy_setopt(h, CURLOPT_RANGE, range);
+    ecx_curl.easy_setopt(h, CURLOPT_NOBODY, head_only ? 1L : 0L);
+    ecx_curl.easy_setopt(h, CURLOPT_HTTPGET, head_only ? 0L : 1L);
+    if (head_only) ecx_curl.easy_setopt(h, CURLOPT_NOBODY, 1L);
+    return ecx_http_finish(h, list, &sink, errbuf, result);
+}
+
+/* The body of an upload, read from a file. */
+struct ecx_source {
+    int fd;
+    long long off;
+    long long len;
+};
+
+static size_t ecx_read_cb(char *buf, size_t size, size_t nitems, void *userdata) {
+    struct ecx_source *s = userdata;
+    size_t want = size * nitems;
+    if ((long long)want > s->len - s->off) want = (size_t)(s->len - s->off);
+    if (want == 0) return 0;
+    ssize_t r;
+    do { r = pread(s->fd, buf, want, (off_t)s->off); } while (r < 0 && errno == EINTR);
+    if (r <= 0) return CURL_READFUNC_ABORT;
+    s->off += r;
+    return (size_t)r;
+}
+
+int ecx_http_send(CURL *h, const char *url, const char *method, const char *const *headers, size_t n_headers,
+                  int upload_fd, long long upload_len, unsigned char *body, size_t body_cap, long timeout_ms,
+                  struct ecx_http_result *result) {
+    struct ecx_sink sink = { body, body_cap, 0, 0, NULL, 0, 0, -1, 0 };
+    struct ecx_source source = { upload_fd, 0, upload_len };
+    struct curl_slist *list = NULL;
+    for (size_t i = 0; i < n_headers; i++) list = ecx_curl.slist_append(list, headers[i]);
+    /* No "Expect: 100-continue" round trip before a body. */
+    list = ecx_curl.slist_append(list, "Expect:");
+    memset(result, 0, sizeof(*result));
+    char errbuf[CURL_ERROR_SIZE];
+    errbuf[0] = 0;
+    ecx_http_common(h, url, list, &sink, errbuf, timeout_ms, 0);
+    ecx_curl.easy_setopt(h, CURLOPT_NOBODY, 0L);
+    ecx_curl.easy_setopt(h, CURLOPT_UPLOAD, 1L);
+    ecx_curl.easy_setopt(h, CURLOPT_READFUNCTION, ecx_read_cb);
+    ecx_curl.easy_setopt(h, CURLOPT_READDATA, &source);
+    ecx_curl.easy_setopt(h, CURLOPT_INFILESIZE_LARGE, (curl_off_t)(upload_fd >= 0 ? upload_len : 0));
+    ecx_curl.easy_setopt(h, CURLOPT_CUSTOMREQUEST, method);
+    return ecx_http_finish(h, list, &sink, errbuf, result);
 }
 
 void ecx_http_result_free(struct ecx_http_result *result) {

@@ -5,6 +5,8 @@ public struct VeritySource: Sendable, Codable, Equatable {
     /// The fs-verity file digest, hex.
     public var digest: String
     public var treeURL: String
+    /// Where the digest came from: nil for `--verity`, or e.g. "the layer's annotations".
+    public var origin: String?
 
     public init(digest: String, treeURL: String) {
         self.digest = digest.lowercased()

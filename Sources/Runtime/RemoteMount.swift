@@ -24,8 +24,11 @@ public struct RemoteOptions: Sendable, Codable {
     public var recordProfile: String?
     /// Seconds a mount's preparation (manifest, probe, metadata) may take before it fails.
     public var prepareTimeout: Double = 120
-    /// Check every block against this fs-verity tree before it is served (http(s) sources).
+    /// Check every block against this fs-verity tree before it is served (http(s) sources; an OCI
+    /// layer names its own in its annotations).
     public var verity: VeritySource?
+    /// Refuse a source without an fs-verity digest (`--require-verity`).
+    public var requireVerity: Bool?
 
     public init(cacheDir: String = BlobCache.defaultDirectory, allowFullDownload: Bool = false, digest: String? = nil,
                 oci: OCIOptions = OCIOptions(), prefetch: Prefetch = .none, recordProfile: String? = nil) {
@@ -176,7 +179,7 @@ extension Runtime {
             throw RuntimeError.badOptionValue("--digest", detail: "expected sha256:<64 hex digits>")
         }
         req.remote.cacheDir = BlobCache.canonicalDirectory(req.remote.cacheDir)
-        if var v = req.remote.verity {
+        if var v = req.remote.verity, v.origin == nil {
             guard !OCIReference.isOCI(req.source) else {
                 throw RuntimeError.badOptionValue("--verity", detail: "applies to http(s) sources (an OCI image names its tree in its manifest)")
             }
@@ -214,11 +217,19 @@ extension Runtime {
                     throw RuntimeError.badOptionValue("--digest", detail: "the reference resolves to \(resolved.digest), not sha256:\(d)")
                 }
                 req.remote.digest = String(resolved.digest.dropFirst(7))
+                if let v = resolved.verity {
+                    req.remote.verity = v
+                    notes.append("every block checked against fs-verity digest sha256:\(v.digest) (\(v.origin ?? "given"))")
+                }
                 blob = resolved.blob
                 expectedSize = resolved.size
                 notes.append(resolved.summary)
             } else {
                 blob = try HTTPBlob(url: req.originalSource ?? req.source)
+            }
+            if req.remote.requireVerity == true, req.remote.verity == nil {
+                throw RuntimeError.remote("\(req.source) names no fs-verity digest (--require-verity): push the image with "
+                                          + "'erofs-compat push', pass --verity for an http(s) source, or drop --require-verity")
             }
             blob.setDeadline(seconds: req.remote.prepareTimeout)
             // In the daemon the cache file is written in this process: the probe fetches the
@@ -382,25 +393,33 @@ extension Runtime {
         return MountOutcome(plan: plan, record: record, notes: notes)
     }
 
-    /// An `oci://` reference resolved to its blob (with the registry's authentication attached).
-    func resolveOCI(_ req: MountRequest) throws -> (blob: HTTPBlob, digest: String, size: UInt64?, summary: String) {
-        let o = req.remote.oci
-        let ref = try OCIReference(parsing: req.source)
-        let platform = try o.platform.map(OCIPlatform.init(parsing:)) ?? OCIPlatform.host(machine: Sys.uname().machine)
-        var credentials: RegistryCredentials?
+    /// A client of the reference's repository with the credentials the options name (--username,
+    /// else the credential files).
+    func registryClient(_ ref: OCIReference, _ o: OCIOptions) throws -> RegistryClient {
+        let credentials: RegistryCredentials?
         if let u = o.username {
             credentials = RegistryCredentials(username: u, password: o.password ?? "", origin: "--username")
         } else {
-            credentials = try RegistryCredentials.lookup(registry: ref.registry, authFile: o.authFile, environment: o.environment ?? ProcessInfo.processInfo.environment)
+            credentials = try RegistryCredentials.lookup(registry: ref.registry, authFile: o.authFile,
+                                                         environment: o.environment ?? ProcessInfo.processInfo.environment)
         }
-        let client = RegistryClient(ref: ref, credentials: credentials, insecure: o.insecure)
+        return RegistryClient(ref: ref, credentials: credentials, insecure: o.insecure)
+    }
+
+    /// An `oci://` reference resolved to its blob (with the registry's authentication attached).
+    func resolveOCI(_ req: MountRequest) throws
+        -> (blob: HTTPBlob, digest: String, size: UInt64?, summary: String, verity: VeritySource?) {
+        let o = req.remote.oci
+        let ref = try OCIReference(parsing: req.source)
+        let platform = try o.platform.map(OCIPlatform.init(parsing:)) ?? OCIPlatform.host(machine: Sys.uname().machine)
+        let client = try registryClient(ref, o)
         let resolved = try client.resolve(platform: platform, layer: o.layer, blob: o.blob)
         let blob = try HTTPBlob(url: resolved.url, auth: client.auth)
         var what = "\(ref): blob \(resolved.digest)"
         if let i = resolved.layerIndex { what += ", layer \(i)" }
         if let p = resolved.platform { what += ", platform \(p)" }
         if let m = resolved.manifestDigest { what += ", manifest \(m)" }
-        return (blob, resolved.digest, resolved.size, what)
+        return (blob, resolved.digest, resolved.size, what, resolved.verity)
     }
 
     /// Spawns the worker and waits until it has marked the cache and fetched all metadata.

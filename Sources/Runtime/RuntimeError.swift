@@ -32,6 +32,8 @@ public enum RuntimeError: Error, Equatable, CustomStringConvertible {
     case notOurs(String, owner: String)
     case state(String)
     case remote(String)
+    /// A registry refused or could not be reached while pushing.
+    case pushFailed(String)
 
     public var exitCode: ExitCode {
         switch self {
@@ -39,7 +41,7 @@ public enum RuntimeError: Error, Equatable, CustomStringConvertible {
         case .mountpointMissing, .mountpointNotDirectory, .mountpointBusy, .mountpointChanged, .alreadyMounted: return .badMountpoint
         case .notPrivileged: return .notPermitted
         case .unknownOption, .badOptionValue: return .usage
-        case .backendUnavailable, .noBackend, .mountFailed, .state: return .mountFailed
+        case .backendUnavailable, .noBackend, .mountFailed, .state, .pushFailed: return .mountFailed
         case .remote: return .badSource
         case .notMounted, .notOurs: return .notOurs
         }
@@ -71,6 +73,7 @@ public enum RuntimeError: Error, Equatable, CustomStringConvertible {
         case .notOurs(let p, let owner): return "'\(p)' was not mounted by erofs-compat (it is \(owner)); use umount(8) for it"
         case .state(let d): return "state directory problem: \(d)"
         case .remote(let d): return d
+        case .pushFailed(let d): return "push failed: \(d)"
         }
     }
 }

@@ -69,6 +69,30 @@ package final class HTTPHandle {
                             curlCode: result.curl_code, error: error)
     }
 
+    /// A request with `method` and as body `length` bytes of `fd` from offset 0 (nil: no body);
+    /// the response's body is kept up to `bodyLimit`.
+    package func send(_ url: String, method: String, headers: [String] = [], body fd: Int32? = nil, length: Int64 = 0,
+                      bodyLimit: Int = 64 << 10, timeoutMs: Int = 30_000) -> HTTPResponse {
+        var body = [UInt8](repeating: 0, count: max(bodyLimit, 1))
+        var result = ecx_http_result()
+        let cHeaders = headers.map { strdup($0) }
+        defer { cHeaders.forEach { free($0) } }
+        var ptrs: [UnsafePointer<CChar>?] = cHeaders.map { UnsafePointer($0) }
+        _ = body.withUnsafeMutableBufferPointer { b in
+            ptrs.withUnsafeMutableBufferPointer { hp in
+                ecx_http_send(handle, url, method, hp.baseAddress, hp.count, fd ?? -1, length, b.baseAddress, bodyLimit,
+                              timeoutMs, &result)
+            }
+        }
+        defer { ecx_http_result_free(&result) }
+        let raw = result.headers.map { String(cString: $0) } ?? ""
+        let error = withUnsafeBytes(of: result.error) { String(decoding: $0.prefix(while: { $0 != 0 }), as: UTF8.self) }
+        body.removeSubrange(result.body_len...)
+        return HTTPResponse(status: result.status, headers: Self.parseHeaders(raw), body: body, bodyLength: result.body_len,
+                            bodyTruncated: result.body_truncated != 0, bodyWriteFailed: result.body_write_failed != 0,
+                            curlCode: result.curl_code, error: error)
+    }
+
     /// Headers of the last response block (redirects and 100-continue produce several).
     static func parseHeaders(_ raw: String) -> [String: String] {
         var out: [String: String] = [:]

@@ -22,9 +22,19 @@ struct CacheLs: ParsableCommand {
         }
         if entries.isEmpty { print("no cached blobs in \(dir.cacheDir)") }
         for e in entries {
-            print("\(e.key.prefix(16))…  size \(e.size)  allocated \(e.allocated)  present \(formatPercent(e.presentPercent))  \(e.info?.verified == true ? "verified" : e.info?.verity != nil ? "verified per block" : "unverified")  \(e.info?.url ?? "?")"
+            print("\(e.key.prefix(16))…  size \(e.size)  allocated \(e.allocated)  present \(formatPercent(e.presentPercent))  \(Self.verification(e.info))  \(e.info?.url ?? "?")"
                   + (e.usedBy.isEmpty ? "" : "  in use by \(e.usedBy.joined(separator: ", "))")
                   + (e.sameFileAs.map { "  (the same file as \($0.prefix(16))…)" } ?? ""))
+        }
+    }
+
+    /// How an entry's bytes are known to be the blob's.
+    static func verification(_ info: CacheInfo?) -> String {
+        switch (info?.verified == true, info?.verity != nil) {
+        case (true, true): return "verified whole and per block"
+        case (true, false): return "verified whole"
+        case (false, true): return "verified per block"
+        case (false, false): return "unverified"
         }
     }
 }

@@ -17,7 +17,7 @@ struct ErofsCompat: ParsableCommand {
             library this command needs cannot be loaded (named, with its package).
             """,
         version: ToolInfo.version,
-        subcommands: [ProbeCommand.self, MountCommand.self, UmountCommand.self, StatusCommand.self, ImageCommand.self, CacheCommand.self, DaemonCommand.self, NBDCommand.self, InstallCommand.self, ServeCommand.self, FuseServeCommand.self, NbdServeCommand.self]
+        subcommands: [ProbeCommand.self, MountCommand.self, UmountCommand.self, StatusCommand.self, ImageCommand.self, PushCommand.self, CacheCommand.self, DaemonCommand.self, NBDCommand.self, InstallCommand.self, ServeCommand.self, FuseServeCommand.self, NbdServeCommand.self]
     )
 }
 

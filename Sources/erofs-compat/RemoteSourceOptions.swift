@@ -21,6 +21,9 @@ struct RemoteSourceOptions: ParsableArguments {
     @Option(help: ArgumentHelp("http(s): where the fs-verity tree is (default: the source URL + \".verity\").", valueName: "URL"))
     var verityTree: String?
 
+    @Flag(help: "Remote: refuse a source without an fs-verity digest (an OCI layer pushed by 'push', or --verity).")
+    var requireVerity = false
+
     @Option(help: ArgumentHelp("Remote: give up preparing (manifest, probe, metadata) after this many seconds.", valueName: "SECONDS"))
     var prepareTimeout: Double = 120
 
@@ -77,6 +80,7 @@ struct RemoteSourceOptions: ParsableArguments {
                                    digest: digest.map { $0.hasPrefix("sha256:") ? String($0.dropFirst(7)) : $0 }, oci: oci,
                                    prefetch: prefetch, recordProfile: recordProfile)
         remote.prepareTimeout = prepareTimeout
+        if requireVerity { remote.requireVerity = true }
         if let verity {
             remote.verity = VeritySource(digest: verity.hasPrefix("sha256:") ? String(verity.dropFirst(7)) : verity, treeURL: verityTree ?? "")
         }

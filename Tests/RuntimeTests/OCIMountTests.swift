@@ -229,6 +229,89 @@ struct OCIMountTests {
         try f.runtime.umount(f.mnt)
     }
 
+    /// `push` → `mount` over Debian's docker-registry (no referrers API): the EROFS layer media type,
+    /// its fs-verity annotations equal to `image verity`, the tree blob, its referrer artifact in the
+    /// sha256-<hex> fallback tag; the mount checks every block (a front flipping one byte of the blob
+    /// makes that file EIO, every other file right); a second push uploads nothing new;
+    /// --require-verity refuses an image pushed without a digest.
+    @Test func pushThenEveryBlockVerified() throws {
+        let f = try OCIFixture("oci-push")
+        defer { f.remove() }
+        let img = try f.image("img", budget: 2 << 20)
+        let src = "oci://\(f.registry.host)/team/pushed:v1"
+        let pushed = try run(cliBinary, ["push", img, src])
+        #expect(pushed.status == 0 && pushed.stdout.contains("via the fallback tag sha256-"), "\(pushed.stdout) \(pushed.stderr)")
+        let root = try run(cliBinary, ["image", "verity", img]).stdout.split(separator: " ").first.map(String.init)
+        func get(_ path: String, _ accept: String) throws -> [String: Any] {
+            let r = try run("/usr/bin/curl", ["-s", "-H", "Accept: \(accept)", "http://\(f.registry.host)\(path)"])
+            return try #require(try JSONSerialization.jsonObject(with: Data(r.stdout.utf8)) as? [String: Any], "\(r.stdout)")
+        }
+        let manifestJSON = try run("/usr/bin/curl", ["-s", "-H", "Accept: \(OCIPushTypes.imageManifest)",
+                                                     "http://\(f.registry.host)/v2/team/pushed/manifests/v1"]).stdout
+        let manifestDigest = "sha256:" + sha256Hex(Array(manifestJSON.utf8))
+        let manifest = try get("/v2/team/pushed/manifests/v1", OCIPushTypes.imageManifest)
+        let layer = try #require((manifest["layers"] as? [[String: Any]])?.first)
+        let notes = try #require(layer["annotations"] as? [String: String])
+        #expect(layer["mediaType"] as? String == "application/vnd.erofs.layer.v1")
+        #expect(notes[OCIPushTypes.verityDigestAnnotation] == root, "\(notes) vs \(root ?? "?")")
+        let tag = "sha256-" + manifestDigest.dropFirst(7)
+        let index = try get("/v2/team/pushed/manifests/\(tag)", OCIPushTypes.imageIndex)
+        let entry = try #require((index["manifests"] as? [[String: Any]])?.first)
+        #expect(entry["artifactType"] as? String == OCIPushTypes.verityTree)
+        let artifact = try get("/v2/team/pushed/manifests/\(entry["digest"] as? String ?? "")", OCIPushTypes.imageManifest)
+        #expect((artifact["subject"] as? [String: Any])?["digest"] as? String == manifestDigest)
+        #expect(((artifact["layers"] as? [[String: Any]])?.first?["digest"] as? String) == notes[OCIPushTypes.verityTreeAnnotation])
+        let again = try run(cliBinary, ["push", img, src])
+        #expect(again.status == 0 && again.stdout.contains("0 blobs uploaded, 4 already there"), "\(again.stdout)")
+
+        // Through a front that flips one byte of the layer: that file is EIO, the rest the image's.
+        let proxy = try FaultProxy(upstream: "http://\(f.registry.host)")
+        defer { proxy.remove() }
+        let (victim, at) = try VerityMountTests.dataOffset(img)
+        try proxy.set("{\"fault\":\"flip\",\"at\":\(at),\"match\":\"/blobs/\(layer["digest"] as? String ?? "")\"}")
+        var requireVerity = f.options()
+        requireVerity.requireVerity = true
+        let out = try f.runtime.mount(MountRequest(source: "oci://\(proxy.host)/team/pushed:v1", mountpoint: f.mnt, remote: requireVerity))
+        defer { try? f.runtime.umount(f.mnt) }
+        #expect(out.notes.contains { $0.contains("every block checked against fs-verity digest") }, "\(out.notes)")
+        let got = TreeFactsLite(f.mnt), expected = try f.oracle(img)
+        #expect(got.entries[victim]?.contains("read-error") == true, "\(victim): \(got.entries[victim] ?? "missing")")
+        for (path, facts) in expected.entries where path != victim { #expect(got.entries[path] == facts, "\(path)") }
+
+        // An image without a digest is refused with --require-verity, naming what to do.
+        let plain = try f.image("plain", budget: 1 << 20)
+        try f.registry.pushImage("team/plain", reference: "v1", layers: [plain], arch: OCIFixture.hostPlatform.architecture)
+        let refused = remoteMessage {
+            _ = try f.runtime.mount(MountRequest(source: "oci://\(f.registry.host)/team/plain:v1", mountpoint: f.mnt2, remote: requireVerity))
+        }
+        #expect(refused?.contains("names no fs-verity digest") == true, "\(refused ?? "mounted")")
+        #expect(!currentMounts().contains(f.mnt2))
+    }
+
+    /// Bad pushes: one line each, the documented exit code, nothing uploaded.
+    @Test func badPushesAreRefused() throws {
+        let f = try OCIFixture("oci-push-bad")
+        defer { f.remove() }
+        let notImage = f.dir.file("not-an-image")
+        try "hello\n".write(toFile: notImage, atomically: false, encoding: .utf8)
+        let img = try f.image("img", budget: 1 << 20)
+        let cases: [([String], Int32, String)] = [
+            (["push", notImage, "oci://\(f.registry.host)/t/x:v1"], 3, "not an EROFS image"),
+            (["push", f.dir.file("missing"), "oci://\(f.registry.host)/t/x:v1"], 3, "does not exist"),
+            (["push", img, "oci://\(f.registry.host)/t/x@sha256:" + String(repeating: "a", count: 64)], 2, "not a digest"),
+            (["push", img, "http://\(f.registry.host)/t/x:v1"], 2, "REFERENCE"),
+            (["push", img, "oci://127.0.0.1:1/t/x:v1"], 1, "push failed"),
+            (["push", "--platform", "linux", img, "oci://\(f.registry.host)/t/x:v1"], 2, "--platform"),
+        ]
+        for (args, code, says) in cases {
+            let r = try run(cliBinary, args)
+            #expect(r.status == code && r.stderr.contains(says), "\(args): \(r.status) \(r.stderr)")
+            #expect(r.stderr.split(separator: "\n").count == 1, "\(args): \(r.stderr)")
+        }
+        let tags = try run("/usr/bin/curl", ["-s", "http://\(f.registry.host)/v2/t/x/tags/list"]).stdout
+        #expect(!tags.contains("v1"), "\(tags)")
+    }
+
     /// A tampered blob (one byte flipped in the registry's storage) fails loudly when verified.
     @Test func tamperedBlobFailsLoudly() throws {
         let f = try OCIFixture("oci-tamper")

@@ -531,6 +531,13 @@ int ecx_http_request(CURL *handle, const char *url, const char *range, int head_
                      const char *const *headers, size_t n_headers,
                      unsigned char *body, size_t body_cap, long timeout_ms, long deadline_ms, int body_fd,
                      struct ecx_http_result *result);
+/**
+ * A request with `method` ("PUT", "POST", "DELETE") whose body is `upload_len` bytes of `upload_fd`
+ * read from offset 0 (-1: an empty body); the response body as for ecx_http_request.
+ */
+int ecx_http_send(CURL *handle, const char *url, const char *method, const char *const *headers, size_t n_headers,
+                  int upload_fd, long long upload_len, unsigned char *body, size_t body_cap, long timeout_ms,
+                  struct ecx_http_result *result);
 void ecx_http_result_free(struct ecx_http_result *result);
 
 /* ---------------------------------------------------------------- EROFS decompression helpers */

@@ -19,6 +19,9 @@ public struct ResolvedBlob: Sendable {
     public var manifestDigest: String?
     public var platform: String?
     public var layerIndex: Int?
+    /// The layer's fs-verity digest (hex) and the URL of its tree blob, from the annotations `push`
+    /// writes; nil when the layer has none.
+    public var verity: VeritySource?
 }
 
 /// A pull-only client of the OCI distribution API for one repository: manifests (image index and
@@ -120,12 +123,32 @@ public final class RegistryClient: @unchecked Sendable {
         }
     }
 
+    /// A request with a method and optionally a body (`path` absolute, or under the registry), with
+    /// auth challenges answered and transient failures retried (the body is sent again from its start).
+    func send(_ path: String, method: String, headers: [String] = [], body fd: Int32? = nil, length: Int64 = 0) throws
+        -> HTTPResponse {
+        if base.isEmpty { try connect() }
+        let url = path.hasPrefix("http://") || path.hasPrefix("https://") ? path : base + path
+        return try performWithRetries(url: url, handle: handle(for: url), attempts: 5, baseDelayMs: 100, auth: auth,
+                                      requests: nil) { h, authHeaders in
+            method == "HEAD"
+                ? h.request(url, headOnly: true, headers: headers + authHeaders, bodyLimit: 0, timeoutMs: timeoutMs)
+                : h.send(url, method: method, headers: headers + authHeaders, body: fd, length: length, timeoutMs: timeoutMs)
+        }
+    }
+
+    /// A Location header made absolute (registries answer a path, or a URL of their own).
+    func absolute(_ location: String) -> String {
+        location.hasPrefix("http://") || location.hasPrefix("https://") ? location : base + location
+    }
+
     struct Descriptor: Decodable {
         struct Platform: Decodable { var os: String; var architecture: String; var variant: String? }
         var mediaType: String?
         var digest: String
         var size: UInt64?
         var platform: Platform?
+        var annotations: [String: String]?
     }
 
     struct ManifestDocument: Decodable {
@@ -206,8 +229,17 @@ public final class RegistryClient: @unchecked Sendable {
         guard OCIReference.isDigest(d.digest) else {
             throw RemoteError.registry(registry: ref.registry, detail: "layer \(index) has an unsupported digest \(d.digest) (only sha256)")
         }
+        var verity: VeritySource?
+        if let a = d.annotations, let root = a[OCIPushTypes.verityDigestAnnotation], let tree = a[OCIPushTypes.verityTreeAnnotation] {
+            guard OCIReference.isDigest(root), OCIReference.isDigest(tree) else {
+                throw RemoteError.registry(registry: ref.registry, detail: "layer \(index) has malformed fs-verity annotations "
+                                           + "(\(root), \(tree)); expected sha256:<64 hex digits>")
+            }
+            verity = VeritySource(digest: String(root.dropFirst(7)), treeURL: base + "/v2/\(ref.repository)/blobs/\(tree.lowercased())")
+            verity?.origin = "the layer's annotations"
+        }
         return ResolvedBlob(url: base + "/v2/\(ref.repository)/blobs/\(d.digest.lowercased())", digest: d.digest.lowercased(), size: d.size,
-                            mediaType: d.mediaType, manifestDigest: digest, platform: chosenPlatform, layerIndex: index)
+                            mediaType: d.mediaType, manifestDigest: digest, platform: chosenPlatform, layerIndex: index, verity: verity)
     }
 
     static func onlyEROFSLayer(_ layers: [Descriptor]) -> Int? {
