@@ -11,8 +11,8 @@ TIMEOUT=${VM_TIMEOUT:-300}
 mkdir -p "$VM/debs"
 skip() { echo "vm-check skipped: $*"; exit 0; }
 [ "$(id -u)" -eq 0 ] || skip "needs root (to build images with the host kernel as the oracle)"
-for t in qemu-system-x86_64 busybox cpio depmod dpkg-deb mkfs.erofs setpriv fusermount3; do
-    command -v "$t" >/dev/null || skip "$t is missing (Debian: qemu-system-x86, busybox-static, cpio, kmod, erofs-utils, util-linux, fuse3)"
+for t in qemu-system-x86_64 busybox cpio depmod dpkg-deb mkfs.erofs setpriv fusermount3 mke2fs; do
+    command -v "$t" >/dev/null || skip "$t is missing (Debian: qemu-system-x86, busybox-static, cpio, kmod, erofs-utils, util-linux, fuse3, e2fsprogs)"
 done
 file -L "$(command -v busybox)" 2>/dev/null | grep -q 'statically linked' || [ -x /bin/busybox ] || skip "busybox-static is missing"
 
@@ -44,6 +44,12 @@ os.symlink("big", os.path.join(root, "link"))
 PY
 mkfs.erofs --quiet -zlz4hc "$work/images/local.erofs" "$work/tree"
 cp "$work/images/local.erofs" "$work/images/www/local.erofs"
+# Its fs-verity tree beside it (what a publisher serves), its digests, and an empty ext4 with the
+# verity feature for a cache the guest's kernel can hand to fs-verity.
+"$BIN" image verity "$work/images/www/local.erofs" --tree "$work/images/www/local.erofs.verity" \
+    | cut -d' ' -f1 | cut -d: -f2 > "$work/images/local.verity"
+sha256sum "$work/images/local.erofs" | cut -d' ' -f1 > "$work/images/local.sha256"
+mke2fs -q -t ext4 -b 4096 -O verity -F "$work/images/verity.ext4" 48M
 cp "$ROOT/Tests/Fixtures/mkfs-erofs-1.9.3/zstd.erofs" "$work/images/zstd.erofs"
 for img in local zstd; do
     mount -t erofs -o ro "$work/images/$img.erofs" "$work/oracle"

@@ -521,3 +521,26 @@ long ecx_raw_inflate(const uint8_t *in, size_t in_len, uint8_t *out, size_t out_
     if (r == Z_STREAM_END || r == Z_OK || (r == Z_BUF_ERROR && s.avail_out == 0)) return produced;
     return (long)r;
 }
+
+/* ---------------------------------------------------------------- fs-verity */
+#include <linux/fsverity.h>
+#include <sys/ioctl.h>
+
+int ecx_fsverity_enable(int fd) {
+    struct fsverity_enable_arg arg;
+    memset(&arg, 0, sizeof(arg));
+    arg.version = 1;
+    arg.hash_algorithm = FS_VERITY_HASH_ALG_SHA256;
+    arg.block_size = 4096;
+    return ioctl(fd, FS_IOC_ENABLE_VERITY, &arg);
+}
+
+int ecx_fsverity_measure(int fd, unsigned char *out) {
+    struct { struct fsverity_digest d; unsigned char buf[64]; } m;
+    memset(&m, 0, sizeof(m));
+    m.d.digest_size = 64;
+    if (ioctl(fd, FS_IOC_MEASURE_VERITY, &m) != 0) return -1;
+    if (m.d.digest_algorithm != FS_VERITY_HASH_ALG_SHA256 || m.d.digest_size != 32) { errno = EPROTO; return -1; }
+    memcpy(out, m.d.digest, 32);
+    return 0;
+}

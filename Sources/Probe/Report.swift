@@ -92,7 +92,7 @@ public enum HostProbe {
         var times: [String: Double] = ["context": ms(since: start)]
         let groups: [(String, (ProbeContext) -> [Finding])] = [
             ("kernel", SystemChecks.kernel), ("fanotify", FanotifyChecks.run), ("erofs", EROFSChecks.run),
-            ("block", BlockChecks.run), ("fuse", FuseChecks.run), ("system", SystemChecks.system),
+            ("block", BlockChecks.run), ("fuse", FuseChecks.run), ("fsverity", VerityChecks.run), ("system", SystemChecks.system),
         ]
         for (name, check) in groups {
             let t = DispatchTime.now()

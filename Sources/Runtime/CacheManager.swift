@@ -7,6 +7,7 @@ import Crypto
 import Glibc
 import Remote
 import Syscall
+import SystemPackage
 
 /// What is known about a cached blob (written beside it when it is first mounted).
 public struct CacheInfo: Codable, Sendable {
@@ -22,6 +23,9 @@ public struct CacheInfo: Codable, Sendable {
     public var verified: Bool?
     /// The fs-verity digest its blocks are checked against as they are fetched, if any.
     public var verity: String?
+    /// True once the complete file was handed to the kernel's fs-verity and measured equal to
+    /// `verity`: the kernel checks every page read from disk and refuses writes.
+    public var kernelVerity: Bool?
 }
 
 extension BlobCache {
@@ -34,6 +38,28 @@ extension BlobCache {
 
     static func writeInfo(_ info: CacheInfo, to path: String) {
         if let data = try? JSONEncoder().encode(info) { try? Sys.writeFileAtomically(path, [UInt8](data), mode: 0o600) }
+    }
+
+    /// Hands a complete, verified entry to the kernel's fs-verity (FS_IOC_ENABLE_VERITY: the kernel
+    /// builds the same tree) and checks that it measures `verity` (hex). A note when it did; nil when
+    /// there is nothing to do or it cannot be done now (a writer still open: ETXTBSY) or here (no
+    /// fs-verity on this filesystem or kernel). A file the kernel measures otherwise is discarded.
+    static func handToKernel(entry dataPath: String, verity: String) -> String? {
+        guard var info = readInfo(dataPath + ".json"), info.verified == true, info.kernelVerity != true,
+              PopulationRecord.presentFraction(path: dataPath + ".pop") == 1,
+              let fd = try? Sys.openNoSymlinks(dataPath, O_RDONLY) else { return nil }
+        defer { Sys.close(fd.rawValue) }
+        do { try Sys.enableVerity(fd.rawValue) } catch let e as Errno where e == .fileExists {} catch { return nil }
+        guard let measured = try? Sys.measureVerity(fd.rawValue) else { return nil }
+        let hex = measured.map { String(hexByte: $0) }.joined()
+        guard hex == verity.lowercased() else {
+            for suffix in ["", ".pop", ".json"] { try? Sys.unlink(dataPath + suffix) }
+            return "the kernel measured the complete cache file as fs-verity sha256:\(hex), not sha256:\(verity); "
+                + "the entry was discarded"
+        }
+        info.kernelVerity = true
+        writeInfo(info, to: dataPath + ".json")
+        return "the complete cache file is now checked by the kernel's fs-verity (sha256:\(hex))"
     }
 
     /// The complete entry verified against `digest`, when there is one of this size.

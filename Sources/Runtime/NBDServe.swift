@@ -27,6 +27,8 @@ public final class ServedSource: @unchecked Sendable {  // immutable after init 
     /// Set when the complete cache failed its digest: every further read is EIO.
     let failed = Locked(false)
     let stopped = Locked(false)
+    /// Reads in progress: background prefetching waits while there are any.
+    let busy = Locked(0)
 
     init(local: FileSource, blockSize: Int, description: String) {
         (size, source, lazy, digest, entryLock, readahead) = (local.size, local, nil, nil, nil, nil)
@@ -43,6 +45,8 @@ public final class ServedSource: @unchecked Sendable {  // immutable after init 
     /// Exactly the bytes of [offset, offset+length), or a throw (EIO for the client).
     public func read(offset: UInt64, length: Int) throws -> [UInt8] {
         guard !failed.get() else { throw RemoteError.cache("the blob failed verification") }
+        busy.withLock { $0 += 1 }
+        defer { busy.withLock { $0 -= 1 } }
         try noteSequential(offset: offset, length: length)
         let data = try source.read(at: offset, count: length)
         guard data.count == length else { throw RemoteError.cache("short read at \(offset)") }
@@ -53,6 +57,8 @@ public final class ServedSource: @unchecked Sendable {  // immutable after init 
     /// and readahead as `read`), for sendfile; nil when it must be read instead.
     public func region(offset: UInt64, length: Int) throws -> FileRegion? {
         guard !failed.get() else { throw RemoteError.cache("the blob failed verification") }
+        busy.withLock { $0 += 1 }
+        defer { busy.withLock { $0 -= 1 } }
         try noteSequential(offset: offset, length: length)
         return try source.fileRegion(at: offset, count: length)
     }
@@ -66,6 +72,26 @@ public final class ServedSource: @unchecked Sendable {  // immutable after init 
         let chunk: UInt64 = 4 << 20
         let start = offset / chunk * chunk
         try lazy.ensure(offset: start, length: min(chunk, lazy.size - start))
+    }
+
+    /// `--prefetch` for a served mount: in the background, the profile's ranges first, then (`all`)
+    /// everything else in 1 MiB steps, pausing while readers have requests in flight.
+    func startPrefetch(_ prefetch: Prefetch) {
+        guard let lazy, prefetch != .none else { return }
+        Threads.detach { [self] in
+            var ranges: [(UInt64, UInt64)] = []
+            if case .profile(let path) = prefetch { ranges = (try? PrefetchProfile.load(path)) ?? [] }
+            if prefetch == .all {
+                var off: UInt64 = 0
+                while off < lazy.size { ranges.append((off, min(1 << 20, lazy.size - off))); off += 1 << 20 }
+            }
+            for (offset, length) in ranges where offset < lazy.size {
+                while !stopped.get(), busy.get() > 0 { usleep(20_000) }
+                if stopped.get() || failed.get() { return }
+                let len = min(length, lazy.size - offset)
+                if !lazy.isAvailable(offset: offset, length: len) { try? lazy.ensure(offset: offset, length: len) }
+            }
+        }
     }
 
     /// NBD_CMD_CACHE: fetch the range into the cache now.
@@ -199,7 +225,9 @@ extension Runtime {
                     if let verity = req.remote.verity { try Self.checkWhole(lazy, against: verity) }
                     try lazy.markAllPresent()
                 }
-                return ServedSource(lazy: lazy, digest: digest, entryLock: lock, description: what)
+                let served = ServedSource(lazy: lazy, digest: digest, entryLock: lock, description: what)
+                served.startPrefetch(req.remote.prefetch)
+                return served
             } catch {
                 Sys.close(lock.rawValue)
                 throw error

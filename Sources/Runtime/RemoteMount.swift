@@ -138,6 +138,7 @@ extension Runtime {
         }
         let blockSize = try download(req, blob: blob, paths: paths, digest: digest)
         guard let impl = Backends.all[backend] else { throw RuntimeError.noBackend("\(backend.rawValue) is not available") }
+        if let v = req.remote.verity, let note = BlobCache.handToKernel(entry: paths.data, verity: v.digest) { notes.append(note) }
         try attachCacheFile(impl, paths.data, blockSize: blockSize, req, target: target, record: &record)
         return MountOutcome(plan: plan, record: record, notes: notes)
     }
@@ -159,8 +160,7 @@ extension Runtime {
             } catch let f as BackendFailure {
                 throw RuntimeError.mountFailed(backend: backend.rawValue, detail: f.detail)
             }
-            (record.device, record.workerPID) = (attachment.device, attachment.workerPID)
-            (record.statsPath, record.fuseMount) = (attachment.statsPath, attachment.fuseMount)
+            record.apply(attachment)
             do { try state.save(record) } catch {
                 try? MountAPI.umount(target.path)
                 impl.release(record)
@@ -258,7 +258,9 @@ extension Runtime {
     /// A complete, verified cache entry: mounted straight from the cache file (no worker, no mark).
     func mountVerified(_ req: MountRequest, blob: HTTPBlob, paths: (data: String, record: String, info: String, lock: String),
                        plan: Plan, target: MountTarget, notes: [String]) throws -> MountOutcome {
-        let local = plan.candidates.filter { $0.backend != .fanotify && $0.verdict != .rejected }.map(\.backend)
+        // The complete cache file is a local image now: the kernel mounts it where it can.
+        let viable = plan.candidates.filter { $0.backend != .fanotify && $0.verdict != .rejected }.map(\.backend)
+        let local = viable.filter { $0 == .file || $0 == .loop } + viable.filter { $0 != .file && $0 != .loop }
         guard let backend = req.backend.map({ local.contains($0) ? $0 : .fanotify }) ?? local.first, backend != .fanotify,
               let impl = Backends.all[backend] else {
             throw RuntimeError.noBackend("the cached blob is complete; mount it with --backend file or loop")
@@ -277,6 +279,8 @@ extension Runtime {
                                  mountpoint: target.path, options: req.options.summary, device: nil, workerPID: nil,
                                  since: Date().timeIntervalSince1970, sourceIdentity: blob.etag ?? blob.lastModified ?? "",
                                  mountID: nil, cachePath: paths.data, statsPath: nil)
+        var notes = notes
+        if let v = req.remote.verity, let note = BlobCache.handToKernel(entry: paths.data, verity: v.digest) { notes.append(note) }
         try attachCacheFile(impl, paths.data, blockSize: blockSize, req, target: target, record: &record)
         return MountOutcome(plan: plan, record: record, notes: notes)
     }
@@ -291,7 +295,7 @@ extension Runtime {
                     try impl.attach(PreparedMount(source: data, target: target, options: req.options, blockSize: blockSize,
                                                   stateRoot: state.root))
                 }
-                record.device = a.device
+                record.apply(a)
             } catch let f as BackendFailure {
                 throw RuntimeError.mountFailed(backend: impl.kind.rawValue, detail: f.detail)
             }

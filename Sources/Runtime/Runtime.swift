@@ -135,8 +135,7 @@ public struct Runtime: Sendable {
                     note(line)
                     continue
                 }
-                (record.device, record.workerPID) = (attachment.device, attachment.workerPID)
-                (record.statsPath, record.fuseMount) = (attachment.statsPath, attachment.fuseMount)
+                record.apply(attachment)
                 do {
                     try state.save(record)
                 } catch {
@@ -309,6 +308,10 @@ public struct Runtime: Sendable {
         // 10 s on a loaded machine.
         if let cache = record.cachePath {
             for _ in 0..<200 where BlobCache.isLocked(entry: cache) { usleep(50_000) }
+            // Complete and verified by now: from here on the kernel can guarantee its bytes.
+            if !BlobCache.isLocked(entry: cache), let v = BlobCache.readInfo(cache + ".json")?.verity {
+                _ = BlobCache.handToKernel(entry: cache, verity: v)
+            }
         }
     }
 

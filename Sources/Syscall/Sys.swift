@@ -318,6 +318,23 @@ package enum Sys {
         return ecx_errno() == EPERM
     }
 
+    // MARK: fs-verity
+
+    /// FS_IOC_ENABLE_VERITY (SHA-256, 4 KiB blocks, no salt) on a descriptor opened read-only: the
+    /// kernel builds the tree and from then on checks every page read from disk and refuses writes.
+    /// EEXIST: already enabled; ETXTBSY: a writer is open; EOPNOTSUPP/ENOTTY: not on this filesystem
+    /// or kernel.
+    package static func enableVerity(_ fd: Int32) throws {
+        _ = try call { ecx_fsverity_enable(fd) }
+    }
+
+    /// FS_IOC_MEASURE_VERITY: the file's fs-verity digest as the kernel measured it.
+    package static func measureVerity(_ fd: Int32) throws -> [UInt8] {
+        var out = [UInt8](repeating: 0, count: 32)
+        _ = try out.withUnsafeMutableBufferPointer { b in try call { ecx_fsverity_measure(fd, b.baseAddress) } }
+        return out
+    }
+
     // MARK: inotify
 
     /// Whether a file is open elsewhere than through `fd` — by another process or by the kernel (a

@@ -30,6 +30,7 @@ struct CacheLs: ParsableCommand {
 
     /// How an entry's bytes are known to be the blob's.
     static func verification(_ info: CacheInfo?) -> String {
+        if info?.kernelVerity == true { return "verified whole, kernel fs-verity" }
         switch (info?.verified == true, info?.verity != nil) {
         case (true, true): return "verified whole and per block"
         case (true, false): return "verified whole"

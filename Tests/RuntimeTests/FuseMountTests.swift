@@ -196,6 +196,25 @@ struct FuseMountTests {
         try f.runtime.umount(f.mnt)
     }
 
+    /// `--prefetch all` on a served mount: the server fills the whole cache in the background
+    /// without a reader asking (the record reaches 100 %), and the bytes are the image's.
+    @Test func servedMountsPrefetchEverything() throws {
+        let f = try RemoteFixture("fuse-prefetch")
+        defer { f.remove() }
+        var opts = f.remote
+        opts.prefetch = .all
+        _ = try f.runtime.mount(MountRequest(source: f.url, mountpoint: f.mnt, backend: .fuseBlob, remote: opts))
+        defer { try? f.runtime.umount(f.mnt) }
+        let record = BlobCache(directory: f.dir.file("cache")).paths(key: BlobCache.partialKey(source: f.url)).data
+        var present = 0.0
+        for _ in 0..<100 where present < 1 {
+            present = PopulationRecord.presentFraction(path: record + ".pop") ?? 0
+            if present < 1 { usleep(100_000) }
+        }
+        #expect(present == 1, "\(present * 100) % present after 10 s with --prefetch all; \(f.workerLogs())")
+        #expect(TreeFactsLite(f.mnt) == (try f.oracle()))
+    }
+
     /// SIGKILL of the serving process during a parallel cold read of every file: every read gets
     /// the image's bytes or EIO, never other bytes; the supervisor restarts the server on the same
     /// connection (the kernel resends what the dead one had read), and afterwards everything reads.

@@ -125,6 +125,34 @@ struct OCIMountTests {
         #expect(fuseServers(under: f.dir).isEmpty && !currentMounts().contains(f.mnt))
     }
 
+    /// A complete, verified entry is a local file: mounted by the kernel where it can; a FUSE backend
+    /// named for it is recorded whole, so `umount` takes its FUSE mount and server along.
+    @Test func aCompleteEntryMountsLocallyAndCleansUp() throws {
+        let f = try OCIFixture("oci-complete")
+        defer { f.remove() }
+        let img = try f.image("img", budget: 2 << 20)
+        try f.registry.pushImage("test/full", reference: "v1", layers: [img], arch: OCIFixture.hostPlatform.architecture)
+        let src = "oci://\(f.registry.host)/test/full:v1"
+        var opts = f.options()
+        opts.prefetch = .all
+        _ = try f.runtime.mount(MountRequest(source: src, mountpoint: f.mnt, backend: .fuseBlob, remote: opts))
+        let hex = sha256Hex([UInt8](try Data(contentsOf: URL(fileURLWithPath: img))))
+        let shared = BlobCache(directory: f.dir.file("cache")).paths(key: hex)
+        for _ in 0..<100 where BlobCache.readInfo(shared.info)?.verified != true { usleep(100_000) }
+        try f.runtime.umount(f.mnt)
+        #expect(BlobCache.readInfo(shared.info)?.verified == true, "the prefetched entry was verified and shared")
+        let kernel = try f.mount(src, at: f.mnt)
+        #expect(kernel.notes.contains("cached and verified") && kernel.record?.backend == Backend.file.rawValue,
+                "\(kernel.notes) \(kernel.record?.backend ?? "-")")
+        try f.runtime.umount(f.mnt)
+        let named = try f.mount(src, at: f.mnt, backend: .fuseBlob)
+        #expect(named.record?.backend == Backend.fuseBlob.rawValue && named.record?.fuseMount != nil)
+        #expect(TreeFactsLite(f.mnt) == (try f.oracle(img)))
+        try f.runtime.umount(f.mnt)
+        #expect(fuseServers(under: f.dir).isEmpty, "\(fuseServers(under: f.dir))")
+        #expect(currentMounts().filter { $0.hasPrefix(f.dir.path) }.isEmpty, "\(currentMounts())")
+    }
+
     @Test func layerChoice() throws {
         let f = try OCIFixture("oci-layers")
         defer { f.remove() }

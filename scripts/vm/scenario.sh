@@ -28,7 +28,7 @@ backend_is() {  # OUTPUT BACKEND
     grep -q "(backend $2" "$1" || { cat "$1"; return 1; }
 }
 nothing_left() {
-    ! grep -q ' /w/\| /tmp/u' /proc/mounts || { grep ' /w/\| /tmp/u' /proc/mounts; return 1; }
+    ! grep -q ' /w/\| /tmp/u\| /run/ec/' /proc/mounts || { grep ' /w/\| /tmp/u\| /run/ec/' /proc/mounts; return 1; }
     ! ps -o args | grep -v grep | grep -q __fuse-serve || { echo "a FUSE server is still running"; return 1; }
     [ -z "$(losetup -a 2>/dev/null)" ] || { losetup -a; return 1; }
     [ -z "$(ls $EROFS_COMPAT_STATE_DIR/mounts 2>/dev/null)" ] || { echo "records left"; return 1; }
@@ -108,6 +108,33 @@ $E status /w/m > /tmp/status.out 2>&1
 check remote-status grep -q 'health   ok' /tmp/status.out
 check remote-umount $E umount /w/m
 check remote-nothing-left nothing_left
+
+# --- A cache on ext4 with the verity feature: the complete, verified entry goes to the kernel's
+# fs-verity (measured equal to the tree's digest) once its server is gone; after that the kernel
+# checks every page read from disk and refuses writes to it.
+mkdir -p /w/vext
+mount -o loop /w/verity.ext4 /w/vext
+mkdir -p /w/vext/cache
+$E probe --json --cache-dir /w/vext/cache > /tmp/probe-verity.json 2>/dev/null
+check fsverity-cache-fs-present finding /tmp/probe-verity.json fsverity.cache_fs present
+echo "VMCHECK fsverity-evidence PASS $(tr -d ' \n' < /tmp/probe-verity.json | grep -o '"evidence":\[[^]]*\],"id":"fsverity.cache_fs"')"
+$E probe --json --cache-dir /w > /tmp/probe-ramfs.json 2>/dev/null
+check fsverity-ramfs-absent finding /tmp/probe-ramfs.json fsverity.cache_fs absent
+vd=$(cat /w/local.verity); sd=$(cat /w/local.sha256)
+$E mount --cache-dir /w/vext/cache --prefetch all --verity sha256:$vd --digest sha256:$sd \
+    http://127.0.0.1:8080/local.erofs /w/m > /tmp/verity-mount.out 2>&1
+check verity-mount-content same_tree /w/m /w/local.sums
+for i in $(seq 1 50); do $E cache ls --cache-dir /w/vext/cache 2>/dev/null | grep -q "verified whole" && break; sleep 0.2; done
+$E umount /w/m
+for i in $(seq 1 25); do $E cache ls --cache-dir /w/vext/cache 2>/dev/null | grep -q "kernel fs-verity" && break; sleep 0.2; done
+$E cache ls --cache-dir /w/vext/cache > /tmp/verity-ls.out 2>&1
+check verity-handed-to-kernel sh -c 'grep -q "kernel fs-verity" /tmp/verity-ls.out || { cat /tmp/verity-ls.out; tail -5 $EROFS_COMPAT_STATE_DIR/workers/*.log; exit 1; }'
+check verity-cache-file-read-only sh -c "! echo x >> /w/vext/cache/blobs/sha256/$sd"
+$E mount --cache-dir /w/vext/cache --verity sha256:$vd --digest sha256:$sd http://127.0.0.1:8080/local.erofs /w/m > /tmp/verity-mount2.out 2>&1
+check verity-warm-content same_tree /w/m /w/local.sums
+$E umount /w/m
+for i in 1 2 3 4 5 6 7 8 9 10; do umount /w/vext 2>/tmp/vext.err && break; sleep 0.3; done
+check verity-cache-fs-unmounted sh -c '! grep -q " /w/vext " /proc/mounts || { cat /tmp/vext.err; for p in /proc/[0-9]*; do ls -l $p/fd 2>/dev/null | grep -q vext && echo "$p: $(tr "\0" " " < $p/cmdline)"; done; losetup -a; exit 1; }'
 
 # --- NBD: kernel EROFS on /dev/nbdN over netlink, served from the image or the lazy cache.
 nbd_connected() { for p in /sys/block/nbd*/pid; do [ -e "$p" ] && return 0; done; return 1; }

@@ -504,6 +504,14 @@ int ecx_memfd(const char *name);
 /** accept4(fd, NULL, NULL, SOCK_CLOEXEC). */
 int ecx_accept_cloexec(int fd);
 
+/* ---------------------------------------------------------------- fs-verity */
+
+/** FS_IOC_ENABLE_VERITY on `fd` (opened read-only, no writer anywhere): SHA-256, 4 KiB blocks, no
+ * salt — the tree `image verity` builds. 0, or -1 with errno. */
+int ecx_fsverity_enable(int fd);
+/** FS_IOC_MEASURE_VERITY: the file's fs-verity digest (SHA-256) into `out` (32 bytes). */
+int ecx_fsverity_measure(int fd, unsigned char *out);
+
 /* ---------------------------------------------------------------- HTTP transfers (libcurl) */
 
 /** What one HTTP request produced. `headers` is malloc'd (free with ecx_http_result_free). */

@@ -70,6 +70,13 @@ struct Attachment {
     var fuseMount: String?
 }
 
+extension MountRecord {
+    /// What the backend attached, for `status` and `umount`.
+    mutating func apply(_ a: Attachment) {
+        (device, workerPID, statsPath, fuseMount) = (a.device, a.workerPID, a.statsPath, a.fuseMount)
+    }
+}
+
 /// A backend failure; `fallback` marks failures the planner could not foresee (ENOTBLK, ENODEV,
 /// EOPNOTSUPP) after which `auto` may try the next candidate.
 struct BackendFailure: Error {

@@ -30,6 +30,14 @@ public struct ServeSpec: Codable, Sendable {
     public var threads: Int = 4
     /// For an nbd mount: how its kernel device is set up.
     public var device: NBDDeviceSpec?
+
+    /// Once serving is over (no writer of the cache file left): a complete entry verified against
+    /// the digest and checked against an fs-verity tree goes to the kernel's fs-verity.
+    func handToKernel() {
+        guard let r = remote, let digest = r.digest, let v = r.verity else { return }
+        let entry = BlobCache(directory: r.cacheDir).paths(key: digest.lowercased()).data
+        if let note = BlobCache.handToKernel(entry: entry, verity: v.digest) { FuseWorker.log(note) }
+    }
 }
 
 /// The FUSE server processes. The supervisor owns the /dev/fuse descriptor for the mount's whole
@@ -77,6 +85,7 @@ public enum FuseWorker {
             if code == 0 {
                 // The connection ended (the mount is gone, also after a lazy umount): the figures and
                 // the log go with it.
+                if let decoded = try? JSONDecoder().decode(ServeSpec.self, from: Data(spec)) { decoded.handToKernel() }
                 if let path = statsPath(spec) {
                     for f in [path, StateStore.sibling(of: path, ".log")] { try? Sys.unlink(f) }
                 }

@@ -129,13 +129,17 @@ public enum NbdWorker {
     }
 
     /// For an ioctl-configured device (no disconnect-on-close): once it has been mounted and is no
-    /// longer, NBD_DISCONNECT, which ends NBD_DO_IT and the server's connection.
+    /// longer, NBD_DISCONNECT, which ends NBD_DO_IT and the server's connection. Mounted is first
+    /// read from mountinfo (an exclusive open while the mount is being made would make it fail with
+    /// EBUSY); once it left mountinfo, an exclusive open tells whether a lazily detached superblock
+    /// still holds the device.
     static func disconnectWhenUnmounted(_ fd: Int32, index: UInt32) {
+        let device = "/dev/nbd\(index)"
         var seen = false
         while FileManager.default.fileExists(atPath: "/sys/block/nbd\(index)/pid") {
-            let mounted = isMounted(index)
-            if seen && !mounted { break }
-            seen = seen || mounted
+            let listed = MountInfo.current().contains { $0.source == device }
+            if seen && !listed && !isMounted(index) { break }
+            seen = seen || listed
             usleep(seen ? 500_000 : 100_000)
         }
         try? NBDIoctl.disconnect(fd: fd)
@@ -182,6 +186,7 @@ public enum NbdWorker {
     /// Serving is over: the figures and the log go with the mount.
     static func finish(_ spec: ServeSpec) -> Int32 {
         FuseWorker.log("the device is no longer mounted; exiting")
+        spec.handToKernel()
         for f in [spec.statsPath, StateStore.sibling(of: spec.statsPath, ".log")] { try? Sys.unlink(f) }
         return 0
     }
