@@ -49,7 +49,7 @@ cp "$work/images/local.erofs" "$work/images/www/local.erofs"
 "$BIN" image verity "$work/images/www/local.erofs" --tree "$work/images/www/local.erofs.verity" \
     | cut -d' ' -f1 | cut -d: -f2 > "$work/images/local.verity"
 sha256sum "$work/images/local.erofs" | cut -d' ' -f1 > "$work/images/local.sha256"
-mke2fs -q -t ext4 -b 4096 -O verity -F "$work/images/verity.ext4" 48M
+mke2fs -q -t ext4 -b 4096 -O verity -F "$work/images/verity.ext4" 48M >/dev/null
 cp "$ROOT/Tests/Fixtures/mkfs-erofs-1.9.3/zstd.erofs" "$work/images/zstd.erofs"
 for img in local zstd; do
     mount -t erofs -o ro "$work/images/$img.erofs" "$work/oracle"

@@ -29,12 +29,17 @@ extension Runtime {
         }
         let (canonical, _) = try canonicalSource(image)
         let file: FileSource
-        do { file = try FileSource(path: canonical) } catch { throw RuntimeError.sourceUnreadable(image, detail: "\(error)") }
-        do { _ = try EROFSImage.superblock(of: file) } catch { throw RuntimeError.notEROFS(canonical, detail: "\(error)") }
+        do { file = try FileSource(path: canonical) } catch {
+            throw RuntimeError.sourceUnreadable(image, detail: "\(error)")
+        }
+        do { _ = try EROFSImage.superblock(of: file) } catch {
+            throw RuntimeError.notEROFS(canonical, detail: "\(error)")
+        }
         let fd = try Sys.open(canonical, O_RDONLY)
         defer { Sys.close(fd.rawValue) }
         do {
-            let platform = try o.platform.map(OCIPlatform.init(parsing:)) ?? OCIPlatform.host(machine: Sys.uname().machine)
+            let platform = try o.platform.map(OCIPlatform.init(parsing:))
+                ?? OCIPlatform.host(machine: Sys.uname().machine)
             let tree = try FsVerityTree(size: file.size) { try file.read(at: $0, count: $1) }
             let pusher = OCIPusher(client: try registryClient(ref, o))
             let result = try pusher.push(image: fd.rawValue, size: file.size, tree: tree, platform: platform)

@@ -154,7 +154,8 @@ package enum NBDIoctl {
             do {
                 let fd = try Sys.open("/dev/nbd\(n)", O_RDWR)
                 do {
-                    try configure(fd.rawValue, socket: socket, size: size, blockSize: blockSize, timeout: timeoutSeconds)
+                    try configure(fd.rawValue, socket: socket, size: size, blockSize: blockSize,
+                                  timeout: timeoutSeconds)
                     return (fd, n)
                 } catch {
                     Sys.close(fd.rawValue)

@@ -1,9 +1,11 @@
 import ArgumentParser
+import Remote
 import Runtime
 
 /// The registry flags `push` takes (the same credential and TLS rules as `mount`'s oci:// sources).
 struct RegistryOptions: ParsableArguments {
-    @Option(help: ArgumentHelp("The image's platform in its config (default: this host).", valueName: "OS/ARCH[/VARIANT]"))
+    @Option(help: ArgumentHelp("The image's platform in its config (default: this host).",
+                               valueName: "OS/ARCH[/VARIANT]"))
     var platform: String?
 
     @Option(help: ArgumentHelp("Registry credentials file (docker config.json format).", valueName: "FILE"))
@@ -20,7 +22,9 @@ struct RegistryOptions: ParsableArguments {
 
     func validate() throws {
         if passwordStdin, username == nil { throw ValidationError("--password-stdin needs --username") }
-        if username != nil, !passwordStdin { throw ValidationError("--username needs --password-stdin (passwords are never taken as arguments)") }
+        if username != nil, !passwordStdin {
+            throw ValidationError("--username needs --password-stdin (passwords are never taken as arguments)")
+        }
     }
 
     func make() throws -> OCIOptions {
@@ -31,7 +35,8 @@ struct RegistryOptions: ParsableArguments {
             }
             password = line
         }
-        return OCIOptions(platform: platform, authFile: authFile, username: username, password: password, insecure: insecure)
+        return OCIOptions(platform: platform, authFile: authFile, username: username, password: password,
+                          insecure: insecure)
     }
 }
 
@@ -61,8 +66,10 @@ struct PushCommand: ParsableCommand {
         let r = out.result
         print("pushed \(image) to \(out.reference) (\(out.platform))")
         print("  manifest \(r.manifest.digest)")
-        print("  layer    \(r.layer.digest) (\(r.layer.size) bytes), fs-verity \(r.layer.annotations?["org.erofs-compat.verity.digest"] ?? "?")")
-        print("  tree     \(r.tree.digest) (\(r.tree.size) bytes), referrer \(r.referrer.digest) via the \(r.referrersVia)")
+        let root = r.layer.annotations?[OCIPushTypes.verityDigestAnnotation] ?? "?"
+        print("  layer    \(r.layer.digest) (\(r.layer.size) bytes), fs-verity \(root)")
+        print("  tree     \(r.tree.digest) (\(r.tree.size) bytes), referrer \(r.referrer.digest)"
+              + " via the \(r.referrersVia)")
         print("  \(r.uploaded) blobs uploaded, \(r.skipped) already there")
     }
 }

@@ -37,11 +37,12 @@ enum ImageChecks {
         let status: Finding.Status = !unsupported.isEmpty ? .absent : (undecided.isEmpty ? .present : .unknown)
         let says = !unsupported.isEmpty ? "missing: \(unsupported.joined(separator: ", "))"
             : undecided.isEmpty ? "all understood"
-            : "does not exist yet (the erofs module is not loaded; a mount loads it): \(undecided.joined(separator: ", ")) not known"
+            : "does not exist yet (the erofs module is not loaded; a mount loads it): "
+                + "\(undecided.joined(separator: ", ")) not known"
         let names = sb.incompatFeatureNames
+        let bits = "0x\(String(sb.featureIncompat, radix: 16)) = [\(names.joined(separator: ", "))]"
         return Finding("image.features", "image features supported by this kernel", status, value: names.joined(separator: " "),
-                       evidence: [.init("feature_incompat", "0x\(String(sb.featureIncompat, radix: 16)) = [\(names.joined(separator: ", "))]"),
-                                  .init("/sys/fs/erofs/features", says)])
+                       evidence: [.init("feature_incompat", bits), .init("/sys/fs/erofs/features", says)])
     }
 
     static func run(_ ctx: ProbeContext, image: String, offset: UInt64 = 0, kernelFeatures: Set<String>?, trial: Bool = true) -> [Finding] {

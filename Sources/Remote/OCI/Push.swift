@@ -31,12 +31,14 @@ public struct OCIDescriptor: Codable, Sendable, Equatable {
 
     public init(mediaType: String, digest: String, size: UInt64, annotations: [String: String]? = nil,
                 artifactType: String? = nil) {
-        (self.mediaType, self.digest, self.size, self.annotations, self.artifactType) = (mediaType, digest, size, annotations, artifactType)
+        (self.mediaType, self.digest, self.size) = (mediaType, digest, size)
+        (self.annotations, self.artifactType) = (annotations, artifactType)
     }
 
     /// The descriptor of `bytes`.
     public static func of(_ bytes: [UInt8], mediaType: String) -> OCIDescriptor {
-        OCIDescriptor(mediaType: mediaType, digest: "sha256:" + hex(Array(SHA256.hash(data: bytes))), size: UInt64(bytes.count))
+        let digest = "sha256:" + hex(Array(SHA256.hash(data: bytes)))
+        return OCIDescriptor(mediaType: mediaType, digest: digest, size: UInt64(bytes.count))
     }
 }
 
@@ -74,12 +76,14 @@ public final class OCIPusher: @unchecked Sendable {  // used from one thread
                              OCIPushTypes.verityTreeAnnotation: treeDesc.digest]
         try uploadBlob(fd: fd, size: size, digest: layerDigest)
         try uploadBlob(treeBytes, digest: treeDesc.digest)
-        let config = try Self.json(ImageConfig(architecture: platform.architecture, os: platform.os, variant: platform.variant,
-                                               rootfs: .init(diff_ids: [layerDigest])))
+        let config = try Self.json(ImageConfig(architecture: platform.architecture, os: platform.os,
+                                               variant: platform.variant, rootfs: .init(diff_ids: [layerDigest])))
         let configDesc = OCIDescriptor.of(config, mediaType: OCIPushTypes.imageConfig)
         try uploadBlob(config, digest: configDesc.digest)
-        let manifest = try Self.json(Manifest(mediaType: OCIPushTypes.imageManifest, config: configDesc, layers: [layer]))
-        let manifestDesc = try putManifest(manifest, mediaType: OCIPushTypes.imageManifest, reference: client.ref.reference)
+        let manifest = try Self.json(Manifest(mediaType: OCIPushTypes.imageManifest, config: configDesc,
+                                              layers: [layer]))
+        let manifestDesc = try putManifest(manifest, mediaType: OCIPushTypes.imageManifest,
+                                           reference: client.ref.reference)
         let (referrer, via) = try pushReferrer(subject: manifestDesc, tree: treeDesc)
         return PushResult(manifest: manifestDesc, layer: layer, tree: treeDesc, referrer: referrer, referrersVia: via,
                           uploaded: uploaded, skipped: skipped)
@@ -91,8 +95,9 @@ public final class OCIPusher: @unchecked Sendable {  // used from one thread
         let empty: [UInt8] = Array("{}".utf8)
         let emptyDesc = OCIDescriptor.of(empty, mediaType: OCIPushTypes.empty)
         try uploadBlob(empty, digest: emptyDesc.digest)
-        let artifact = try Self.json(Manifest(mediaType: OCIPushTypes.imageManifest, artifactType: OCIPushTypes.verityTree,
-                                              config: emptyDesc, layers: [tree], subject: subject))
+        let artifact = try Self.json(Manifest(mediaType: OCIPushTypes.imageManifest,
+                                              artifactType: OCIPushTypes.verityTree, config: emptyDesc,
+                                              layers: [tree], subject: subject))
         var desc = OCIDescriptor.of(artifact, mediaType: OCIPushTypes.imageManifest)
         let answer = try putManifestAnswer(artifact, mediaType: OCIPushTypes.imageManifest, reference: desc.digest)
         desc.artifactType = OCIPushTypes.verityTree
@@ -105,7 +110,8 @@ public final class OCIPusher: @unchecked Sendable {  // used from one thread
     }
 
     func existingIndex(_ tag: String) throws -> Index? {
-        let r = try client.get("/v2/\(client.ref.repository)/manifests/\(tag)", accept: [OCIPushTypes.imageIndex], limit: 4 << 20)
+        let r = try client.get("/v2/\(client.ref.repository)/manifests/\(tag)", accept: [OCIPushTypes.imageIndex],
+                               limit: 4 << 20)
         guard r.status == 200 else { return nil }
         return try JSONDecoder().decode(Index.self, from: Data(r.body))
     }
@@ -146,8 +152,10 @@ public final class OCIPusher: @unchecked Sendable {  // used from one thread
     }
 
     func failure(_ what: String, _ r: HTTPResponse) -> RemoteError {
-        let said = String(decoding: r.body.prefix(300), as: UTF8.self).split(whereSeparator: \.isNewline).joined(separator: " ").trimmed
-        return .registry(registry: client.ref.registry, detail: "\(what) answered HTTP \(r.status)" + (said.isEmpty ? "" : ": \(said)"))
+        let said = String(decoding: r.body.prefix(300), as: UTF8.self)
+            .split(whereSeparator: \.isNewline).joined(separator: " ").trimmed
+        let detail = "\(what) answered HTTP \(r.status)" + (said.isEmpty ? "" : ": \(said)")
+        return .registry(registry: client.ref.registry, detail: detail)
     }
 
     static func sha256(fd: Int32, size: UInt64) throws -> String {

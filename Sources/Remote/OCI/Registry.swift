@@ -229,17 +229,22 @@ public final class RegistryClient: @unchecked Sendable {
         guard OCIReference.isDigest(d.digest) else {
             throw RemoteError.registry(registry: ref.registry, detail: "layer \(index) has an unsupported digest \(d.digest) (only sha256)")
         }
-        var verity: VeritySource?
-        if let a = d.annotations, let root = a[OCIPushTypes.verityDigestAnnotation], let tree = a[OCIPushTypes.verityTreeAnnotation] {
-            guard OCIReference.isDigest(root), OCIReference.isDigest(tree) else {
-                throw RemoteError.registry(registry: ref.registry, detail: "layer \(index) has malformed fs-verity annotations "
-                                           + "(\(root), \(tree)); expected sha256:<64 hex digits>")
-            }
-            verity = VeritySource(digest: String(root.dropFirst(7)), treeURL: base + "/v2/\(ref.repository)/blobs/\(tree.lowercased())")
-            verity?.origin = "the layer's annotations"
-        }
         return ResolvedBlob(url: base + "/v2/\(ref.repository)/blobs/\(d.digest.lowercased())", digest: d.digest.lowercased(), size: d.size,
-                            mediaType: d.mediaType, manifestDigest: digest, platform: chosenPlatform, layerIndex: index, verity: verity)
+                            mediaType: d.mediaType, manifestDigest: digest, platform: chosenPlatform, layerIndex: index,
+                            verity: try verity(of: d, index: index))
+    }
+
+    /// The fs-verity digest and tree a layer's annotations name (what `push` writes), if any.
+    func verity(of d: Descriptor, index: Int) throws -> VeritySource? {
+        guard let a = d.annotations, let root = a[OCIPushTypes.verityDigestAnnotation],
+              let tree = a[OCIPushTypes.verityTreeAnnotation] else { return nil }
+        guard OCIReference.isDigest(root), OCIReference.isDigest(tree) else {
+            throw RemoteError.registry(registry: ref.registry, detail: "layer \(index) has malformed fs-verity annotations "
+                                       + "(\(root), \(tree)); expected sha256:<64 hex digits>")
+        }
+        var v = VeritySource(digest: String(root.dropFirst(7)), treeURL: base + "/v2/\(ref.repository)/blobs/\(tree.lowercased())")
+        v.origin = "the layer's annotations"
+        return v
     }
 
     static func onlyEROFSLayer(_ layers: [Descriptor]) -> Int? {

@@ -51,7 +51,8 @@ public enum NbdWorker {
                 FuseWorker.log("server \(pid) ended (\(signal.map { "signal \($0)" } ?? "exit \(code ?? -1)")) "
                                + "while /dev/nbd\(connected.index) is mounted; reconnecting it")
                 guard connected.ioctl == nil else {
-                    FuseWorker.log("set up through ioctls, /dev/nbd\(connected.index) cannot be reconnected; its reads fail")
+                    FuseWorker.log("set up through ioctls, /dev/nbd\(connected.index) cannot be reconnected; "
+                                   + "its reads fail")
                     return 1
                 }
             }
@@ -85,7 +86,8 @@ public enum NbdWorker {
             let fields = line.split(separator: " ")
             guard fields.count == 2, fields[0] == "ready", let size = UInt64(fields[1]) else {
                 stop(pid)
-                return .failure(Failure(line.hasPrefix("error: ") ? String(line.dropFirst(7)) : "the server exited before it was ready"))
+                let why = line.hasPrefix("error: ") ? String(line.dropFirst(7)) : "the server exited before it was ready"
+                return .failure(Failure(why))
             }
             do {
                 if let link {
@@ -95,7 +97,8 @@ public enum NbdWorker {
                 return .success((pid, try connect(kernelEnd, size: size, device)))
             } catch {
                 stop(pid)
-                return .failure(Failure("\(link == nil ? "connecting" : "NBD_CMD_RECONFIGURE of") an NBD device: \(error)"))
+                let what = link == nil ? "connecting" : "NBD_CMD_RECONFIGURE of"
+                return .failure(Failure("\(what) an NBD device: \(error)"))
             }
         } catch {
             return .failure(Failure("cannot start the server: \(error)"))
