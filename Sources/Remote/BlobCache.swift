@@ -198,9 +198,9 @@ extension Array where Element == UInt8 {
 }
 
 extension BlobCache {
-    /// Removes an entry's data, record and info (not its locks, which others may hold).
+    /// Removes an entry's data, record, info and kept tree blocks (not its locks, which others may hold).
     public static func discard(entry dataPath: String) {
-        for suffix in ["", ".pop", ".json"] { try? Sys.unlink(dataPath + suffix) }
+        for suffix in ["", ".pop", ".json", ".verity"] { try? Sys.unlink(dataPath + suffix) }
     }
 
     /// Serialises the mounts that set up one cache entry (held from the entry's choice until its

@@ -91,6 +91,8 @@ public final class VerityVerifier: @unchecked Sendable {  // `verified` is behin
     let digest: [UInt8]
     let dataSize: UInt64
     let fetchTree: FetchTree
+    /// Where tree blocks come from when what `fetchTree` gave does not match (a kept copy gone bad).
+    let fetchFresh: FetchTree?
     /// Tree blocks per level, leaves (level 0) first, and where each level starts in the tree.
     let levelBlocks: [UInt64]
     let levelStart: [UInt64]
@@ -100,8 +102,8 @@ public final class VerityVerifier: @unchecked Sendable {  // `verified` is behin
     package let treeBytesFetched = Locked<UInt64>(0)
     static let hashesPerBlock: UInt64 = 128
 
-    public init(digest: [UInt8], dataSize: UInt64, fetchTree: @escaping FetchTree) {
-        (self.digest, self.dataSize, self.fetchTree) = (digest, dataSize, fetchTree)
+    public init(digest: [UInt8], dataSize: UInt64, fetchTree: @escaping FetchTree, fetchFresh: FetchTree? = nil) {
+        (self.digest, self.dataSize, self.fetchTree, self.fetchFresh) = (digest, dataSize, fetchTree, fetchFresh)
         var blocks = (dataSize + 4095) / 4096
         var counts: [UInt64] = []
         while blocks > 1 {
@@ -182,8 +184,15 @@ public final class VerityVerifier: @unchecked Sendable {  // `verified` is behin
     /// Fetches `count` tree blocks of `level` from `from` in one request and keeps those that match
     /// their parents' hashes.
     func fetchVerify(level: Int, from: UInt64, count: UInt64) throws {
+        do { try fetchVerify(level: level, from: from, count: count, through: fetchTree) } catch {
+            guard let fetchFresh else { throw error }
+            try fetchVerify(level: level, from: from, count: count, through: fetchFresh)
+        }
+    }
+
+    func fetchVerify(level: Int, from: UInt64, count: UInt64, through fetch: FetchTree) throws {
         let n = min(count, levelBlocks[level] - from)
-        let bytes = try fetchTree(levelStart[level] + from * 4096, Int(n * 4096))
+        let bytes = try fetch(levelStart[level] + from * 4096, Int(n * 4096))
         treeBytesFetched.withLock { $0 += UInt64(bytes.count) }
         guard bytes.count == Int(n * 4096) else { throw RemoteError.cache("the fs-verity tree is shorter than its \(treeSize) bytes") }
         for i in 0..<n {

@@ -53,7 +53,7 @@ extension BlobCache {
         guard let measured = try? Sys.measureVerity(fd.rawValue) else { return nil }
         let hex = measured.map { String(hexByte: $0) }.joined()
         guard hex == verity.lowercased() else {
-            for suffix in ["", ".pop", ".json"] { try? Sys.unlink(dataPath + suffix) }
+            BlobCache.discard(entry: dataPath)
             return "the kernel measured the complete cache file as fs-verity sha256:\(hex), not sha256:\(verity); "
                 + "the entry was discarded"
         }
@@ -93,6 +93,7 @@ extension BlobCache {
             }
             try? Sys.unlink(p.data)
             try? Sys.unlink(p.record)
+            try? Sys.unlink(p.data + ".verity")
             Sys.close(writer.rawValue)
             note = "the blob at \(blob.url) changed since it was cached (\(detail)); its partial cache entry was discarded"
         }

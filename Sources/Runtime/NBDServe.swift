@@ -219,7 +219,7 @@ extension Runtime {
             do {
                 _ = try cache.reconcile(paths: paths, with: blob, digest: digest, verity: req.remote.verity?.digest)
                 let lazy = try LazyBlob(blob: blob, dataPath: paths.data, recordPath: paths.record,
-                                        verifier: req.remote.verity?.verifier(for: blob))
+                                        verifier: req.remote.verity?.verifier(for: blob, cacheFile: paths.data + ".verity"))
                 if blob.wholeOnly {
                     try blob.readAll(into: lazy.writerFD)
                     if let verity = req.remote.verity { try Self.checkWhole(lazy, against: verity) }

@@ -311,7 +311,7 @@ extension Runtime {
             let entryLock = try BlobCache.lockForWriting(entry: paths.data)
             defer { Sys.close(entryLock.rawValue) }
             blob.setDeadline(seconds: nil)
-            let verifier = try req.remote.verity?.verifier(for: blob)
+            let verifier = try req.remote.verity?.verifier(for: blob, cacheFile: paths.data + ".verity")
             let lazy = try LazyBlob(blob: blob, dataPath: paths.data, recordPath: paths.record, verifier: verifier)
             if blob.wholeOnly {
                 try blob.readAll(into: lazy.writerFD)

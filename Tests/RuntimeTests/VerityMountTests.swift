@@ -63,6 +63,48 @@ struct VerityMountTests {
         }
     }
 
+    /// Tree blocks fetched by one mount are kept beside the entry: a later mount of the same entry
+    /// asks the server for none of them again (the top block is fetched once); a kept block gone bad
+    /// is fetched again and the bytes stay right.
+    @Test func treeBlocksAreKeptAcrossMounts() throws {
+        try withVerityFixture("verity-kept", build: { root in
+            try FileManager.default.createDirectory(atPath: root, withIntermediateDirectories: true)
+            var rng = SplitMix(seed: 9)
+            for name in ["a", "b"] {
+                try Data((0..<(24 << 20)).map { _ in UInt8(truncatingIfNeeded: rng.next()) }).write(to: URL(fileURLWithPath: root + "/" + name))
+            }
+        }) { f, proxy, digest, expected in
+            var opts = f.remote
+            opts.verity = VeritySource(digest: digest, treeURL: "")
+            let src = proxy.base + "/img.erofs"
+            // The top block is the tree's first 4 KiB (a range from 0 longer than the size probe's 2 bytes).
+            func topBlockRequests() -> Int {
+                proxy.log.filter { $0.contains("/img.erofs.verity bytes=0-") && !$0.hasSuffix("bytes=0-1") }.count
+            }
+            _ = try f.runtime.mount(MountRequest(source: src, mountpoint: f.mnt, remote: opts))
+            _ = TreeFactsLite.digest(f.mnt + "/a")
+            try f.runtime.umount(f.mnt)
+            let afterFirst = topBlockRequests()
+            #expect(afterFirst >= 1, "\(proxy.log.suffix(5))")
+            _ = try f.runtime.mount(MountRequest(source: src, mountpoint: f.mnt, remote: opts))
+            #expect(expected.entries["b"]?.hasSuffix(" " + TreeFactsLite.digest(f.mnt + "/b")) == true)
+            try f.runtime.umount(f.mnt)
+            #expect(topBlockRequests() == afterFirst, "the second mount fetched the top block again: \(proxy.log.filter { $0.contains(".verity") })")
+            // A kept top block gone bad: fetched again, every byte right.
+            let key = BlobCache.partialKey(source: src, verity: digest)
+            let kept = BlobCache(directory: f.dir.file("cache")).paths(key: key).data + ".verity"
+            let fd = try Sys.open(kept, O_RDWR)
+            _ = try [UInt8](repeating: 0xa5, count: 64).withUnsafeBytes { try Sys.pwrite(fd.rawValue, $0, at: 0) }
+            Sys.close(fd.rawValue)
+            try? FileManager.default.removeItem(atPath: BlobCache(directory: f.dir.file("cache")).paths(key: key).data)
+            try? FileManager.default.removeItem(atPath: BlobCache(directory: f.dir.file("cache")).paths(key: key).record)
+            _ = try f.runtime.mount(MountRequest(source: src, mountpoint: f.mnt, remote: opts))
+            defer { try? f.runtime.umount(f.mnt) }
+            #expect(TreeFactsLite(f.mnt) == expected)
+            #expect(topBlockRequests() == afterFirst + 1, "the bad kept block was fetched again")
+        }
+    }
+
     /// A server that flips one byte: that file's read is EIO, every other byte right; without the
     /// tree the same server's byte would have been served.
     @Test func aFlippedByteIsNeverServed() throws {

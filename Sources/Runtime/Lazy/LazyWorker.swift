@@ -43,7 +43,7 @@ public enum LazyWorker {
         /// The blob's cache through a verifier when `verity` names one.
         func lazyBlob(_ blob: HTTPBlob, writerFD: Int32? = nil) throws -> LazyBlob {
             try LazyBlob(blob: blob, dataPath: dataPath, recordPath: recordPath, writerFD: writerFD,
-                         verifier: verity?.verifier(for: blob))
+                         verifier: verity?.verifier(for: blob, cacheFile: dataPath + ".verity"))
         }
 
         /// The blob: with what the parent already learned from the server when it passed that on,
