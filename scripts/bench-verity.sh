@@ -61,4 +61,8 @@ size=$(stat -c %s "$work/www/img.erofs")
 echo "== verified lazy mounts: cold mount + read every file of a 256 MiB image over nginx (median of 3)"
 awk -v p="$p" -v c="$c" -v t="$tree_bytes" -v s="$size" 'BEGIN {
     printf "without --verity %.3f s, with %.3f s: %.3fx (target <= 1.05)\n", p/1e6, c/1e6, c/p
-    printf "tree transferred: %d bytes = 1/%d of the blob (target <= 1/128)\n", t, (t > 0 ? s/t : 0) }'
+    # The whole fs-verity tree: its leaves alone are 1/128 of the data, the levels above add more.
+    b = int((s + 4095) / 4096); n = 0
+    while (b > 1) { b = int((b + 127) / 128); n += b }
+    printf "tree transferred: %d bytes = 1/%d of the blob (target <= 1/128; the whole tree is %d bytes = 1/%.1f)\n", \
+        t, (t > 0 ? s/t : 0), n * 4096, s / (n * 4096) }'
