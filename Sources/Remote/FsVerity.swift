@@ -1,4 +1,5 @@
 import Crypto
+import Glibc
 import Syscall
 
 /// fs-verity's Merkle tree, exactly as the kernel builds it (SHA-256, 4 KiB blocks, no salt): each
@@ -97,7 +98,8 @@ public final class VerityVerifier: @unchecked Sendable {  // `verified` is behin
     let levelBlocks: [UInt64]
     let levelStart: [UInt64]
     private let verified = Locked<[Int: [UInt64: [UInt8]]]>([:])
-    private let fetching = Locked<Void>(())
+    /// Leaf blocks a reader is fetching now.
+    private let leavesInFlight = Locked<Set<UInt64>>([])
     /// Tree bytes fetched, for figures and tests.
     package let treeBytesFetched = Locked<UInt64>(0)
     static let hashesPerBlock: UInt64 = 128
@@ -213,12 +215,24 @@ public final class VerityVerifier: @unchecked Sendable {  // `verified` is behin
     /// The level-0 tree blocks covering data blocks [first, first+count), fetched in one request.
     func prefetchLeaves(_ first: UInt64, _ count: UInt64) throws {
         let lo = first / Self.hashesPerBlock, hi = (first + count - 1) / Self.hashesPerBlock
-        func missing() -> [UInt64] { verified.withLock { v in (lo...hi).filter { v[0]?[$0] == nil } } }
-        guard !missing().isEmpty else { return }
-        // One fetch at a time: concurrent readers of neighbouring ranges would fetch the same leaves.
-        try fetching.withLock { _ in
-            let m = missing()
-            guard let a = m.first, let b = m.last else { return }
+        while true {
+            let missing = verified.withLock { v in (lo...hi).filter { v[0]?[$0] == nil } }
+            guard !missing.isEmpty else { return }
+            // Each leaf block is fetched by one reader: the others wait for it (readers of
+            // neighbouring ranges need the same ones), while readers of other ranges fetch theirs
+            // at the same time.
+            let claimed: [UInt64] = leavesInFlight.withLock { busy in
+                let free = missing.filter { !busy.contains($0) }
+                busy.formUnion(free)
+                return free
+            }
+            guard let a = claimed.first, let b = claimed.last else {
+                usleep(1000)
+                continue
+            }
+            defer { leavesInFlight.withLock { $0.subtract(claimed) } }
+            // The claimed leaves are contiguous unless another reader holds some in between: those
+            // are fetched once more at worst (they verify the same).
             try fetchVerify(level: 0, from: a, count: b - a + 1)
         }
     }
