@@ -24,15 +24,24 @@ struct RemoteFixture {
     /// `build` makes the tree to serve (default: the reader's edge and real trees, lz4hc).
     init(_ label: String, mkfs: [String] = ["-zlz4hc"], build: ((String) throws -> Void)? = nil) throws {
         server = try NginxServer()
-        dir = try ScratchDir(label)
-        if let build {
-            try build(dir.file("tree"))
-        } else {
-            try ReaderTrees.makeEdge(at: dir.file("tree/edge"))
-            try ReaderTrees.makeReal(at: dir.file("tree/real"), budget: 3 << 20)
+        do { dir = try ScratchDir(label) } catch { server.remove(); throw error }
+        // A fixture that cannot be built leaves nothing behind: no nginx, no directory.
+        do {
+            if let build {
+                try build(dir.file("tree"))
+            } else {
+                try ReaderTrees.makeEdge(at: dir.file("tree/edge"))
+                try ReaderTrees.makeReal(at: dir.file("tree/real"), budget: 3 << 20)
+            }
+            try Samples.mkfs(dir.file("tree"), server.root + "/img.erofs", mkfs)
+            for d in ["mnt", "mnt2", "oracle"] {
+                try FileManager.default.createDirectory(atPath: dir.file(d), withIntermediateDirectories: true)
+            }
+        } catch {
+            server.remove()
+            dir.remove()
+            throw error
         }
-        try Samples.mkfs(dir.file("tree"), server.root + "/img.erofs", mkfs)
-        for d in ["mnt", "mnt2", "oracle"] { try FileManager.default.createDirectory(atPath: dir.file(d), withIntermediateDirectories: true) }
         runtime = Runtime(state: StateStore(root: dir.file("state")))
         Runtime.workerExecutable = cliBinary
     }
