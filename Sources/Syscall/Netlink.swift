@@ -130,7 +130,8 @@ package enum NBDNetlink {
     }
 
     /// The "nbd" family's id. ENOENT where it is not registered in this network namespace (the
-    /// family is not namespace-aware: in a container's own netns it is absent even with the driver).
+    /// family is not namespace-aware on older kernels such as 6.1: in a container's own netns it is absent
+    /// there even with the driver).
     static func familyID() throws -> UInt16 {
         switch try GenericNetlink.familyID("nbd") {
         case .success(let id): return id
@@ -140,7 +141,8 @@ package enum NBDNetlink {
 }
 
 /// The kernel's NBD driver through its ioctls on /dev/nbdN: where generic netlink cannot reach it
-/// (the "nbd" family is not namespace-aware, so a process in its own network namespace sees none).
+/// (on older kernels such as 6.1 the "nbd" family is not namespace-aware, so a process in its own
+/// network namespace sees none).
 /// No reconnection: the device lives as long as its one socket and the NBD_DO_IT call serving it.
 package enum NBDIoctl {
     /// Claims the first free /dev/nbdN and configures it read-only on `socket`; returns its

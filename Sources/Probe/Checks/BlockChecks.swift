@@ -86,7 +86,7 @@ enum BlockChecks {
         case .success(.failure(let e)) where e == .noSuchFileOrDirectory:
             var ev: [Finding.Evidence] = [.init("CTRL_CMD_GETFAMILY nbd", "ENOENT: no nbd family registered"), note]
             if module.status == .present {
-                // The family is not namespace-aware: a process in its own network namespace sees none.
+                // Older kernels (6.1) register the family in the initial network namespace only.
                 ev.append(.init("nbd driver", "present: this network namespace cannot see the family; "
                                 + "mounts set devices up through their ioctls (no reconnection after a server crash)"))
             }
