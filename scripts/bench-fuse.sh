@@ -5,9 +5,7 @@
 set -euo pipefail
 BIN=$(readlink -f "$1")
 work=$2
-median() { sort -n | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }
-now_us() { echo $(( $(date +%s%N) / 1000 )); }
-drop() { sync; echo 3 > /proc/sys/vm/drop_caches; }
+. "$(dirname "$0")/bench-lib.sh"
 if [ "$(id -u)" -ne 0 ] || [ ! -e /dev/fuse ]; then echo "fuse benches skipped: need root and /dev/fuse"; exit 0; fi
 export EROFS_COMPAT_STATE_DIR=/dev/shm/erofs-compat-bench-fuse
 mkdir -p "$work/fk" "$work/ff"

@@ -5,9 +5,7 @@
 set -euo pipefail
 BIN=$(readlink -f "$1")
 work=$2/nbd
-median() { sort -n | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }
-now_us() { echo $(( $(date +%s%N) / 1000 )); }
-drop() { sync; echo 3 > /proc/sys/vm/drop_caches; }
+. "$(dirname "$0")/bench-lib.sh"
 for t in nbdcopy nbdkit mkfs.erofs; do command -v $t >/dev/null || { echo "nbd benches skipped: $t missing"; exit 0; }; done
 [ "$(id -u)" -eq 0 ] || { echo "nbd benches skipped: need root"; exit 0; }
 mkdir -p "$work/tree"

@@ -4,9 +4,7 @@
 set -euo pipefail
 BIN=$(readlink -f "$1")
 work=$2
-median() { sort -n | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }
-now_us() { echo $(( $(date +%s%N) / 1000 )); }
-drop() { sync; echo 3 > /proc/sys/vm/drop_caches; }
+. "$(dirname "$0")/bench-lib.sh"
 if [ "$(id -u)" -ne 0 ] || ! command -v nginx >/dev/null; then echo "remote benches skipped: need root and nginx"; exit 0; fi
 
 www="$work/www"; mkdir -p "$www" "$work/ngx" "$work/m1" "$work/m2"

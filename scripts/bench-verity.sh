@@ -5,9 +5,7 @@
 set -euo pipefail
 BIN=$(readlink -f "$1")
 work=$2/verity
-median() { sort -n | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }
-now_us() { echo $(( $(date +%s%N) / 1000 )); }
-drop() { sync; echo 3 > /proc/sys/vm/drop_caches; }
+. "$(dirname "$0")/bench-lib.sh"
 { [ "$(id -u)" -eq 0 ] && command -v nginx >/dev/null; } || { echo "verity benches skipped: need root and nginx"; exit 0; }
 mkdir -p "$work/tree" "$work/www" "$work/ngx" "$work/mnt"
 state=/dev/shm/erofs-compat-bench-verity

@@ -9,8 +9,7 @@ strip -o "$work/erofs-compat" "$BIN"
 BENCH_DIR=$(dirname "$BIN")
 BIN=$work/erofs-compat
 
-median() { sort -n | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }
-now_us() { echo $(( $(date +%s%N) / 1000 )); }
+. "$(dirname "$0")/bench-lib.sh"
 
 echo "== probe: wall time of 'erofs-compat probe --json' (median of 20; target <= 50 ms)"
 for i in $(seq 20); do

@@ -128,7 +128,7 @@ boot() {  # DEB LABEL
     pass=$(grep -c '^VMCHECK [^ ]* PASS' "$log" || true)
     fail=$(grep '^VMCHECK [^ ]* FAIL' "$log" || true)
     echo "== Linux $ver (Debian $(basename "$deb" | cut -d_ -f2)): $pass checks passed in ${secs} s"
-    grep '^VMCHECK ' "$log" | sed 's/^VMCHECK /   /'
+    grep -E '^VM(CHECK|INFO) ' "$log" | sed -e 's/^VMCHECK /   /' -e 's/^VMINFO /   (info) /'
     if [ -n "$fail" ] || ! grep -q '^VMCHECK done PASS' "$log"; then
         echo "   FAILED on Linux $ver; the end of its serial log:"
         tail -40 "$log" | sed 's/^/   | /'

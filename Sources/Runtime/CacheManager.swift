@@ -40,12 +40,15 @@ extension BlobCache {
         if let data = try? JSONEncoder().encode(info) { try? Sys.writeFileAtomically(path, [UInt8](data), mode: 0o600) }
     }
 
-    /// Hands a complete, verified entry to the kernel's fs-verity (FS_IOC_ENABLE_VERITY: the kernel
-    /// builds the same tree) and checks that it measures `verity` (hex). A note when it did; nil when
-    /// there is nothing to do or it cannot be done now (a writer still open: ETXTBSY) or here (no
-    /// fs-verity on this filesystem or kernel). A file the kernel measures otherwise is discarded.
-    static func handToKernel(entry dataPath: String, verity: String) -> String? {
-        guard var info = readInfo(dataPath + ".json"), info.verified == true, info.kernelVerity != true,
+    /// Hands a complete entry, verified against its digest and filled with every block checked
+    /// against an fs-verity tree, to the kernel's fs-verity (FS_IOC_ENABLE_VERITY: the kernel builds
+    /// the same tree) and checks that it measures the digest the blocks were checked against (the
+    /// entry's own record of it, never a caller's). A note when it did; nil when there is nothing to
+    /// do or it cannot be done now (a writer still open: ETXTBSY) or here (no fs-verity on this
+    /// filesystem or kernel). A file the kernel measures otherwise is discarded.
+    static func handToKernel(entry dataPath: String) -> String? {
+        guard var info = readInfo(dataPath + ".json"), let verity = info.verity, info.verified == true,
+              info.kernelVerity != true,
               PopulationRecord.presentFraction(path: dataPath + ".pop") == 1,
               let fd = try? Sys.openNoSymlinks(dataPath, O_RDONLY) else { return nil }
         defer { Sys.close(fd.rawValue) }

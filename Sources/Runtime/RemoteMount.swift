@@ -138,7 +138,7 @@ extension Runtime {
         }
         let blockSize = try download(req, blob: blob, paths: paths, digest: digest)
         guard let impl = Backends.all[backend] else { throw RuntimeError.noBackend("\(backend.rawValue) is not available") }
-        if let v = req.remote.verity, let note = BlobCache.handToKernel(entry: paths.data, verity: v.digest) { notes.append(note) }
+        if let note = BlobCache.handToKernel(entry: paths.data) { notes.append(note) }
         try attachCacheFile(impl, paths.data, blockSize: blockSize, req, target: target, record: &record)
         return MountOutcome(plan: plan, record: record, notes: notes)
     }
@@ -280,7 +280,7 @@ extension Runtime {
                                  since: Date().timeIntervalSince1970, sourceIdentity: blob.etag ?? blob.lastModified ?? "",
                                  mountID: nil, cachePath: paths.data, statsPath: nil)
         var notes = notes
-        if let v = req.remote.verity, let note = BlobCache.handToKernel(entry: paths.data, verity: v.digest) { notes.append(note) }
+        if let note = BlobCache.handToKernel(entry: paths.data) { notes.append(note) }
         try attachCacheFile(impl, paths.data, blockSize: blockSize, req, target: target, record: &record)
         return MountOutcome(plan: plan, record: record, notes: notes)
     }

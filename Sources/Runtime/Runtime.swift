@@ -309,9 +309,7 @@ public struct Runtime: Sendable {
         if let cache = record.cachePath {
             for _ in 0..<200 where BlobCache.isLocked(entry: cache) { usleep(50_000) }
             // Complete and verified by now: from here on the kernel can guarantee its bytes.
-            if !BlobCache.isLocked(entry: cache), let v = BlobCache.readInfo(cache + ".json")?.verity {
-                _ = BlobCache.handToKernel(entry: cache, verity: v)
-            }
+            if !BlobCache.isLocked(entry: cache) { _ = BlobCache.handToKernel(entry: cache) }
         }
     }
 

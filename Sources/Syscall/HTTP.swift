@@ -49,45 +49,38 @@ package final class HTTPHandle {
     /// that file from offset 0 instead of being kept (`body` stays empty; its length is `bodyLength`).
     package func request(_ url: String, range: String? = nil, headOnly: Bool = false, headers: [String] = [],
                          bodyLimit: Int, timeoutMs: Int = 30_000, deadlineMs: Int = 0, into fd: Int32? = nil) -> HTTPResponse {
-        var body = [UInt8](repeating: 0, count: fd == nil ? max(bodyLimit, 1) : 1)
-        var result = ecx_http_result()
-        let cHeaders = headers.map { strdup($0) }
-        defer { cHeaders.forEach { free($0) } }
-        var ptrs: [UnsafePointer<CChar>?] = cHeaders.map { UnsafePointer($0) }
-        _ = body.withUnsafeMutableBufferPointer { b in
-            ptrs.withUnsafeMutableBufferPointer { hp in
-                ecx_http_request(handle, url, range, headOnly ? 1 : 0, hp.baseAddress, hp.count,
-                                 b.baseAddress, bodyLimit, timeoutMs, deadlineMs, fd ?? -1, &result)
-            }
+        perform(headers: headers, bodyCapacity: fd == nil ? bodyLimit : 0, keepBody: fd == nil) { h, b, cap, result in
+            ecx_http_request(handle, url, range, headOnly ? 1 : 0, h, headers.count, b, bodyLimit, timeoutMs, deadlineMs,
+                             fd ?? -1, result)
         }
-        defer { ecx_http_result_free(&result) }
-        let raw = result.headers.map { String(cString: $0) } ?? ""
-        let error = withUnsafeBytes(of: result.error) { String(decoding: $0.prefix(while: { $0 != 0 }), as: UTF8.self) }
-        body.removeSubrange((fd == nil ? result.body_len : 0)...)
-        return HTTPResponse(status: result.status, headers: Self.parseHeaders(raw), body: body, bodyLength: result.body_len,
-                            bodyTruncated: result.body_truncated != 0, bodyWriteFailed: result.body_write_failed != 0,
-                            curlCode: result.curl_code, error: error)
     }
 
     /// A request with `method` and as body `length` bytes of `fd` from offset 0 (nil: no body);
     /// the response's body is kept up to `bodyLimit`.
     package func send(_ url: String, method: String, headers: [String] = [], body fd: Int32? = nil, length: Int64 = 0,
                       bodyLimit: Int = 64 << 10, timeoutMs: Int = 30_000) -> HTTPResponse {
-        var body = [UInt8](repeating: 0, count: max(bodyLimit, 1))
+        perform(headers: headers, bodyCapacity: bodyLimit, keepBody: true) { h, b, cap, result in
+            ecx_http_send(handle, url, method, h, headers.count, fd ?? -1, length, b, cap, timeoutMs, result)
+        }
+    }
+
+    /// Runs one transfer through `call` (C headers, a body buffer of `bodyCapacity`, its capacity,
+    /// the result) and turns what it left in the result into a response.
+    private func perform(headers: [String], bodyCapacity: Int, keepBody: Bool,
+                         _ call: (UnsafePointer<UnsafePointer<CChar>?>?, UnsafeMutablePointer<UInt8>?, Int,
+                                  UnsafeMutablePointer<ecx_http_result>) -> Int32) -> HTTPResponse {
+        var body = [UInt8](repeating: 0, count: max(bodyCapacity, 1))
         var result = ecx_http_result()
         let cHeaders = headers.map { strdup($0) }
         defer { cHeaders.forEach { free($0) } }
-        var ptrs: [UnsafePointer<CChar>?] = cHeaders.map { UnsafePointer($0) }
+        let ptrs: [UnsafePointer<CChar>?] = cHeaders.map { UnsafePointer($0) }
         _ = body.withUnsafeMutableBufferPointer { b in
-            ptrs.withUnsafeMutableBufferPointer { hp in
-                ecx_http_send(handle, url, method, hp.baseAddress, hp.count, fd ?? -1, length, b.baseAddress, bodyLimit,
-                              timeoutMs, &result)
-            }
+            ptrs.withUnsafeBufferPointer { hp in call(hp.baseAddress, b.baseAddress, bodyCapacity, &result) }
         }
         defer { ecx_http_result_free(&result) }
         let raw = result.headers.map { String(cString: $0) } ?? ""
         let error = withUnsafeBytes(of: result.error) { String(decoding: $0.prefix(while: { $0 != 0 }), as: UTF8.self) }
-        body.removeSubrange(result.body_len...)
+        body.removeSubrange((keepBody ? result.body_len : 0)...)
         return HTTPResponse(status: result.status, headers: Self.parseHeaders(raw), body: body, bodyLength: result.body_len,
                             bodyTruncated: result.body_truncated != 0, bodyWriteFailed: result.body_write_failed != 0,
                             curlCode: result.curl_code, error: error)

@@ -20,23 +20,11 @@ struct RegistryOptions: ParsableArguments {
     @Flag(help: "Allow plain http to a registry outside 127.0.0.0/8.")
     var insecure = false
 
-    func validate() throws {
-        if passwordStdin, username == nil { throw ValidationError("--password-stdin needs --username") }
-        if username != nil, !passwordStdin {
-            throw ValidationError("--username needs --password-stdin (passwords are never taken as arguments)")
-        }
-    }
+    func validate() throws { try validateCredentialFlags(username: username, passwordStdin: passwordStdin) }
 
     func make() throws -> OCIOptions {
-        var password: String?
-        if passwordStdin {
-            guard let line = readLine(strippingNewline: true), !line.isEmpty else {
-                throw CLIFailure(message: "--password-stdin: no password on standard input", code: 2)
-            }
-            password = line
-        }
-        return OCIOptions(platform: platform, authFile: authFile, username: username, password: password,
-                          insecure: insecure)
+        OCIOptions(platform: platform, authFile: authFile, username: username, password: try readPassword(passwordStdin),
+                   insecure: insecure)
     }
 }
 

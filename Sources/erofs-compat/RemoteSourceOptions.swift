@@ -50,8 +50,7 @@ struct RemoteSourceOptions: ParsableArguments {
 
     /// Checks the combinations, given the source they apply to.
     func validate(source: String) throws {
-        if passwordStdin, username == nil { throw ValidationError("--password-stdin needs --username") }
-        if username != nil, !passwordStdin { throw ValidationError("--username needs --password-stdin (passwords are never taken as arguments)") }
+        try validateCredentialFlags(username: username, passwordStdin: passwordStdin)
         if let layer, layer < 0 { throw ValidationError("--layer must be 0 or more") }
         if layer != nil, blob != nil { throw ValidationError("--layer and --blob exclude each other") }
         if !(prepareTimeout > 0 && prepareTimeout <= 86_400) { throw ValidationError("--prepare-timeout must be between 0 and 86400 seconds") }
@@ -67,15 +66,8 @@ struct RemoteSourceOptions: ParsableArguments {
 
     /// The runtime's options; reads the password from standard input when asked to.
     func make(prefetch: Prefetch = .none, recordProfile: String? = nil) throws -> RemoteOptions {
-        var password: String?
-        if passwordStdin {
-            guard let line = readLine(strippingNewline: true), !line.isEmpty else {
-                throw CLIFailure(message: "--password-stdin: no password on standard input", code: 2)
-            }
-            password = line
-        }
         let oci = OCIOptions(layer: layer, blob: blob, platform: platform, authFile: authFile, username: username,
-                             password: password, insecure: insecure)
+                             password: try readPassword(passwordStdin), insecure: insecure)
         var remote = RemoteOptions(cacheDir: cacheDir, allowFullDownload: allowFullDownload,
                                    digest: digest.map { $0.hasPrefix("sha256:") ? String($0.dropFirst(7)) : $0 }, oci: oci,
                                    prefetch: prefetch, recordProfile: recordProfile)
@@ -86,4 +78,21 @@ struct RemoteSourceOptions: ParsableArguments {
         }
         return remote
     }
+}
+
+/// --username and --password-stdin come together: a password is never taken as an argument.
+func validateCredentialFlags(username: String?, passwordStdin: Bool) throws {
+    if passwordStdin, username == nil { throw ValidationError("--password-stdin needs --username") }
+    if username != nil, !passwordStdin {
+        throw ValidationError("--username needs --password-stdin (passwords are never taken as arguments)")
+    }
+}
+
+/// The registry password from the first line of standard input when --password-stdin asked for it.
+func readPassword(_ asked: Bool) throws -> String? {
+    guard asked else { return nil }
+    guard let line = readLine(strippingNewline: true), !line.isEmpty else {
+        throw CLIFailure(message: "--password-stdin: no password on standard input", code: 2)
+    }
+    return line
 }

@@ -1,13 +1,14 @@
 #!/bin/sh
 # Runs inside a guest booted by scripts/vm-check.sh: every check prints one line
 #   VMCHECK <name> PASS|FAIL|SKIP <detail>
+# and what is only reported (timings, the kernel's own words) prints VMINFO <name> <detail>,
 # which the host collects from the serial console. Images and their expected sums are in /w (ramfs:
 # file-backed EROFS does not work from tmpfs).
 E=/usr/bin/erofs-compat
 export EROFS_COMPAT_STATE_DIR=/run/ec
 K=$(uname -r)
 case "$K" in 6.1.*) V=6.1 ;; 6.12.*) V=6.12 ;; *) V=$K ;; esac
-echo "VMCHECK kernel PASS $K"
+echo "VMINFO kernel $K"
 
 check() {  # NAME COMMAND...: PASS when COMMAND succeeds
     name=$1; shift
@@ -117,7 +118,7 @@ mount -o loop /w/verity.ext4 /w/vext
 mkdir -p /w/vext/cache
 $E probe --json --cache-dir /w/vext/cache > /tmp/probe-verity.json 2>/dev/null
 check fsverity-cache-fs-present finding /tmp/probe-verity.json fsverity.cache_fs present
-echo "VMCHECK fsverity-evidence PASS $(tr -d ' \n' < /tmp/probe-verity.json | grep -o '"evidence":\[[^]]*\],"id":"fsverity.cache_fs"')"
+echo "VMINFO fsverity-evidence $(tr -d ' \n' < /tmp/probe-verity.json | grep -o '"evidence":\[[^]]*\],"id":"fsverity.cache_fs"')"
 $E probe --json --cache-dir /w > /tmp/probe-ramfs.json 2>/dev/null
 check fsverity-ramfs-absent finding /tmp/probe-ramfs.json fsverity.cache_fs absent
 vd=$(cat /w/local.verity); sd=$(cat /w/local.sha256)
@@ -171,9 +172,9 @@ kill -9 "$(nbd_child)"
 wait $reader
 t1=$(date +%s)
 check nbd-killed-inflight-read sh -c "[ '$alive' = yes ] && cmp /tmp/inflight.sums /w/local.sums"
-echo "VMCHECK nbd-inflight-seconds PASS $((t1 - t0)) s (reader running at the kill: $alive)"
+echo "VMINFO nbd-inflight-seconds $((t1 - t0)) s (reader running at the kill: $alive)"
 fi
-echo "VMCHECK nbd-kernel-said PASS $(dmesg | grep -i 'nbd' | tail -4 | tr '\n' ' ')"
+echo "VMINFO nbd-kernel-said $(dmesg | grep -i 'nbd' | tail -4 | tr '\n' ' ')"
 check nbd-remote-umount $E umount /w/m
 check nbd-nothing-left sh -c 'for p in /sys/block/nbd*/pid; do [ -e "$p" ] && { echo "$p"; exit 1; }; done; ! ps -o args | grep -v grep | grep -q __nbd-serve'
 # A lazy umount with a file open: it reads on, and the device disconnects itself once it is closed.

@@ -50,6 +50,24 @@ struct ServedProcess {
         return (pid, line)
     }
 
+    /// A supervisor's serving child, in this session: the spec on a pipe, `fds` and the pipes kept
+    /// open in it, its arguments from `args(specFD, statusFD)`. Returns its pid and the read end of
+    /// the status pipe it answers on.
+    static func startChild(spec: [UInt8], keeping fds: [Int32],
+                           _ args: (_ specFD: Int32, _ statusFD: Int32) -> [String]) throws -> (Int32, Int32) {
+        let specFD = try Sys.pipe(holding: spec)
+        defer { Sys.close(specFD) }
+        let (r, w) = try Sys.pipe()
+        defer { Sys.close(w) }
+        do {
+            return (try Sys.spawnChild(Runtime.workerExecutable, args(specFD, w), keep: fds + [specFD, w],
+                                       environment: ProcessInfo.processInfo.environment), r)
+        } catch {
+            Sys.close(r)
+            throw error
+        }
+    }
+
     func kill(_ pid: Int32) {
         try? Sys.kill(pid, SIGKILL)
         _ = Sys.reap(pid)

@@ -31,12 +31,15 @@ public struct ServeSpec: Codable, Sendable {
     /// For an nbd mount: how its kernel device is set up.
     public var device: NBDDeviceSpec?
 
-    /// Once serving is over (no writer of the cache file left): a complete entry verified against
-    /// the digest and checked against an fs-verity tree goes to the kernel's fs-verity.
-    func handToKernel() {
-        guard let r = remote, let digest = r.digest, let v = r.verity else { return }
-        let entry = BlobCache(directory: r.cacheDir).paths(key: digest.lowercased()).data
-        if let note = BlobCache.handToKernel(entry: entry, verity: v.digest) { FuseWorker.log(note) }
+    /// Once serving is over (no writer of the cache file left): the complete entry verified against
+    /// the digest goes to the kernel's fs-verity if its blocks were checked against a tree; the
+    /// figures and the log go with the mount.
+    func servingEnded() {
+        if let r = remote, let digest = r.digest {
+            let entry = BlobCache(directory: r.cacheDir).paths(key: digest.lowercased()).data
+            if let note = BlobCache.handToKernel(entry: entry) { FuseWorker.log(note) }
+        }
+        for f in [statsPath, StateStore.sibling(of: statsPath, ".log")] { try? Sys.unlink(f) }
     }
 }
 
@@ -83,12 +86,8 @@ public enum FuseWorker {
             }
             let (code, signal) = Sys.wait(pid)
             if code == 0 {
-                // The connection ended (the mount is gone, also after a lazy umount): the figures and
-                // the log go with it.
-                if let decoded = try? JSONDecoder().decode(ServeSpec.self, from: Data(spec)) { decoded.handToKernel() }
-                if let path = statsPath(spec) {
-                    for f in [path, StateStore.sibling(of: path, ".log")] { try? Sys.unlink(f) }
-                }
+                // The connection ended (the mount is gone, also after a lazy umount).
+                (try? JSONDecoder().decode(ServeSpec.self, from: Data(spec)))?.servingEnded()
                 return 0
             }
             if ContinuousClock.now - started > .seconds(60) { restarts = 0 }
@@ -100,10 +99,6 @@ public enum FuseWorker {
             }
             usleep(UInt32(min(restarts, 10)) * 50_000)
         }
-    }
-
-    static func statsPath(_ spec: [UInt8]) -> String? {
-        (try? JSONDecoder().decode(ServeSpec.self, from: Data(spec)))?.statsPath
     }
 
     /// Reads and answers INIT (within 10 s of the mount): the kernel's flags and minor version.
@@ -121,19 +116,10 @@ public enum FuseWorker {
     /// Spawns a serving child with the spec on a pipe; returns its pid and the read end of its status pipe.
     static func startChild(spec: [UInt8], fuseFD: Int32, flags: FUSEInitFlags, minor: UInt32,
                            resend: Bool) throws -> (Int32, Int32) {
-        let specFD = try Sys.pipe(holding: spec)
-        defer { Sys.close(specFD) }
-        let (r, w) = try Sys.pipe()
-        defer { Sys.close(w) }
-        var args = ["__fuse-serve", "--child", "--fuse-fd", String(fuseFD), "--spec-fd", String(specFD),
-                    "--status-fd", String(w), "--kernel-flags", String(flags.rawValue), "--kernel-minor", String(minor)]
-        if resend { args.append("--resend") }
-        do {
-            return (try Sys.spawnChild(Runtime.workerExecutable, args, keep: [fuseFD, specFD, w],
-                                       environment: ProcessInfo.processInfo.environment), r)
-        } catch {
-            Sys.close(r)
-            throw error
+        try ServedProcess.startChild(spec: spec, keeping: [fuseFD]) { specFD, statusFD in
+            ["__fuse-serve", "--child", "--fuse-fd", String(fuseFD), "--spec-fd", String(specFD),
+             "--status-fd", String(statusFD), "--kernel-flags", String(flags.rawValue), "--kernel-minor", String(minor)]
+                + (resend ? ["--resend"] : [])
         }
     }
 

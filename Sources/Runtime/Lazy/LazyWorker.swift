@@ -367,8 +367,7 @@ public enum LazyWorker {
             if let notify {
                 for m in mounts where !watchedMounts.contains(m.mountID) {
                     watchedMounts.insert(m.mountID)
-                    let wd = try? Sys.inotifyWatchUnmount(notify, m.mountPoint, device: m.device)
-                    if let wd = wd ?? nil { liveWatches.insert(wd) }
+                    if let wd = try? Sys.inotifyWatchUnmount(notify, m.mountPoint, device: m.device) { liveWatches.insert(wd) }
                 }
                 liveWatches.subtract(Sys.inotifyEndedWatches(notify))
             }

@@ -149,18 +149,9 @@ public enum NbdWorker {
     }
 
     static func spawnChild(spec: [UInt8], socket: Int32) throws -> (Int32, Int32) {
-        let specFD = try Sys.pipe(holding: spec)
-        defer { Sys.close(specFD) }
-        let (r, w) = try Sys.pipe()
-        defer { Sys.close(w) }
-        let args = ["__nbd-serve", "--child", "--socket-fd", String(socket), "--spec-fd", String(specFD),
-                    "--ready-fd", String(w)]
-        do {
-            return (try Sys.spawnChild(Runtime.workerExecutable, args, keep: [socket, specFD, w],
-                                       environment: ProcessInfo.processInfo.environment), r)
-        } catch {
-            Sys.close(r)
-            throw error
+        try ServedProcess.startChild(spec: spec, keeping: [socket]) { specFD, statusFD in
+            ["__nbd-serve", "--child", "--socket-fd", String(socket), "--spec-fd", String(specFD),
+             "--ready-fd", String(statusFD)]
         }
     }
 
@@ -189,8 +180,7 @@ public enum NbdWorker {
     /// Serving is over: the figures and the log go with the mount.
     static func finish(_ spec: ServeSpec) -> Int32 {
         FuseWorker.log("the device is no longer mounted; exiting")
-        spec.handToKernel()
-        for f in [spec.statsPath, StateStore.sibling(of: spec.statsPath, ".log")] { try? Sys.unlink(f) }
+        spec.servingEnded()
         return 0
     }
 
