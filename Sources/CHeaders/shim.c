@@ -92,10 +92,11 @@ struct ecx_sink {
     char *headers;
     size_t headers_len;
     size_t headers_cap;
-    /* >= 0: the body is written to this file at its offset instead of into `body` (a whole
-     * download is streamed, never held in memory); `cap` still bounds it. */
+    /* >= 0: the body is written to this file from `fd_base` on instead of into `body` (never held
+     * in memory); `cap` still bounds it. */
     int fd;
     int write_failed;
+    long long fd_base;
 };
 
 static size_t ecx_write_cb(char *ptr, size_t size, size_t nmemb, void *userdata) {
@@ -108,7 +109,7 @@ static size_t ecx_write_cb(char *ptr, size_t size, size_t nmemb, void *userdata)
     if (s->fd >= 0) {
         size_t done = 0;
         while (done < n) {
-            ssize_t w = pwrite(s->fd, ptr + done, n - done, (off_t)(s->len + done));
+            ssize_t w = pwrite(s->fd, ptr + done, n - done, (off_t)(s->fd_base + (long long)(s->len + done)));
             if (w < 0 && errno == EINTR) continue;
             if (w <= 0) { s->write_failed = 1; return 0; }
             done += (size_t)w;
@@ -264,8 +265,8 @@ static int ecx_http_finish(CURL *h, struct curl_slist *list, struct ecx_sink *si
 int ecx_http_request(CURL *h, const char *url, const char *range, int head_only,
                      const char *const *headers, size_t n_headers,
                      unsigned char *body, size_t body_cap, long timeout_ms, long deadline_ms, int body_fd,
-                     struct ecx_http_result *result) {
-    struct ecx_sink sink = { body, body_cap, 0, 0, NULL, 0, 0, body_fd, 0 };
+                     long long body_fd_offset, struct ecx_http_result *result) {
+    struct ecx_sink sink = { body, body_cap, 0, 0, NULL, 0, 0, body_fd, 0, body_fd_offset };
     struct curl_slist *list = NULL;
     for (size_t i = 0; i < n_headers; i++) list = ecx_curl.slist_append(list, headers[i]);
     memset(result, 0, sizeof(*result));

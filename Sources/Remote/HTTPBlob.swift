@@ -138,9 +138,20 @@ public final class HTTPBlob: @unchecked Sendable {
     /// Reads [offset, offset+length) with a Range GET; throws on anything but exactly those bytes.
     /// A 206 for another range or a short body is retried like a transport error.
     public func read(offset: UInt64, length: Int) throws -> [UInt8] {
+        try retryingBadRanges { try rangeRequest(offset: offset, length: length, into: nil).body }
+    }
+
+    /// The same bytes written straight into `fd` at `offset` (never held in memory). Whatever a
+    /// response carried is written there before it is checked, so the range's bytes in `fd` are
+    /// meaningful only when this returns: a caller must not serve them before.
+    public func read(offset: UInt64, length: Int, into fd: Int32) throws {
+        try retryingBadRanges { _ = try rangeRequest(offset: offset, length: length, into: fd) }
+    }
+
+    private func retryingBadRanges<T>(_ body: () throws -> T) throws -> T {
         var attempt = 1
         while true {
-            do { return try readOnce(offset: offset, length: length) } catch let e as RemoteError {
+            do { return try body() } catch let e as RemoteError {
                 switch e {
                 case .badRange where attempt < attempts, .shortRead where attempt < attempts:
                     attempt += 1
@@ -151,11 +162,12 @@ public final class HTTPBlob: @unchecked Sendable {
         }
     }
 
-    private func readOnce(offset: UInt64, length: Int) throws -> [UInt8] {
+    private func rangeRequest(offset: UInt64, length: Int, into fd: Int32?) throws -> HTTPResponse {
         precondition(!wholeOnly, "range read on a whole-only blob")
         let last = offset + UInt64(length) - 1
         let r = try withRetries(length: UInt64(length)) { h, a, d in
-            h.request(url, range: "\(offset)-\(last)", headers: a, bodyLimit: length, timeoutMs: timeoutMs, deadlineMs: d)
+            h.request(url, range: "\(offset)-\(last)", headers: a, bodyLimit: length, timeoutMs: timeoutMs, deadlineMs: d,
+                      into: fd, at: Int64(offset))
         }
         guard r.status == 206 else {
             if r.status == 200 { throw RemoteError.blobChanged(url: url, detail: "server stopped honouring Range") }
@@ -174,9 +186,12 @@ public final class HTTPBlob: @unchecked Sendable {
         guard cr.start == offset, cr.end == last else {
             throw RemoteError.badRange(url: url, asked: "\(offset)-\(last)", got: "\(cr.start)-\(cr.end)")
         }
-        guard r.body.count == length else { throw RemoteError.shortRead(url: url, offset: offset, got: r.body.count, wanted: length) }
+        if r.bodyWriteFailed { throw RemoteError.cache("cannot write bytes \(offset)-\(last) of \(url) to the cache file") }
+        guard r.bodyLength == length else {
+            throw RemoteError.shortRead(url: url, offset: offset, got: r.bodyLength, wanted: length)
+        }
         bytesFetched.withLock { $0 += UInt64(length) }
-        return r.body
+        return r
     }
 
     /// Downloads everything (for servers without Range support) straight into `fd`, never more

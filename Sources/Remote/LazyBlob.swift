@@ -187,33 +187,34 @@ public final class LazyBlob: ImageSource, @unchecked Sendable {
         return (off, min(UInt64(run.upperBound + 1) * granule, size) - off)
     }
 
-    /// One Range request for a run of granules, written into the cache file.
     /// One Range request for a run of granules, written into the cache file; with a verifier only
     /// the granules (4 KiB blocks then) that match the tree are written, and those that do not are
     /// returned (each fetched once more first: a transfer can go wrong).
     @discardableResult
     func fetchRun(_ run: ClosedRange<Int>) throws -> Set<Int> {
         let r = byteRange(run)
-        var bytes = try blob.read(offset: r.offset, length: Int(r.length))
-        if let verifier {
-            var bad = try verifier.badBlocks(offset: r.offset, data: bytes)
-            if !bad.isEmpty {
-                verityFailures.withLock { $0 += bad.count }
-                bytes = try blob.read(offset: r.offset, length: Int(r.length))
-                bad = try verifier.badBlocks(offset: r.offset, data: bytes)
-                verityFailures.withLock { $0 += bad.count }
-            }
-            let badGranules = Set(bad.map { Int(($0 * 4096) / granule) })
-            // The good granules, in runs between the bad ones, one write each.
-            for good in runs(of: run.filter { !badGranules.contains($0) }) {
-                let (off, len) = byteRange(good)
-                let at = Int(off - r.offset)
-                try bytes[at..<(at + Int(len))].withUnsafeBytes { try Sys.pwriteAll(writer.rawValue, $0, at: Int64(off)) }
-            }
-            return badGranules
+        // Unchecked bytes go straight into the cache file; they become readable only once this
+        // returns (the caller marks the run written), so a bad response's bytes are never served.
+        guard let verifier else {
+            try blob.read(offset: r.offset, length: Int(r.length), into: writer.rawValue)
+            return []
         }
-        try bytes.withUnsafeBytes { try Sys.pwriteAll(writer.rawValue, $0, at: Int64(r.offset)) }
-        return []
+        var bytes = try blob.read(offset: r.offset, length: Int(r.length))
+        var bad = try verifier.badBlocks(offset: r.offset, data: bytes)
+        if !bad.isEmpty {
+            verityFailures.withLock { $0 += bad.count }
+            bytes = try blob.read(offset: r.offset, length: Int(r.length))
+            bad = try verifier.badBlocks(offset: r.offset, data: bytes)
+            verityFailures.withLock { $0 += bad.count }
+        }
+        let badGranules = Set(bad.map { Int(($0 * 4096) / granule) })
+        // The good granules, in runs between the bad ones, one write each.
+        for good in runs(of: run.filter { !badGranules.contains($0) }) {
+            let (off, len) = byteRange(good)
+            let at = Int(off - r.offset)
+            try bytes[at..<(at + Int(len))].withUnsafeBytes { try Sys.pwriteAll(writer.rawValue, $0, at: Int64(off)) }
+        }
+        return badGranules
     }
 
     /// Makes written data durable, then records it present (one fdatasync for many ranges).

@@ -46,12 +46,15 @@ package final class HTTPHandle {
     /// Performs one request. `range` is "first-last" (inclusive); `bodyLimit` bounds the body kept
     /// (the transfer is cut beyond it and `bodyTruncated` set). The whole transfer ends after
     /// `deadlineMs` (0: only the low-speed limit of `timeoutMs`). With `into` the body is written to
-    /// that file from offset 0 instead of being kept (`body` stays empty; its length is `bodyLength`).
+    /// that file from offset `at` on instead of being kept (`body` stays empty; its length is
+    /// `bodyLength`): whatever the response, so the caller must not use those bytes until it has
+    /// checked status and headers.
     package func request(_ url: String, range: String? = nil, headOnly: Bool = false, headers: [String] = [],
-                         bodyLimit: Int, timeoutMs: Int = 30_000, deadlineMs: Int = 0, into fd: Int32? = nil) -> HTTPResponse {
+                         bodyLimit: Int, timeoutMs: Int = 30_000, deadlineMs: Int = 0, into fd: Int32? = nil,
+                         at offset: Int64 = 0) -> HTTPResponse {
         perform(headers: headers, bodyCapacity: fd == nil ? bodyLimit : 0, keepBody: fd == nil) { h, b, cap, result in
             ecx_http_request(handle, url, range, headOnly ? 1 : 0, h, headers.count, b, bodyLimit, timeoutMs, deadlineMs,
-                             fd ?? -1, result)
+                             fd ?? -1, offset, result)
         }
     }
 

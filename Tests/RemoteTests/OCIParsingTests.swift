@@ -36,6 +36,28 @@ import TestSupport
         #expect(!RegistryClient.isLoopback("128.0.0.1") && !RegistryClient.isLoopback("localhost") && !RegistryClient.isLoopback("127.0.0.1.example"))
     }
 
+    /// A loopback registry is asked in plain http first; one that answers 400 there (a TLS registry
+    /// asked in plain http does) is asked in https next, and the error names both attempts.
+    @Test(.enabled(if: FaultProxy.missing == nil, "needs python3 for the fault proxy"))
+    func loopbackRegistryTriesHTTPThenHTTPS() throws {
+        #expect(try RegistryClient(ref: OCIReference(parsing: "oci://127.0.0.1:5000/r:t"), credentials: nil,
+                                   insecure: false).allowedSchemes == ["http", "https"])
+        #expect(try RegistryClient(ref: OCIReference(parsing: "oci://reg.example/r:t"), credentials: nil,
+                                   insecure: true).allowedSchemes == ["https", "http"])
+        let proxy = try FaultProxy(upstream: "http://127.0.0.1:9")
+        defer { proxy.remove() }
+        try proxy.set(#"{"fault": "status", "status": 400, "match": "/v2/"}"#)
+        let client = try RegistryClient(ref: OCIReference(parsing: "oci://127.0.0.1:\(proxy.port)/r:t"), credentials: nil,
+                                        insecure: false)
+        client.timeoutMs = 5000
+        do {
+            try client.connect()
+            Issue.record("connected to a registry that answers 400")
+        } catch let e as RemoteError {
+            #expect(e.description.contains("http: HTTP 400; https: "), "\(e)")
+        }
+    }
+
     @Test func challenges() {
         let hub = Challenge.parse(#"Bearer realm="https://auth.docker.io/token",service="registry.docker.io",scope="repository:library/ubuntu:pull""#)
         #expect(hub == [Challenge(scheme: "bearer", params: ["realm": "https://auth.docker.io/token", "service": "registry.docker.io",

@@ -533,12 +533,12 @@ struct ecx_http_result {
  * bytes (the transfer is aborted beyond that and body_truncated set). `headers` is an array of
  * "Name: value" strings. Timeouts: connect and low-speed limits derived from `timeout_ms`; the whole
  * transfer ends after `deadline_ms` (0: none). `body_fd` >= 0 streams the body into that file
- * (pwrite from offset 0, still bounded by `body_cap`; `body` may then be NULL).
+ * (pwrite from `body_fd_offset` on, still bounded by `body_cap`; `body` may then be NULL).
  */
 int ecx_http_request(CURL *handle, const char *url, const char *range, int head_only,
                      const char *const *headers, size_t n_headers,
                      unsigned char *body, size_t body_cap, long timeout_ms, long deadline_ms, int body_fd,
-                     struct ecx_http_result *result);
+                     long long body_fd_offset, struct ecx_http_result *result);
 /**
  * A request with `method` ("PUT", "POST", "DELETE") whose body is `upload_len` bytes of `upload_fd`
  * read from offset 0 (-1: an empty body); the response body as for ecx_http_request.

@@ -26,8 +26,9 @@ public struct ResolvedBlob: Sendable {
 
 /// A pull-only client of the OCI distribution API for one repository: manifests (image index and
 /// image manifest, OCI and Docker v2 media types), platform selection, layer choice, and the blob URL.
-/// TLS is always verified; plain http is used only for 127.0.0.0/8 or with `insecure`, after https
-/// failed to connect.
+/// TLS is always verified; plain http is used only for 127.0.0.0/8 (tried first there: nothing on
+/// the wire leaves the host, and it saves a TLS setup per process) or with `insecure` (after https
+/// failed to connect).
 public final class RegistryClient: @unchecked Sendable {
     public static let indexTypes = ["application/vnd.oci.image.index.v1+json", "application/vnd.docker.distribution.manifest.list.v2+json"]
     public static let manifestTypes = ["application/vnd.oci.image.manifest.v1+json", "application/vnd.docker.distribution.manifest.v2+json"]
@@ -70,6 +71,11 @@ public final class RegistryClient: @unchecked Sendable {
             let url = "\(scheme)://\(ref.registry)/v2/"
             let r = try handle(for: url).request(url, bodyLimit: 4096, timeoutMs: timeoutMs)
             if r.curlCode == 0 {
+                // A TLS registry asked in plain http answers 400: try https next.
+                if scheme == "http", r.status == 400, scheme != schemes.last {
+                    failures.append("http: HTTP 400")
+                    continue
+                }
                 guard r.status == 200 || r.status == 401 else {
                     throw RemoteError.registry(registry: ref.registry, detail: "GET \(url) answered HTTP \(r.status); is this an OCI registry?")
                 }
@@ -83,7 +89,9 @@ public final class RegistryClient: @unchecked Sendable {
         throw RemoteError.unreachable(url: "oci://\(ref.registry)", detail: failures.joined(separator: "; ") + hint)
     }
 
-    var allowedSchemes: [String] { plainHTTPAllowed ? ["https", "http"] : ["https"] }
+    var allowedSchemes: [String] {
+        Self.isLoopback(ref.host) ? ["http", "https"] : insecure ? ["https", "http"] : ["https"]
+    }
 
     /// The scheme this process saw the registry answer on in the last 10 minutes, if still allowed: a
     /// long-running process (the daemon) then skips probing https first, which costs a TLS setup
