@@ -166,3 +166,23 @@ if [ -n "$registry_pid" ]; then small "oci://127.0.0.1:$rport/bench/img1g:latest
 small "$url" "$url" "fuse-blob, nginx, http://, no daemon" no fuse-blob
 [ -n "$registry_pid" ] || echo "docker-registry not installed: registry figures skipped"
 rm -f "$work/dl.erofs"
+
+# (e) The daemon's threads: one idle lazy mount, then twenty (each its own cache directory, so
+# twenty entries, groups and servers). The issue's bound: independent of the number of mounts.
+echo "== (e) daemon threads with idle lazy mounts (nginx, http://)"
+url="http://127.0.0.1:$port/img256.erofs"
+start_daemon
+child=$(cat "/proc/$daemon_pid/task/$daemon_pid/children" 2>/dev/null | awk '{print $1}')
+threads() { awk '/^Threads:/ {print $2}' "/proc/$child/status"; }
+mps=()
+for i in $(seq 20); do
+    mkdir -p "$work/e$i"; mps+=("$work/e$i")
+    "$BIN" mount --cache-dir "$work/ecache$i" "$url" "$work/e$i" >/dev/null
+    cat "$work/e$i/text05.txt" >/dev/null
+    [ "$i" = 1 ] && { sleep 0.5; one=$(threads); }
+done
+sleep 0.5; twenty=$(threads)
+echo "daemon threads: $one with 1 lazy mount, $twenty with 20 (target: bounded, independent of the count)"
+for m in "${mps[@]}"; do "$BIN" umount "$m" >/dev/null; done
+stop_daemon
+rm -rf "$work"/ecache* "$work"/e[0-9]*

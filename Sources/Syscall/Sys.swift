@@ -388,6 +388,12 @@ package enum Sys {
         return try call { Glibc.poll(&p, 1, timeoutMs) } > 0
     }
 
+    /// poll(2) over several descriptors; their `revents` are filled in. Returns how many are ready.
+    package static func poll(_ fds: inout [pollfd], timeoutMs: Int32) throws -> Int {
+        let n = fds.count
+        return Int(try fds.withUnsafeMutableBufferPointer { b in try call { Glibc.poll(b.baseAddress, nfds_t(n), timeoutMs) } })
+    }
+
     // MARK: ioctl
 
     package static func ioctl(_ fd: Int32, _ request: UInt, _ arg: UnsafeMutableRawPointer?) throws -> Int32 {

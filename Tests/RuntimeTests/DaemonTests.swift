@@ -229,6 +229,36 @@ struct DaemonTests {
         }
     }
 
+    /// The daemon's threads do not grow with its mounts: every lazy mount is served on the threads
+    /// the process shares (one poller, one ticker, one pool). Six mounts, each its own cache entry,
+    /// against one; a server with threads of its own per mount had 16 more per mount.
+    @Test func threadsDoNotGrowWithMounts() throws {
+        try withDaemonMount("daemon-threads") { f, daemon, expected, _ in
+            let state = f.runtime.state.root
+            let pid = try #require(daemon.child())
+            func threads() -> Int {
+                let status = (try? String(contentsOfFile: "/proc/\(pid)/status", encoding: .utf8)) ?? ""
+                return status.split(separator: "\n").first { $0.hasPrefix("Threads:") }
+                    .flatMap { Int($0.dropFirst("Threads:".count).trimmingCharacters(in: .whitespaces)) } ?? -1
+            }
+            usleep(300_000)
+            let one = threads()
+            var mounts: [String] = []
+            defer { for m in mounts { _ = try? cli(state, ["umount", m]) } }
+            for i in 2...6 {
+                let m = f.dir.file("mnt\(i)")
+                try FileManager.default.createDirectory(atPath: m, withIntermediateDirectories: true)
+                let r = try cli(state, ["mount", "--cache-dir", f.dir.file("cache\(i)"), f.url, m])
+                try #require(r.status == 0, Comment(rawValue: r.stderr + daemon.logText()))
+                mounts.append(m)
+            }
+            #expect(TreeFactsLite(f.dir.file("mnt6")) == expected)
+            usleep(300_000)
+            let six = threads()
+            #expect(one > 0 && six - one < 16, "threads: \(one) with one mount, \(six) with six")
+        }
+    }
+
     /// The same crash under systemd itself: a transient Type=notify service with an fd store; systemd
     /// restarts the killed daemon and hands the stored descriptors back (LISTEN_FDS).
     @Test(.enabled(if: canInjectFaults && systemdRuns, Comment(rawValue: systemdReason)))

@@ -72,11 +72,11 @@ public enum PrefetchProfile {
     }
 }
 
-/// Serves FAN_PRE_ACCESS events on a lazy cache file: one thread reads events and hands them to a
-/// fetch pool; present ranges are answered from the population record without I/O; missing ones
-/// are fetched (aligned, coalesced) and answered FAN_ALLOW while a readahead pool fetches what
-/// a sequential reader asks for next; a range that cannot be fetched is answered
-/// FAN_DENY_ERRNO(EIO), never FAN_ALLOW.
+/// Serves FAN_PRE_ACCESS events on a lazy cache file, on the threads every server of the process
+/// shares (`ServingPool`): the poller thread reads events and answers present ranges from the
+/// population record without I/O; missing ones are fetched (aligned, coalesced) on this server's
+/// demand lane and answered FAN_ALLOW while its background lane fetches what a sequential reader
+/// asks for next; a range that cannot be fetched is answered FAN_DENY_ERRNO(EIO), never FAN_ALLOW.
 public final class FanotifyServer: @unchecked Sendable {
     public struct Stats: Codable, Sendable, Equatable {
         public var events = 0
@@ -99,8 +99,6 @@ public final class FanotifyServer: @unchecked Sendable {
     let group: FileDescriptor
     let digest: String?
     let log: (String) -> Void
-    private let queue = Locked<[Fanotify.Event]>([])
-    private let pending = DispatchSemaphore(value: 0)
     private let stats = Locked(Stats())
     private let latencies = Locked<[Double]>([])
     /// Sequential streams seen recently: where each one's last request ended and its window. Several
@@ -115,9 +113,16 @@ public final class FanotifyServer: @unchecked Sendable {
     public var recordProfile: String?
     private let profile = Locked<(ranges: [(UInt64, UInt64)], seen: Set<UInt64>, dirty: Bool)>(([], [], true))
     private let busy = Locked(0)
-    /// Readahead windows waiting for a fetcher, oldest first.
+    /// Readahead windows waiting for a fetcher, oldest first (each has a job on `readaheadLane`).
     private let readahead = Locked<[(UInt64, UInt64)]>([])
-    private let readaheadReady = DispatchSemaphore(value: 0)
+    /// Fetches for events, at most `workers` at once.
+    private let demandLane: PoolLane
+    /// Readahead fetches, at most 2 × `workers` at once (large requests that overlap readers).
+    private let readaheadLane: PoolLane
+    private let prefetching = DispatchGroup()
+    /// What `start` registered, removed by the teardown after `stop()`.
+    private let running = Locked<(poll: ServingPoller.Token?, tick: ServingTicker.Token?, tornDown: Bool)>((nil, nil, false))
+    private var onFinished: (() -> Void)?
     /// The mount's figures before this process started (the supervisor's metadata traffic, earlier
     /// workers' events and traffic): the counters carry on from them.
     public var base = Stats()
@@ -135,6 +140,8 @@ public final class FanotifyServer: @unchecked Sendable {
         self.digest = digest
         self.workers = workers
         self.log = log
+        demandLane = PoolLane(limit: workers, priority: .demand)
+        readaheadLane = PoolLane(limit: 2 * workers, priority: .background)
         group = FileDescriptor(rawValue: groupFD)
         journal = try journalPath.map { try Sys.open($0, O_RDWR | O_CREAT | O_APPEND, mode: 0o600) }
     }
@@ -212,49 +219,69 @@ public final class FanotifyServer: @unchecked Sendable {
         return s
     }
 
-    public func stop() { stopping.set(true) }
+    /// Stops reading events; what was read is still answered, then the last commit is made and
+    /// `start`'s `onFinished` runs (or `run` returns).
+    public func stop() {
+        stopping.set(true)
+        let first = running.withLock { r -> Bool in
+            defer { r.tornDown = true }
+            return !r.tornDown && (r.poll != nil || r.tick != nil)
+        }
+        if first { ServingPool.shared.submit { [self] in tearDown() } }
+    }
 
-    /// Runs the event loop, the fetch pool and the committer until `stop()`.
+    /// Serves until `stop()`, blocking the caller.
     public func run() {
-        let done = DispatchGroup()
-        for _ in 0..<workers {
-            done.enter()
-            Threads.detach { [self] in
-                defer { done.leave() }
-                workerLoop()
-            }
-        }
-        // Two readahead fetchers per worker: readahead requests are large and overlap readers.
-        let fetchers = 2 * workers
-        for _ in 0..<fetchers {
-            done.enter()
-            Threads.detach { [self] in
-                defer { done.leave() }
-                readaheadLoop()
-            }
-        }
-        done.enter()
-        Threads.detach { [self] in
-            defer { done.leave() }
-            while !stopping.get() {
-                usleep(250_000)
-                commitAndMaybeFinish()
-                saveProfile()
-            }
-            commitAndMaybeFinish()
-        }
+        let done = DispatchSemaphore(value: 0)
+        start { done.signal() }
+        done.wait()
+    }
+
+    /// Serves on the shared threads: events through the poller, fetches on this server's lanes,
+    /// commits every 250 ms on the ticker. `onFinished` runs once serving has ended after `stop()`.
+    public func start(onFinished: @escaping () -> Void) {
+        self.onFinished = onFinished
         if prefetch != .none {
-            done.enter()
+            prefetching.enter()
+            // Its own thread: it sleeps while readers are busy and ends when everything is fetched.
             Threads.detach { [self] in
-                defer { done.leave() }
+                defer { prefetching.leave() }
                 prefetchLoop()
             }
         }
-        readLoop()
-        for _ in 0..<workers { pending.signal() }
-        for _ in 0..<fetchers { readaheadReady.signal() }
-        done.wait()
+        let tick = ServingTicker.shared.every(250) { [self] in
+            commitAndMaybeFinish()
+            saveProfile()
+            return true
+        }
+        // The poller thread must never block in read(2) (the group is made non-blocking, but one
+        // inherited from elsewhere may not be).
+        _ = fcntl(group.rawValue, F_SETFL, fcntl(group.rawValue, F_GETFL) | O_NONBLOCK)
+        let poll = ServingPoller.shared.add(group.rawValue) { [self] in readEvents() }
+        let stopped = running.withLock { r -> Bool in
+            (r.poll, r.tick) = (poll, tick)
+            return r.tornDown
+        }
+        // stop() came before the registration above: it could not tear down what was not there yet.
+        if stopped {
+            running.withLock { $0.tornDown = false }
+            stop()
+        }
+    }
+
+    /// After `stop()`: no more events, every event read answered, readahead dropped, the last
+    /// commit made; then `onFinished`.
+    private func tearDown() {
+        let (poll, tick) = running.withLock { ($0.poll, $0.tick) }
+        poll.map(ServingPoller.shared.remove)
+        tick.map(ServingTicker.shared.remove)
+        demandLane.waitIdle()
+        readahead.withLock { $0.removeAll() }
+        readaheadLane.waitIdle()
+        prefetching.wait()
+        commitAndMaybeFinish()
         saveProfile()
+        onFinished?()
     }
 
     /// Background fetching: the profile's ranges first, then (for `.all`) everything else in 1 MiB
@@ -275,7 +302,7 @@ public final class FanotifyServer: @unchecked Sendable {
         var failures = 0
         for (offset, length) in ranges where offset < lazy.size {
             let len = min(length, lazy.size - offset)
-            while !stopping.get(), busy.get() > 0 || !queue.withLock({ $0.isEmpty }) { usleep(20_000) }
+            while !stopping.get(), busy.get() > 0 || demandLane.pending > 0 { usleep(20_000) }
             if stopping.get() { return }
             if lazy.isAvailable(offset: offset, length: len) { continue }
             do { try lazy.ensure(offset: offset, length: len) } catch {
@@ -310,13 +337,15 @@ public final class FanotifyServer: @unchecked Sendable {
         do { try PrefetchProfile.save(ranges, to: path) } catch { log("cannot write the profile \(path): \(error)") }
     }
 
-    func readLoop() {
+    /// On the poller thread: reads every event there is (the group is non-blocking), answers the
+    /// present ranges at once and queues the rest on the demand lane.
+    func readEvents() {
         var buf = [UInt8](repeating: 0, count: 64 << 10)
         while !stopping.get() {
-            guard (try? Sys.poll(group.rawValue, timeoutMs: 200)) == true else { continue }
             let n: Int
-            do { n = try buf.withUnsafeMutableBytes { try Sys.read(group.rawValue, into: $0) } } catch { continue }
-            guard let events = try? buf.withUnsafeBytes({ try Fanotify.decode(UnsafeRawBufferPointer(rebasing: $0[0..<n])) }) else { continue }
+            do { n = try buf.withUnsafeMutableBytes { try Sys.read(group.rawValue, into: $0) } } catch { return }
+            guard n > 0 else { return }
+            guard let events = try? buf.withUnsafeBytes({ try Fanotify.decode(UnsafeRawBufferPointer(rebasing: $0[0..<n])) }) else { return }
             stats.withLock { $0.events += events.count }
             journalAppend(events.map { "R \($0.fd) \($0.range?.offset ?? 0) \($0.range?.count ?? lazy.size)\n" }.joined())
             for ev in events {
@@ -327,33 +356,25 @@ public final class FanotifyServer: @unchecked Sendable {
                     answer(ev, Fanotify.allow, start: start)
                     stats.withLock { $0.allowedFromCache += 1 }
                 } else {
-                    queue.withLock { $0.append(ev) }
-                    pending.signal()
+                    demandLane.submit { [self] in serve(ev, since: start) }
                 }
             }
         }
     }
 
-    func workerLoop() {
-        while true {
-            pending.wait()
-            guard let ev = queue.withLock({ $0.isEmpty ? nil : $0.removeFirst() }) else {
-                if stopping.get() { return }
-                continue
-            }
-            let start = DispatchTime.now().uptimeNanoseconds
-            let r = ev.range ?? (0, lazy.size)
-            busy.withLock { $0 += 1 }
-            defer { busy.withLock { $0 -= 1 } }
-            do {
-                try fetch(offset: r.offset, count: r.count)
-                answer(ev, Fanotify.allow, start: start)
-                stats.withLock { $0.fetched += 1 }
-            } catch {
-                log("denying read of \(r.count) bytes at \(r.offset) with EIO: \(error)")
-                answer(ev, Fanotify.denyErrno(.ioError), start: start)
-                stats.withLock { $0.denied += 1; $0.error = "\(error)" }
-            }
+    /// Fetches an event's range and answers it: FAN_ALLOW once present, EIO when it cannot be had.
+    func serve(_ ev: Fanotify.Event, since start: UInt64) {
+        let r = ev.range ?? (0, lazy.size)
+        busy.withLock { $0 += 1 }
+        defer { busy.withLock { $0 -= 1 } }
+        do {
+            try fetch(offset: r.offset, count: r.count)
+            answer(ev, Fanotify.allow, start: start)
+            stats.withLock { $0.fetched += 1 }
+        } catch {
+            log("denying read of \(r.count) bytes at \(r.offset) with EIO: \(error)")
+            answer(ev, Fanotify.denyErrno(.ioError), start: start)
+            stats.withLock { $0.denied += 1; $0.error = "\(error)" }
         }
     }
 
@@ -395,24 +416,20 @@ public final class FanotifyServer: @unchecked Sendable {
             q.append((offset, len))
             if q.count > 64 { q.removeFirst(q.count - 64) }
         }
-        readaheadReady.signal()
+        readaheadLane.submit { [self] in readaheadOne() }
     }
 
-    /// Fetches what nobody is fetching yet of queued readahead windows, one request (at most 4 MiB)
-    /// at a time, each readable as soon as it is written; a failure only means the reader
-    /// fetches that range itself when it gets there (and is denied EIO if that fails too).
-    func readaheadLoop() {
-        var failures = 0
-        while true {
-            readaheadReady.wait()
-            if stopping.get() { return }
-            guard let (offset, length) = readahead.withLock({ $0.isEmpty ? nil : $0.removeFirst() }) else { continue }
-            do { try lazy.fetchUnclaimed(offset: offset, length: length) } catch {
-                failures += 1
-                if failures == 1 || failures % 100 == 0 { log("readahead of \(length) bytes at \(offset) failed (\(failures) so far): \(error)") }
-            }
+    /// Fetches what nobody is fetching yet of the oldest queued readahead window (one request of at
+    /// most 4 MiB at a time, each readable as soon as it is written); a failure only means the
+    /// reader fetches that range itself when it gets there (and is denied EIO if that fails too).
+    func readaheadOne() {
+        guard !stopping.get(), let (offset, length) = readahead.withLock({ $0.isEmpty ? nil : $0.removeFirst() }) else { return }
+        do { try lazy.fetchUnclaimed(offset: offset, length: length) } catch {
+            let failures = readaheadFailures.withLock { $0 += 1; return $0 }
+            if failures == 1 || failures % 100 == 0 { log("readahead of \(length) bytes at \(offset) failed (\(failures) so far): \(error)") }
         }
     }
+    private let readaheadFailures = Locked(0)
 
     func answer(_ ev: Fanotify.Event, _ response: UInt32, start: UInt64, closeFD: Bool = true) {
         if stats.get().verified == false { try? Fanotify.respond(group, fd: ev.fd, response: Fanotify.denyErrno(.ioError)) } else {

@@ -185,15 +185,23 @@ public final class InProcessServing: @unchecked Sendable {
         if replay { server.replayJournal() }
         LazyWorker.writeStats(server.snapshot, to: e.spec.statsPath)
         let spec = e.spec
-        Threads.detach {
-            LazyWorker.watchMount(spec.mountpoint, source: spec.dataPath, parent: getppid(), writerFD: e.lazy.writerFD, stop: e.stop)
+        // No thread of its own: the watch and the figures run on the ticker, the server on the pool.
+        let watch = MountWatch(spec.mountpoint, source: spec.dataPath, parent: getppid(), writerFD: e.lazy.writerFD)
+        ServingTicker.shared.every(250) {
+            guard !e.stop.get() else { return false }
+            guard watch.isGone() else { return true }
             if !e.stop.get() { e.unmounted.set(true) }
             e.stop.set(true)
             server.stop()
+            return false
         }
-        Threads.detach { LazyWorker.writeStatsOnChange(server, to: spec.statsPath, until: e.stop) }
-        Threads.detach { [self] in
-            server.run()
+        let written = Locked(server.counters)
+        ServingTicker.shared.every(100) {
+            guard !e.stop.get() else { return false }
+            written.set(LazyWorker.writeStatsIfChanged(server, to: spec.statsPath, since: written.get()))
+            return true
+        }
+        server.start { [self] in
             LazyWorker.writeStats(server.snapshot, to: spec.statsPath)
             if e.unmounted.get() {
                 log("\(spec.mountpoint) is gone; stopped serving it")

@@ -309,11 +309,7 @@ public enum LazyWorker {
         var written = server.counters
         while !stop.get() {
             usleep(100_000)
-            let now = server.counters
-            if now != written {
-                writeStats(server.snapshot, to: path)
-                written = now
-            }
+            written = writeStatsIfChanged(server, to: path, since: written)
         }
     }
 
@@ -336,50 +332,93 @@ public enum LazyWorker {
         try? Sys.writeFileAtomically(path, [UInt8](data))
     }
 
-    /// Returns once the mount of `source` at `mountpoint` has appeared and every mount of `source`
-    /// (other mountpoints share this worker) is gone again — gone meaning its superblock was shut down,
-    /// so a lazy umount (`umount -l`) with files still open keeps the worker serving until the last of
-    /// them is closed (inotify's IN_UNMOUNT on each mount's root). Also returns when no mount appeared
-    /// within 120 s. mountinfo signals changes with POLLPRI.
-    ///
-    /// The decisive test is the cache file itself: a file-backed superblock holds it open until it is
-    /// shut down, which a write lease on `writerFD` detects (`Sys.fileIsShared`). So a mount that was
-    /// made and lazily detached before this worker first looked at mountinfo is still served while a
-    /// file on it is open.
+    /// Returns once the mount of `source` at `mountpoint` has appeared and every mount of it is gone
+    /// again (see `MountWatch`), or when `stop` is set. mountinfo signals changes with POLLPRI.
     static func watchMount(_ mountpoint: String, source: String, parent: Int32, writerFD: Int32? = nil, stop: Locked<Bool>? = nil) {
+        let watch = MountWatch(mountpoint, source: source, parent: parent, writerFD: writerFD)
+        while stop?.get() != true, !watch.isGone() { watch.waitForChange() }
+    }
+
+    /// Writes the server's figures when they changed since `written` (every answered event changes a
+    /// counter); returns the figures now.
+    static func writeStatsIfChanged(_ server: FanotifyServer, to path: String, since written: FanotifyServer.Stats)
+        -> FanotifyServer.Stats {
+        let now = server.counters
+        if now != written { writeStats(server.snapshot, to: path) }
+        return now
+    }
+}
+
+/// Whether the mount of `source` at `mountpoint` has appeared and every mount of `source` (other
+/// mountpoints share one server) is gone again — gone meaning its superblock was shut down, so a
+/// lazy umount (`umount -l`) with files still open keeps it served until the last of them is closed
+/// (inotify's IN_UNMOUNT on each mount's root). Also gone when no mount appeared within 120 s.
+///
+/// The decisive test is the cache file itself: a file-backed superblock holds it open until it is
+/// shut down, which a write lease on `writerFD` detects (`Sys.fileIsShared`). So a mount that was
+/// made and lazily detached before the first look at mountinfo is still served while a file on it
+/// is open. One look per `isGone()`: a blocking watcher loops with `waitForChange()`, the daemon
+/// asks from its ticker.
+final class MountWatch: @unchecked Sendable {  // used by one thread at a time (a ticker task never overlaps itself)
+    let mountpoint: String
+    let source: String
+    let parent: Int32
+    let writerFD: Int32?
+    private var seen = false
+    private var watchedMounts = Set<Int>()
+    private var liveWatches = Set<Int32>()
+    private var lastMounts: [MountInfoEntry] = []
+    private let notify: FileDescriptor?
+    private let mountinfo: FileDescriptor?
+    private let deadline = DispatchTime.now() + .seconds(120)
+
+    init(_ mountpoint: String, source: String, parent: Int32, writerFD: Int32?) {
         // A lease break signals its holder with SIGIO (default: terminate); the lease is held for two
         // syscalls only, so an opener merely waits for it.
         signal(SIGIO, SIG_IGN)
-        func stillReferenced() -> Bool { writerFD.flatMap { try? Sys.fileIsShared($0) } ?? false }
-        var seen = false
-        var watchedMounts = Set<Int>()
-        var liveWatches = Set<Int32>()
-        let notify = try? Sys.inotifyInit()
-        defer { notify.map { Sys.close($0.rawValue) } }
-        guard let fd = try? Sys.open("/proc/self/mountinfo", O_RDONLY) else { return }
-        defer { Sys.close(fd.rawValue) }
-        let deadline = DispatchTime.now() + .seconds(120)
-        while stop?.get() != true {
-            // A supervisor that is gone (umount stops it) means the mount was made.
-            if getppid() != parent { seen = true }
-            let mounts = MountInfo.current().filter { $0.fsType == "erofs" && $0.source == source }
-            if mounts.contains(where: { $0.mountPoint == mountpoint }) || (seen && !mounts.isEmpty) { seen = true }
-            if let notify {
-                for m in mounts where !watchedMounts.contains(m.mountID) {
-                    watchedMounts.insert(m.mountID)
-                    if let wd = try? Sys.inotifyWatchUnmount(notify, m.mountPoint, device: m.device) { liveWatches.insert(wd) }
-                }
-                liveWatches.subtract(Sys.inotifyEndedWatches(notify))
+        (self.mountpoint, self.source, self.parent, self.writerFD) = (mountpoint, source, parent, writerFD)
+        notify = try? Sys.inotifyInit()
+        mountinfo = try? Sys.open("/proc/self/mountinfo", O_RDONLY)
+    }
+
+    deinit {
+        notify.map { Sys.close($0.rawValue) }
+        mountinfo.map { Sys.close($0.rawValue) }
+    }
+
+    private func stillReferenced() -> Bool { writerFD.flatMap { try? Sys.fileIsShared($0) } ?? false }
+
+    /// One look at mountinfo, the unmount watches and the cache file.
+    func isGone() -> Bool {
+        guard mountinfo != nil else { return true }
+        // A supervisor that is gone (umount stops it) means the mount was made.
+        if getppid() != parent { seen = true }
+        let mounts = MountInfo.current().filter { $0.fsType == "erofs" && $0.source == source }
+        lastMounts = mounts
+        if mounts.contains(where: { $0.mountPoint == mountpoint }) || (seen && !mounts.isEmpty) { seen = true }
+        if let notify {
+            for m in mounts where !watchedMounts.contains(m.mountID) {
+                watchedMounts.insert(m.mountID)
+                if let wd = try? Sys.inotifyWatchUnmount(notify, m.mountPoint, device: m.device) { liveWatches.insert(wd) }
             }
-            if seen && mounts.isEmpty && liveWatches.isEmpty && !stillReferenced() { return }
-            if !seen && DispatchTime.now() > deadline {
-                // Never seen: mounted and detached before the first look, or never mounted at all.
-                if !stillReferenced() { return }
-                seen = true
-            }
-            _ = try? Sys.poll(fd.rawValue, events: Int16(POLLPRI | POLLERR), timeoutMs: liveWatches.isEmpty || !mounts.isEmpty ? 1000 : 250)
-            var b = [UInt8](repeating: 0, count: 4096)
-            _ = try? b.withUnsafeMutableBytes { try Sys.pread(fd.rawValue, into: $0, at: 0) }
+            liveWatches.subtract(Sys.inotifyEndedWatches(notify))
         }
+        if seen && mounts.isEmpty && liveWatches.isEmpty && !stillReferenced() { return true }
+        if !seen && DispatchTime.now() > deadline {
+            // Never seen: mounted and detached before the first look, or never mounted at all.
+            if !stillReferenced() { return true }
+            seen = true
+        }
+        return false
+    }
+
+    /// Waits for mountinfo to change (POLLPRI), at most 1 s (250 ms while only open files keep a
+    /// detached mount alive: their close is not signalled).
+    func waitForChange() {
+        guard let fd = mountinfo else { return }
+        let timeout: Int32 = liveWatches.isEmpty || !lastMounts.isEmpty ? 1000 : 250
+        _ = try? Sys.poll(fd.rawValue, events: Int16(POLLPRI | POLLERR), timeoutMs: timeout)
+        var b = [UInt8](repeating: 0, count: 4096)
+        _ = try? b.withUnsafeMutableBytes { try Sys.pread(fd.rawValue, into: $0, at: 0) }
     }
 }

@@ -1,0 +1,74 @@
+import Dispatch
+import Glibc
+@testable import Runtime
+import Syscall
+import Testing
+
+/// The threads lazy servers share: bounded, per-server limits, demand before background, idle
+/// threads ending, periodic tasks. No root, no kernel features.
+@Suite struct ServingPoolTests {
+    /// Runs `jobs` jobs of `ms` each through `submit` and returns the most that ran at once.
+    func peakConcurrency(jobs: Int, ms: UInt32, _ submit: (@escaping () -> Void) -> Void) -> Int {
+        let now = Locked(0), peak = Locked(0)
+        let done = DispatchSemaphore(value: 0)
+        for _ in 0..<jobs {
+            submit {
+                let n = now.withLock { $0 += 1; return $0 }
+                peak.withLock { $0 = max($0, n) }
+                usleep(ms * 1000)
+                now.withLock { $0 -= 1 }
+                done.signal()
+            }
+        }
+        for _ in 0..<jobs { done.wait() }
+        return peak.get()
+    }
+
+    @Test func poolIsBoundedAndIdleThreadsEnd() {
+        let pool = ServingPool(maxThreads: 4, idleSeconds: 1)
+        let peak = peakConcurrency(jobs: 20, ms: 30) { job in pool.submit(.demand, job) }
+        #expect(peak == 4, "peak \(peak)")
+        #expect(pool.threadCount <= 4)
+        for _ in 0..<40 where pool.threadCount > 0 { usleep(100_000) }
+        #expect(pool.threadCount == 0, "idle threads left: \(pool.threadCount)")
+    }
+
+    @Test func laneLimitsOneServer() {
+        let pool = ServingPool(maxThreads: 16, idleSeconds: 1)
+        let lane = PoolLane(limit: 3, priority: .demand, pool: pool)
+        let peak = peakConcurrency(jobs: 12, ms: 30) { job in lane.submit(job) }
+        #expect(peak == 3, "peak \(peak)")
+        lane.waitIdle()
+        #expect(lane.pending == 0)
+    }
+
+    @Test func demandRunsBeforeBackground() {
+        let pool = ServingPool(maxThreads: 1, idleSeconds: 1)
+        let order = Locked<[String]>([])
+        let gate = DispatchSemaphore(value: 0), done = DispatchSemaphore(value: 0)
+        pool.submit(.demand) { gate.wait() }
+        pool.submit(.background) { order.withLock { $0.append("background") }; done.signal() }
+        pool.submit(.demand) { order.withLock { $0.append("demand") }; done.signal() }
+        gate.signal()
+        done.wait(); done.wait()
+        #expect(order.get() == ["demand", "background"])
+    }
+
+    @Test func tickerRunsUntilFalseAndRemoveWaits() {
+        let ticker = ServingTicker(pool: ServingPool(maxThreads: 4, idleSeconds: 1))
+        let runs = Locked(0)
+        ticker.every(10) { runs.withLock { $0 += 1; return $0 } < 3 }
+        let inside = Locked(false), finished = Locked(false)
+        let slow = ticker.every(10) {
+            inside.set(true)
+            usleep(200_000)
+            finished.set(true)
+            return true
+        }
+        for _ in 0..<100 where !inside.get() { usleep(10_000) }
+        ticker.remove(slow)
+        #expect(finished.get(), "remove returned while the task ran")
+        usleep(200_000)
+        #expect(runs.get() == 3)
+    }
+}
