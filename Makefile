@@ -48,10 +48,13 @@ demo: release
 	@scripts/apt-deps.sh nginx-light
 	scripts/demo.sh .build/release/erofs-compat
 
-## Speed figures as ratios against baselines measured in the same run.
+## Speed figures as ratios against baselines measured in the same run. BENCH_BASELINE: a commit whose
+## remote figures are measured too (built in a worktree; empty skips it), here the one before the
+## shared serving threads.
+BENCH_BASELINE ?= 1a98143
 bench: release
 	@scripts/apt-deps.sh curl nginx-light python3
-	scripts/bench.sh .build/release/erofs-compat
+	BENCH_BASELINE=$(BENCH_BASELINE) SWIFT=$(SWIFT) scripts/bench.sh .build/release/erofs-compat
 
 install: release
 	install -d $(BINDIR)

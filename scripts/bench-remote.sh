@@ -4,6 +4,9 @@
 set -euo pipefail
 BIN=$(readlink -f "$1")
 work=$2
+# Optional: the binary of an earlier commit; (a), (b) and (c) are then measured for it too, in this run.
+BASE_BIN=${3:-}
+BASE_LABEL=${4:-base}
 . "$(dirname "$0")/bench-lib.sh"
 if [ "$(id -u)" -ne 0 ] || ! command -v nginx >/dev/null; then echo "remote benches skipped: need root and nginx"; exit 0; fi
 
@@ -60,6 +63,12 @@ PY
     rm -rf "$work/t-$1"
 }
 readall() { find "$1" -type f -print0 | xargs -0 -P 4 -n 8 cat > /dev/null; }
+readone() { find "$1" -type f -exec cat {} + > /dev/null; }
+# A local image as a user mounts it: file-backed where the kernel can, else through a loop device.
+mountlocal() { mount -t erofs -o ro "$1" "$2" 2>/dev/null || mount -t erofs -o ro,loop "$1" "$2"; }
+# The binaries measured: this commit's, and the earlier one when given.
+bins() { echo "$BIN"; [ -n "$BASE_BIN" ] && echo "$BASE_BIN"; true; }
+tag() { [ "$1" = "$BIN" ] && echo "" || echo " [$BASE_LABEL]"; }
 
 # push NAME: the image as the only layer of oci://127.0.0.1:$rport/bench/NAME:latest (Distribution API).
 push() {
@@ -81,42 +90,51 @@ push() {
     echo "http://127.0.0.1:$rport/v2/bench/$1/blobs/$d"
 }
 
-# cold SOURCE DOWNLOAD_URL LABEL [BACKEND]: (a) lazy mount + read all vs download whole + mount + read all.
+# cold SOURCE DOWNLOAD_URL LABEL [BACKEND] [BINARY]: (a) lazy mount + read all vs download whole +
+# file-backed mount + read all, with four parallel readers and with one sequential reader.
 cold() {
-    local lazy=() base=() l b backend=${4:-auto}
-    for i in 1 2 3; do
-        rm -rf "$work/cache"; drop
-        s=$(now_us); "$BIN" mount --backend "$backend" --cache-dir "$work/cache" "$1" "$work/m1" >/dev/null 2>&1; readall "$work/m1"; e=$(now_us)
-        lazy+=($((e - s))); "$BIN" umount "$work/m1" >/dev/null
-        rm -f "$work/dl.erofs"; drop
-        s=$(now_us); curl -s -o "$work/dl.erofs" "$2"; mount -t erofs -o ro,loop "$work/dl.erofs" "$work/m2"; readall "$work/m2"; e=$(now_us)
-        base+=($((e - s))); umount "$work/m2"
+    local backend=${4:-auto} B=${5:-$BIN} readers
+    for readers in 4 1; do
+        local lazy=() base=() l b target
+        for i in 1 2 3; do
+            rm -rf "$work/cache"; drop
+            s=$(now_us); "$B" mount --backend "$backend" --cache-dir "$work/cache" "$1" "$work/m1" >/dev/null 2>&1
+            if [ $readers = 4 ]; then readall "$work/m1"; else readone "$work/m1"; fi; e=$(now_us)
+            lazy+=($((e - s))); "$B" umount "$work/m1" >/dev/null
+            rm -f "$work/dl.erofs"; drop
+            s=$(now_us); curl -s -o "$work/dl.erofs" "$2"; mountlocal "$work/dl.erofs" "$work/m2"
+            if [ $readers = 4 ]; then readall "$work/m2"; else readone "$work/m2"; fi; e=$(now_us)
+            base+=($((e - s))); umount "$work/m2"
+        done
+        l=$(printf '%s\n' "${lazy[@]}" | median); b=$(printf '%s\n' "${base[@]}" | median)
+        [ $readers = 4 ] && target=1.0 || target=1.25
+        awk -v l="$l" -v b="$b" -v n="$3$(tag "$B")" -v r="$readers" -v t="$target" 'BEGIN {
+            printf "cold (%s), %d reader%s: erofs-compat %.2f s, download+mount %.2f s, ratio %.2f (target <= %s)\n",
+                n, r, r == 1 ? "" : "s", l/1e6, b/1e6, l/b, t }'
     done
-    l=$(printf '%s\n' "${lazy[@]}" | median); b=$(printf '%s\n' "${base[@]}" | median)
-    awk -v l="$l" -v b="$b" -v n="$3" 'BEGIN {printf "cold (%s): erofs-compat %.2f s, download+mount %.2f s, ratio %.2f (target <= 1.25)\n", n, l/1e6, b/1e6, l/b}'
 }
 
 # small SOURCE DOWNLOAD_URL LABEL [daemon]: (c) lazy mount + one small file vs downloading the whole
 # blob. With "daemon", `erofs-compat daemon` (started once, outside the timing) performs the mount.
 small() {
-    local one=() dl=() x d how="--no-daemon" backend=${5:-auto}
+    local one=() dl=() x d how="--no-daemon" backend=${5:-auto} B=${6:-$BIN}
     [ "${4:-}" = daemon ] && how=""
     for i in 1 2 3 4 5; do
         rm -rf "$work/cache"; drop
-        s=$(now_us); "$BIN" mount $how --backend "$backend" --cache-dir "$work/cache" "$1" "$work/m1" >/dev/null 2>&1
+        s=$(now_us); "$B" mount $how --backend "$backend" --cache-dir "$work/cache" "$1" "$work/m1" >/dev/null 2>&1
         cat "$work/m1/text05.txt" > /dev/null; e=$(now_us)
-        one+=($((e - s))); "$BIN" umount "$work/m1" >/dev/null
+        one+=($((e - s))); "$B" umount "$work/m1" >/dev/null
         rm -f "$work/dl.erofs"; drop
         s=$(now_us); curl -s -o "$work/dl.erofs" "$2"; e=$(now_us); dl+=($((e - s)))
     done
     x=$(printf '%s\n' "${one[@]}" | median); d=$(printf '%s\n' "${dl[@]}" | median)
-    awk -v x="$x" -v d="$d" -v n="$3" 'BEGIN {printf "one small file (%s): erofs-compat %.3f s, whole download %.3f s, ratio %.1f%% (target <= 5%%)\n", n, x/1e6, d/1e6, 100*x/d}'
+    awk -v x="$x" -v d="$d" -v n="$3" 'BEGIN {printf "one small file (%s): erofs-compat %.3f s, whole download %.3f s, ratio %.1f%% (target <= 5%%)\n", n "'"$(tag "$B")"'", x/1e6, d/1e6, 100*x/d}'
 }
 
 # The resident service for the (c) figures "with the daemon" (its own keeper, as when started by hand).
 daemon_pid=
 start_daemon() {
-    "$BIN" daemon 2>>"$work/daemon.log" &
+    "${1:-$BIN}" daemon 2>>"$work/daemon.log" &
     daemon_pid=$!
     for _ in $(seq 100); do [ -S "$state/daemon.sock" ] && break; sleep 0.05; done
 }
@@ -125,24 +143,30 @@ stop_daemon() { [ -n "$daemon_pid" ] && { kill "$daemon_pid"; wait "$daemon_pid"
 mkimage img256 256
 url="http://127.0.0.1:$port/img256.erofs"
 echo "== (a) cold 256 MiB image of 1-16 MiB files: lazy mount + read every file vs download whole + file-backed mount + read (median of 3)"
-if [ -n "$registry_pid" ]; then blob=$(push img256); cold "oci://127.0.0.1:$rport/bench/img256:latest" "$blob" "docker-registry, oci://"; fi
-cold "$url" "$url" "(d) nginx, http://"
+[ -n "$registry_pid" ] && blob=$(push img256)
+for B in $(bins); do
+    if [ -n "$registry_pid" ]; then cold "oci://127.0.0.1:$rport/bench/img256:latest" "$blob" "docker-registry, oci://" auto "$B"; fi
+    cold "$url" "$url" "(d) nginx, http://" auto "$B"
+done
 echo "   the same through fuse-blob (the lazy path for kernels without pre-content fanotify)"
 if [ -n "$registry_pid" ]; then cold "oci://127.0.0.1:$rport/bench/img256:latest" "$blob" "fuse-blob, docker-registry, oci://" fuse-blob; fi
 cold "$url" "$url" "fuse-blob, nginx, http://" fuse-blob
 
 echo "== (b) warm: full read with the cache complete vs the local image file-backed (median of 3)"
-rm -rf "$work/cache"; "$BIN" mount --cache-dir "$work/cache" "$url" "$work/m1" >/dev/null; readall "$work/m1"; sleep 1
-warm=(); loc=()
-for i in 1 2 3; do
-    drop; s=$(now_us); readall "$work/m1"; e=$(now_us); warm+=($((e - s)))
-    mount -t erofs -o ro "$www/img256.erofs" "$work/m2" 2>/dev/null || mount -t erofs -o ro,loop "$www/img256.erofs" "$work/m2"
-    drop; s=$(now_us); readall "$work/m2"; e=$(now_us); loc+=($((e - s))); umount "$work/m2"
+for B in $(bins); do
+    rm -rf "$work/cache"; "$B" mount --cache-dir "$work/cache" "$url" "$work/m1" >/dev/null; readall "$work/m1"; sleep 1
+    warm=(); loc=()
+    for i in 1 2 3; do
+        drop; s=$(now_us); readall "$work/m1"; e=$(now_us); warm+=($((e - s)))
+        mountlocal "$www/img256.erofs" "$work/m2"
+        drop; s=$(now_us); readall "$work/m2"; e=$(now_us); loc+=($((e - s))); umount "$work/m2"
+    done
+    "$B" status "$work/m1" | grep -E "progress" || true
+    "$B" umount "$work/m1" >/dev/null
+    w=$(printf '%s\n' "${warm[@]}" | median); o=$(printf '%s\n' "${loc[@]}" | median)
+    awk -v w="$w" -v o="$o" -v t="$(tag "$B")" 'BEGIN {
+        printf "warm%s: erofs-compat %.3f s, local file-backed %.3f s, ratio %.2f (target <= 1.05)\n", t, w/1e6, o/1e6, w/o }'
 done
-"$BIN" status "$work/m1" | grep -E "progress" || true
-"$BIN" umount "$work/m1" >/dev/null
-w=$(printf '%s\n' "${warm[@]}" | median); o=$(printf '%s\n' "${loc[@]}" | median)
-awk -v w="$w" -v o="$o" 'BEGIN {printf "warm: erofs-compat %.3f s, local file-backed %.3f s, ratio %.2f (target <= 1.05)\n", w/1e6, o/1e6, w/o}'
 # fuse-blob warm: the cache complete, page cache dropped (the server answers every read from the cache file).
 rm -rf "$work/cache"; "$BIN" mount --backend fuse-blob --cache-dir "$work/cache" "$url" "$work/m1" >/dev/null; readall "$work/m1"
 warm=()
@@ -156,12 +180,14 @@ url="http://127.0.0.1:$port/img1g.erofs"
 echo "== (c) 1 GiB image: cold lazy mount + read one small file vs downloading the whole blob (median of 5)"
 echo "   with the daemon running (mount hands the request to it), then without (--no-daemon)"
 [ -n "$registry_pid" ] && blob=$(push img1g)
-start_daemon
-if [ -n "$registry_pid" ]; then small "oci://127.0.0.1:$rport/bench/img1g:latest" "$blob" "docker-registry, oci://, daemon" daemon; fi
-small "$url" "$url" "(d) nginx, http://, daemon" daemon
-stop_daemon
-if [ -n "$registry_pid" ]; then small "oci://127.0.0.1:$rport/bench/img1g:latest" "$blob" "docker-registry, oci://, no daemon"; fi
-small "$url" "$url" "(d) nginx, http://, no daemon"
+for B in $(bins); do
+    start_daemon "$B"
+    if [ -n "$registry_pid" ]; then small "oci://127.0.0.1:$rport/bench/img1g:latest" "$blob" "docker-registry, oci://, daemon" daemon auto "$B"; fi
+    small "$url" "$url" "(d) nginx, http://, daemon" daemon auto "$B"
+    stop_daemon
+    if [ -n "$registry_pid" ]; then small "oci://127.0.0.1:$rport/bench/img1g:latest" "$blob" "docker-registry, oci://, no daemon" no auto "$B"; fi
+    small "$url" "$url" "(d) nginx, http://, no daemon" no auto "$B"
+done
 if [ -n "$registry_pid" ]; then small "oci://127.0.0.1:$rport/bench/img1g:latest" "$blob" "fuse-blob, docker-registry, oci://, no daemon" no fuse-blob; fi
 small "$url" "$url" "fuse-blob, nginx, http://, no daemon" no fuse-blob
 [ -n "$registry_pid" ] || echo "docker-registry not installed: registry figures skipped"
@@ -171,18 +197,20 @@ rm -f "$work/dl.erofs"
 # twenty entries, groups and servers). The issue's bound: independent of the number of mounts.
 echo "== (e) daemon threads with idle lazy mounts (nginx, http://)"
 url="http://127.0.0.1:$port/img256.erofs"
-start_daemon
-child=$(cat "/proc/$daemon_pid/task/$daemon_pid/children" 2>/dev/null | awk '{print $1}')
-threads() { awk '/^Threads:/ {print $2}' "/proc/$child/status"; }
-mps=()
-for i in $(seq 20); do
-    mkdir -p "$work/e$i"; mps+=("$work/e$i")
-    "$BIN" mount --cache-dir "$work/ecache$i" "$url" "$work/e$i" >/dev/null
-    cat "$work/e$i/text05.txt" >/dev/null
-    [ "$i" = 1 ] && { sleep 0.5; one=$(threads); }
+for B in $(bins); do
+    start_daemon "$B"
+    child=$(awk '{print $1}' "/proc/$daemon_pid/task/$daemon_pid/children" 2>/dev/null)
+    threads() { awk '/^Threads:/ {print $2}' "/proc/$child/status"; }
+    mps=()
+    for i in $(seq 20); do
+        mkdir -p "$work/e$i"; mps+=("$work/e$i")
+        "$B" mount --cache-dir "$work/ecache$i" "$url" "$work/e$i" >/dev/null
+        cat "$work/e$i/text05.txt" >/dev/null
+        [ "$i" = 1 ] && { sleep 0.5; one=$(threads); }
+    done
+    sleep 0.5; twenty=$(threads)
+    echo "daemon threads$(tag "$B"): $one with 1 lazy mount, $twenty with 20 (target: bounded, independent of the count)"
+    for m in "${mps[@]}"; do "$B" umount "$m" >/dev/null; done
+    stop_daemon
+    rm -rf "$work"/ecache* "$work"/e[0-9]*
 done
-sleep 0.5; twenty=$(threads)
-echo "daemon threads: $one with 1 lazy mount, $twenty with 20 (target: bounded, independent of the count)"
-for m in "${mps[@]}"; do "$BIN" umount "$m" >/dev/null; done
-stop_daemon
-rm -rf "$work"/ecache* "$work"/e[0-9]*

@@ -92,7 +92,21 @@ done | median | awk '{printf "meta-ranges (10k files, CLI incl. start-up): %.1f 
 "$BIN" image meta-ranges "$work/many.erofs" | tail -1
 
 echo
-"$(dirname "$0")/bench-remote.sh" "$BIN" "$work"
+# (a)-(c) of the remote figures also for an earlier commit (BENCH_BASELINE=REV, built here in a
+# worktree; empty: skipped), so a change is judged against its predecessor in the same run.
+base_bin=
+if [ -n "${BENCH_BASELINE:-}" ] && git -C "$(dirname "$0")/.." rev-parse -q --verify "$BENCH_BASELINE^{commit}" >/dev/null; then
+    repo=$(cd "$(dirname "$0")/.." && pwd)
+    echo "== building $BENCH_BASELINE for the baseline rows"
+    git -C "$repo" worktree add -q --detach "$work/base" "$BENCH_BASELINE"
+    if (cd "$work/base" && "${SWIFT:-swift}" build -c release --static-swift-stdlib >"$work/base-build.log" 2>&1); then
+        strip -o "$work/erofs-compat-base" "$work/base/.build/release/erofs-compat" && base_bin=$work/erofs-compat-base
+    else
+        echo "baseline $BENCH_BASELINE did not build (rows skipped): $(tail -3 "$work/base-build.log")"
+    fi
+    git -C "$repo" worktree remove --force "$work/base"
+fi
+"$(dirname "$0")/bench-remote.sh" "$BIN" "$work" "$base_bin" "${BENCH_BASELINE:-}"
 echo
 "$(dirname "$0")/bench-nbd.sh" "$BIN" "$work"
 echo
