@@ -57,7 +57,8 @@ let package = Package(
         .target(
             name: "Runtime",
             dependencies: ["Probe", "Syscall", "EROFS", "Remote", "NBD", "FUSE", .product(name: "SystemPackage", package: "swift-system"),
-                           .product(name: "Crypto", package: "swift-crypto")]
+                           .product(name: "Crypto", package: "swift-crypto")],
+            swiftSettings: [.swiftLanguageMode(.v6)]
         ),
         .executableTarget(
             name: "ErofsCompatCLI",

@@ -56,7 +56,7 @@ public enum RemoteError: Error, Equatable, CustomStringConvertible {
 /// A blob served over HTTP(S) with Range support: size and validators from the first response,
 /// range reads with retries (exponential backoff with jitter on 5xx, 429 and transport errors), and
 /// detection of a blob that changes underneath (ETag / Last-Modified).
-public final class HTTPBlob: @unchecked Sendable {
+public final class HTTPBlob: @unchecked Sendable {  // settings and validators set before sharing; the rest behind locks
     public let url: String
     public private(set) var size: UInt64 = 0
     public private(set) var etag: String?
@@ -166,8 +166,8 @@ public final class HTTPBlob: @unchecked Sendable {
         precondition(!wholeOnly, "range read on a whole-only blob")
         let last = offset + UInt64(length) - 1
         let r = try withRetries(length: UInt64(length)) { h, a, d in
-            h.request(url, range: "\(offset)-\(last)", headers: a, bodyLimit: length, timeoutMs: timeoutMs, deadlineMs: d,
-                      into: fd, at: Int64(offset))
+            h.request(url, range: "\(offset)-\(last)", headers: a, bodyLimit: length, timeoutMs: timeoutMs,
+                      deadlineMs: d, into: fd, at: Int64(offset))
         }
         guard r.status == 206 else {
             if r.status == 200 { throw RemoteError.blobChanged(url: url, detail: "server stopped honouring Range") }
@@ -186,7 +186,9 @@ public final class HTTPBlob: @unchecked Sendable {
         guard cr.start == offset, cr.end == last else {
             throw RemoteError.badRange(url: url, asked: "\(offset)-\(last)", got: "\(cr.start)-\(cr.end)")
         }
-        if r.bodyWriteFailed { throw RemoteError.cache("cannot write bytes \(offset)-\(last) of \(url) to the cache file") }
+        if r.bodyWriteFailed {
+            throw RemoteError.cache("cannot write bytes \(offset)-\(last) of \(url) to the cache file")
+        }
         guard r.bodyLength == length else {
             throw RemoteError.shortRead(url: url, offset: offset, got: r.bodyLength, wanted: length)
         }

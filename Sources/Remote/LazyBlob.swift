@@ -14,7 +14,7 @@ import SystemPackage
 /// coalesced with neighbours and with fetches already in flight (no duplicate downloads), written
 /// through a descriptor opened before any fanotify mark (so the writes raise no events), and marked
 /// present in the population record once durable. Also an `ImageSource` for the EROFS reader.
-public final class LazyBlob: ImageSource, @unchecked Sendable {
+public final class LazyBlob: ImageSource, @unchecked Sendable {  // state behind locks; `readWindow` set before sharing
     public let blob: HTTPBlob
     public let record: PopulationRecord
     public let dataPath: String

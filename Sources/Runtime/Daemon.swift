@@ -81,7 +81,7 @@ public enum DaemonClient {
 /// fetching in-process, so a mount costs no process start, and a cold one no dynamic loading of
 /// libcurl and its dependencies. Requests come over a unix socket (root only); the fanotify groups
 /// live in the service manager's fd store (see `InProcessServing`).
-public final class Daemon: @unchecked Sendable {
+public final class Daemon: @unchecked Sendable {  // immutable references; counters behind locks
     let runtime: Runtime
     let serving: InProcessServing
     let socketPath: String

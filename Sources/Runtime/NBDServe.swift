@@ -22,7 +22,7 @@ public final class ServedSource: @unchecked Sendable {  // immutable after init 
     let source: ImageSource
     let lazy: LazyBlob?
     let digest: String?
-    let entryLock: FileDescriptor?
+    let entryLock: OwnedDescriptor?
     let readahead: Readahead?
     /// Set when the complete cache failed its digest: every further read is EIO.
     let failed = Locked(false)
@@ -36,7 +36,8 @@ public final class ServedSource: @unchecked Sendable {  // immutable after init 
     }
 
     init(lazy: LazyBlob, digest: String?, entryLock: FileDescriptor, description: String) {
-        (size, source, self.lazy, self.digest, self.entryLock) = (lazy.size, lazy, lazy, digest, entryLock)
+        (size, source, self.lazy, self.digest) = (lazy.size, lazy, lazy, digest)
+        self.entryLock = OwnedDescriptor(entryLock)
         (self.description, granule) = (description, UInt32(lazy.granule))
         readahead = Readahead(lazy)
         Threads.detach { [self] in commitLoop() }
@@ -125,7 +126,7 @@ public final class ServedSource: @unchecked Sendable {  // immutable after init 
     public func close() {
         stopped.set(true)
         try? lazy?.commit()
-        entryLock.map { Sys.close($0.rawValue) }
+        entryLock?.close()
     }
 }
 

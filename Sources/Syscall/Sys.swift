@@ -391,7 +391,10 @@ package enum Sys {
     /// poll(2) over several descriptors; their `revents` are filled in. Returns how many are ready.
     package static func poll(_ fds: inout [pollfd], timeoutMs: Int32) throws -> Int {
         let n = fds.count
-        return Int(try fds.withUnsafeMutableBufferPointer { b in try call { Glibc.poll(b.baseAddress, nfds_t(n), timeoutMs) } })
+        let ready = try fds.withUnsafeMutableBufferPointer { b in
+            try call { Glibc.poll(b.baseAddress, nfds_t(n), timeoutMs) }
+        }
+        return Int(ready)
     }
 
     // MARK: ioctl

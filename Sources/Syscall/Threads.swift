@@ -1,9 +1,11 @@
 import Dispatch
 import Glibc
+import Synchronization
+import SystemPackage
 
 /// Small concurrency helpers that avoid Foundation (which would pull ICU into every start-up).
 package enum Threads {
-    private final class Box: @unchecked Sendable {
+    private final class Box: @unchecked Sendable {  // handed to exactly one new thread
         let body: () -> Void
         init(_ body: @escaping () -> Void) { self.body = body }
     }
@@ -42,22 +44,15 @@ package enum Threads {
     }
 }
 
-/// A value guarded by a mutex.
-package final class Locked<T>: @unchecked Sendable {
-    private var value: T
-    private var mutex = pthread_mutex_t()
+/// A value guarded by a mutex: a `Synchronization.Mutex` stored in a class, so the lock and the
+/// value have one stable address however the box is shared.
+package final class Locked<T>: @unchecked Sendable {  // the value is reached only through the mutex
+    private let mutex: Mutex<T>
 
-    package init(_ value: T) {
-        self.value = value
-        pthread_mutex_init(&mutex, nil)
-    }
-
-    deinit { pthread_mutex_destroy(&mutex) }
+    package init(_ value: T) { mutex = Mutex(value) }
 
     package func withLock<R>(_ body: (inout T) throws -> R) rethrows -> R {
-        pthread_mutex_lock(&mutex)
-        defer { pthread_mutex_unlock(&mutex) }
-        return try body(&value)
+        try mutex.withLock { v in try body(&v) }
     }
 
     package func get() -> T { withLock { $0 } }
@@ -105,4 +100,23 @@ package func formatDecimal(_ v: Double, digits: Int = 1) -> String {
         s += "." + String(repeating: "0", count: digits)
     }
     return s
+}
+
+/// A descriptor with one owner, for descriptors shared between threads or handed on: closed exactly
+/// once — by `close()`, or when the last reference goes — so a second close can never hit a number
+/// the kernel has given to another open meanwhile.
+package final class OwnedDescriptor: @unchecked Sendable {  // the number is reached only through its lock
+    private let number: Locked<Int32?>
+
+    package init(_ fd: Int32) { number = Locked(fd) }
+    package convenience init(_ fd: FileDescriptor) { self.init(fd.rawValue) }
+
+    /// The descriptor while it is open (-1 after `close()`): for calls that use it, not keep it.
+    package var rawValue: Int32 { number.get() ?? -1 }
+
+    package func close() {
+        if let fd = number.withLock({ n -> Int32? in defer { n = nil }; return n }) { Sys.close(fd) }
+    }
+
+    deinit { close() }
 }

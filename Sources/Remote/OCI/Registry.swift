@@ -29,7 +29,7 @@ public struct ResolvedBlob: Sendable {
 /// TLS is always verified; plain http is used only for 127.0.0.0/8 (tried first there: nothing on
 /// the wire leaves the host, and it saves a TLS setup per process) or with `insecure` (after https
 /// failed to connect).
-public final class RegistryClient: @unchecked Sendable {
+public final class RegistryClient: @unchecked Sendable {  // used by one thread at a time (a mount's preparation)
     public static let indexTypes = ["application/vnd.oci.image.index.v1+json", "application/vnd.docker.distribution.manifest.list.v2+json"]
     public static let manifestTypes = ["application/vnd.oci.image.manifest.v1+json", "application/vnd.docker.distribution.manifest.v2+json"]
 

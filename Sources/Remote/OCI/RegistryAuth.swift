@@ -8,7 +8,7 @@ import Syscall
 /// Answers a registry's 401 challenges: HTTP Basic with the credentials, or a Bearer token from the
 /// realm the WWW-Authenticate header names (anonymous, or with the credentials as Basic). Shared by
 /// every request to one registry; a token that expires is renewed on the next 401.
-public final class RegistryAuth: @unchecked Sendable {
+public final class RegistryAuth: @unchecked Sendable {  // the token behind its lock; `timeoutMs` set before sharing
     public let registry: String
     public let repository: String
     let credentials: RegistryCredentials?

@@ -85,7 +85,7 @@ struct BackendFailure: Error {
 }
 
 /// A way to attach an image at a mountpoint.
-protocol MountBackend {
+protocol MountBackend: Sendable {
     var kind: Backend { get }
     func attach(_ request: PreparedMount) throws -> Attachment
     /// Releases what `attach` set up beyond the mount itself, after the mount is gone.

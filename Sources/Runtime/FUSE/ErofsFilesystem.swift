@@ -8,7 +8,7 @@ import Syscall
 /// Node ids are nids shifted past FUSE's reserved 0 and 1 (the root is node 1); attributes are the
 /// kernel EROFS driver's (ino = nid, the one timestamp for a/m/ctime, 4 KiB st_blksize).
 // @unchecked: the image is only read after init; the caches are behind locks.
-final class ErofsFilesystem: FUSEFilesystem, @unchecked Sendable {
+final class ErofsFilesystem: FUSEFilesystem, @unchecked Sendable {  // the reader is thread-safe; caches lock themselves
     let image: EROFSImage
     private let rootNid: UInt64
     /// Parsed inodes and directory listings: every getattr, lookup and readdir would parse them again.

@@ -77,7 +77,7 @@ public enum PrefetchProfile {
 /// population record without I/O; missing ones are fetched (aligned, coalesced) on this server's
 /// demand lane and answered FAN_ALLOW while its background lane fetches what a sequential reader
 /// asks for next; a range that cannot be fetched is answered FAN_DENY_ERRNO(EIO), never FAN_ALLOW.
-public final class FanotifyServer: @unchecked Sendable {
+public final class FanotifyServer: @unchecked Sendable {  // state behind locks; prefetch/profile/base set before start
     public struct Stats: Codable, Sendable, Equatable {
         public var events = 0
         public var allowedFromCache = 0
@@ -121,7 +121,8 @@ public final class FanotifyServer: @unchecked Sendable {
     private let readaheadLane: PoolLane
     private let prefetching = DispatchGroup()
     /// What `start` registered, removed by the teardown after `stop()`.
-    private let running = Locked<(poll: ServingPoller.Token?, tick: ServingTicker.Token?, tornDown: Bool)>((nil, nil, false))
+    private let running =
+        Locked<(poll: ServingPoller.Token?, tick: ServingTicker.Token?, tornDown: Bool)>((nil, nil, false))
     private var onFinished: (() -> Void)?
     /// The mount's figures before this process started (the supervisor's metadata traffic, earlier
     /// workers' events and traffic): the counters carry on from them.
@@ -345,7 +346,8 @@ public final class FanotifyServer: @unchecked Sendable {
             let n: Int
             do { n = try buf.withUnsafeMutableBytes { try Sys.read(group.rawValue, into: $0) } } catch { return }
             guard n > 0 else { return }
-            guard let events = try? buf.withUnsafeBytes({ try Fanotify.decode(UnsafeRawBufferPointer(rebasing: $0[0..<n])) }) else { return }
+            let decoded = try? buf.withUnsafeBytes { try Fanotify.decode(UnsafeRawBufferPointer(rebasing: $0[0..<n])) }
+            guard let events = decoded else { return }
             stats.withLock { $0.events += events.count }
             journalAppend(events.map { "R \($0.fd) \($0.range?.offset ?? 0) \($0.range?.count ?? lazy.size)\n" }.joined())
             for ev in events {
@@ -423,10 +425,13 @@ public final class FanotifyServer: @unchecked Sendable {
     /// most 4 MiB at a time, each readable as soon as it is written); a failure only means the
     /// reader fetches that range itself when it gets there (and is denied EIO if that fails too).
     func readaheadOne() {
-        guard !stopping.get(), let (offset, length) = readahead.withLock({ $0.isEmpty ? nil : $0.removeFirst() }) else { return }
+        guard !stopping.get(),
+              let (offset, length) = readahead.withLock({ $0.isEmpty ? nil : $0.removeFirst() }) else { return }
         do { try lazy.fetchUnclaimed(offset: offset, length: length) } catch {
             let failures = readaheadFailures.withLock { $0 += 1; return $0 }
-            if failures == 1 || failures % 100 == 0 { log("readahead of \(length) bytes at \(offset) failed (\(failures) so far): \(error)") }
+            if failures == 1 || failures % 100 == 0 {
+                log("readahead of \(length) bytes at \(offset) failed (\(failures) so far): \(error)")
+            }
         }
     }
     private let readaheadFailures = Locked(0)

@@ -51,13 +51,15 @@ struct LazySpec: Codable, Sendable {
 /// closes the group (which would let the kernel allow pending reads: zeros); the restarted daemon
 /// gets them back and answers what its predecessor had read, from the journal. On a clean stop each
 /// mount is handed to a per-mount supervisor process, which keeps serving it.
-public final class InProcessServing: @unchecked Sendable {
-    final class Entry: @unchecked Sendable {
+public final class InProcessServing: @unchecked Sendable {  // the entries behind their lock
+    final class Entry: @unchecked Sendable {  // immutable but `server`, set and cleared by its serving thread
         let spec: LazySpec
         let lazy: LazyBlob
-        let group: FileDescriptor
-        let lock: FileDescriptor
-        let authFD: Int32?
+        /// The fanotify group, the entry lock and the credentials' memfd: the fd store and any
+        /// successor hold copies of their own, so these close once, when this process is done.
+        let group: OwnedDescriptor
+        let lock: OwnedDescriptor
+        let authFD: OwnedDescriptor?
         let auth: RegistryAuth?
         var server: FanotifyServer?
         let stop = Locked(false)
@@ -68,17 +70,17 @@ public final class InProcessServing: @unchecked Sendable {
         init(spec: LazySpec, lazy: LazyBlob, group: FileDescriptor, lock: FileDescriptor, authFD: Int32?, auth: RegistryAuth?) {
             self.spec = spec
             self.lazy = lazy
-            self.group = group
-            self.lock = lock
-            self.authFD = authFD
+            self.group = OwnedDescriptor(group)
+            self.lock = OwnedDescriptor(lock)
+            self.authFD = authFD.map { OwnedDescriptor($0) }
             self.auth = auth
         }
 
         /// Closes what this process holds (the fd store and any successor keep their own copies).
         func close() {
-            Sys.close(group.rawValue)
-            Sys.close(lock.rawValue)
-            authFD.map(Sys.close)
+            group.close()
+            lock.close()
+            authFD?.close()
         }
     }
 
@@ -112,6 +114,7 @@ public final class InProcessServing: @unchecked Sendable {
         let lock = try BlobCache.lockForWriting(entry: paths.data)
         var group: FileDescriptor?
         var authFD: Int32?
+        var owned = false
         do {
             let prepared = try LazyWorker.prepareCache(spec.workerOptions.lazyBlob(blob), statsPath: statsPath,
                                                        commit: false, log: { [log] in log("\(mountpoint): \($0)") })
@@ -121,13 +124,18 @@ public final class InProcessServing: @unchecked Sendable {
             if let auth = blob.auth { authFD = try Sys.memfd("erofs-compat-auth", holding: auth.secret()) }
             let data = try JSONEncoder().encode(spec)
             try Sys.writeFileAtomically(spec.specPath, [UInt8](data))
+            // From here the entry owns the descriptors (and closes them when it goes).
             let entry = Entry(spec: spec, lazy: lazy, group: group!, lock: lock, authFD: authFD, auth: blob.auth)
-            try store(entry)
+            (group, authFD, owned) = (nil, nil, true)
+            do { try store(entry) } catch {
+                entry.close()
+                throw error
+            }
             entries.withLock { $0[mountpoint] = entry }
         } catch {
             group.map { Sys.close($0.rawValue) }
             authFD.map(Sys.close)
-            Sys.close(lock.rawValue)
+            if !owned { Sys.close(lock.rawValue) }
             forget(spec)
             throw error
         }
@@ -136,7 +144,7 @@ public final class InProcessServing: @unchecked Sendable {
     /// Hands the descriptors to the service manager's store (the group first: it is what matters).
     func store(_ e: Entry) throws {
         var list: [(Character, Int32)] = [("g", e.group.rawValue), ("w", e.lazy.writerFD), ("l", e.lock.rawValue)]
-        if let a = e.authFD { list.append(("a", a)) }
+        if let a = e.authFD { list.append(("a", a.rawValue)) }
         for (kind, fd) in list {
             guard try ServiceManager.notify("FDSTORE=1\nFDNAME=\(e.spec.fdName(kind))", fds: [fd]) else {
                 throw RuntimeError.state("no service manager holds the descriptors ($NOTIFY_SOCKET is unset)")

@@ -399,7 +399,8 @@ final class MountWatch: @unchecked Sendable {  // used by one thread at a time (
         if let notify {
             for m in mounts where !watchedMounts.contains(m.mountID) {
                 watchedMounts.insert(m.mountID)
-                if let wd = try? Sys.inotifyWatchUnmount(notify, m.mountPoint, device: m.device) { liveWatches.insert(wd) }
+                let wd = try? Sys.inotifyWatchUnmount(notify, m.mountPoint, device: m.device)
+                if let wd { liveWatches.insert(wd) }
             }
             liveWatches.subtract(Sys.inotifyEndedWatches(notify))
         }
