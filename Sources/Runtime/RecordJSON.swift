@@ -4,6 +4,7 @@ import FoundationEssentials
 import Foundation
 #endif
 import Glibc
+import Probe
 
 /// A direct JSON form of `MountRecord` for the mount/umount hot path: the record is a flat object of
 /// strings and numbers, and Codable's generic machinery costs more than the mount itself. The output
@@ -74,11 +75,11 @@ extension MountRecord {
             }
         }
         guard let pid: Int32? = integer("workerPID"), let mid: UInt64? = integer("mountID"), let v = Int(exactly: version) else { return nil }
+        guard Backend(rawValue: backend) != nil else { return nil }
         self.init(source: source, sourceKind: kind, backend: backend, mountpoint: mountpoint, options: options,
                   device: string("device"), workerPID: pid, since: since, sourceIdentity: identity, mountID: mid,
-                  cachePath: string("cachePath"), statsPath: string("statsPath"))
-        self.servedBy = string("servedBy")
-        self.fuseMount = string("fuseMount")
+                  cachePath: string("cachePath"), statsPath: string("statsPath"), servedBy: string("servedBy"),
+                  fuseMount: string("fuseMount"))
         self.version = v
     }
 

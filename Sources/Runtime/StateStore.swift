@@ -8,41 +8,223 @@ import Probe
 import Syscall
 import SystemPackage
 
-/// One mount made by erofs-compat, as recorded in the state directory.
+/// One mount made by erofs-compat, as recorded in the state directory. What the backend attached
+/// and what serves the mount is `attached`, typed per backend; the file keeps the flat object every
+/// version wrote (`backend`, `device`, `workerPID`, `cachePath`, `statsPath`, `servedBy`,
+/// `fuseMount`), so records of earlier versions are read as they are and theirs can read these.
 public struct MountRecord: Codable, Sendable, Equatable {
     public static let currentVersion = 1
 
     public var version = MountRecord.currentVersion
     public var source: String
     public var sourceKind: String
-    public var backend: String
     public var mountpoint: String
     public var options: String
-    /// The loop device, for the loop backend.
-    public var device: String?
-    /// A helper process, for backends that have one.
-    public var workerPID: Int32?
     /// Seconds since the epoch.
     public var since: Double
     /// dev:ino of the source file when mounted, to recognise it again.
     public var sourceIdentity: String
     /// The kernel's mount id (statx STATX_MNT_ID) of the mount, to recognise it without mountinfo.
     public var mountID: UInt64?
-    /// For remote sources: the cache file that is mounted, and the worker's progress file.
-    public var cachePath: String?
-    public var statsPath: String?
-    /// "daemon" when `workerPID` is `erofs-compat daemon` serving the mount in-process (never
-    /// signalled by `umount`; it notices the mount is gone by itself).
-    public var servedBy: String?
-    /// fuse-blob: where the FUSE filesystem holding the image file is mounted (under the state
-    /// directory), unmounted after the EROFS mount on it.
-    public var fuseMount: String?
+    public var attached: AttachedBackend
 
     /// The `servedBy` of a mount served by `erofs-compat daemon`.
     public static let daemon = "daemon"
-    public var servedByDaemon: Bool { servedBy == Self.daemon }
+
+    public init(source: String, sourceKind: String, backend: String, mountpoint: String, options: String,
+                device: String?, workerPID: Int32?, since: Double, sourceIdentity: String, mountID: UInt64?,
+                cachePath: String? = nil, statsPath: String? = nil, servedBy: String? = nil, fuseMount: String? = nil) {
+        (self.source, self.sourceKind, self.mountpoint, self.options) = (source, sourceKind, mountpoint, options)
+        (self.since, self.sourceIdentity, self.mountID) = (since, sourceIdentity, mountID)
+        let kind = Backend(rawValue: backend)
+        assert(kind != nil, "no backend \(backend)")
+        let server = AttachedBackend.Server(pid: workerPID, stats: statsPath, daemon: servedBy == Self.daemon)
+        attached = AttachedBackend(kind ?? .file, device: device, cache: cachePath, server: server, fuseMount: fuseMount)
+    }
+
+    /// The backend's name ("file", "loop", "fanotify", "fuse-blob", "fuse-erofs", "nbd").
+    public var backend: String { attached.kind.rawValue }
+    /// The block device the mount is on (loop, nbd; fuse-blob through a loop device).
+    public var device: String? {
+        get { attached.device }
+        set { attached.device = newValue }
+    }
+    /// The serving process, for backends that have one.
+    public var workerPID: Int32? {
+        get { attached.server?.pid }
+        set { attached.server?.pid = newValue }
+    }
+    /// For remote sources: the cache file that is mounted (fanotify, or a whole download).
+    public var cachePath: String? {
+        get { attached.cache }
+        set { attached.cache = newValue }
+    }
+    /// The serving process's figures.
+    public var statsPath: String? {
+        get { attached.server?.stats }
+        set { attached.server?.stats = newValue }
+    }
+    /// "daemon" when `workerPID` is `erofs-compat daemon` serving the mount in-process (never
+    /// signalled by `umount`; it notices the mount is gone by itself).
+    public var servedBy: String? {
+        get { attached.server?.daemon == true ? Self.daemon : nil }
+        set { attached.server?.daemon = newValue == Self.daemon }
+    }
+    /// fuse-blob: where the FUSE filesystem holding the image file is mounted (under the state
+    /// directory), unmounted after the EROFS mount on it.
+    public var fuseMount: String? {
+        get { if case .fuseBlob(_, let m, _) = attached { return m } else { return nil } }
+        set { if case .fuseBlob(let s, _, let d) = attached { attached = .fuseBlob(server: s, fuseMount: newValue, device: d) } }
+    }
+    public var servedByDaemon: Bool { attached.server?.daemon == true }
     /// Served by a FUSE server process (fuse-blob, fuse-erofs).
-    public var isFuseServed: Bool { backend == Backend.fuseBlob.rawValue || backend == Backend.fuseErofs.rawValue }
+    public var isFuseServed: Bool { attached.kind == .fuseBlob || attached.kind == .fuseErofs }
+
+    enum CodingKeys: String, CodingKey {
+        case version, source, sourceKind, backend, mountpoint, options, device, workerPID, since, sourceIdentity
+        case mountID, cachePath, statsPath, servedBy, fuseMount
+    }
+
+    public init(from decoder: Decoder) throws {
+        let c = try decoder.container(keyedBy: CodingKeys.self)
+        let name = try c.decode(String.self, forKey: .backend)
+        guard Backend(rawValue: name) != nil else {
+            throw DecodingError.dataCorruptedError(forKey: .backend, in: c, debugDescription: "no backend \(name)")
+        }
+        self.init(source: try c.decode(String.self, forKey: .source), sourceKind: try c.decode(String.self, forKey: .sourceKind),
+                  backend: name, mountpoint: try c.decode(String.self, forKey: .mountpoint),
+                  options: try c.decode(String.self, forKey: .options), device: try c.decodeIfPresent(String.self, forKey: .device),
+                  workerPID: try c.decodeIfPresent(Int32.self, forKey: .workerPID), since: try c.decode(Double.self, forKey: .since),
+                  sourceIdentity: try c.decode(String.self, forKey: .sourceIdentity),
+                  mountID: try c.decodeIfPresent(UInt64.self, forKey: .mountID),
+                  cachePath: try c.decodeIfPresent(String.self, forKey: .cachePath),
+                  statsPath: try c.decodeIfPresent(String.self, forKey: .statsPath),
+                  servedBy: try c.decodeIfPresent(String.self, forKey: .servedBy),
+                  fuseMount: try c.decodeIfPresent(String.self, forKey: .fuseMount))
+        version = try c.decode(Int.self, forKey: .version)
+    }
+
+    public func encode(to encoder: Encoder) throws {
+        var c = encoder.container(keyedBy: CodingKeys.self)
+        try c.encode(version, forKey: .version)
+        try c.encode(source, forKey: .source)
+        try c.encode(sourceKind, forKey: .sourceKind)
+        try c.encode(backend, forKey: .backend)
+        try c.encode(mountpoint, forKey: .mountpoint)
+        try c.encode(options, forKey: .options)
+        try c.encode(since, forKey: .since)
+        try c.encode(sourceIdentity, forKey: .sourceIdentity)
+        try c.encodeIfPresent(mountID, forKey: .mountID)
+        try c.encodeIfPresent(device, forKey: .device)
+        try c.encodeIfPresent(workerPID, forKey: .workerPID)
+        try c.encodeIfPresent(cachePath, forKey: .cachePath)
+        try c.encodeIfPresent(statsPath, forKey: .statsPath)
+        try c.encodeIfPresent(servedBy, forKey: .servedBy)
+        try c.encodeIfPresent(fuseMount, forKey: .fuseMount)
+    }
+}
+
+/// What a backend attached and what serves the mount: each backend's own fields and no others.
+public enum AttachedBackend: Codable, Sendable, Equatable {
+    /// Kernel EROFS on the image file; `cache`: the cache file of a remote image downloaded whole.
+    case file(cache: String?)
+    /// Kernel EROFS on an auto-clearing loop device over the image (or the cache file).
+    case loop(device: String?, cache: String?)
+    /// Kernel EROFS on the lazy cache file, its reads answered through fanotify by `server`.
+    case fanotify(cache: String?, server: Server)
+    /// The image as one file of a private FUSE mount, kernel EROFS on it (through `device` where
+    /// the kernel has no file-backed mounts).
+    case fuseBlob(server: Server, fuseMount: String?, device: String?)
+    /// The user-space EROFS reader served through FUSE.
+    case fuseErofs(server: Server)
+    /// Kernel EROFS on /dev/nbdN, served by `server`.
+    case nbd(server: Server, device: String?)
+
+    /// The process serving a mount and its figures.
+    public struct Server: Codable, Sendable, Equatable {
+        public var pid: Int32?
+        public var stats: String?
+        /// Served inside `erofs-compat daemon` (never signalled by `umount`).
+        public var daemon: Bool
+    }
+
+    init(_ kind: Backend, device: String?, cache: String?, server: Server, fuseMount: String?) {
+        switch kind {
+        case .file: self = .file(cache: cache)
+        case .loop: self = .loop(device: device, cache: cache)
+        case .fanotify: self = .fanotify(cache: cache, server: server)
+        case .fuseBlob: self = .fuseBlob(server: server, fuseMount: fuseMount, device: device)
+        case .fuseErofs: self = .fuseErofs(server: server)
+        case .nbd: self = .nbd(server: server, device: device)
+        }
+    }
+
+    public var kind: Backend {
+        switch self {
+        case .file: return .file
+        case .loop: return .loop
+        case .fanotify: return .fanotify
+        case .fuseBlob: return .fuseBlob
+        case .fuseErofs: return .fuseErofs
+        case .nbd: return .nbd
+        }
+    }
+
+    /// The backend's block device; setting it on a backend without one does nothing.
+    public var device: String? {
+        get {
+            switch self {
+            case .loop(let d, _), .fuseBlob(_, _, let d), .nbd(_, let d): return d
+            default: return nil
+            }
+        }
+        set {
+            switch self {
+            case .loop(_, let c): self = .loop(device: newValue, cache: c)
+            case .fuseBlob(let s, let m, _): self = .fuseBlob(server: s, fuseMount: m, device: newValue)
+            case .nbd(let s, _): self = .nbd(server: s, device: newValue)
+            default: break
+            }
+        }
+    }
+
+    /// The cache file mounted; setting it on a backend that mounts none does nothing.
+    public var cache: String? {
+        get {
+            switch self {
+            case .file(let c), .loop(_, let c), .fanotify(let c, _): return c
+            default: return nil
+            }
+        }
+        set {
+            switch self {
+            case .file: self = .file(cache: newValue)
+            case .loop(let d, _): self = .loop(device: d, cache: newValue)
+            case .fanotify(_, let s): self = .fanotify(cache: newValue, server: s)
+            default: break
+            }
+        }
+    }
+
+    /// What serves the mount (nil for file and loop, which need nothing once attached).
+    public var server: Server? {
+        get {
+            switch self {
+            case .fanotify(_, let s), .fuseBlob(let s, _, _), .fuseErofs(let s), .nbd(let s, _): return s
+            case .file, .loop: return nil
+            }
+        }
+        set {
+            guard let s = newValue else { return }
+            switch self {
+            case .fanotify(let c, _): self = .fanotify(cache: c, server: s)
+            case .fuseBlob(_, let m, let d): self = .fuseBlob(server: s, fuseMount: m, device: d)
+            case .fuseErofs: self = .fuseErofs(server: s)
+            case .nbd(_, let d): self = .nbd(server: s, device: d)
+            case .file, .loop: break
+            }
+        }
+    }
 }
 
 /// The state directory (/run/erofs-compat by default): one JSON record per mount, keyed by the

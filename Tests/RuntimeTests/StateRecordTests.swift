@@ -44,6 +44,46 @@ import TestSupport
         #expect(String(decoding: r.jsonBytes(), as: UTF8.self) == String(decoding: try enc.encode(r), as: UTF8.self))
     }
 
+    /// Records as the previous version wrote them (a flat object, the same keys for every backend)
+    /// are read into the typed form — each backend's own fields, nothing else — and written back
+    /// byte for byte the same.
+    @Test func previousVersionRecordsAreRead() throws {
+        func text(_ fields: [(String, String)]) -> String {
+            "{\n" + fields.map { "  \"\($0.0)\" : \($0.1)" }.joined(separator: ",\n") + "\n}"
+        }
+        func common(_ backend: String, _ extra: [(String, String)]) -> String {
+            let base: [(String, String)] = [("backend", "\"\(backend)\""), ("mountpoint", "\"/mnt/a\""),
+                                            ("options", "\"ro\""), ("since", "1763700000.5"),
+                                            ("source", "\"http://127.0.0.1:1/i.erofs\""), ("sourceIdentity", "\"\""),
+                                            ("sourceKind", "\"http\""), ("version", "1")]
+            return text((base + extra).sorted { $0.0 < $1.0 })
+        }
+        let server = AttachedBackend.Server(pid: 42, stats: "/run/s/workers/mnt-a", daemon: false)
+        let cases: [(String, AttachedBackend)] = [
+            (common("file", [("cachePath", "\"/c/e\"")]), .file(cache: "/c/e")),
+            (common("loop", [("device", "\"/dev/loop7\""), ("mountID", "1099511627776")]), .loop(device: "/dev/loop7", cache: nil)),
+            (common("fanotify", [("cachePath", "\"/c/e\""), ("statsPath", "\"/run/s/workers/mnt-a\""), ("workerPID", "42")]),
+             .fanotify(cache: "/c/e", server: server)),
+            (common("fanotify", [("cachePath", "\"/c/e\""), ("servedBy", "\"daemon\""), ("statsPath", "\"/run/s/workers/mnt-a\""),
+                                 ("workerPID", "42")]),
+             .fanotify(cache: "/c/e", server: .init(pid: 42, stats: "/run/s/workers/mnt-a", daemon: true))),
+            (common("fuse-blob", [("device", "\"/dev/loop3\""), ("fuseMount", "\"/run/s/fuse/k\""),
+                                  ("statsPath", "\"/run/s/workers/mnt-a\""), ("workerPID", "42")]),
+             .fuseBlob(server: server, fuseMount: "/run/s/fuse/k", device: "/dev/loop3")),
+            (common("fuse-erofs", [("statsPath", "\"/run/s/workers/mnt-a\""), ("workerPID", "42")]), .fuseErofs(server: server)),
+            (common("nbd", [("device", "\"/dev/nbd0\""), ("statsPath", "\"/run/s/workers/mnt-a\""), ("workerPID", "42")]),
+             .nbd(server: server, device: "/dev/nbd0")),
+        ]
+        for (old, typed) in cases {
+            let record = try #require(MountRecord.decode(Array(old.utf8)), Comment(rawValue: old))
+            #expect(record.attached == typed)
+            #expect(String(decoding: record.jsonBytes(), as: UTF8.self) == old)
+            #expect(try JSONDecoder().decode(MountRecord.self, from: Data(old.utf8)) == record)
+        }
+        // A backend this version does not know is not taken for one it does.
+        #expect(MountRecord.decode(Array(common("fscache", []).utf8)) == nil)
+    }
+
     /// The store reads a record in one read when it is small and still whole when it is not.
     @Test func storeRoundTripsSmallAndLargeRecords() throws {
         let dir = try ScratchDir("records")
