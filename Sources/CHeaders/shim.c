@@ -15,6 +15,10 @@ const int ecx_o_largefile = O_LARGEFILE;
 const int ecx_clone_newns = CLONE_NEWNS;
 #include <spawn.h>
 const short ecx_posix_spawn_setsid = POSIX_SPAWN_SETSID;
+
+int ecx_spawn_addclosefrom(void *actions, int from) {
+    return posix_spawn_file_actions_addclosefrom_np((posix_spawn_file_actions_t *)actions, from);
+}
 int ecx_pipe2(int fds[2], int flags) { return pipe2(fds, flags); }
 
 int ecx_unshare(int flags) { return unshare(flags); }

@@ -18,6 +18,9 @@ extension Sys {
         // dup2(fd, fd) in the child clears its close-on-exec flag there only: the parent's descriptors
         // stay close-on-exec, so a spawn on another thread can never inherit them.
         for fd in keep { posix_spawn_file_actions_adddup2(&actions, fd, fd) }
+        // A descriptor another thread opened without O_CLOEXEC after the scan above (a library's)
+        // must not live on in a long-lived child either: it could keep a mount busy for ever.
+        _ = ecx_spawn_addclosefrom(&actions, (keep.max() ?? 2) + 1)
         return try spawn(path, args, actions: &actions, environment: environment, newSession: true)
     }
 
@@ -30,6 +33,7 @@ extension Sys {
         posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
         for fd in keep { posix_spawn_file_actions_adddup2(&actions, fd, fd) }
         closeInherited(except: keep)
+        _ = ecx_spawn_addclosefrom(&actions, (keep.max() ?? 2) + 1)
         return try spawn(path, args, actions: &actions, environment: environment, newSession: false)
     }
 

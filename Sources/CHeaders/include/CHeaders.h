@@ -436,6 +436,9 @@ extern const int ecx_o_path;
 extern const int ecx_o_largefile;
 extern const int ecx_clone_newns;
 extern const short ecx_posix_spawn_setsid;
+/** posix_spawn_file_actions_addclosefrom_np (glibc 2.34+, a GNU extension the Glibc module does
+ * not show): the child closes every descriptor from `from` up before exec. */
+int ecx_spawn_addclosefrom(void *actions, int from);
 int ecx_pipe2(int fds[2], int flags);
 /** Whether anyone but the caller's open file description has the file open: takes a write lease
  * (F_SETLEASE F_WRLCK, granted only when `fd` is the file's sole opener) and drops it at once.
