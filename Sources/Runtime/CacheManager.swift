@@ -172,7 +172,7 @@ public struct CacheManager: Sendable {
                   let id = identity(c) else { continue }
             users[id, default: []].insert(r.mountpoint)
         }
-        for m in mounts where m.fsType == "erofs" && m.source.hasPrefix("/") && !records.contains(where: { $0.mountpoint == m.mountPoint }) {
+        for m in Backends.kernelEROFSMountsOfPaths(in: mounts) where !records.contains(where: { $0.mountpoint == m.mountPoint }) {
             if let id = identity(m.source) { users[id, default: []].insert(m.mountPoint) }
         }
         var firstKeyOfFile: [String: String] = [:]

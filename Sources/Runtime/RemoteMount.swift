@@ -344,59 +344,6 @@ extension Runtime {
         guard hex == verity.digest else { throw RemoteError.digestMismatch(expected: verity.digest, actual: hex) }
     }
 
-    /// The fanotify backend: a worker (or the daemon) marks the cache file and fetches the metadata,
-    /// then the cache file is mounted. A blob already served by a live worker is shared: its mark
-    /// covers every mount of the cache file (a second group on the same file could deadlock).
-    func mountLazy(_ req: MountRequest, blob: HTTPBlob, paths: (data: String, record: String, info: String, lock: String),
-                   record: MountRecord, plan: Plan, target: MountTarget, notes: [String]) throws -> MountOutcome {
-        var record = record
-        func attach() throws {
-            do {
-                try attachRecorded(&record) { try attachEROFS(source: paths.data, at: target, options: req.options, passOffset: true) }
-            } catch {
-                throw RuntimeError.mountFailed(backend: "fanotify", detail: "\((error as? BackendFailure)?.detail ?? "\(error)")")
-            }
-        }
-        if let shared = state.all().first(where: { $0.cachePath == paths.data && $0.workerPID.map(Sys.processExists) == true }) {
-            (record.workerPID, record.statsPath, record.servedBy) = (shared.workerPID, shared.statsPath, shared.servedBy)
-            try state.withLock {
-                try checkNotMounted(target, source: req.source)
-                try attach()
-                try saveOrUndo(record)
-            }
-            return MountOutcome(plan: plan, record: record, notes: notes + ["sharing the worker of \(shared.mountpoint)"])
-        }
-        let stats = state.root + "/workers/" + StateStore.key(for: target.path)
-        try? Sys.mkdir(state.root + "/workers", mode: 0o700)
-        record.statsPath = stats
-        if let serving {
-            do {
-                try serving.prepare(blob: blob, paths: paths, mountpoint: target.path, statsPath: stats, digest: req.remote.digest,
-                                    verity: req.remote.verity, prefetch: req.remote.prefetch, recordProfile: req.remote.recordProfile)
-            } catch let e as RemoteError {
-                throw RuntimeError.remote(e.description)
-            }
-            (record.workerPID, record.servedBy) = (Sys.processID, MountRecord.daemon)
-        } else {
-            record.workerPID = try startWorker(req, blob: blob, paths: paths, mountpoint: target.path, statsPath: stats)
-        }
-        do {
-            try state.withLock {
-                try checkNotMounted(target, source: req.source)
-                try attach()
-                try saveOrUndo(record)
-            }
-        } catch {
-            if let serving { serving.abandon(target.path) } else if let pid = record.workerPID {
-                try? Sys.kill(pid, SIGKILL)
-                _ = Sys.reap(pid)
-            }
-            throw error
-        }
-        if record.servedByDaemon { serving?.serve(target.path) }
-        return MountOutcome(plan: plan, record: record, notes: notes)
-    }
-
     /// A client of the reference's repository with the credentials the options name (--username,
     /// else the credential files).
     func registryClient(_ ref: OCIReference, _ o: OCIOptions) throws -> RegistryClient {
@@ -424,50 +371,6 @@ extension Runtime {
         if let p = resolved.platform { what += ", platform \(p)" }
         if let m = resolved.manifestDigest { what += ", manifest \(m)" }
         return (blob, resolved.digest, resolved.size, what, resolved.verity)
-    }
-
-    /// Spawns the worker and waits until it has marked the cache and fetched all metadata.
-    func startWorker(_ req: MountRequest, blob: HTTPBlob, paths: (data: String, record: String, info: String, lock: String),
-                     mountpoint: String, statsPath: String) throws -> Int32 {
-        let (url, auth) = (blob.url, blob.auth)
-        let (r, w) = try Sys.pipe()
-        defer { Sys.close(r) }
-        var keep = [w]
-        var secretFD: Int32?
-        defer { secretFD.map(Sys.close) }
-        var args = ["__serve", "--url", url, "--data", paths.data, "--record", paths.record, "--mountpoint", mountpoint,
-                    "--stats", statsPath, "--ready-fd", String(w)]
-        if let d = req.remote.digest { args += ["--digest", d] }
-        if let v = req.remote.verity { args += ["--verity", v.digest, "--verity-tree", v.treeURL] }
-        args += ["--prepare-timeout", String(req.remote.prepareTimeout)]
-        args += LazyWorker.prefetchArguments(req.remote.prefetch, recordProfile: req.remote.recordProfile)
-        // What this process just learned from the server (it also checked the cache against it).
-        args += LazyWorker.knownArguments(blob)
-        do {
-            let handOff = try LazyWorker.authHandOff(auth)
-            secretFD = handOff.fd
-            keep += handOff.fd.map { [$0] } ?? []
-            args += handOff.args
-        } catch {
-            Sys.close(w)
-            throw RuntimeError.mountFailed(backend: "fanotify", detail: "cannot pass credentials to the worker: \(error)")
-        }
-        let log = state.root + "/workers/" + StateStore.sibling(of: StateStore.key(for: mountpoint), ".log")
-        let pid: Int32
-        do {
-            pid = try Sys.spawnDetached(Runtime.workerExecutable, args, keep: keep, logPath: log)
-        } catch {
-            Sys.close(w)
-            throw RuntimeError.mountFailed(backend: "fanotify", detail: "cannot start the worker: \(error)")
-        }
-        Sys.close(w)
-        let text = Sys.readLine(r, timeoutMs: Int32(min(req.remote.prepareTimeout + 30, 3600) * 1000)).trimmed
-        guard text == "ready" else {
-            try? Sys.kill(pid, SIGKILL)
-            _ = Sys.reap(pid)
-            throw RuntimeError.remote(text.hasPrefix("error: ") ? String(text.dropFirst(7)) : "the worker exited before it was ready (log: \(log))")
-        }
-        return pid
     }
 
     /// The binary to run as worker: this executable, unless overridden (tests run in-process).

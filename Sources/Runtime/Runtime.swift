@@ -390,11 +390,8 @@ public struct Runtime: Sendable {
         var problems: [String] = []
         let mounted = isOurMount(r, mounts)
         if !mounted { problems.append("no longer mounted (plain umount(8)?)") }
-        var bound: Bool?
-        if let dev = r.device, dev.hasPrefix("/dev/loop"), let n = Int32(dev.dropFirst("/dev/loop".count)) {
-            bound = Loop.backingFile(n) == (r.fuseMount.map { $0 + "/image" } ?? r.source)
-            if bound == false, mounted { problems.append("\(dev) no longer backed by the image") }
-        }
+        let bound = Backends.deviceBound(r)
+        if bound == false, mounted { problems.append("\(r.device ?? "the device") no longer backed by the image") }
         var alive: Bool?
         if let pid = r.workerPID {
             alive = Sys.processExists(pid)

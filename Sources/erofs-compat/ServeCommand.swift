@@ -1,57 +1,27 @@
 import ArgumentParser
-import Remote
 import Runtime
 
-/// `erofs-compat __serve`: the fanotify worker process that `mount` starts for a remote image.
+/// `erofs-compat __serve`: the fanotify supervisor that `mount` starts for a remote image, and its
+/// serving child. Everything it is told comes as one Codable spec on a pipe (`--spec-fd`), the
+/// credentials on a pipe of their own; nothing but the descriptor number is on its command line.
 /// Internal: not shown in --help.
 struct ServeCommand: ParsableCommand {
     static let configuration = CommandConfiguration(commandName: "__serve", shouldDisplay: false)
 
-    @Option var url: String
-    @Option var data: String
-    @Option var record: String
-    @Option var mountpoint: String
-    @Option var stats: String
-    @Option var readyFd: Int32
-    @Option var digest: String?
-    @Flag var worker = false
-    @Option var groupFd: Int32 = -1
-    @Option var writerFd: Int32 = -1
-    @Option var lockFd: Int32 = -1
-    @Flag var adopt = false
-    @Option var journal: String = ""
-    @Option var authFd: Int32 = -1
-    @Option var prefetch: String = "none"
-    @Option var recordProfile: String?
-    @Option var supervisorPid: Int32?
-    @Option var size: UInt64?
-    @Option var etag: String?
-    @Option var lastModified: String?
-    @Option var prepareTimeout: Double?
-    @Option var verity: String?
-    @Option var verityTree: String?
+    @Option var specFd: Int32
 
     func run() throws {
-        var options = LazyWorker.Options(url: url, dataPath: data, recordPath: record, mountpoint: mountpoint, statsPath: stats,
-                                         readyFD: readyFd, digest: digest, allowFullDownload: false)
-        options.prefetch = Prefetch(argument: prefetch)
-        options.recordProfile = recordProfile
-        options.supervisorPID = supervisorPid
-        options.prepareTimeout = prepareTimeout
-        if let verity, let verityTree { options.verity = VeritySource(digest: verity, treeURL: verityTree) }
-        if let size { options.known = (size, etag, lastModified) }
-        if authFd >= 0 {
-            do {
-                try options.readAuth(fd: authFd)
-            } catch {
-                LazyWorker.log("cannot read credentials from fd \(authFd): \(error)")
-                throw ExitCode(2)
-            }
+        let options: LazyWorker.Options
+        do { options = try LazyWorker.readSpec(fd: specFd) } catch {
+            LazyWorker.log("cannot read the spec from fd \(specFd): \(error)")
+            throw ExitCode(2)
         }
-        if adopt { options.adopt = (groupFd, writerFd, lockFd) }
-        if worker {
-            throw ExitCode(LazyWorker.runWorker(options, groupFD: groupFd, writerFD: writerFd, journal: journal))
+        switch options.role {
+        case .worker:
+            throw ExitCode(LazyWorker.runWorker(options, groupFD: options.groupFD, writerFD: options.writerFD,
+                                                journal: options.journal))
+        case .supervisor:
+            throw ExitCode(LazyWorker.run(options))
         }
-        throw ExitCode(LazyWorker.run(options))
     }
 }

@@ -94,6 +94,9 @@ protocol MountBackend: Sendable {
     func release(_ record: MountRecord, lazy: Bool)
     /// Whether a mountinfo entry at the record's mountpoint is the mount this backend made.
     func recognises(_ m: MountInfoEntry, as r: MountRecord) -> Bool
+    /// For backends on a device: whether it is still bound to what the record mounted (nil: no
+    /// device, or nothing to tell).
+    func deviceBound(_ r: MountRecord) -> Bool?
 }
 
 extension MountBackend {
@@ -101,24 +104,38 @@ extension MountBackend {
 
     /// Kernel EROFS from the recorded image, device or cache file.
     func recognises(_ m: MountInfoEntry, as r: MountRecord) -> Bool { Backends.isKernelEROFS(m, of: r) }
+
+    func deviceBound(_ r: MountRecord) -> Bool? { nil }
 }
 
 enum Backends {
     static let all: [Backend: any MountBackend] = [.file: FileBackend(), .loop: LoopBackend(), .fuseErofs: FuseErofsBackend(),
-                                                   .fuseBlob: FuseBlobBackend(), .nbd: NbdBackend()]
+                                                   .fuseBlob: FuseBlobBackend(), .nbd: NbdBackend(),
+                                                   .fanotify: FanotifyBackend()]
 
-    /// The implementation that made the record's mount (nil for fanotify, attached by the lazy path).
-    static func implementation(of r: MountRecord) -> (any MountBackend)? {
-        Backend(rawValue: r.backend).flatMap { all[$0] }
-    }
+    /// The implementation that made the record's mount.
+    static func implementation(of r: MountRecord) -> (any MountBackend)? { all[r.attached.kind] }
 
     /// Whether the mountinfo entry is the record's mount, as its backend recognises it.
     static func recognises(_ m: MountInfoEntry, as r: MountRecord) -> Bool {
         implementation(of: r)?.recognises(m, as: r) ?? isKernelEROFS(m, of: r)
     }
 
+    /// Whether the record's device is still bound to what it mounted (nil: no device).
+    static func deviceBound(_ r: MountRecord) -> Bool? { implementation(of: r)?.deviceBound(r) }
+
     static func isKernelEROFS(_ m: MountInfoEntry, of r: MountRecord) -> Bool {
         m.fsType == "erofs" && (m.source == r.source || m.source == r.device || m.source == r.cachePath)
+    }
+
+    /// The kernel EROFS mounts of `file` (an image or cache file mounted file-backed): who reads it.
+    static func kernelEROFSMounts(of file: String, in mounts: [MountInfoEntry] = MountInfo.current()) -> [MountInfoEntry] {
+        mounts.filter { $0.fsType == "erofs" && $0.source == file }
+    }
+
+    /// Every kernel EROFS mount whose source is a path (a file or a device), for in-use checks.
+    static func kernelEROFSMountsOfPaths(in mounts: [MountInfoEntry]) -> [MountInfoEntry] {
+        mounts.filter { $0.fsType == "erofs" && $0.source.hasPrefix("/") }
     }
 }
 

@@ -226,6 +226,9 @@ struct FuseBlobBackend: MountBackend {
         if !lazy { ServedProcess.fuse.awaitExit(record) }
     }
 
+    /// Where the kernel has no file-backed mounts, the image file is on a loop device.
+    func deviceBound(_ r: MountRecord) -> Bool? { LoopBackend.bound(r) }
+
     func recognises(_ m: MountInfoEntry, as r: MountRecord) -> Bool {
         m.fsType == "erofs" && (m.source == r.device || r.fuseMount.map { m.source == $0 + "/image" } == true)
     }

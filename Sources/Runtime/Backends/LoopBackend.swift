@@ -57,11 +57,27 @@ struct LoopBackend: MountBackend {
     /// Autoclear detaches the device when the mount goes; detach explicitly if it is still bound to
     /// this image (e.g. the mount was lazily detached while a file was open).
     func release(_ record: MountRecord) {
-        guard let dev = record.device, let n = Int32(dev.dropFirst("/dev/loop".count)) else { return }
-        guard let backing = Loop.backingFile(n), backing == record.source else { return }
+        guard let dev = record.device, let n = Self.index(dev) else { return }
+        guard let backing = Loop.backingFile(n), backing == Self.backing(of: record) else { return }
         if let fd = try? Sys.open(dev, O_RDONLY) {
             try? Loop.clear(device: fd.rawValue)
             Sys.close(fd.rawValue)
         }
+    }
+
+    func deviceBound(_ r: MountRecord) -> Bool? { Self.bound(r) }
+
+    /// N of /dev/loopN.
+    static func index(_ device: String) -> Int32? {
+        device.hasPrefix("/dev/loop") ? Int32(device.dropFirst("/dev/loop".count)) : nil
+    }
+
+    /// What a loop device of the record is backed by: the image, or fuse-blob's image file.
+    static func backing(of r: MountRecord) -> String { r.fuseMount.map { $0 + "/image" } ?? r.cachePath ?? r.source }
+
+    /// Whether the record's loop device is still backed by what it mounted (nil: not on a loop device).
+    static func bound(_ r: MountRecord) -> Bool? {
+        guard let dev = r.device, let n = index(dev) else { return nil }
+        return Loop.backingFile(n) == backing(of: r)
     }
 }

@@ -74,9 +74,11 @@ public enum PrefetchProfile {
 
 /// Serves FAN_PRE_ACCESS events on a lazy cache file, on the threads every server of the process
 /// shares (`ServingPool`): the poller thread reads events and answers present ranges from the
-/// population record without I/O; missing ones are fetched (aligned, coalesced) on this server's
-/// demand lane and answered FAN_ALLOW while its background lane fetches what a sequential reader
-/// asks for next; a range that cannot be fetched is answered FAN_DENY_ERRNO(EIO), never FAN_ALLOW.
+/// population record without I/O; missing ones are fetched through the `LazyReader` (readahead,
+/// prefetch, profile, commits and the digest check are its) on this server's demand lane and
+/// answered FAN_ALLOW; a range that cannot be fetched is answered FAN_DENY_ERRNO(EIO), never FAN_ALLOW.
+/// What is fanotify's is here: the group, decoding events, the fast path, answering, the journal,
+/// and after the cache is complete removing the mark (or, after a digest mismatch, denying all).
 public final class FanotifyServer: @unchecked Sendable {  // state behind locks; prefetch/profile/base set before start
     public struct Stats: Codable, Sendable, Equatable {
         public var events = 0
@@ -101,28 +103,24 @@ public final class FanotifyServer: @unchecked Sendable {  // state behind locks;
     let log: (String) -> Void
     private let stats = Locked(Stats())
     private let latencies = Locked<[Double]>([])
-    /// Sequential streams seen recently: where each one's last request ended and its window. Several
-    /// readers interleave their events, so each stream is recognised on its own.
-    private let streams = Locked<[(end: UInt64, window: UInt64)]>([])
     private let stopping = Locked(false)
-    private let marked = Locked(true)
     public let workers: Int
+    /// Fetching, readahead, prefetch, profile, commits and the digest check.
+    let reader: LazyReader
     /// What to fetch in the background, at low priority (only while no reader is waiting).
-    public var prefetch: Prefetch = .none
+    public var prefetch: Prefetch {
+        get { reader.prefetch }
+        set { reader.prefetch = newValue }
+    }
     /// Where to record the ranges readers asked for, in first-seen order (a prefetch profile).
-    public var recordProfile: String?
-    private let profile = Locked<(ranges: [(UInt64, UInt64)], seen: Set<UInt64>, dirty: Bool)>(([], [], true))
-    private let busy = Locked(0)
-    /// Readahead windows waiting for a fetcher, oldest first (each has a job on `readaheadLane`).
-    private let readahead = Locked<[(UInt64, UInt64)]>([])
+    public var recordProfile: String? {
+        get { reader.recordProfile }
+        set { reader.recordProfile = newValue }
+    }
     /// Fetches for events, at most `workers` at once.
     private let demandLane: PoolLane
-    /// Readahead fetches, at most 2 × `workers` at once (large requests that overlap readers).
-    private let readaheadLane: PoolLane
-    private let prefetching = DispatchGroup()
     /// What `start` registered, removed by the teardown after `stop()`.
-    private let running =
-        Locked<(poll: ServingPoller.Token?, tick: ServingTicker.Token?, tornDown: Bool)>((nil, nil, false))
+    private let running = Locked<(poll: ServingPoller.Token?, started: Bool, tornDown: Bool)>((nil, false, false))
     private var onFinished: (() -> Void)?
     /// The mount's figures before this process started (the supervisor's metadata traffic, earlier
     /// workers' events and traffic): the counters carry on from them.
@@ -142,7 +140,7 @@ public final class FanotifyServer: @unchecked Sendable {  // state behind locks;
         self.workers = workers
         self.log = log
         demandLane = PoolLane(limit: workers, priority: .demand)
-        readaheadLane = PoolLane(limit: 2 * workers, priority: .background)
+        reader = LazyReader(lazy: lazy, digest: digest, readaheadFetches: 2 * workers, firstWindow: 128 << 10, log: log)
         group = FileDescriptor(rawValue: groupFD)
         journal = try journalPath.map { try Sys.open($0, O_RDWR | O_CREAT | O_APPEND, mode: 0o600) }
     }
@@ -181,7 +179,7 @@ public final class FanotifyServer: @unchecked Sendable {  // state behind locks;
             let ev = Fanotify.Event(mask: Fanotify.preAccess, fd: fd, pid: 0, range: r)
             let start = DispatchTime.now().uptimeNanoseconds
             do {
-                try fetch(offset: r.0, count: r.1)
+                try reader.ensure(offset: r.0, count: r.1)
                 answer(ev, Fanotify.allow, start: start, closeFD: false)
             } catch {
                 answer(ev, Fanotify.denyErrno(.ioError), start: start, closeFD: false)
@@ -226,7 +224,7 @@ public final class FanotifyServer: @unchecked Sendable {  // state behind locks;
         stopping.set(true)
         let first = running.withLock { r -> Bool in
             defer { r.tornDown = true }
-            return !r.tornDown && (r.poll != nil || r.tick != nil)
+            return !r.tornDown && r.started
         }
         if first { ServingPool.shared.submit { [self] in tearDown() } }
     }
@@ -242,25 +240,15 @@ public final class FanotifyServer: @unchecked Sendable {  // state behind locks;
     /// commits every 250 ms on the ticker. `onFinished` runs once serving has ended after `stop()`.
     public func start(onFinished: @escaping () -> Void) {
         self.onFinished = onFinished
-        if prefetch != .none {
-            prefetching.enter()
-            // Its own thread: it sleeps while readers are busy and ends when everything is fetched.
-            Threads.detach { [self] in
-                defer { prefetching.leave() }
-                prefetchLoop()
-            }
-        }
-        let tick = ServingTicker.shared.every(250) { [self] in
-            commitAndMaybeFinish()
-            saveProfile()
-            return true
-        }
+        reader.queuedReaders = { [demandLane] in demandLane.pending }
+        reader.onComplete = { [self] mismatch in finish(mismatch) }
+        reader.start()
         // The poller thread must never block in read(2) (the group is made non-blocking, but one
         // inherited from elsewhere may not be).
         _ = fcntl(group.rawValue, F_SETFL, fcntl(group.rawValue, F_GETFL) | O_NONBLOCK)
         let poll = ServingPoller.shared.add(group.rawValue) { [self] in readEvents() }
         let stopped = running.withLock { r -> Bool in
-            (r.poll, r.tick) = (poll, tick)
+            (r.poll, r.started) = (poll, true)
             return r.tornDown
         }
         // stop() came before the registration above: it could not tear down what was not there yet.
@@ -273,69 +261,10 @@ public final class FanotifyServer: @unchecked Sendable {  // state behind locks;
     /// After `stop()`: no more events, every event read answered, readahead dropped, the last
     /// commit made; then `onFinished`.
     private func tearDown() {
-        let (poll, tick) = running.withLock { ($0.poll, $0.tick) }
-        poll.map(ServingPoller.shared.remove)
-        tick.map(ServingTicker.shared.remove)
+        running.withLock { $0.poll }.map(ServingPoller.shared.remove)
         demandLane.waitIdle()
-        readahead.withLock { $0.removeAll() }
-        readaheadLane.waitIdle()
-        prefetching.wait()
-        commitAndMaybeFinish()
-        saveProfile()
+        reader.stop()
         onFinished?()
-    }
-
-    /// Background fetching: the profile's ranges first, then (for `.all`) everything else in 1 MiB
-    /// steps. Waits whenever readers have events queued or in flight, so it never competes with them.
-    func prefetchLoop() {
-        var ranges: [(UInt64, UInt64)] = []
-        var all = false
-        switch prefetch {
-        case .none: return
-        case .all: all = true
-        case .profile(let path):
-            do { ranges = try PrefetchProfile.load(path) } catch { log("prefetch profile \(path): \(error)") }
-        }
-        if all {
-            var off: UInt64 = 0
-            while off < lazy.size { ranges.append((off, min(1 << 20, lazy.size - off))); off += 1 << 20 }
-        }
-        var failures = 0
-        for (offset, length) in ranges where offset < lazy.size {
-            let len = min(length, lazy.size - offset)
-            while !stopping.get(), busy.get() > 0 || demandLane.pending > 0 { usleep(20_000) }
-            if stopping.get() { return }
-            if lazy.isAvailable(offset: offset, length: len) { continue }
-            do { try lazy.ensure(offset: offset, length: len) } catch {
-                failures += 1
-                if failures == 1 || failures % 100 == 0 { log("prefetch of \(len) bytes at \(offset) failed (\(failures) so far): \(error)") }
-            }
-        }
-        log("prefetch done\(failures > 0 ? " with \(failures) failed ranges (fetched on demand instead)" : "")")
-    }
-
-    /// Notes a reader's range for the profile (first time each granule is touched).
-    func noteForProfile(_ offset: UInt64, _ count: UInt64) {
-        guard recordProfile != nil, count > 0 else { return }
-        let g = lazy.granule
-        profile.withLock { p in
-            let first = offset / g, last = (offset + count - 1) / g
-            guard (first...last).contains(where: { !p.seen.contains($0) }) else { return }
-            for i in first...last { p.seen.insert(i) }
-            p.ranges.append((offset, count))
-            p.dirty = true
-        }
-    }
-
-    func saveProfile() {
-        guard let path = recordProfile else { return }
-        let ranges: [(UInt64, UInt64)]? = profile.withLock { p in
-            guard p.dirty else { return nil }
-            p.dirty = false
-            return p.ranges
-        }
-        guard let ranges else { return }
-        do { try PrefetchProfile.save(ranges, to: path) } catch { log("cannot write the profile \(path): \(error)") }
     }
 
     /// On the poller thread: reads every event there is (the group is non-blocking), answers the
@@ -351,7 +280,7 @@ public final class FanotifyServer: @unchecked Sendable {  // state behind locks;
             stats.withLock { $0.events += events.count }
             journalAppend(events.map { "R \($0.fd) \($0.range?.offset ?? 0) \($0.range?.count ?? lazy.size)\n" }.joined())
             for ev in events {
-                if let r = ev.range { noteForProfile(r.offset, r.count) }
+                if let r = ev.range { reader.noteForProfile(r.offset, r.count) }
                 let start = DispatchTime.now().uptimeNanoseconds
                 // Present data (or a truncate, count 0) is answered right here without I/O.
                 if let r = ev.range, r.count == 0 || lazy.isAvailable(offset: r.offset, length: r.count) {
@@ -367,10 +296,8 @@ public final class FanotifyServer: @unchecked Sendable {  // state behind locks;
     /// Fetches an event's range and answers it: FAN_ALLOW once present, EIO when it cannot be had.
     func serve(_ ev: Fanotify.Event, since start: UInt64) {
         let r = ev.range ?? (0, lazy.size)
-        busy.withLock { $0 += 1 }
-        defer { busy.withLock { $0 -= 1 } }
         do {
-            try fetch(offset: r.offset, count: r.count)
+            try reader.ensure(offset: r.offset, count: r.count)
             answer(ev, Fanotify.allow, start: start)
             stats.withLock { $0.fetched += 1 }
         } catch {
@@ -379,62 +306,6 @@ public final class FanotifyServer: @unchecked Sendable {  // state behind locks;
             stats.withLock { $0.denied += 1; $0.error = "\(error)" }
         }
     }
-
-    /// The required range now, then the stream's readahead window after it in the background
-    /// (`firstWindow`, then `sequentialWindow` doubling to `maxWindow` per sequential stream), so that
-    /// a sequential reader finds its next range present or in flight: the transfer of what comes next
-    /// overlaps the reading of this. A sequential reader that outran its readahead fetches a bigger
-    /// piece itself (up to `LazyBlob.maxRequest`): fewer, larger requests, which is what servers slow
-    /// per request (a registry) need; a read that continues no stream fetches only its own range.
-    func fetch(offset: UInt64, count: UInt64) throws {
-        let (window, sequential): (UInt64, Bool) = streams.withLock { list in
-            // A stream continues when this read starts at (or inside the readahead of) its last end.
-            if let i = list.firstIndex(where: { offset >= $0.end &- min($0.window, $0.end) && offset <= $0.end + $0.window }) {
-                let w = min(max(list[i].window * 2, Self.sequentialWindow), Self.maxWindow)
-                list.remove(at: i)
-                list.append((offset + count + w, w))
-                return (w, true)
-            }
-            if list.count >= 32 { list.removeFirst() }
-            list.append((offset + count + Self.firstWindow, Self.firstWindow))
-            return (Self.firstWindow, false)
-        }
-        let now = sequential ? max(count, min(window, lazy.maxRequest)) : count
-        try lazy.ensure(offset: offset, length: now)
-        scheduleReadahead(offset: offset + now, length: window)
-    }
-
-    /// A read that continues no stream may be random: a small readahead. A continuing stream gets at
-    /// least `sequentialWindow`, doubling up to `maxWindow`.
-    static let firstWindow: UInt64 = 128 << 10
-    static let sequentialWindow: UInt64 = 1 << 20
-    static let maxWindow: UInt64 = 16 << 20
-
-    /// Queues a readahead window (the oldest dropped beyond 64 queued: their readers moved on).
-    func scheduleReadahead(offset: UInt64, length: UInt64) {
-        let len = min(offset + length, lazy.size) &- offset
-        guard offset < lazy.size, !lazy.isAvailable(offset: offset, length: len) else { return }
-        readahead.withLock { q in
-            q.append((offset, len))
-            if q.count > 64 { q.removeFirst(q.count - 64) }
-        }
-        readaheadLane.submit { [self] in readaheadOne() }
-    }
-
-    /// Fetches what nobody is fetching yet of the oldest queued readahead window (one request of at
-    /// most 4 MiB at a time, each readable as soon as it is written); a failure only means the
-    /// reader fetches that range itself when it gets there (and is denied EIO if that fails too).
-    func readaheadOne() {
-        guard !stopping.get(),
-              let (offset, length) = readahead.withLock({ $0.isEmpty ? nil : $0.removeFirst() }) else { return }
-        do { try lazy.fetchUnclaimed(offset: offset, length: length) } catch {
-            let failures = readaheadFailures.withLock { $0 += 1; return $0 }
-            if failures == 1 || failures % 100 == 0 {
-                log("readahead of \(length) bytes at \(offset) failed (\(failures) so far): \(error)")
-            }
-        }
-    }
-    private let readaheadFailures = Locked(0)
 
     func answer(_ ev: Fanotify.Event, _ response: UInt32, start: UInt64, closeFD: Bool = true) {
         if stats.get().verified == false { try? Fanotify.respond(group, fd: ev.fd, response: Fanotify.denyErrno(.ioError)) } else {
@@ -454,7 +325,7 @@ public final class FanotifyServer: @unchecked Sendable {  // state behind locks;
     /// reads that reach the cache file are denied by the mark that stays. What the kernel cannot
     /// take back: a file a process already has open keeps the pages EROFS itself cached.
     func detachAfterMismatch() {
-        for m in MountInfo.current() where m.fsType == "erofs" && m.source == lazy.dataPath {
+        for m in Backends.kernelEROFSMounts(of: lazy.dataPath) {
             do { try MountAPI.umount(m.mountPoint, detach: true); log("detached \(m.mountPoint): the cache failed verification") } catch {
                 log("cannot detach \(m.mountPoint) after the failed verification: \(error)")
             }
@@ -462,28 +333,18 @@ public final class FanotifyServer: @unchecked Sendable {  // state behind locks;
         _ = posix_fadvise(lazy.writerFD, 0, 0, POSIX_FADV_DONTNEED)
     }
 
-    /// Commits written ranges; when everything is present verifies the digest and removes the mark,
-    /// so complete caches cost nothing extra.
-    func commitAndMaybeFinish() {
-        do { try lazy.commit() } catch { log("commit failed: \(error)") }
-        guard marked.get(), lazy.record.isComplete else { return }
-        if let digest {
-            do {
-                try lazy.verify(sha256: digest)
-                stats.withLock { $0.verified = true }
-                BlobCache.promote(entry: lazy.dataPath, digest: digest)
-            } catch {
-                log("\(error)")
-                stats.withLock { $0.verified = false; $0.error = "\(error)" }
-                try? Sys.unlink(lazy.dataPath)
-                try? Sys.unlink(lazy.record.path)
-                marked.set(false)  // keep the mark: every further read is denied
-                detachAfterMismatch()
-                return
-            }
+    /// Once the cache is complete (the reader checked the digest): removes the mark, so complete
+    /// caches cost nothing extra; after a mismatch keeps it, so every further read is denied, and
+    /// detaches the mounts that read the wrong bytes.
+    func finish(_ mismatch: Error?) {
+        if let mismatch {
+            log("\(mismatch)")
+            stats.withLock { $0.verified = false; $0.error = "\(mismatch)" }
+            detachAfterMismatch()
+            return
         }
+        if digest != nil { stats.withLock { $0.verified = true } }
         try? Fanotify.mark(group, flags: Fanotify.markRemove, mask: Fanotify.preAccess, path: lazy.dataPath)
-        marked.set(false)
         stats.withLock { $0.complete = true }
         log("cache complete\(digest == nil ? "" : " and verified"); mark removed")
     }

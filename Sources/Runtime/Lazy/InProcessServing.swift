@@ -39,7 +39,7 @@ struct LazySpec: Codable, Sendable {
                                    statsPath: statsPath, readyFD: -1, digest: digest, allowFullDownload: false)
         o.prefetch = Prefetch(argument: prefetch)
         o.recordProfile = recordProfile
-        o.known = (size, etag, lastModified)
+        o.known = LazyWorker.Options.Known(size: size, etag: etag, lastModified: lastModified)
         o.verity = verity
         return o
     }
@@ -264,7 +264,7 @@ public final class InProcessServing: @unchecked Sendable {  // the entries behin
     /// Points every record of this cache file at `pid`.
     func updateRecords(of spec: LazySpec, pid: Int32, servedBy: String?) {
         try? state.withLock {
-            for var r in state.all() where r.cachePath == spec.dataPath && r.backend == "fanotify" {
+            for var r in state.all() where r.attached.kind == .fanotify && r.cachePath == spec.dataPath {
                 r.workerPID = pid
                 r.servedBy = servedBy
                 try? state.save(r)

@@ -14,7 +14,13 @@ import SystemPackage
 /// exists, writes progress to a stats file, and exits when the mount is gone (also after a plain
 /// umount(8)). Its standard streams are detached from the caller.
 public enum LazyWorker {
-    public struct Options: Sendable {
+    /// Everything a `__serve` process is told, as one Codable value handed over a pipe (never argv):
+    /// the blob, the cache, the mount, its role and the descriptors it inherits. Credentials travel
+    /// on a pipe of their own (`authFD`) and are never encoded.
+    public struct Options: Sendable, Codable {
+        /// The supervisor (owns the group, prepares, restarts) or its serving child.
+        public enum Role: String, Codable, Sendable { case supervisor, worker }
+        public var role = Role.supervisor
         public var url: String
         public var dataPath: String
         public var recordPath: String
@@ -31,14 +37,38 @@ public enum LazyWorker {
         public var supervisorPID: Int32?
         /// What the supervisor learned from the server (size, ETag, Last-Modified): a serving worker
         /// adopts it instead of asking the server, so it starts even while the server fails.
-        public var known: (size: UInt64, etag: String?, lastModified: String?)?
+        public var known: Known?
+        public struct Known: Codable, Sendable {
+            public var size: UInt64
+            public var etag: String?
+            public var lastModified: String?
+        }
         /// Take over a mount another process prepared and served (the daemon, stopping): its group,
         /// cache writer and entry lock; no metadata fetch, no readiness line.
-        public var adopt: (group: Int32, writer: Int32, lock: Int32)?
+        public var adopt: Adopted?
+        public struct Adopted: Codable, Sendable {
+            public var group: Int32
+            public var writer: Int32
+            public var lock: Int32
+        }
+        /// The serving child's inherited group and cache writer, and its journal.
+        public var groupFD: Int32 = -1
+        public var writerFD: Int32 = -1
+        public var journal = ""
+        /// A pipe holding the registry credentials (read once, then closed).
+        public var authFD: Int32?
         /// Seconds the metadata fetch before the mount may take.
         public var prepareTimeout: Double?
         /// Every fetched block checked against this fs-verity tree.
         public var verity: VeritySource?
+
+        enum CodingKeys: String, CodingKey {
+            case role, url, dataPath, recordPath, mountpoint, statsPath, readyFD, digest, allowFullDownload, prefetch
+            case recordProfile, supervisorPID, known, adopt, prepareTimeout, verity, groupFD, writerFD, journal, authFD
+        }
+
+        /// What `blob.open` learned, for a child that adopts it instead of asking the server again.
+        mutating func know(_ blob: HTTPBlob) { known = Known(size: blob.size, etag: blob.etag, lastModified: blob.lastModified) }
 
         /// The blob's cache through a verifier when `verity` names one.
         func lazyBlob(_ blob: HTTPBlob, writerFD: Int32? = nil) throws -> LazyBlob {
@@ -124,25 +154,17 @@ public enum LazyWorker {
         if o.adopt == nil { try? Sys.unlink(journal) }
         var restarts = 0
         var readySent = o.adopt != nil
+        var child = o
+        (child.role, child.readyFD, child.adopt, child.supervisorPID) = (.worker, -1, nil, Sys.processID)
+        (child.groupFD, child.writerFD, child.journal) = (group.rawValue, lazy.writerFD, journal)
+        child.know(lazy.blob)
         while true {
-            var args = ["__serve", "--worker"] + serveArguments(o, group: group.rawValue, writer: lazy.writerFD)
-                + ["--journal", journal, "--supervisor-pid", String(Sys.processID)] + knownArguments(lazy.blob)
             // The entry lock goes to the worker too: the entry stays locked until the last process
             // holding the fanotify group (and its mark) is gone, so a new writer cannot open the file
             // while a mark is still in place (its own reads would then raise events nobody answers).
-            var keep = [group.rawValue, lazy.writerFD, entryLock.rawValue]
-            guard let handOff = try? authHandOff(o.auth) else {
-                log("cannot pass credentials to the worker")
-                if !readySent { ready("error: cannot pass credentials to the worker") }
-                return 1
-            }
-            let secretFD = handOff.fd
-            keep += secretFD.map { [$0] } ?? []
-            args += handOff.args
             let pid: Int32
             do {
-                defer { secretFD.map(Sys.close) }
-                pid = try Sys.spawnDetached(Sys.executablePath(), args, keep: keep, logPath: StateStore.sibling(of: o.statsPath, ".log"))
+                pid = try spawnServe(child, auth: o.auth, keep: [group.rawValue, lazy.writerFD, entryLock.rawValue])
             } catch {
                 log("cannot start the worker: \(error)")
                 if !readySent { ready("error: cannot start the worker: \(error)") }
@@ -252,44 +274,34 @@ public enum LazyWorker {
     /// Starts a detached supervisor that takes over a mount (`adopt`): the daemon's hand-over on a
     /// clean stop. The descriptors stay open here too until the caller closes them.
     static func spawnSupervisor(_ o: Options, group: Int32, writer: Int32, lock: Int32, auth: RegistryAuth?) throws -> Int32 {
-        var args = ["__serve", "--adopt"] + serveArguments(o, group: group, writer: writer) + ["--lock-fd", String(lock)]
-        if let k = o.known { args += knownArguments(size: k.size, etag: k.etag, lastModified: k.lastModified) }
-        let handOff = try authHandOff(auth)
-        defer { handOff.fd.map(Sys.close) }
-        let keep = [group, writer, lock] + (handOff.fd.map { [$0] } ?? [])
-        return try Sys.spawnDetached(Sys.executablePath(), args + handOff.args, keep: keep,
-                                     logPath: StateStore.sibling(of: o.statsPath, ".log"))
+        var spec = o
+        (spec.role, spec.readyFD, spec.adopt) = (.supervisor, -1, Options.Adopted(group: group, writer: writer, lock: lock))
+        (spec.groupFD, spec.writerFD) = (group, writer)
+        return try spawnServe(spec, auth: auth, keep: [group, writer, lock])
     }
 
-    /// Arguments and the descriptor that hand `auth` to a child `__serve` (nothing without auth).
-    /// The caller keeps the descriptor open across the spawn, then closes it.
-    static func authHandOff(_ auth: RegistryAuth?) throws -> (args: [String], fd: Int32?) {
-        guard let auth else { return ([], nil) }
-        let fd = try Sys.pipe(holding: auth.secret())
-        return (["--auth-fd", String(fd)], fd)
+    /// Starts `erofs-compat __serve` with `spec` on a pipe (`--spec-fd`), the credentials on
+    /// another, and the descriptors in `keep` inherited; its output goes to the mount's log.
+    static func spawnServe(_ spec: Options, auth: RegistryAuth?, keep: [Int32], executable: String = Sys.executablePath())
+        throws -> Int32 {
+        var spec = spec
+        let secret = try auth.map { try Sys.pipe(holding: $0.secret()) }
+        defer { secret.map(Sys.close) }
+        spec.authFD = secret
+        let specFD = try Sys.pipe(holding: [UInt8](JSONEncoder().encode(spec)))
+        defer { Sys.close(specFD) }
+        return try Sys.spawnDetached(executable, ["__serve", "--spec-fd", String(specFD)],
+                                     keep: keep + [specFD] + (secret.map { [$0] } ?? []),
+                                     logPath: StateStore.sibling(of: spec.statsPath, ".log"))
     }
 
-    /// The arguments that hand what `blob.open` learned (size, ETag, Last-Modified) to a child
-    /// `__serve`, which adopts it instead of asking the server again.
-    static func knownArguments(_ blob: HTTPBlob) -> [String] {
-        knownArguments(size: blob.size, etag: blob.etag, lastModified: blob.lastModified)
-    }
-
-    static func knownArguments(size: UInt64, etag: String?, lastModified: String?) -> [String] {
-        var a = ["--size", String(size)]
-        if let etag { a += ["--etag", etag] }
-        if let lastModified { a += ["--last-modified", lastModified] }
-        return a
-    }
-
-    /// What every child `__serve` serving a mount is told: the blob, the cache, the mount, the group
-    /// and writer it inherits, the digest and prefetching.
-    static func serveArguments(_ o: Options, group: Int32, writer: Int32) -> [String] {
-        var a = ["--url", o.url, "--data", o.dataPath, "--record", o.recordPath, "--mountpoint", o.mountpoint,
-                 "--stats", o.statsPath, "--ready-fd=-1", "--group-fd", String(group), "--writer-fd", String(writer)]
-        if let d = o.digest { a += ["--digest", d] }
-        if let v = o.verity { a += ["--verity", v.digest, "--verity-tree", v.treeURL] }
-        return a + prefetchArguments(o.prefetch, recordProfile: o.recordProfile)
+    /// The spec a `__serve` process was started with (and its credentials).
+    public static func readSpec(fd: Int32) throws -> Options {
+        defer { Sys.close(fd) }
+        var o = try JSONDecoder().decode(Options.self, from: Data(Sys.readAll(fd)))
+        if let a = o.authFD { try o.readAuth(fd: a) }
+        o.authFD = nil
+        return o
     }
 
     /// A server for `lazy` on the group, carrying on from the mount's last figures.
@@ -311,14 +323,6 @@ public enum LazyWorker {
             usleep(100_000)
             written = writeStatsIfChanged(server, to: path, since: written)
         }
-    }
-
-    /// The arguments that carry prefetching and profile recording to a child `__serve`.
-    static func prefetchArguments(_ prefetch: Prefetch, recordProfile: String?) -> [String] {
-        var a: [String] = []
-        if prefetch != .none { a += ["--prefetch", prefetch.argument] }
-        if let recordProfile { a += ["--record-profile", recordProfile] }
-        return a
     }
 
     /// The last figures written for this mount, if any.
@@ -349,8 +353,8 @@ public enum LazyWorker {
     }
 }
 
-/// Whether the mount of `source` at `mountpoint` has appeared and every mount of `source` (other
-/// mountpoints share one server) is gone again — gone meaning its superblock was shut down, so a
+/// Whether a mount of `source` (the one at `mountpoint`, or another sharing its server) has
+/// appeared and every mount of `source` is gone again — gone meaning its superblock was shut down, so a
 /// lazy umount (`umount -l`) with files still open keeps it served until the last of them is closed
 /// (inotify's IN_UNMOUNT on each mount's root). Also gone when no mount appeared within 120 s.
 ///
@@ -393,9 +397,11 @@ final class MountWatch: @unchecked Sendable {  // used by one thread at a time (
         guard mountinfo != nil else { return true }
         // A supervisor that is gone (umount stops it) means the mount was made.
         if getppid() != parent { seen = true }
-        let mounts = MountInfo.current().filter { $0.fsType == "erofs" && $0.source == source }
+        let mounts = Backends.kernelEROFSMounts(of: source)
         lastMounts = mounts
-        if mounts.contains(where: { $0.mountPoint == mountpoint }) || (seen && !mounts.isEmpty) { seen = true }
+        // Any mount of the cache file counts: a second mount shares this server, and the first may
+        // be gone again before a freshly started server first looks.
+        if !mounts.isEmpty { seen = true }
         if let notify {
             for m in mounts where !watchedMounts.contains(m.mountID) {
                 watchedMounts.insert(m.mountID)

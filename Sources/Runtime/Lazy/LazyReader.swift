@@ -1,0 +1,220 @@
+import Dispatch
+import Glibc
+import Remote
+import Syscall
+
+/// The lazy reader every serving backend reads through (fanotify events, FUSE and NBD requests): it
+/// knows nothing of how a read arrived. Over the granule cache of a `LazyBlob` (coalescing and
+/// in-flight dedup are the blob's) it adds per-stream readahead, prefetch (all, or a profile),
+/// profile recording, commit batching and the digest check once the cache is complete. A range
+/// that cannot be fetched throws: the caller answers EIO, never zeros.
+final class LazyReader: @unchecked Sendable {  // state behind locks; prefetch/recordProfile/hooks set before start
+    let lazy: LazyBlob
+    let digest: String?
+    let log: (String) -> Void
+    /// What to fetch in the background, at low priority (only while no reader is waiting).
+    var prefetch: Prefetch = .none
+    /// Where to record the ranges readers asked for, in first-seen order (a prefetch profile).
+    var recordProfile: String?
+    /// Readers queued by the caller but not in `ensure` yet (prefetch waits for them too).
+    var queuedReaders: () -> Int = { 0 }
+    /// Runs once, when the cache is complete: nil after the digest matched (or there is none), the
+    /// error after it did not — the entry is discarded then and every further read fails.
+    var onComplete: ((Error?) -> Void)?
+
+    /// Sequential streams seen recently: where each one's last request ended and its window. Several
+    /// readers interleave, so each stream is recognised on its own.
+    private let streams = Locked<[(end: UInt64, window: UInt64)]>([])
+    private let profile = Locked<(ranges: [(UInt64, UInt64)], seen: Set<UInt64>, dirty: Bool)>(([], [], true))
+    /// Readers inside `ensure` now.
+    private let busy = Locked(0)
+    /// Readahead windows waiting for a fetcher, oldest first (each has a job on `readaheadLane`).
+    private let readahead = Locked<[(UInt64, UInt64)]>([])
+    private let readaheadLane: PoolLane
+    private let readaheadFailures = Locked(0)
+    private let prefetching = DispatchGroup()
+    private let stopping = Locked(false)
+    private let completed = Locked(false)
+    private let failure = Locked<String?>(nil)
+    private let tick = Locked<ServingTicker.Token?>(nil)
+
+    /// Readahead after a read that continues no stream (it may be random).
+    let firstWindow: UInt64
+
+    /// `readaheadFetches`: background fetches at once (large requests that overlap readers);
+    /// `firstWindow`: readahead after a read that continues no stream — some for fanotify, whose
+    /// events come per page-cache miss, none for NBD and FUSE clients, whose requests are their own.
+    init(lazy: LazyBlob, digest: String?, readaheadFetches: Int = 8, firstWindow: UInt64 = 0,
+         log: @escaping (String) -> Void) {
+        (self.lazy, self.digest, self.log, self.firstWindow) = (lazy, digest, log, firstWindow)
+        readaheadLane = PoolLane(limit: readaheadFetches, priority: .background)
+    }
+
+    /// Set once the complete cache failed its digest check: every read fails from then on.
+    var failed: String? { failure.get() }
+
+    func isAvailable(offset: UInt64, length: UInt64) -> Bool { lazy.isAvailable(offset: offset, length: length) }
+
+    /// Starts prefetching (its own thread, which sleeps while readers wait and ends when done) and
+    /// the commits (every 250 ms on the shared ticker).
+    func start() {
+        if prefetch != .none {
+            prefetching.enter()
+            Threads.detach { [self] in
+                defer { prefetching.leave() }
+                prefetchLoop()
+            }
+        }
+        tick.set(ServingTicker.shared.every(250) { [self] in
+            commitAndCheck()
+            saveProfile()
+            return true
+        })
+    }
+
+    /// Stops the background work, waits for it, and makes the last commit.
+    func stop() {
+        stopping.set(true)
+        if let t = tick.withLock({ t -> ServingTicker.Token? in defer { t = nil }; return t }) {
+            ServingTicker.shared.remove(t)
+        }
+        readahead.withLock { $0.removeAll() }
+        readaheadLane.waitIdle()
+        prefetching.wait()
+        commitAndCheck()
+        saveProfile()
+    }
+
+    /// Makes [offset, offset+count) present: the range now, then the stream's readahead window after
+    /// it in the background (`firstWindow`, then `sequentialWindow` doubling to `maxWindow` per
+    /// stream; a read within `slack` of a stream's end, or inside its window, continues it), so that a sequential reader finds its next range present or in flight. A sequential
+    /// reader that outran its readahead fetches a bigger piece itself (up to `LazyBlob.maxRequest`):
+    /// fewer, larger requests, which is what servers slow per request (a registry) need; a read that
+    /// continues no stream fetches only its own range. Throws when it cannot be had.
+    func ensure(offset: UInt64, count: UInt64) throws {
+        if let why = failure.get() { throw RemoteError.cache(why) }
+        busy.withLock { $0 += 1 }
+        defer { busy.withLock { $0 -= 1 } }
+        let (window, sequential): (UInt64, Bool) = streams.withLock { list in
+            // A stream continues when this read starts at (or inside the readahead of) its last end.
+            if let i = list.firstIndex(where: { s in
+                let reach = max(s.window, Self.slack)
+                return offset >= s.end &- min(reach, s.end) && offset <= s.end + reach
+            }) {
+                let w = min(max(list[i].window * 2, Self.sequentialWindow), Self.maxWindow)
+                list.remove(at: i)
+                list.append((offset + count + w, w))
+                return (w, true)
+            }
+            if list.count >= 32 { list.removeFirst() }
+            list.append((offset + count + firstWindow, firstWindow))
+            return (firstWindow, false)
+        }
+        let now = sequential ? max(count, min(window, lazy.maxRequest)) : count
+        try lazy.ensure(offset: offset, length: now)
+        if window > 0 { scheduleReadahead(offset: offset + now, length: window) }
+    }
+
+    /// A continuing stream gets at least `sequentialWindow`, doubling up to `maxWindow`; requests in
+    /// flight arrive out of order, so a stream is continued by reads up to `slack` away from its end.
+    static let slack: UInt64 = 128 << 10
+    static let sequentialWindow: UInt64 = 1 << 20
+    static let maxWindow: UInt64 = 16 << 20
+
+    /// Notes a reader's range for the profile (first time each granule is touched): the caller notes
+    /// every read, also those answered from the cache without `ensure`.
+    func noteForProfile(_ offset: UInt64, _ count: UInt64) {
+        guard recordProfile != nil, count > 0 else { return }
+        let g = lazy.granule
+        profile.withLock { p in
+            let first = offset / g, last = (offset + count - 1) / g
+            guard (first...last).contains(where: { !p.seen.contains($0) }) else { return }
+            for i in first...last { p.seen.insert(i) }
+            p.ranges.append((offset, count))
+            p.dirty = true
+        }
+    }
+
+    /// Queues a readahead window (the oldest dropped beyond 64 queued: their readers moved on).
+    private func scheduleReadahead(offset: UInt64, length: UInt64) {
+        let len = min(offset + length, lazy.size) &- offset
+        guard offset < lazy.size, !stopping.get(), !lazy.isAvailable(offset: offset, length: len) else { return }
+        readahead.withLock { q in
+            q.append((offset, len))
+            if q.count > 64 { q.removeFirst(q.count - 64) }
+        }
+        readaheadLane.submit { [self] in readaheadOne() }
+    }
+
+    /// Fetches what nobody is fetching yet of the oldest queued readahead window (one request of at
+    /// most 4 MiB at a time, each readable as soon as it is written); a failure only means the
+    /// reader fetches that range itself when it gets there (and gets EIO if that fails too).
+    private func readaheadOne() {
+        guard !stopping.get(),
+              let (offset, length) = readahead.withLock({ $0.isEmpty ? nil : $0.removeFirst() }) else { return }
+        do { try lazy.fetchUnclaimed(offset: offset, length: length) } catch {
+            let failures = readaheadFailures.withLock { $0 += 1; return $0 }
+            if failures == 1 || failures % 100 == 0 {
+                log("readahead of \(length) bytes at \(offset) failed (\(failures) so far): \(error)")
+            }
+        }
+    }
+
+    /// Background fetching: the profile's ranges first, then (for `.all`) everything else in 1 MiB
+    /// steps. Waits whenever readers are waiting, so it never competes with them.
+    private func prefetchLoop() {
+        var ranges: [(UInt64, UInt64)] = []
+        switch prefetch {
+        case .none: return
+        case .all:
+            var off: UInt64 = 0
+            while off < lazy.size { ranges.append((off, min(1 << 20, lazy.size - off))); off += 1 << 20 }
+        case .profile(let path):
+            do { ranges = try PrefetchProfile.load(path) } catch { log("prefetch profile \(path): \(error)") }
+        }
+        var failures = 0
+        for (offset, length) in ranges where offset < lazy.size {
+            let len = min(length, lazy.size - offset)
+            while !stopping.get(), busy.get() > 0 || queuedReaders() > 0 { usleep(20_000) }
+            if stopping.get() || failure.get() != nil { return }
+            if lazy.isAvailable(offset: offset, length: len) { continue }
+            do { try lazy.ensure(offset: offset, length: len) } catch {
+                failures += 1
+                if failures == 1 || failures % 100 == 0 {
+                    log("prefetch of \(len) bytes at \(offset) failed (\(failures) so far): \(error)")
+                }
+            }
+        }
+        log("prefetch done\(failures > 0 ? " with \(failures) failed ranges (fetched on demand instead)" : "")")
+    }
+
+    /// Commits what was fetched; the first time the cache is complete, checks the digest (and links
+    /// the entry under it) or, on a mismatch, discards the entry and fails every further read.
+    func commitAndCheck() {
+        do { try lazy.commit() } catch { log("commit failed: \(error)") }
+        guard lazy.record.isComplete, !completed.withLock({ c in defer { c = true }; return c }) else { return }
+        var mismatch: Error?
+        if let digest {
+            do {
+                try lazy.verify(sha256: digest)
+                BlobCache.promote(entry: lazy.dataPath, digest: digest)
+            } catch {
+                mismatch = error
+                failure.set("\(error)")
+                BlobCache.discard(entry: lazy.dataPath)
+            }
+        }
+        onComplete?(mismatch)
+    }
+
+    private func saveProfile() {
+        guard let path = recordProfile else { return }
+        let ranges: [(UInt64, UInt64)]? = profile.withLock { p in
+            guard p.dirty else { return nil }
+            p.dirty = false
+            return p.ranges
+        }
+        guard let ranges else { return }
+        do { try PrefetchProfile.save(ranges, to: path) } catch { log("cannot write the profile \(path): \(error)") }
+    }
+}
