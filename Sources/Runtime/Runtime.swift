@@ -331,6 +331,11 @@ public struct Runtime: Sendable {
     static func isWorker(_ pid: Int32, serving record: MountRecord) -> Bool {
         guard let cache = record.cachePath, let raw = try? Sys.readFile("/proc/\(pid)/cmdline") else { return false }
         let argv = raw.split(separator: 0, omittingEmptySubsequences: false).map { String(decoding: $0, as: UTF8.self) }
+        return isServeCommandLine(argv, serving: cache)
+    }
+
+    /// Whether `argv` (program first) is `__serve` for the cache file `cache`.
+    static func isServeCommandLine(_ argv: [String], serving cache: String) -> Bool {
         guard argv.count > 1, argv[1] == "__serve", let i = argv.firstIndex(of: "--data"), i + 1 < argv.count else { return false }
         return argv[i + 1] == cache
     }

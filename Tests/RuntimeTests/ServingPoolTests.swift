@@ -3,6 +3,7 @@ import Glibc
 @testable import Runtime
 import Syscall
 import Testing
+import TestSupport
 
 /// The threads lazy servers share: bounded, per-server limits, demand before background, idle
 /// threads ending, periodic tasks. No root, no kernel features.
@@ -70,5 +71,20 @@ import Testing
         #expect(finished.get(), "remove returned while the task ran")
         usleep(200_000)
         #expect(runs.get() == 3)
+    }
+}
+
+/// `__serve` is told everything through its spec, yet `umount` must still recognise a recorded pid
+/// as the server of its mount from the command line alone (the pid may since be another process's).
+@Suite struct ServeSpecTests {
+    @Test func umountRecognisesTheServerItStarted() throws {
+        let spec = LazyWorker.Options(url: "http://127.0.0.1:1/i.erofs", dataPath: "/c/blobs/sha256/e", recordPath: "/c/e.pop",
+                                      mountpoint: "/mnt", statsPath: "/s", readyFD: -1, digest: nil, allowFullDownload: false)
+        let argv = ["/usr/bin/erofs-compat"] + LazyWorker.serveArguments(spec, specFD: 7)
+        #expect(Runtime.isServeCommandLine(argv, serving: "/c/blobs/sha256/e"))
+        #expect(!Runtime.isServeCommandLine(argv, serving: "/c/blobs/sha256/other"))
+        #expect(!Runtime.isServeCommandLine(["/usr/bin/sleep", "30"], serving: "/c/blobs/sha256/e"))
+        // Nothing of the spec but the cache file's path is on the command line.
+        #expect(!argv.contains(spec.url) && !argv.contains(spec.mountpoint))
     }
 }

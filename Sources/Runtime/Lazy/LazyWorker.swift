@@ -290,9 +290,15 @@ public enum LazyWorker {
         spec.authFD = secret
         let specFD = try Sys.pipe(holding: [UInt8](JSONEncoder().encode(spec)))
         defer { Sys.close(specFD) }
-        return try Sys.spawnDetached(executable, ["__serve", "--spec-fd", String(specFD)],
+        return try Sys.spawnDetached(executable, serveArguments(spec, specFD: specFD),
                                      keep: keep + [specFD] + (secret.map { [$0] } ?? []),
                                      logPath: StateStore.sibling(of: spec.statsPath, ".log"))
+    }
+
+    /// `__serve`'s arguments: the spec's descriptor, and the cache file as a label only (the spec
+    /// decides): `umount` signals a recorded pid only when its command line names the record's cache.
+    static func serveArguments(_ spec: Options, specFD: Int32) -> [String] {
+        ["__serve", "--spec-fd", String(specFD), "--data", spec.dataPath]
     }
 
     /// The spec a `__serve` process was started with (and its credentials).
