@@ -140,7 +140,8 @@ public final class FanotifyServer: @unchecked Sendable {  // state behind locks;
         self.workers = workers
         self.log = log
         demandLane = PoolLane(limit: workers, priority: .demand)
-        reader = LazyReader(lazy: lazy, digest: digest, readaheadFetches: 2 * workers, firstWindow: 128 << 10, log: log)
+        reader = LazyReader(lazy: lazy, digest: digest, readaheadFetches: 2 * workers, firstWindow: 128 << 10,
+                            sequentialWindow: 1 << 20, aligned: false, log: log)
         group = FileDescriptor(rawValue: groupFD)
         journal = try journalPath.map { try Sys.open($0, O_RDWR | O_CREAT | O_APPEND, mode: 0o600) }
     }

@@ -40,13 +40,22 @@ final class LazyReader: @unchecked Sendable {  // state behind locks; prefetch/r
 
     /// Readahead after a read that continues no stream (it may be random).
     let firstWindow: UInt64
+    /// The first window of a stream that continues, doubling up to `maxWindow`.
+    let sequentialWindow: UInt64
+    /// Sequential fetches and readahead in `chunk`-aligned pieces (for a client that queues many
+    /// requests of one stream at once, NBD and FUSE); fanotify's events follow the reader instead.
+    let aligned: Bool
 
     /// `readaheadFetches`: background fetches at once (large requests that overlap readers);
     /// `firstWindow`: readahead after a read that continues no stream — some for fanotify, whose
     /// events come per page-cache miss, none for NBD and FUSE clients, whose requests are their own.
+    /// `sequentialWindow`: where a continuing stream's readahead starts — 1 MiB for fanotify, whose
+    /// events are page-cache misses spread over files; 4 MiB for a block or blob-file client, which
+    /// reads one large file.
     init(lazy: LazyBlob, digest: String?, readaheadFetches: Int = 8, firstWindow: UInt64 = 0,
-         log: @escaping (String) -> Void) {
+         sequentialWindow: UInt64 = 4 << 20, aligned: Bool = true, log: @escaping (String) -> Void) {
         (self.lazy, self.digest, self.log, self.firstWindow) = (lazy, digest, log, firstWindow)
+        (self.sequentialWindow, self.aligned) = (sequentialWindow, aligned)
         readaheadLane = PoolLane(limit: readaheadFetches, priority: .background)
     }
 
@@ -101,7 +110,7 @@ final class LazyReader: @unchecked Sendable {  // state behind locks; prefetch/r
                 let reach = max(s.window, Self.slack)
                 return offset >= s.end &- min(reach, s.end) && offset <= s.end + reach
             }) {
-                let w = min(max(list[i].window * 2, Self.sequentialWindow), Self.maxWindow)
+                let w = min(max(list[i].window * 2, sequentialWindow), Self.maxWindow)
                 list.remove(at: i)
                 list.append((offset + count + w, w))
                 return (w, true)
@@ -110,15 +119,24 @@ final class LazyReader: @unchecked Sendable {  // state behind locks; prefetch/r
             list.append((offset + count + firstWindow, firstWindow))
             return (firstWindow, false)
         }
-        let now = sequential ? max(count, min(window, lazy.maxRequest)) : count
-        try lazy.ensure(offset: offset, length: now)
-        if window > 0 { scheduleReadahead(offset: offset + now, length: window) }
+        // Aligned, a sequential piece ends on a chunk boundary: requests in flight together (a
+        // client's queue) then ask for the same piece and join one fetch instead of each fetching a
+        // sliver.
+        var end = offset + count
+        if sequential {
+            end = offset + max(count, min(window, lazy.maxRequest))
+            if aligned { end = (end + Self.chunk - 1) / Self.chunk * Self.chunk }
+        }
+        end = min(end, lazy.size)
+        try lazy.ensure(offset: offset, length: end - offset)
+        if window > 0 { scheduleReadahead(offset: end, length: window) }
     }
 
-    /// A continuing stream gets at least `sequentialWindow`, doubling up to `maxWindow`; requests in
-    /// flight arrive out of order, so a stream is continued by reads up to `slack` away from its end.
+    /// A continuing stream's window doubles up to `maxWindow`; requests in flight arrive out of
+    /// order, so a stream is continued by reads up to `slack` away from its end.
     static let slack: UInt64 = 128 << 10
-    static let sequentialWindow: UInt64 = 1 << 20
+    /// Sequential fetches and readahead go in pieces aligned to this (one request each).
+    static let chunk: UInt64 = 4 << 20
     static let maxWindow: UInt64 = 16 << 20
 
     /// Notes a reader's range for the profile (first time each granule is touched): the caller notes
@@ -146,13 +164,22 @@ final class LazyReader: @unchecked Sendable {  // state behind locks; prefetch/r
         readaheadLane.submit { [self] in readaheadOne() }
     }
 
-    /// Fetches what nobody is fetching yet of the oldest queued readahead window (one request of at
-    /// most 4 MiB at a time, each readable as soon as it is written); a failure only means the
-    /// reader fetches that range itself when it gets there (and gets EIO if that fails too).
+    /// Fetches what nobody is fetching yet of the oldest queued readahead window, in aligned chunks
+    /// where `aligned` (one request each; else requests of up to 4 MiB), each readable as soon as it is written: a reader that catches up joins
+    /// it); a failure only means the reader fetches that range itself when it gets there (and gets
+    /// EIO if that fails too).
     private func readaheadOne() {
         guard !stopping.get(),
               let (offset, length) = readahead.withLock({ $0.isEmpty ? nil : $0.removeFirst() }) else { return }
-        do { try lazy.fetchUnclaimed(offset: offset, length: length) } catch {
+        do {
+            guard aligned else { return try lazy.fetchUnclaimed(offset: offset, length: length) }
+            var pos = offset / Self.chunk * Self.chunk
+            while pos < offset + length, !stopping.get() {
+                let from = max(pos, offset)
+                try lazy.fetchUnclaimed(offset: from, length: min(pos + Self.chunk, lazy.size) - from)
+                pos += Self.chunk
+            }
+        } catch {
             let failures = readaheadFailures.withLock { $0 += 1; return $0 }
             if failures == 1 || failures % 100 == 0 {
                 log("readahead of \(length) bytes at \(offset) failed (\(failures) so far): \(error)")
