@@ -172,7 +172,8 @@ public struct CacheManager: Sendable {
                   let id = identity(c) else { continue }
             users[id, default: []].insert(r.mountpoint)
         }
-        for m in Backends.kernelEROFSMountsOfPaths(in: mounts) where !records.contains(where: { $0.mountpoint == m.mountPoint }) {
+        let recorded = Set(records.map(\.mountpoint))
+        for m in Backends.kernelEROFSMountsOfPaths(in: mounts) where !recorded.contains(m.mountPoint) {
             if let id = identity(m.source) { users[id, default: []].insert(m.mountPoint) }
         }
         var firstKeyOfFile: [String: String] = [:]

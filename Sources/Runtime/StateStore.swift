@@ -39,7 +39,8 @@ public struct MountRecord: Codable, Sendable, Equatable {
         let kind = Backend(rawValue: backend)
         assert(kind != nil, "no backend \(backend)")
         let server = AttachedBackend.Server(pid: workerPID, stats: statsPath, daemon: servedBy == Self.daemon)
-        attached = AttachedBackend(kind ?? .file, device: device, cache: cachePath, server: server, fuseMount: fuseMount)
+        attached = AttachedBackend(kind ?? .file, device: device, cache: cachePath, server: server,
+                                   fuseMount: fuseMount)
     }
 
     /// The backend's name ("file", "loop", "fanotify", "fuse-blob", "fuse-erofs", "nbd").
@@ -74,7 +75,10 @@ public struct MountRecord: Codable, Sendable, Equatable {
     /// directory), unmounted after the EROFS mount on it.
     public var fuseMount: String? {
         get { if case .fuseBlob(_, let m, _) = attached { return m } else { return nil } }
-        set { if case .fuseBlob(let s, _, let d) = attached { attached = .fuseBlob(server: s, fuseMount: newValue, device: d) } }
+        set {
+            guard case .fuseBlob(let s, _, let d) = attached else { return }
+            attached = .fuseBlob(server: s, fuseMount: newValue, device: d)
+        }
     }
     public var servedByDaemon: Bool { attached.server?.daemon == true }
     /// Served by a FUSE server process (fuse-blob, fuse-erofs).
@@ -91,16 +95,15 @@ public struct MountRecord: Codable, Sendable, Equatable {
         guard Backend(rawValue: name) != nil else {
             throw DecodingError.dataCorruptedError(forKey: .backend, in: c, debugDescription: "no backend \(name)")
         }
-        self.init(source: try c.decode(String.self, forKey: .source), sourceKind: try c.decode(String.self, forKey: .sourceKind),
-                  backend: name, mountpoint: try c.decode(String.self, forKey: .mountpoint),
-                  options: try c.decode(String.self, forKey: .options), device: try c.decodeIfPresent(String.self, forKey: .device),
-                  workerPID: try c.decodeIfPresent(Int32.self, forKey: .workerPID), since: try c.decode(Double.self, forKey: .since),
-                  sourceIdentity: try c.decode(String.self, forKey: .sourceIdentity),
+        func string(_ k: CodingKeys) throws -> String { try c.decode(String.self, forKey: k) }
+        func optional(_ k: CodingKeys) throws -> String? { try c.decodeIfPresent(String.self, forKey: k) }
+        self.init(source: try string(.source), sourceKind: try string(.sourceKind), backend: name,
+                  mountpoint: try string(.mountpoint), options: try string(.options), device: try optional(.device),
+                  workerPID: try c.decodeIfPresent(Int32.self, forKey: .workerPID),
+                  since: try c.decode(Double.self, forKey: .since), sourceIdentity: try string(.sourceIdentity),
                   mountID: try c.decodeIfPresent(UInt64.self, forKey: .mountID),
-                  cachePath: try c.decodeIfPresent(String.self, forKey: .cachePath),
-                  statsPath: try c.decodeIfPresent(String.self, forKey: .statsPath),
-                  servedBy: try c.decodeIfPresent(String.self, forKey: .servedBy),
-                  fuseMount: try c.decodeIfPresent(String.self, forKey: .fuseMount))
+                  cachePath: try optional(.cachePath), statsPath: try optional(.statsPath),
+                  servedBy: try optional(.servedBy), fuseMount: try optional(.fuseMount))
         version = try c.decode(Int.self, forKey: .version)
     }
 

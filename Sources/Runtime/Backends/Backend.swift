@@ -129,7 +129,8 @@ enum Backends {
     }
 
     /// The kernel EROFS mounts of `file` (an image or cache file mounted file-backed): who reads it.
-    static func kernelEROFSMounts(of file: String, in mounts: [MountInfoEntry] = MountInfo.current()) -> [MountInfoEntry] {
+    static func kernelEROFSMounts(of file: String, in mounts: [MountInfoEntry] = MountInfo.current())
+        -> [MountInfoEntry] {
         mounts.filter { $0.fsType == "erofs" && $0.source == file }
     }
 

@@ -25,12 +25,15 @@ struct FanotifyBackend: MountBackend {
     }
 }
 
+/// A cache entry's files: the data, its population record, its info and its lock.
+typealias CachePaths = (data: String, record: String, info: String, lock: String)
+
 extension Runtime {
     /// The fanotify backend: a worker (or the daemon) marks the cache file and fetches the metadata,
     /// then the cache file is mounted. A blob already served by a live worker is shared: its mark
     /// covers every mount of the cache file (a second group on the same file could deadlock).
-    func mountLazy(_ req: MountRequest, blob: HTTPBlob, paths: (data: String, record: String, info: String, lock: String),
-                   record: MountRecord, plan: Plan, target: MountTarget, notes: [String]) throws -> MountOutcome {
+    func mountLazy(_ req: MountRequest, blob: HTTPBlob, paths: CachePaths, record: MountRecord, plan: Plan,
+                   target: MountTarget, notes: [String]) throws -> MountOutcome {
         var record = record
         let backend = FanotifyBackend()
         let prepared = PreparedMount(source: paths.data, target: target, options: req.options, blockSize: 4096,
@@ -43,22 +46,26 @@ extension Runtime {
                                                detail: "\((error as? BackendFailure)?.detail ?? "\(error)")")
             }
         }
-        if let shared = state.all().first(where: { $0.cachePath == paths.data && $0.workerPID.map(Sys.processExists) == true }) {
-            (record.workerPID, record.statsPath, record.servedBy) = (shared.workerPID, shared.statsPath, shared.servedBy)
+        let live = state.all().first { $0.cachePath == paths.data && $0.workerPID.map(Sys.processExists) == true }
+        if let shared = live {
+            (record.workerPID, record.statsPath) = (shared.workerPID, shared.statsPath)
+            record.servedBy = shared.servedBy
             try state.withLock {
                 try checkNotMounted(target, source: req.source)
                 try attach()
                 try saveOrUndo(record)
             }
-            return MountOutcome(plan: plan, record: record, notes: notes + ["sharing the worker of \(shared.mountpoint)"])
+            let note = "sharing the worker of \(shared.mountpoint)"
+            return MountOutcome(plan: plan, record: record, notes: notes + [note])
         }
         let stats = state.root + "/workers/" + StateStore.key(for: target.path)
         try? Sys.mkdir(state.root + "/workers", mode: 0o700)
         record.statsPath = stats
         if let serving {
             do {
-                try serving.prepare(blob: blob, paths: paths, mountpoint: target.path, statsPath: stats, digest: req.remote.digest,
-                                    verity: req.remote.verity, prefetch: req.remote.prefetch, recordProfile: req.remote.recordProfile)
+                try serving.prepare(blob: blob, paths: paths, mountpoint: target.path, statsPath: stats,
+                                    digest: req.remote.digest, verity: req.remote.verity, prefetch: req.remote.prefetch,
+                                    recordProfile: req.remote.recordProfile)
             } catch let e as RemoteError {
                 throw RuntimeError.remote(e.description)
             }
@@ -84,12 +91,13 @@ extension Runtime {
     }
 
     /// Spawns the worker and waits until it has marked the cache and fetched all metadata.
-    func startWorker(_ req: MountRequest, blob: HTTPBlob, paths: (data: String, record: String, info: String, lock: String),
-                     mountpoint: String, statsPath: String) throws -> Int32 {
+    func startWorker(_ req: MountRequest, blob: HTTPBlob, paths: CachePaths, mountpoint: String,
+                     statsPath: String) throws -> Int32 {
         let (r, w) = try Sys.pipe()
         defer { Sys.close(r) }
-        var spec = LazyWorker.Options(url: blob.url, dataPath: paths.data, recordPath: paths.record, mountpoint: mountpoint,
-                                      statsPath: statsPath, readyFD: w, digest: req.remote.digest, allowFullDownload: false)
+        var spec = LazyWorker.Options(url: blob.url, dataPath: paths.data, recordPath: paths.record,
+                                      mountpoint: mountpoint, statsPath: statsPath, readyFD: w,
+                                      digest: req.remote.digest, allowFullDownload: false)
         (spec.verity, spec.prepareTimeout) = (req.remote.verity, req.remote.prepareTimeout)
         (spec.prefetch, spec.recordProfile) = (req.remote.prefetch, req.remote.recordProfile)
         // What this process just learned from the server (it also checked the cache against it).
@@ -106,7 +114,8 @@ extension Runtime {
         guard text == "ready" else {
             try? Sys.kill(pid, SIGKILL)
             _ = Sys.reap(pid)
-            throw RuntimeError.remote(text.hasPrefix("error: ") ? String(text.dropFirst(7)) : "the worker exited before it was ready (log: \(log))")
+            throw RuntimeError.remote(text.hasPrefix("error: ") ? String(text.dropFirst(7))
+                                      : "the worker exited before it was ready (log: \(log))")
         }
         return pid
     }

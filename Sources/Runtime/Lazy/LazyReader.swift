@@ -96,8 +96,9 @@ final class LazyReader: @unchecked Sendable {  // state behind locks; prefetch/r
 
     /// Makes [offset, offset+count) present: the range now, then the stream's readahead window after
     /// it in the background (`firstWindow`, then `sequentialWindow` doubling to `maxWindow` per
-    /// stream; a read within `slack` of a stream's end, or inside its window, continues it), so that a sequential reader finds its next range present or in flight. A sequential
-    /// reader that outran its readahead fetches a bigger piece itself (up to `LazyBlob.maxRequest`):
+    /// stream; a read within `slack` of a stream's end, or inside its window, continues it), so
+    /// that a sequential reader finds its next range present or in flight. A sequential reader that
+    /// outran its readahead fetches a bigger piece itself (up to `LazyBlob.maxRequest`):
     /// fewer, larger requests, which is what servers slow per request (a registry) need; a read that
     /// continues no stream fetches only its own range. Throws when it cannot be had.
     func ensure(offset: UInt64, count: UInt64) throws {
@@ -165,9 +166,9 @@ final class LazyReader: @unchecked Sendable {  // state behind locks; prefetch/r
     }
 
     /// Fetches what nobody is fetching yet of the oldest queued readahead window, in aligned chunks
-    /// where `aligned` (one request each; else requests of up to 4 MiB), each readable as soon as it is written: a reader that catches up joins
-    /// it); a failure only means the reader fetches that range itself when it gets there (and gets
-    /// EIO if that fails too).
+    /// where `aligned` (one request each; else requests of up to 4 MiB), each readable as soon as
+    /// it is written (a reader that catches up joins it); a failure only means the reader fetches
+    /// that range itself when it gets there (and gets EIO if that fails too).
     private func readaheadOne() {
         guard !stopping.get(),
               let (offset, length) = readahead.withLock({ $0.isEmpty ? nil : $0.removeFirst() }) else { return }

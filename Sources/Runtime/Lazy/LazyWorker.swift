@@ -68,7 +68,9 @@ public enum LazyWorker {
         }
 
         /// What `blob.open` learned, for a child that adopts it instead of asking the server again.
-        mutating func know(_ blob: HTTPBlob) { known = Known(size: blob.size, etag: blob.etag, lastModified: blob.lastModified) }
+        mutating func know(_ blob: HTTPBlob) {
+            known = Known(size: blob.size, etag: blob.etag, lastModified: blob.lastModified)
+        }
 
         /// The blob's cache through a verifier when `verity` names one.
         func lazyBlob(_ blob: HTTPBlob, writerFD: Int32? = nil) throws -> LazyBlob {
@@ -275,15 +277,16 @@ public enum LazyWorker {
     /// clean stop. The descriptors stay open here too until the caller closes them.
     static func spawnSupervisor(_ o: Options, group: Int32, writer: Int32, lock: Int32, auth: RegistryAuth?) throws -> Int32 {
         var spec = o
-        (spec.role, spec.readyFD, spec.adopt) = (.supervisor, -1, Options.Adopted(group: group, writer: writer, lock: lock))
+        (spec.role, spec.readyFD) = (.supervisor, -1)
+        spec.adopt = Options.Adopted(group: group, writer: writer, lock: lock)
         (spec.groupFD, spec.writerFD) = (group, writer)
         return try spawnServe(spec, auth: auth, keep: [group, writer, lock])
     }
 
     /// Starts `erofs-compat __serve` with `spec` on a pipe (`--spec-fd`), the credentials on
     /// another, and the descriptors in `keep` inherited; its output goes to the mount's log.
-    static func spawnServe(_ spec: Options, auth: RegistryAuth?, keep: [Int32], executable: String = Sys.executablePath())
-        throws -> Int32 {
+    static func spawnServe(_ spec: Options, auth: RegistryAuth?, keep: [Int32],
+                           executable: String = Sys.executablePath()) throws -> Int32 {
         var spec = spec
         let secret = try auth.map { try Sys.pipe(holding: $0.secret()) }
         defer { secret.map(Sys.close) }
