@@ -5,6 +5,7 @@ import Foundation
 #endif
 import Dispatch
 import EROFS
+import FUSE
 import Glibc
 import NBD
 import Remote
@@ -63,6 +64,22 @@ public final class ServedSource: @unchecked Sendable {  // immutable after init;
         reader.noteForProfile(offset, UInt64(length))
         guard !reader.isAvailable(offset: offset, length: UInt64(length)) else { return }
         try reader.ensure(offset: offset, count: UInt64(length))
+    }
+
+    /// The reader's figures (nil for a local image).
+    public var figures: LazyFigures? { reader?.figures }
+
+    /// Writes the served mount's stats file (`ServedStats`: the reader's figures, and `fuse()`'s
+    /// when the server is a FUSE one) within half a second of a change, until `stop`.
+    func writeStatsWhileServing(to path: String, until stop: Locked<Bool>, fuse: @escaping () -> FUSEStats? = { nil }) {
+        var last: Data?
+        while !stop.get() {
+            if let data = try? ServedStats.encode(lazy: figures, fuse: fuse()), data != last {
+                try? Sys.writeFileAtomically(path, [UInt8](data))
+                last = data
+            }
+            usleep(500_000)
+        }
     }
 
     /// NBD_CMD_CACHE: fetch the range into the cache now.

@@ -58,6 +58,9 @@ public struct MountStatus: Codable, Sendable {
     public var progress: FanotifyServer.Stats?
     /// The FUSE server's request counts and read latency (fuse-blob, fuse-erofs).
     public var fuse: FUSEStats?
+    /// What the lazy reader of a served mount fetched (fuse-blob, fuse-erofs, nbd from a remote
+    /// source; fanotify's figures are in `progress`).
+    public var lazy: LazyFigures?
     public var stale: Bool { !problems.isEmpty }
 }
 
@@ -403,12 +406,15 @@ public struct Runtime: Sendable {
             if alive == false { problems.append("worker \(pid) is gone") }
         }
         let stats = r.statsPath.flatMap { FileManager.default.contents(atPath: $0) }
-        if r.isFuseServed {
-            if alive == false, mounted {
+        if r.isFuseServed || r.attached.kind == .nbd {
+            if alive == false, mounted, r.isFuseServed {
                 problems.append("reads fail with ENOTCONN; run `erofs-compat umount \(r.mountpoint)` to clear it")
             }
-            let fuse = stats.flatMap { try? JSONDecoder().decode(FUSEStats.self, from: $0) }
-            return MountStatus(record: r, mounted: mounted, deviceBound: bound, workerAlive: alive, problems: problems, fuse: fuse)
+            let fuse = r.isFuseServed ? stats.flatMap { try? JSONDecoder().decode(FUSEStats.self, from: $0) } : nil
+            let lazy = stats.flatMap(ServedStats.lazyFigures)
+            if lazy?.verified == false { problems.append("cache failed verification: \(lazy?.error ?? "digest mismatch")") }
+            return MountStatus(record: r, mounted: mounted, deviceBound: bound, workerAlive: alive, problems: problems,
+                               fuse: fuse, lazy: lazy)
         }
         let progress = stats.flatMap { try? JSONDecoder().decode(FanotifyServer.Stats.self, from: $0) }
         if progress?.verified == false { problems.append("cache failed verification: \(progress?.error ?? "digest mismatch")") }

@@ -60,6 +60,12 @@ struct StatusCommand: ParsableCommand {
                 print("  fuse     \(f.requests) requests (\(f.errors) answered with an error), \(f.reads) reads of \(f.readBytes) bytes, "
                       + "mean \(formatMs(mean)) max \(formatMs(Double(f.maxReadMicros) / 1000)), protocol 7.\(f.kernelMinor)")
             }
+            if let l = s.lazy {
+                print("  progress \(formatPercent(l.population)) present, \(l.bytesFetched) bytes in \(l.requests) requests"
+                      + (l.complete ? ", complete" : "") + (l.verified == true ? ", verified" : "")
+                      + (l.verityFailures.map { ", every block checked against its fs-verity tree (\($0) failed)" } ?? ""))
+                if let e = l.error { print("  error    \(e)") }
+            }
             if let p = s.progress {
                 print("  progress \(formatPercent(p.population)) present, \(p.bytesFetched) bytes in \(p.requests) requests, \(p.events) events (\(p.allowedFromCache) from cache, \(p.fetched) fetched, \(p.denied) denied), p50 \(formatMs(p.p50Ms)) p99 \(formatMs(p.p99Ms))\(p.complete ? ", complete" : "")\(p.verified == true ? ", verified" : "")\(p.verityFailures.map { ", every block checked against its fs-verity tree (\($0) failed)" } ?? "")")
                 if let e = p.error { print("  error    \(e)") }

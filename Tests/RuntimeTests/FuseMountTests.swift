@@ -182,6 +182,9 @@ struct FuseMountTests {
         #expect(st.problems.isEmpty && st.workerAlive == true, "\(st.problems)")
         let fuse = try #require(st.fuse)
         #expect(fuse.reads > 0 && fuse.readBytes > 0)
+        // The lazy reader's figures, the same type status shows for every backend.
+        let lazy = try #require(st.lazy, "no reader figures in \(st)")
+        #expect(lazy.bytesFetched > 0 && lazy.requests > 0 && lazy.population > 0, "\(lazy)")
         // Mounted nosuid,nodev like every remote mount.
         let line = try #require(MountInfo.current().first { $0.mountPoint == f.mnt })
         #expect(line.options.contains("nosuid") && line.options.contains("nodev"))

@@ -1,4 +1,6 @@
 import Dispatch
+import FUSE
+import Foundation
 import Glibc
 @testable import Runtime
 import Syscall
@@ -86,5 +88,24 @@ import TestSupport
         #expect(!Runtime.isServeCommandLine(["/usr/bin/sleep", "30"], serving: "/c/blobs/sha256/e"))
         // Nothing of the spec but the cache file's path is on the command line.
         #expect(!argv.contains(spec.url) && !argv.contains(spec.mountpoint))
+    }
+}
+
+/// A served mount's stats file: the FUSE server's figures where they always were (top level, as
+/// earlier versions read them) and the lazy reader's under `lazy`.
+@Suite struct ServedStatsTests {
+    @Test func fuseFiguresStayFlatAndTheReaderSitsBeside() throws {
+        var fuse = FUSEStats()
+        (fuse.requests, fuse.reads, fuse.readBytes, fuse.kernelMinor) = (12, 5, 4096, 45)
+        var lazy = LazyFigures()
+        (lazy.bytesFetched, lazy.requests, lazy.population, lazy.complete) = (65536, 2, 12.5, false)
+        let data = try ServedStats.encode(lazy: lazy, fuse: fuse)
+        #expect(try JSONDecoder().decode(FUSEStats.self, from: data) == fuse)
+        #expect(ServedStats.lazyFigures(data) == lazy)
+        let object = try #require(try JSONSerialization.jsonObject(with: data) as? [String: Any])
+        #expect(object["reads"] as? Int == 5 && object["lazy"] is [String: Any], "\(object)")
+        // A file an earlier version wrote (FUSEStats alone) still reads; it has no reader part.
+        let old = try JSONEncoder().encode(fuse)
+        #expect(try JSONDecoder().decode(FUSEStats.self, from: old) == fuse && ServedStats.lazyFigures(old) == nil)
     }
 }

@@ -149,7 +149,7 @@ public enum FuseWorker {
         _ = try? status.writeAll(Array("serving\n".utf8))
         Sys.close(statusFD)
         let stop = Locked(false)
-        Threads.detach { writeStatsWhileServing(session, to: spec.statsPath, until: stop) }
+        Threads.detach { served.1.writeStatsWhileServing(to: spec.statsPath, until: stop) { session.stats } }
         server.run(threads: max(1, spec.threads))
         stop.set(true)
         log("the FUSE connection ended; exiting")
@@ -169,20 +169,6 @@ public enum FuseWorker {
                 served.close()
                 throw error
             }
-        }
-    }
-
-    static func writeStats(_ s: FUSEStats, to path: String) {
-        guard let data = try? JSONEncoder().encode(s) else { return }
-        try? Sys.writeFileAtomically(path, Array(data))
-    }
-
-    static func writeStatsWhileServing(_ session: FUSESession, to path: String, until stop: Locked<Bool>) {
-        var last: FUSEStats?
-        while !stop.get() {
-            let now = session.stats
-            if now != last { writeStats(now, to: path); last = now }
-            usleep(500_000)
         }
     }
 }

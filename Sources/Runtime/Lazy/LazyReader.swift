@@ -3,6 +3,22 @@ import Glibc
 import Remote
 import Syscall
 
+/// What a lazy reader has done, the same for every backend that serves through one: `status`
+/// shows it for fanotify, FUSE and NBD mounts alike.
+public struct LazyFigures: Codable, Sendable, Equatable {
+    public var bytesFetched: UInt64 = 0
+    /// HTTP requests made for the blob.
+    public var requests = 0
+    /// How much of the blob is in the cache, in percent.
+    public var population = 0.0
+    public var complete = false
+    /// After completion: whether the digest matched (nil: no digest known).
+    public var verified: Bool?
+    public var error: String?
+    /// Set when every block is checked against an fs-verity tree: blocks that failed the check.
+    public var verityFailures: Int?
+}
+
 /// The lazy reader every serving backend reads through (fanotify events, FUSE and NBD requests): it
 /// knows nothing of how a read arrived. Over the granule cache of a `LazyBlob` (coalescing and
 /// in-flight dedup are the blob's) it adds per-stream readahead, prefetch (all, or a profile),
@@ -61,6 +77,18 @@ final class LazyReader: @unchecked Sendable {  // state behind locks; prefetch/r
 
     /// Set once the complete cache failed its digest check: every read fails from then on.
     var failed: String? { failure.get() }
+
+    /// What this reader has done so far (this process's part of it).
+    var figures: LazyFigures {
+        var f = LazyFigures()
+        (f.bytesFetched, f.requests) = (lazy.blob.bytesFetched.get(), lazy.blob.requestCount.get())
+        f.population = lazy.populationPercent
+        f.complete = completed.get() && failure.get() == nil
+        if completed.get(), digest != nil { f.verified = failure.get() == nil }
+        f.error = failure.get()
+        if lazy.verifier != nil { f.verityFailures = lazy.verityFailures.get() }
+        return f
+    }
 
     func isAvailable(offset: UInt64, length: UInt64) -> Bool { lazy.isAvailable(offset: offset, length: length) }
 

@@ -195,8 +195,9 @@ public enum NbdWorker {
     public static func serve(spec bytes: [UInt8], socketFD: Int32, readyFD: Int32) -> Int32 {
         let ready = FileDescriptor(rawValue: readyFD)
         let served: ServedSource
+        let spec: ServeSpec
         do {
-            let spec = try JSONDecoder().decode(ServeSpec.self, from: Data(bytes))
+            spec = try JSONDecoder().decode(ServeSpec.self, from: Data(bytes))
             served = try Runtime().openServedSource(spec.source, remote: spec.remote ?? RemoteOptions())
         } catch {
             FuseWorker.log("cannot serve: \(error)")
@@ -211,7 +212,10 @@ public enum NbdWorker {
                                prefetch: { try served.prefetch(offset: $0, length: $1) }, log: { FuseWorker.log($0) })
         _ = try? ready.writeAll(Array("ready \(served.size)\n".utf8))
         Sys.close(readyFD)
+        let stop = Locked(false)
+        Threads.detach { served.writeStatsWhileServing(to: spec.statsPath, until: stop) }
         server.serve(kernelConnection: socketFD)
+        stop.set(true)
         FuseWorker.log("the connection ended; exiting")
         return 0
     }
