@@ -182,7 +182,12 @@ struct FuseMountTests {
         #expect(st.problems.isEmpty && st.workerAlive == true, "\(st.problems)")
         let fuse = try #require(st.fuse)
         #expect(fuse.reads > 0 && fuse.readBytes > 0)
-        // The lazy reader's figures, the same type status shows for every backend.
+        // The lazy reader's figures, the same type status shows for every backend (population counts
+        // what is committed: within a commit and a figures interval of the read).
+        for _ in 0..<40 where (st.lazy?.population ?? 0) == 0 {
+            usleep(100_000)
+            st = try #require(try f.runtime.status(f.mnt).first)
+        }
         let lazy = try #require(st.lazy, "no reader figures in \(st)")
         #expect(lazy.bytesFetched > 0 && lazy.requests > 0 && lazy.population > 0, "\(lazy)")
         // Mounted nosuid,nodev like every remote mount.

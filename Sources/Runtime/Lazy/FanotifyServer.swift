@@ -202,10 +202,11 @@ public final class FanotifyServer: @unchecked Sendable {  // state behind locks;
         s.allowedFromCache += base.allowedFromCache
         s.fetched += base.fetched
         s.denied += base.denied
-        s.bytesFetched = base.bytesFetched + lazy.blob.bytesFetched.get()
-        s.requests = base.requests + lazy.blob.requestCount.get()
-        s.population = lazy.populationPercent
-        if lazy.verifier != nil { s.verityFailures = (base.verityFailures ?? 0) + lazy.verityFailures.get() }
+        // The reader's figures, carried on from the mount's earlier processes.
+        let f = reader.figures
+        (s.bytesFetched, s.requests) = (base.bytesFetched + f.bytesFetched, base.requests + f.requests)
+        s.population = f.population
+        s.verityFailures = f.verityFailures.map { (base.verityFailures ?? 0) + $0 }
         return s
     }
 
