@@ -6,7 +6,7 @@ import Testing
 import Syscall
 import TestSupport
 
-let faultReason = "needs root, mkfs.erofs, nginx and python3 (the fault-injecting proxy)"
+let faultReason = lazyMountMissing ?? "needs python3 (the fault-injecting proxy)"
 let canInjectFaults = canMountRemote && FaultProxy.missing == nil
 
 /// Reads every regular file of `files` on 4 threads, running `during` meanwhile; each result is a

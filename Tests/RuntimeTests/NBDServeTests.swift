@@ -6,8 +6,10 @@ import Testing
 import Syscall
 import TestSupport
 
-let nbdReason = "needs root, mkfs.erofs, nginx, python3 and Debian's libnbd-bin and python3-libnbd (nbdinfo, nbdcopy, libnbd)"
-let canServeNBD = canInjectFaults && TestEnv.which("nbdinfo") != nil && TestEnv.which("nbdcopy") != nil
+/// `nbd serve` needs no kernel feature of its own (no fanotify, no NBD driver): only the fixture's.
+let nbdReason = remoteFixtureMissing ?? "needs python3 and Debian's libnbd-bin and python3-libnbd (nbdinfo, nbdcopy, libnbd)"
+let canServeNBD = remoteFixtureMissing == nil && FaultProxy.missing == nil
+    && TestEnv.which("nbdinfo") != nil && TestEnv.which("nbdcopy") != nil
     && FileManager.default.fileExists(atPath: "/usr/lib/python3/dist-packages/nbd.py")
 
 /// `erofs-compat nbd serve` running in the background on a unix socket, stopped (SIGTERM) by `stop()`.

@@ -7,7 +7,7 @@ import Testing
 import Syscall
 import TestSupport
 
-let ociReason = "needs root, mkfs.erofs, docker-registry, htpasswd (apache2-utils), curl, python3 and nginx for OCI mounts"
+let ociReason = lazyMountMissing ?? "needs docker-registry, htpasswd (apache2-utils), curl and python3 for OCI mounts"
 let canMountOCI = canMountRemote && RegistryServer.missing == nil && FaultProxy.missing == nil && TestEnv.which("htpasswd") != nil
 
 /// A registry, images built from trees, a private state and cache, and kernel-mounted oracles.
