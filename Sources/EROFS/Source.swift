@@ -45,6 +45,8 @@ public final class FileSource: ImageSource {
     public let path: String
     public let size: UInt64
     private let fd: Int32
+    /// The open image, for a caller that must read exactly the file that was checked (an upload).
+    public var descriptor: Int32 { fd }
 
     public init(path: String) throws {
         self.path = path

@@ -35,14 +35,16 @@ extension Runtime {
         do { _ = try EROFSImage.superblock(of: file) } catch {
             throw RuntimeError.notEROFS(canonical, detail: "\(error)")
         }
-        let fd = try Sys.open(canonical, O_RDONLY)
-        defer { Sys.close(fd.rawValue) }
         do {
             let platform = try o.platform.map(OCIPlatform.init(parsing:))
                 ?? OCIPlatform.host(machine: Sys.uname().machine)
             let tree = try FsVerityTree(size: file.size) { try file.read(at: $0, count: $1) }
             let pusher = OCIPusher(client: try registryClient(ref, o))
-            let result = try pusher.push(image: fd.rawValue, size: file.size, tree: tree, platform: platform)
+            // The bytes checked and hashed above are the bytes uploaded: one open of the image (kept
+            // open for the whole upload).
+            let result = try withExtendedLifetime(file) {
+                try pusher.push(image: file.descriptor, size: file.size, tree: tree, platform: platform)
+            }
             return PushOutcome(reference: ref.description, result: result, platform: platform.description)
         } catch let e as RemoteError {
             if case .badPlatform = e { throw RuntimeError.badOptionValue("--platform", detail: e.description) }

@@ -10,12 +10,7 @@ import TestSupport
 
 /// What the probe says of this host's FUSE and EROFS, as the planner sees it (the tests gate on
 /// these findings, not on which machine they run on).
-let fuseHostFindings: Findings = {
-    let ctx = ProbeContext(options: ProbeOptions(cacheDir: TestEnv.scratchBase), lightweight: true)
-    var f = Findings()
-    (FuseChecks.planning(ctx) + EROFSChecks.planning(ctx)).forEach { f.add($0) }
-    return f
-}()
+let fuseHostFindings = hostFindings([FuseChecks.planning, EROFSChecks.planning])
 
 /// Why the FUSE mount tests cannot run here, or nil.
 let fuseSkipReason: String? = {

@@ -9,23 +9,30 @@ import TestSupport
 
 /// What the probe says of this host's EROFS and loop devices: the local-mount tests compare the
 /// file and loop backends and gate on these findings, not on the machine they run on.
-let localHostFindings: Findings = {
+let localHostFindings = hostFindings([EROFSChecks.planning, BlockChecks.planning])
+
+/// What `checks` find on this host, as the planner sees it (scratch files on ext4, no kernel config).
+func hostFindings(_ checks: [(ProbeContext) -> [Finding]]) -> Findings {
     let ctx = ProbeContext(options: ProbeOptions(cacheDir: TestEnv.scratchBase), lightweight: true)
     var f = Findings()
-    (EROFSChecks.planning(ctx) + BlockChecks.planning(ctx)).forEach { f.add($0) }
+    checks.flatMap { $0(ctx) }.forEach { f.add($0) }
     return f
-}()
+}
+
+/// The first of `needed` (finding id, what it is) that `findings` lacks, as a skip reason ending in
+/// `consequence`; nil when all are present.
+func firstMissing(_ needed: [(String, String)], in findings: Findings, _ consequence: String) -> String? {
+    needed.first { !findings.isPresent($0.0) }.map { "the probe finds no \($0.1) on this kernel: \(consequence)" }
+}
 
 /// Why the local-mount tests cannot run here, or nil.
 let localMountMissing: String? = {
     guard TestEnv.isRoot, TestEnv.which("mkfs.erofs") != nil else {
         return "needs root (CAP_SYS_ADMIN) and mkfs.erofs (erofs-utils) for real mounts"
     }
-    for (id, what) in [("erofs.file_backed", "file-backed EROFS mounts (Linux 6.12+)"),
-                       ("loop.configure", "LOOP_CONFIGURE (Linux 5.8+)")] where !localHostFindings.isPresent(id) {
-        return "the probe finds no \(what) on this kernel: the file and loop backends are compared here"
-    }
-    return nil
+    return firstMissing([("erofs.file_backed", "file-backed EROFS mounts (Linux 6.12+)"),
+                         ("loop.configure", "LOOP_CONFIGURE (Linux 5.8+)")],
+                        in: localHostFindings, "the file and loop backends are compared here")
 }()
 let liveReason = localMountMissing ?? ""
 let canMount = localMountMissing == nil

@@ -11,12 +11,7 @@ import TestSupport
 /// What the probe says of this host's fanotify and EROFS, as the planner sees it: the lazy-mount
 /// tests gate on these findings, not on the machine they run on (the same suite runs on kernels
 /// without pre-content fanotify and skips them, naming what is missing).
-let lazyHostFindings: Findings = {
-    let ctx = ProbeContext(options: ProbeOptions(cacheDir: TestEnv.scratchBase), lightweight: true)
-    var f = Findings()
-    (FanotifyChecks.run(ctx) + EROFSChecks.planning(ctx)).forEach { f.add($0) }
-    return f
-}()
+let lazyHostFindings = hostFindings([FanotifyChecks.run, EROFSChecks.planning])
 
 /// Why an image cannot be served over HTTP here with the kernel's own mount of it as the oracle
 /// (`RemoteFixture`), or nil.
@@ -26,13 +21,10 @@ let remoteFixtureMissing: String? = TestEnv.isRoot && TestEnv.which("mkfs.erofs"
 /// Why lazy fanotify mounts over HTTP cannot be tested here, or nil.
 let lazyMountMissing: String? = {
     if let missing = remoteFixtureMissing { return missing }
-    for (id, what) in [("fanotify.pre_access", "fanotify pre-content events (FAN_PRE_ACCESS, Linux 6.14+)"),
-                       ("fanotify.deny_errno", "FAN_DENY_ERRNO (Linux 6.14+)"),
-                       ("erofs.file_backed", "file-backed EROFS mounts (Linux 6.12+), which mount the cache file")]
-    where !lazyHostFindings.isPresent(id) {
-        return "the probe finds no \(what) on this kernel: lazy fanotify mounts cannot run here"
-    }
-    return nil
+    return firstMissing([("fanotify.pre_access", "fanotify pre-content events (FAN_PRE_ACCESS, Linux 6.14+)"),
+                         ("fanotify.deny_errno", "FAN_DENY_ERRNO (Linux 6.14+)"),
+                         ("erofs.file_backed", "file-backed EROFS mounts (Linux 6.12+), which mount the cache file")],
+                        in: lazyHostFindings, "lazy fanotify mounts cannot run here")
 }()
 let remoteReason = lazyMountMissing ?? ""
 let canMountRemote = lazyMountMissing == nil

@@ -9,11 +9,8 @@ import Syscall
 struct FanotifyBackend: MountBackend {
     var kind: Backend { .fanotify }
 
-    /// `request.source` is the cache file.
-    func attach(_ request: PreparedMount) throws -> Attachment {
-        try attachEROFS(source: request.source, at: request.target, options: request.options, passOffset: true)
-        return Attachment()
-    }
+    /// `request.source` is the cache file, mounted as the file backend mounts an image.
+    func attach(_ request: PreparedMount) throws -> Attachment { try FileBackend().attach(request) }
 
     /// The server ends by itself once every mount of the cache file is gone (`MountWatch`); umount
     /// stops a worker process no other mount shares.

@@ -207,6 +207,8 @@ public final class FanotifyServer: @unchecked Sendable {  // state behind locks;
         (s.bytesFetched, s.requests) = (base.bytesFetched + f.bytesFetched, base.requests + f.requests)
         s.population = f.population
         s.verityFailures = f.verityFailures.map { (base.verityFailures ?? 0) + $0 }
+        (s.complete, s.verified) = (f.complete, f.verified)
+        if let e = f.error { s.error = e }
         return s
     }
 
@@ -310,9 +312,9 @@ public final class FanotifyServer: @unchecked Sendable {  // state behind locks;
     }
 
     func answer(_ ev: Fanotify.Event, _ response: UInt32, start: UInt64, closeFD: Bool = true) {
-        if stats.get().verified == false { try? Fanotify.respond(group, fd: ev.fd, response: Fanotify.denyErrno(.ioError)) } else {
-            try? Fanotify.respond(group, fd: ev.fd, response: response)
-        }
+        // After a digest mismatch nothing is allowed any more, whatever the event's range.
+        let verdict = reader.failed != nil ? Fanotify.denyErrno(.ioError) : response
+        try? Fanotify.respond(group, fd: ev.fd, response: verdict)
         journalAppend("A \(ev.fd)\n")
         if closeFD, ev.fd >= 0 { Sys.close(ev.fd) }
         let ms = Double(DispatchTime.now().uptimeNanoseconds - start) / 1e6
@@ -341,13 +343,10 @@ public final class FanotifyServer: @unchecked Sendable {  // state behind locks;
     func finish(_ mismatch: Error?) {
         if let mismatch {
             log("\(mismatch)")
-            stats.withLock { $0.verified = false; $0.error = "\(mismatch)" }
             detachAfterMismatch()
             return
         }
-        if digest != nil { stats.withLock { $0.verified = true } }
         try? Fanotify.mark(group, flags: Fanotify.markRemove, mask: Fanotify.preAccess, path: lazy.dataPath)
-        stats.withLock { $0.complete = true }
         log("cache complete\(digest == nil ? "" : " and verified"); mark removed")
     }
 }

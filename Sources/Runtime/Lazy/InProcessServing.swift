@@ -197,7 +197,7 @@ public final class InProcessServing: @unchecked Sendable {  // the entries behin
         let watch = MountWatch(spec.mountpoint, source: spec.dataPath, parent: getppid(), writerFD: e.lazy.writerFD)
         ServingTicker.shared.every(250) {
             guard !e.stop.get() else { return false }
-            guard watch.isGone() else { return true }
+            guard watch.isGoneWhenDue() else { return true }
             if !e.stop.get() { e.unmounted.set(true) }
             e.stop.set(true)
             server.stop()

@@ -50,7 +50,10 @@ final class LazyReader: @unchecked Sendable {  // state behind locks; prefetch/r
     private let readaheadFailures = Locked(0)
     private let prefetching = DispatchGroup()
     private let stopping = Locked(false)
+    /// Set when the check of the complete cache began (it runs once).
     private let completed = Locked(false)
+    /// Set when that check ended: passed (or there was no digest).
+    private let checked = Locked(false)
     private let failure = Locked<String?>(nil)
     private let tick = Locked<ServingTicker.Token?>(nil)
 
@@ -83,8 +86,9 @@ final class LazyReader: @unchecked Sendable {  // state behind locks; prefetch/r
         var f = LazyFigures()
         (f.bytesFetched, f.requests) = (lazy.blob.bytesFetched.get(), lazy.blob.requestCount.get())
         f.population = lazy.populationPercent
-        f.complete = completed.get() && failure.get() == nil
-        if completed.get(), digest != nil { f.verified = failure.get() == nil }
+        // Complete and verified only once the check has ended (it reads the whole blob first).
+        f.complete = checked.get()
+        if digest != nil, checked.get() || failure.get() != nil { f.verified = failure.get() == nil }
         f.error = failure.get()
         if lazy.verifier != nil { f.verityFailures = lazy.verityFailures.get() }
         return f
@@ -260,6 +264,7 @@ final class LazyReader: @unchecked Sendable {  // state behind locks; prefetch/r
                 BlobCache.discard(entry: lazy.dataPath)
             }
         }
+        if mismatch == nil { checked.set(true) }
         onComplete?(mismatch)
     }
 

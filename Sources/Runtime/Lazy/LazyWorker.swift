@@ -428,13 +428,31 @@ final class MountWatch: @unchecked Sendable {  // used by one thread at a time (
         return false
     }
 
-    /// Waits for mountinfo to change (POLLPRI), at most 1 s (250 ms while only open files keep a
-    /// detached mount alive: their close is not signalled).
-    func waitForChange() {
-        guard let fd = mountinfo else { return }
-        let timeout: Int32 = liveWatches.isEmpty || !lastMounts.isEmpty ? 1000 : 250
-        _ = try? Sys.poll(fd.rawValue, events: Int16(POLLPRI | POLLERR), timeoutMs: timeout)
+    /// How long to go without a look when mountinfo does not change: 1 s, 250 ms while only open
+    /// files keep a detached mount alive (their close is not signalled).
+    private var lookIntervalMs: Int32 { liveWatches.isEmpty || !lastMounts.isEmpty ? 1000 : 250 }
+    private var lastLook: UInt64?
+
+    /// Waits for mountinfo to change (POLLPRI), at most `lookIntervalMs`.
+    func waitForChange() { _ = mountinfoChanged(waitingMs: lookIntervalMs) }
+
+    /// For a caller that asks often (the daemon's ticker): looks only when mountinfo changed or the
+    /// interval `waitForChange` would wait has passed, so an idle mount costs a poll(2), not a parse.
+    func isGoneWhenDue() -> Bool {
+        let now = DispatchTime.now().uptimeNanoseconds
+        let due = lastLook.map { now - $0 >= UInt64(lookIntervalMs) * 1_000_000 } ?? true
+        guard mountinfoChanged(waitingMs: 0) || due else { return false }
+        lastLook = now
+        return isGone()
+    }
+
+    /// Whether mountinfo signalled a change within `waitingMs` (the signal is consumed).
+    private func mountinfoChanged(waitingMs: Int32) -> Bool {
+        guard let fd = mountinfo else { return false }
+        let events = Int16(POLLPRI | POLLERR)
+        guard (try? Sys.poll(fd.rawValue, events: events, timeoutMs: waitingMs)) == true else { return false }
         var b = [UInt8](repeating: 0, count: 4096)
         _ = try? b.withUnsafeMutableBytes { try Sys.pread(fd.rawValue, into: $0, at: 0) }
+        return true
     }
 }
