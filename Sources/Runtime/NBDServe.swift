@@ -74,12 +74,16 @@ public final class ServedSource: @unchecked Sendable {  // immutable after init;
     func writeStatsWhileServing(to path: String, until stop: Locked<Bool>, fuse: @escaping () -> FUSEStats? = { nil }) {
         var last: Data?
         while !stop.get() {
-            if let data = try? ServedStats.encode(lazy: figures, fuse: fuse()), data != last {
-                try? Sys.writeFileAtomically(path, [UInt8](data))
-                last = data
-            }
+            last = writeStatsIfChanged(to: path, since: last, fuse: fuse())
             usleep(500_000)
         }
+    }
+
+    /// Writes the stats file when its contents differ from `last`; returns what it holds now.
+    func writeStatsIfChanged(to path: String, since last: Data?, fuse: FUSEStats?) -> Data? {
+        guard let data = try? ServedStats.encode(lazy: figures, fuse: fuse), data != last else { return last }
+        try? Sys.writeFileAtomically(path, [UInt8](data))
+        return data
     }
 
     /// NBD_CMD_CACHE: fetch the range into the cache now.

@@ -151,7 +151,7 @@ extension Runtime {
         var record = record
         record.cachePath = nil
         let prepared = PreparedMount(source: req.source, target: target, options: req.options, blockSize: 4096,
-                                     stateRoot: state.root, remote: req.remote)
+                                     stateRoot: state.root, remote: req.remote, host: serving)
         try state.withLock {
             try checkNotMounted(target, source: req.source)
             let attachment: Attachment

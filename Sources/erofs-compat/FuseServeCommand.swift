@@ -16,6 +16,9 @@ struct FuseServeCommand: ParsableCommand {
     @Option var kernelFlags: UInt64 = 0
     @Option var kernelMinor: UInt32 = 0
     @Flag var resend = false
+    /// Taking over a connection whose INIT was answered (the daemon hands it over): the kernel's
+    /// flags and minor are those given.
+    @Flag var adopted = false
 
     func run() throws {
         let spec = try readServeSpec(specFd)
@@ -23,7 +26,8 @@ struct FuseServeCommand: ParsableCommand {
             throw ExitCode(FuseWorker.serve(spec: spec, fuseFD: fuseFd, statusFD: statusFd, kernelFlags: kernelFlags,
                                             kernelMinor: kernelMinor, resend: resend))
         }
-        throw ExitCode(FuseWorker.supervise(spec: spec, fuseFD: fuseFd, readyFD: readyFd))
+        throw ExitCode(FuseWorker.supervise(spec: spec, fuseFD: fuseFd, readyFD: readyFd,
+                                            negotiated: adopted ? (kernelFlags, kernelMinor) : nil))
     }
 }
 

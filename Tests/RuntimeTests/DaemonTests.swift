@@ -83,7 +83,7 @@ struct DaemonTests {
     /// A fixture with a daemon of its own (state directory in the fixture), its image mounted with the
     /// CLI, which hands the mount to the daemon — through a fault proxy when `proxied`; everything is
     /// stopped and removed afterwards.
-    func withDaemonMount(_ label: String, proxied: Bool = false,
+    func withDaemonMount(_ label: String, proxied: Bool = false, args: [String] = [],
                          _ body: (RemoteFixture, DaemonProcess, TreeFactsLite, FaultProxy?) throws -> Void) throws {
         let f = try RemoteFixture(label)
         defer { f.remove() }
@@ -92,7 +92,8 @@ struct DaemonTests {
         let daemon = try DaemonProcess(state: f.runtime.state.root)
         defer { daemon.kill() }
         let expected = try f.oracle()
-        let r = try cli(f.runtime.state.root, ["mount", "--cache-dir", f.remote.cacheDir, (proxy?.base ?? f.server.base) + "/img.erofs", f.mnt])
+        let r = try cli(f.runtime.state.root, ["mount", "--cache-dir", f.remote.cacheDir] + args
+                        + [(proxy?.base ?? f.server.base) + "/img.erofs", f.mnt])
         try #require(r.status == 0 && r.stdout.contains("served by the daemon"), Comment(rawValue: r.stdout + r.stderr + daemon.logText()))
         try body(f, daemon, expected, proxy)
     }
@@ -312,6 +313,80 @@ struct DaemonTests {
                 if !gone { usleep(50_000) }
             }
             #expect(gone, "the supervisor outlived its mount")
+        }
+    }
+
+    /// What is left of a FUSE mount in the fixture's state directory: specs, figures, private mounts.
+    func fuseLeftovers(_ f: RemoteFixture) -> [String] {
+        let state = f.runtime.state.root
+        let workers = (try? FileManager.default.contentsOfDirectory(atPath: state + "/workers")) ?? []
+        let fuse = (try? FileManager.default.contentsOfDirectory(atPath: state + "/fuse")) ?? []
+        return workers.filter { !$0.hasSuffix(".lock") } + fuse + currentMounts().filter { $0.hasPrefix(state) }
+    }
+
+    /// A FUSE mount served by the daemon itself (no server process), its /dev/fuse descriptor in the
+    /// keeper's fd store: SIGKILL of the daemon during a parallel cold read of every file, each data
+    /// request held back 0.1 s — the restarted daemon serves the same connection and the kernel
+    /// resends what the dead one had read, so every reader gets correct bytes; umount leaves nothing.
+    @Test(.enabled(if: fuseSkipReason == nil, Comment(rawValue: fuseSkipReason ?? "")),
+          arguments: ["fuse-blob", "fuse-erofs"])
+    func hostedFuseSurvivesACrash(backend: String) throws {
+        try withDaemonMount("daemon-" + backend, proxied: true, args: ["--backend", backend]) { f, daemon, expected, proxy in
+            let proxy = proxy!
+            let state = f.runtime.state.root
+            let record = try #require(f.runtime.state.load(f.mnt))
+            #expect(record.servedBy == "daemon" && record.workerPID == daemon.child() && record.backend == backend, "\(record)")
+            #expect(fuseServers(under: f.dir).isEmpty, "no FUSE server process of its own")
+            #expect(specs(state).count == 1)
+            try proxy.set("{\"fault\":\"stall\",\"seconds\":0.1,\"every\":1,\"match\":\"/img.erofs\"}")
+            let files = expected.entries.filter { $0.value.contains("size") }.map(\.key).sorted()
+            var kills = 0
+            let results = parallelRead(f.mnt, files) {
+                for _ in 0..<2 {
+                    usleep(300_000)
+                    if let c = daemon.child() {
+                        _ = Glibc.kill(c, SIGKILL)
+                        kills += 1
+                    }
+                }
+            }
+            #expect(kills > 0)
+            for p in files {
+                let got = results[p] ?? "missing"
+                #expect(expected.entries[p]!.hasSuffix(got), "\(p): \(got)")
+            }
+            try proxy.set("{}")
+            #expect(TreeFactsLite(f.mnt) == expected)
+            let log = daemon.logText()
+            #expect(log.contains("serving again after a restart") && log.contains("resend"), Comment(rawValue: log))
+            var follows = false
+            for _ in 0..<40 where !follows {
+                follows = f.runtime.state.load(f.mnt)?.workerPID == daemon.child()
+                if !follows { usleep(50_000) }
+            }
+            #expect(follows)
+            let st = try #require(try f.runtime.status().first)
+            #expect(st.problems.isEmpty && (st.fuse?.requests ?? 0) > 0, "\(st.problems) \(String(describing: st.fuse))")
+            let u = try cli(state, ["umount", f.mnt])
+            #expect(u.status == 0, Comment(rawValue: u.stderr))
+            #expect(fuseLeftovers(f).isEmpty, "left after umount: \(fuseLeftovers(f))")
+            #expect(daemon.stop() == 0, Comment(rawValue: daemon.logText()))
+        }
+    }
+
+    /// A clean stop hands a hosted FUSE mount to a `__fuse-serve` supervisor on the same connection:
+    /// the mount keeps working (cold data still fetched) and `umount` ends that supervisor.
+    @Test(.enabled(if: fuseSkipReason == nil, Comment(rawValue: fuseSkipReason ?? "")))
+    func stopHandsHostedFuseToASupervisor() throws {
+        try withDaemonMount("daemon-fuse-stop", args: ["--backend", "fuse-blob"]) { f, daemon, expected, _ in
+            #expect(daemon.stop() == 0, Comment(rawValue: daemon.logText()))
+            let record = try #require(f.runtime.state.load(f.mnt))
+            #expect(record.servedBy == nil && fuseServers(under: f.dir).contains(record.workerPID!), "\(record)")
+            #expect(TreeFactsLite(f.mnt) == expected)
+            #expect(specs(f.runtime.state.root).isEmpty)
+            try f.runtime.umount(f.mnt)
+            #expect(fuseServers(under: f.dir).isEmpty, "the supervisor outlived its mount")
+            #expect(fuseLeftovers(f).isEmpty, "left after umount: \(fuseLeftovers(f))")
         }
     }
 }

@@ -59,6 +59,8 @@ struct PreparedMount {
     var stateRoot: String
     /// For remote sources served by a backend of its own (FUSE): the cache and how to fetch.
     var remote: RemoteOptions?
+    /// The daemon's served-mount host: a served backend's server runs there, not in a process of its own.
+    var host: InProcessServing?
     var mountpoint: String { target.path }
 }
 
@@ -68,12 +70,15 @@ struct Attachment {
     var workerPID: Int32?
     var statsPath: String?
     var fuseMount: String?
+    /// Served by the daemon (`workerPID` is the daemon's).
+    var servedByDaemon = false
 }
 
 extension MountRecord {
     /// What the backend attached, for `status` and `umount`.
     mutating func apply(_ a: Attachment) {
         (device, workerPID, statsPath, fuseMount) = (a.device, a.workerPID, a.statsPath, a.fuseMount)
+        if a.servedByDaemon { servedBy = Self.daemon }
     }
 }
 

@@ -17,9 +17,17 @@ struct FuseMounter {
     static let fsType = "fuse." + subtype
 
     var stateRoot: String
+    /// Where the server runs: the daemon's host, or (nil) a supervisor process of its own.
+    var host: InProcessServing?
+    /// The mount the server is for (the host's key).
+    var mountpoint: String
 
-    /// Builds the FUSE superblock for `spec`, starts its supervisor, waits until it serves, and
-    /// attaches the mount to `target`. Returns the supervisor's pid.
+    init(_ request: PreparedMount) {
+        (stateRoot, host, mountpoint) = (request.stateRoot, request.host, request.mountpoint)
+    }
+
+    /// Builds the FUSE superblock for `spec`, starts its server (hosted, or a supervisor process),
+    /// waits until it serves, and attaches the mount to `target`. Returns the server's pid.
     func mount(_ spec: ServeSpec, source: String, at target: FileDescriptor, attributes: MountAPI.Attributes,
                allowOther: Bool) throws -> Int32 {
         let dev: FileDescriptor
@@ -36,11 +44,12 @@ struct FuseMounter {
             throw BackendFailure(detail: "creating the FUSE mount: \(error)", fallback: true)
         }
         defer { Sys.close(mnt.rawValue) }
-        let pid = try startSupervisor(spec, fuseFD: dev.rawValue)
+        let pid = try host.map { try $0.hostFuse(spec, mountpoint: mountpoint, fuseFD: dev.rawValue) }
+            ?? startSupervisor(spec, fuseFD: dev.rawValue)
         do {
             try MountAPI.move(mnt, to: target)
         } catch {
-            try? Sys.kill(pid, SIGKILL)
+            if let host { host.abandon(mountpoint) } else { try? Sys.kill(pid, SIGKILL) }
             throw BackendFailure(detail: "move_mount of the FUSE mount: \(error)", fallback: false)
         }
         return pid
@@ -143,7 +152,7 @@ struct FuseErofsBackend: MountBackend {
     var kind: Backend { .fuseErofs }
 
     func attach(_ request: PreparedMount) throws -> Attachment {
-        let mounter = FuseMounter(stateRoot: request.stateRoot)
+        let mounter = FuseMounter(request)
         let stats = mounter.statsPath(for: request.mountpoint)
         let spec = ServeSpec(filesystem: .erofs, source: request.source, remote: request.remote, statsPath: stats)
         guard Sys.hasCapSysAdmin() else {
@@ -152,7 +161,7 @@ struct FuseErofsBackend: MountBackend {
         }
         let pid = try mounter.mount(spec, source: request.source, at: request.target.fd,
                                     attributes: request.options.attributes, allowOther: true)
-        return Attachment(device: nil, workerPID: pid, statsPath: stats)
+        return Attachment(device: nil, workerPID: pid, statsPath: stats, servedByDaemon: request.host != nil)
     }
 
     func release(_ record: MountRecord) { release(record, lazy: false) }
@@ -174,7 +183,7 @@ struct FuseBlobBackend: MountBackend {
     var kind: Backend { .fuseBlob }
 
     func attach(_ request: PreparedMount) throws -> Attachment {
-        let mounter = FuseMounter(stateRoot: request.stateRoot)
+        let mounter = FuseMounter(request)
         let stats = mounter.statsPath(for: request.mountpoint)
         let dir = request.stateRoot + "/fuse/" + StateStore.sibling(of: StateStore.key(for: request.mountpoint), "")
         try? Sys.mkdir(request.stateRoot + "/fuse", mode: 0o700)
@@ -196,9 +205,11 @@ struct FuseBlobBackend: MountBackend {
         inner.source = dir + "/" + String(decoding: BlobFilesystem.fileName, as: UTF8.self)
         do {
             let attached = try attachKernelEROFS(inner)
-            return Attachment(device: attached.device, workerPID: pid, statsPath: stats, fuseMount: dir)
+            return Attachment(device: attached.device, workerPID: pid, statsPath: stats, fuseMount: dir,
+                              servedByDaemon: request.host != nil)
         } catch {
             try? MountAPI.umount(dir, detach: true)
+            request.host?.abandon(request.mountpoint)
             _ = Glibc.rmdir(dir)
             throw error
         }

@@ -75,7 +75,15 @@ struct ServedProcess {
 
     /// Once what it serves is gone the server exits by itself; wait for that (so that nothing of the
     /// mount is left when `umount` returns), stop it if it lingers, and remove its figures and log.
-    func awaitExit(_ record: MountRecord) { awaitExit(pid: record.workerPID, statsPath: record.statsPath) }
+    func awaitExit(_ record: MountRecord) {
+        guard record.servedByDaemon, let stats = record.statsPath else {
+            return awaitExit(pid: record.workerPID, statsPath: record.statsPath)
+        }
+        // The daemon lets go of the mount (its spec, stored descriptors, figures) once the
+        // connection ends: wait for that, up to 10 s.
+        let spec = StateStore.sibling(of: stats, ".spec")
+        for _ in 0..<200 where FileManager.default.fileExists(atPath: spec) { usleep(50_000) }
+    }
 
     func awaitExit(pid: Int32?, statsPath: String?) {
         if let pid, isRunning(pid) {

@@ -53,18 +53,21 @@ public enum FuseWorker {
         _ = try? FileDescriptor.standardError.writeAll(Array(line.utf8))
     }
 
-    /// The supervisor; `ready` gets "ready" once a child serves, or "error: …". Returns the exit status.
-    public static func supervise(spec: [UInt8], fuseFD: Int32, readyFD: Int32) -> Int32 {
+    /// The supervisor; `ready` gets "ready" once a child serves, or "error: …". `negotiated`: the
+    /// connection is taken over (from the daemon) with what INIT negotiated, so its children ask the
+    /// kernel to resend what the previous server had read. Returns the exit status.
+    public static func supervise(spec: [UInt8], fuseFD: Int32, readyFD: Int32,
+                                 negotiated: (flags: UInt64, minor: UInt32)? = nil) -> Int32 {
         func ready(_ line: String) {
             _ = try? FileDescriptor(rawValue: readyFD).writeAll(Array((line + "\n").utf8))
             Sys.close(readyFD)
         }
-        guard let (flags, minor) = handshake(fuseFD) else {
+        guard let (flags, minor) = negotiated.map({ (FUSEInitFlags(rawValue: $0.flags), $0.minor) }) ?? handshake(fuseFD) else {
             ready("error: the kernel sent no FUSE INIT request")
             return 1
         }
         var readySent = false
-        var restarts = 0
+        var restarts = negotiated == nil ? 0 : 1
         while true {
             let started = ContinuousClock.now
             let child = try? startChild(spec: spec, fuseFD: fuseFD, flags: flags, minor: minor, resend: restarts > 0)
@@ -156,8 +159,8 @@ public enum FuseWorker {
         return 0
     }
 
-    static func openFilesystem(_ spec: ServeSpec) throws -> (FUSEFilesystem, ServedSource) {
-        let served = try Runtime().openServedSource(spec.source, remote: spec.remote ?? RemoteOptions())
+    static func openFilesystem(_ spec: ServeSpec, runtime: Runtime = Runtime()) throws -> (FUSEFilesystem, ServedSource) {
+        let served = try runtime.openServedSource(spec.source, remote: spec.remote ?? RemoteOptions())
         let mtime = UInt64(Date().timeIntervalSince1970)
         switch spec.filesystem {
         case .blob:

@@ -1,0 +1,218 @@
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
+import Foundation
+#endif
+import FUSE
+import Glibc
+import Syscall
+import SystemPackage
+
+/// A FUSE mount hosted by the daemon: what it serves without credentials, and what the kernel
+/// negotiated at INIT (a successor resumes the session instead of negotiating again).
+struct FuseHostingSpec: Codable, Sendable {
+    static let kind = "fuse"
+    var kind = Self.kind
+    var id: String
+    var mountpoint: String
+    var serve: ServeSpec
+    var kernelFlags: UInt64
+    var kernelMinor: UInt32
+}
+
+/// A registry user name and password, kept in a memfd in the fd store (never in a file).
+private struct StoredCredentials: Codable {
+    var username: String?
+    var password: String?
+}
+
+/// A fuse-blob or fuse-erofs mount served in the daemon's shared threads: the poller reads its
+/// /dev/fuse descriptor (non-blocking) and the requests are answered on the pool, at most
+/// `lane.limit` at once, so a mount costs the daemon no threads of its own and no process start.
+/// The descriptor is durable: after a crash the successor serves the same connection and asks the
+/// kernel to resend what was read but not answered (FUSE_NOTIFY_RESEND); a clean stop hands it to
+/// a `__fuse-serve` supervisor.
+final class HostedFuse: HostedMount, @unchecked Sendable {  // `buffer` is the poller thread's only; the rest locked or immutable
+    enum Phase { case serving, stopped, ended }
+
+    let hosting: FuseHostingSpec
+    /// The spec with its credentials, for a supervisor taking over.
+    let full: ServeSpec
+    let device: OwnedDescriptor
+    let authFD: OwnedDescriptor?
+    let served: ServedSource
+    let session: FUSESession
+    let lane = PoolLane(limit: 8, priority: .demand)
+    let log: @Sendable (String) -> Void
+    private let phase = Locked(Phase.serving)
+    private let token = Locked<ServingPoller.Token?>(nil)
+    private let onEnd = Locked<(@Sendable () -> Void)?>(nil)
+    private var buffer = [UInt8](repeating: 0, count: FUSELayout.requestBuffer)
+
+    var spec: HostedSpec { .fuse(hosting) }
+    var durable: [(kind: Character, fd: Int32)] {
+        var list: [(kind: Character, fd: Int32)] = [("f", device.rawValue)]
+        if let authFD { list.append(("a", authFD.rawValue)) }
+        return list
+    }
+
+    private init(_ hosting: FuseHostingSpec, full: ServeSpec, device: Int32, authFD: Int32?, served: ServedSource,
+                 filesystem: FUSEFilesystem, log: @escaping @Sendable (String) -> Void) {
+        (self.hosting, self.full, self.served) = (hosting, full, served)
+        self.device = OwnedDescriptor(device)
+        self.authFD = authFD.map { OwnedDescriptor($0) }
+        session = FUSESession(filesystem: filesystem)
+        session.resume(kernelFlags: FUSEInitFlags(rawValue: hosting.kernelFlags), kernelMinor: hosting.kernelMinor)
+        self.log = { [mp = hosting.mountpoint] in log("\(mp): \($0)") }
+    }
+
+    func serves(_ record: MountRecord) -> Bool { record.isFuseServed && record.mountpoint == hosting.mountpoint }
+
+    func start(restarted: Bool, ended: @escaping @Sendable () -> Void) {
+        onEnd.set(ended)
+        setNonBlocking(true)
+        if restarted {
+            let asked = FUSEServer(session: session, fd: device.rawValue).requestResend()
+            log(asked ? "asked the kernel to resend unanswered requests" : "the kernel cannot resend requests")
+        }
+        token.set(ServingPoller.shared.add(device.rawValue) { [self] in readable() })
+        let last = Locked<Data?>(nil)
+        ServingTicker.shared.every(250) { [self] in
+            guard phase.get() == .serving else { return false }
+            last.set(served.writeStatsIfChanged(to: hosting.serve.statsPath, since: last.get(), fuse: session.stats))
+            return true
+        }
+    }
+
+    /// On the poller thread: every request queued now goes to the pool.
+    private func readable() {
+        guard phase.get() == .serving else { return }
+        while true {
+            let n = buffer.withUnsafeMutableBytes { Glibc.read(device.rawValue, $0.baseAddress, $0.count) }
+            if n > 0 {
+                let request = Array(buffer[0..<n])
+                lane.submit { [self] in
+                    guard let reply = session.handle(request[...]) else { return }
+                    // ENOENT: the request was interrupted meanwhile and needs no answer.
+                    _ = reply.withUnsafeBytes { Glibc.write(device.rawValue, $0.baseAddress, $0.count) }
+                }
+                continue
+            }
+            if n < 0, errno == EAGAIN { return }
+            if n < 0, errno == EINTR || errno == ENOENT { continue }
+            connectionEnded()  // ENODEV: the superblock is gone (also the last close after a lazy umount)
+            return
+        }
+    }
+
+    private func connectionEnded() {
+        guard phase.withLock({ p -> Bool in
+            guard p == .serving else { return false }
+            p = .ended
+            return true
+        }) else { return }
+        // Not on the poller thread: removing a descriptor waits for its handler.
+        ServingPool.shared.submit(.background) { [self] in
+            token.withLock { $0 }.map(ServingPoller.shared.remove)
+            lane.waitIdle()
+            served.close()
+            full.servingEnded()
+            log("the FUSE connection ended; stopped serving it")
+            onEnd.get()?()
+        }
+    }
+
+    func stop() -> Bool {
+        guard phase.withLock({ p -> Bool in
+            guard p == .serving else { return false }
+            p = .stopped
+            return true
+        }) else { return false }
+        token.withLock { $0 }.map(ServingPoller.shared.remove)
+        lane.waitIdle()
+        return true
+    }
+
+    /// `__fuse-serve` on the same connection, told what INIT negotiated; it opens the source itself
+    /// (this process lets go of the cache entry first).
+    func spawnSupervisor() throws -> Int32 {
+        served.close()
+        setNonBlocking(false)
+        let args = ["--fuse-fd", String(device.rawValue), "--kernel-flags", String(hosting.kernelFlags),
+                    "--kernel-minor", String(hosting.kernelMinor), "--adopted"]
+        let server = ServedProcess.fuse
+        let (pid, line) = try server.start(full, args: args, keeping: [device.rawValue])
+        guard line == "ready" else {
+            server.kill(pid)
+            throw BackendFailure(detail: "the FUSE server answered '\(line)'", fallback: false)
+        }
+        return pid
+    }
+
+    func close() {
+        served.close()
+        device.close()
+        authFD?.close()
+    }
+
+    /// O_NONBLOCK is the open file's, shared with every copy: on while the poller reads it, off for
+    /// a supervisor's blocking readers.
+    private func setNonBlocking(_ on: Bool) {
+        let fd = device.rawValue
+        let flags = fcntl(fd, F_GETFL)
+        _ = fcntl(fd, F_SETFL, on ? flags | O_NONBLOCK : flags & ~O_NONBLOCK)
+    }
+
+    /// The source opened and its filesystem made, on the device whose INIT is answered.
+    static func open(_ hosting: FuseHostingSpec, full: ServeSpec, device: Int32, authFD: Int32?, state: StateStore,
+                     log: @escaping @Sendable (String) -> Void) throws -> HostedFuse {
+        let (filesystem, served) = try FuseWorker.openFilesystem(full, runtime: Runtime(state: state))
+        return HostedFuse(hosting, full: full, device: device, authFD: authFD, served: served, filesystem: filesystem, log: log)
+    }
+
+    /// After a restart: the mount again from its spec, the stored device (f) and credentials (a).
+    static func restore(_ hosting: FuseHostingSpec, _ fds: [Character: Int32], state: StateStore,
+                        log: @escaping @Sendable (String) -> Void) throws -> HostedFuse {
+        guard let device = fds["f"] else { throw RuntimeError.state("the stored descriptors lack /dev/fuse") }
+        var full = hosting.serve
+        if let a = fds["a"] {
+            let bytes = try Sys.preadFully(a, count: Int(Sys.fstat(a).st_size), at: 0)
+            let c = try JSONDecoder().decode(StoredCredentials.self, from: Data(bytes))
+            full.remote?.oci.username = c.username
+            full.remote?.oci.password = c.password
+        }
+        return try open(hosting, full: full, device: device, authFD: fds["a"], state: state, log: log)
+    }
+}
+
+extension InProcessServing {
+    /// Serves the FUSE connection on `fuseFD` (its superblock just created) here: answers INIT,
+    /// opens what `spec` names, stores the device, serves. Returns this process's pid.
+    func hostFuse(_ spec: ServeSpec, mountpoint: String, fuseFD: Int32) throws -> Int32 {
+        guard let (flags, minor) = FuseWorker.handshake(fuseFD) else {
+            throw BackendFailure(detail: "the kernel sent no FUSE INIT request", fallback: false)
+        }
+        var stored = spec
+        stored.remote?.oci.username = nil
+        stored.remote?.oci.password = nil
+        let hosting = FuseHostingSpec(id: Self.newID(), mountpoint: mountpoint, serve: stored, kernelFlags: flags.rawValue,
+                                      kernelMinor: minor)
+        let device = try Sys.dup(fuseFD)
+        var authFD: Int32?
+        let mount: HostedFuse
+        do {
+            if let oci = spec.remote?.oci, oci.username != nil || oci.password != nil {
+                let secret = try JSONEncoder().encode(StoredCredentials(username: oci.username, password: oci.password))
+                authFD = try Sys.memfd("erofs-compat-auth", holding: [UInt8](secret))
+            }
+            mount = try HostedFuse.open(hosting, full: spec, device: device, authFD: authFD, state: state, log: log)
+        } catch {
+            Sys.close(device)
+            authFD.map(Sys.close)
+            throw error
+        }
+        try add(mount)
+        start(mount, restarted: false)
+        return getpid()
+    }
+}
