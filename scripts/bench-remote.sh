@@ -188,6 +188,10 @@ for B in $(bins); do
     if [ -n "$registry_pid" ]; then small "oci://127.0.0.1:$rport/bench/img1g:latest" "$blob" "docker-registry, oci://, no daemon" no auto "$B"; fi
     small "$url" "$url" "(d) nginx, http://, no daemon" no auto "$B"
 done
+start_daemon
+if [ -n "$registry_pid" ]; then small "oci://127.0.0.1:$rport/bench/img1g:latest" "$blob" "fuse-blob, docker-registry, oci://, daemon" daemon fuse-blob; fi
+small "$url" "$url" "fuse-blob, nginx, http://, daemon" daemon fuse-blob
+stop_daemon
 if [ -n "$registry_pid" ]; then small "oci://127.0.0.1:$rport/bench/img1g:latest" "$blob" "fuse-blob, docker-registry, oci://, no daemon" no fuse-blob; fi
 small "$url" "$url" "fuse-blob, nginx, http://, no daemon" no fuse-blob
 [ -n "$registry_pid" ] || echo "docker-registry not installed: registry figures skipped"

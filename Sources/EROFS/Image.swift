@@ -188,6 +188,18 @@ public final class EROFSImage {
         return out
     }
 
+    /// Where the inode's data at [offset, offset+count) (clamped at end of file) lies in a file the
+    /// source keeps open, when it is one stretch of flat data there: for splicing a FUSE reply.
+    /// nil for compressed data, holes, data crossing chunks, metabox data or a source without files.
+    public func dataRegion(_ inode: Inode, at offset: UInt64, count: Int) throws -> (region: FileRegion, length: Int)? {
+        guard !inode.layout.isCompressed, offset < inode.size, count > 0 else { return nil }
+        let n = Int(min(UInt64(count), inode.size - offset))
+        let seg = try mapFlat(inode, offset)
+        guard let phys = seg.physical, phys & Self.metaboxBit == 0, seg.length >= UInt64(n),
+              let region = try source.fileRegion(at: phys, count: n) else { return nil }
+        return (region, n)
+    }
+
     /// Up to `buffer.count` bytes of the inode's data at `offset` written into `buffer` (fewer at
     /// end of file); the count written. Flat data is read by the source straight into the buffer
     /// (no intermediate copy: a FUSE reply is built this way), compressed data is decompressed and copied.

@@ -12,6 +12,8 @@ public final class FUSEServer: Sendable {
     /// Serving threads that have seen the connection end.
     private let finished = Mutex<Int>(0)
 
+    private let splicer = FUSESplicer()
+
     public init(session: FUSESession, fd: Int32) {
         (self.session, self.fd) = (session, fd)
     }
@@ -49,8 +51,19 @@ public final class FUSEServer: Sendable {
                 }
             }
             if n == 0 { return }
-            guard let reply = session.handle(buffer[0..<n]) else { continue }
-            _ = write(reply)
+            answer(buffer[0..<n])
+        }
+    }
+
+    /// Answers one request: a READ whose data lies in a file is spliced from it, anything else (or
+    /// a splice that failed before the device took it) written.
+    public func answer(_ request: ArraySlice<UInt8>) {
+        switch session.respond(request) {
+        case nil: return
+        case .bytes(let reply): _ = write(reply)
+        case .file(let header, let region):
+            guard splicer.send(header, region, to: fd) == .failed else { return }
+            if let reply = session.handle(request) { _ = write(reply) }
         }
     }
 

@@ -31,6 +31,24 @@ public protocol FUSEFilesystem: Sendable {
     func statfs() -> FUSEStatfs
     /// `read` straight into `buffer` (the reply being built): the count written.
     func read(_ node: UInt64, offset: UInt64, into buffer: UnsafeMutableRawBufferPointer) throws(FUSEError) -> Int
+    /// Where exactly the bytes `read` would return lie in an open file (once present), so the reply
+    /// can be spliced from it; nil when they must be read (compressed, split, or not in a file).
+    func readRegion(_ node: UInt64, offset: UInt64, size: Int) throws(FUSEError) -> FUSEFileRegion?
+}
+
+/// Bytes of an open file: a READ reply's data, spliced to the device without passing through the server.
+public struct FUSEFileRegion: Sendable, Equatable {
+    public var fd: Int32
+    public var offset: UInt64
+    public var length: Int
+    public init(fd: Int32, offset: UInt64, length: Int) { (self.fd, self.offset, self.length) = (fd, offset, length) }
+}
+
+/// What to write to the device for one request: the reply's bytes, or a READ reply's header whose
+/// data follows from a file region.
+public enum FUSEOutput: Sendable {
+    case bytes([UInt8])
+    case file(header: [UInt8], region: FUSEFileRegion)
 }
 
 extension FUSEFilesystem {
@@ -41,6 +59,8 @@ extension FUSEFilesystem {
         bytes.withUnsafeBytes { buffer.copyMemory(from: UnsafeRawBufferPointer(rebasing: $0.prefix(buffer.count))) }
         return min(bytes.count, buffer.count)
     }
+
+    public func readRegion(_ node: UInt64, offset: UInt64, size: Int) throws(FUSEError) -> FUSEFileRegion? { nil }
 }
 
 /// What a session counts: requests per opcode class, errors, and the time spent answering reads.
@@ -89,6 +109,40 @@ public final class FUSESession: Sendable {
     public var kernelFlags: FUSEInitFlags { state.withLock { $0.kernelFlags } }
     public var stats: FUSEStats { state.withLock { $0.stats } }
 
+    /// Like `handle`, but a READ whose data lies in a file region is answered by its header and
+    /// that region (for splice); everything else as `handle` answers it.
+    public func respond(_ bytes: ArraySlice<UInt8>) -> FUSEOutput? {
+        guard let req = FUSERequest(bytes), req.opcode == FUSEOpcode.read.rawValue, state.withLock({ $0.initialized })
+        else { return handle(bytes).map(FUSEOutput.bytes) }
+        let started = ContinuousClock.now
+        let a = req.args
+        let size = Int(min(a.u32(16), UInt32(Self.maxPages) * 4096))
+        let region: FUSEFileRegion?
+        do throws(FUSEError) { region = try filesystem.readRegion(req.node, offset: a.u64(8), size: size) } catch {
+            state.withLock { $0.stats.errors += 1; $0.stats.requests += 1 }
+            return .bytes(FUSEReply.error(req.unique, errno: error.errno))
+        }
+        guard let region, region.length > 0 else { return handle(bytes).map(FUSEOutput.bytes) }
+        count(read: region.length, since: started)
+        var w = WireWriter(capacity: FUSELayout.outHeader)
+        w.u32(UInt32(FUSELayout.outHeader + region.length))
+        w.i32(0)
+        w.u64(req.unique)
+        return .file(header: w.bytes, region: region)
+    }
+
+    private func count(read bytes: Int, since started: ContinuousClock.Instant) {
+        let took = (ContinuousClock.now - started).components
+        let micros = UInt64(max(0, took.seconds * 1_000_000 + took.attoseconds / 1_000_000_000_000))
+        state.withLock { s in
+            s.stats.requests += 1
+            s.stats.reads += 1
+            s.stats.readBytes += UInt64(bytes)
+            s.stats.readMicros += micros
+            s.stats.maxReadMicros = max(s.stats.maxReadMicros, micros)
+        }
+    }
+
     /// The reply to one request, or nil for requests that get none (FORGET, BATCH_FORGET, INTERRUPT).
     public func handle(_ bytes: ArraySlice<UInt8>) -> [UInt8]? {
         guard let req = FUSERequest(bytes) else { return nil }
@@ -103,16 +157,10 @@ public final class FUSESession: Sendable {
             state.withLock { $0.stats.errors += 1; $0.stats.requests += 1 }
             return FUSEReply.error(req.unique, errno: error.errno)
         }
-        let took = (ContinuousClock.now - started).components
-        let micros = UInt64(max(0, took.seconds * 1_000_000 + took.attoseconds / 1_000_000_000_000))
-        state.withLock { s in
-            s.stats.requests += 1
-            if op == .read {
-                s.stats.reads += 1
-                s.stats.readBytes += UInt64(reply.count - FUSELayout.outHeader)
-                s.stats.readMicros += micros
-                s.stats.maxReadMicros = max(s.stats.maxReadMicros, micros)
-            }
+        if op == .read {
+            count(read: reply.count - FUSELayout.outHeader, since: started)
+        } else {
+            state.withLock { $0.stats.requests += 1 }
         }
         return reply
     }

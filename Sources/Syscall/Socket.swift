@@ -145,3 +145,18 @@ extension Sys {
         try call { fcntl(fd, F_DUPFD_CLOEXEC, 0) }
     }
 }
+
+extension Sys {
+    /// splice(2) of up to `count` bytes from `from` (at `offset`, advanced, when given) to `to`;
+    /// the count moved (0: end of input).
+    package static func splice(from: Int32, offset: UnsafeMutablePointer<Int64>?, to: Int32, count: Int,
+                               move: Bool = true) throws -> Int {
+        try call { Int(ecx_splice(from, offset, to, count, move ? ecx_splice_f_move : 0)) }
+    }
+
+    /// F_SETPIPE_SZ: the pipe's capacity raised to at least `bytes`; the capacity it has now.
+    @discardableResult
+    package static func setPipeSize(_ fd: Int32, _ bytes: Int) throws -> Int {
+        Int(try call { ecx_set_pipe_size(fd, Int32(bytes)) })
+    }
+}

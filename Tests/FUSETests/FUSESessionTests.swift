@@ -1,3 +1,7 @@
+import Foundation
+import Glibc
+import Syscall
+import TestSupport
 import Testing
 @testable import FUSE
 
@@ -48,6 +52,16 @@ func request(_ opcode: FUSEOpcode, unique: UInt64, node: UInt64 = 1, _ args: [UI
 func u32s(_ values: [UInt32]) -> [UInt8] {
     var w = WireWriter()
     values.forEach { w.u32($0) }
+    return w.bytes
+}
+
+/// fuse_read_in: file handle, offset, size, then flags the session ignores.
+func readArgs(offset: UInt64, size: UInt32) -> [UInt8] {
+    var w = WireWriter()
+    w.u64(0)
+    w.u64(offset)
+    w.u32(size)
+    w.zeros(20)
     return w.bytes
 }
 
@@ -108,14 +122,6 @@ struct FUSESessionTests {
         #expect(st.payload.count == FUSELayout.statfsOut && WireReader(st.payload[...]).u64(0) == 100)
     }
 
-    func readArgs(offset: UInt64, size: UInt32) -> [UInt8] {
-        var w = WireWriter()
-        w.u64(0)
-        w.u64(offset)
-        w.u32(size)
-        w.zeros(20)
-        return w.bytes
-    }
 
     /// Reads answer exactly the bytes asked for (short only at the end), a failing source is EIO.
     @Test func readReturnsBytesOrEIO() throws {
@@ -182,5 +188,61 @@ struct FUSESessionTests {
     @Test func resendNotificationIsFramedAsTheKernelExpects() throws {
         let n = try parse(FUSEReply.notify(FUSELayout.notifyResend))
         #expect(n.len == 16 && n.error == 7 && n.unique == 0)
+    }
+}
+
+/// TinyFS whose file's bytes also lie in a real file, as a flat image's data does.
+final class RegionFS: FUSEFilesystem, @unchecked Sendable {
+    let tiny = TinyFS()
+    let fd: Int32
+    init(fd: Int32) { self.fd = fd }
+    func lookup(parent: UInt64, name: [UInt8]) throws(FUSEError) -> FUSEEntry { try tiny.lookup(parent: parent, name: name) }
+    func getattr(_ node: UInt64) throws(FUSEError) -> FUSEAttr { try tiny.getattr(node) }
+    func readlink(_ node: UInt64) throws(FUSEError) -> [UInt8] { throw .invalid }
+    func open(_ node: UInt64, directory: Bool) throws(FUSEError) {}
+    func read(_ node: UInt64, offset: UInt64, size: Int) throws(FUSEError) -> [UInt8] {
+        try tiny.read(node, offset: offset, size: size)
+    }
+    func readRegion(_ node: UInt64, offset: UInt64, size: Int) throws(FUSEError) -> FUSEFileRegion? {
+        guard offset < 10_000 else { return nil }
+        return FUSEFileRegion(fd: fd, offset: offset, length: Int(min(UInt64(size), 10_000 - offset)))
+    }
+    func readdir(_ node: UInt64, after: UInt64, plus: Bool) throws(FUSEError) -> [FUSEDirEntry] { [] }
+    func getxattr(_ node: UInt64, name: [UInt8]) throws(FUSEError) -> [UInt8] { throw .noData }
+    func listxattr(_ node: UInt64) throws(FUSEError) -> [[UInt8]] { [] }
+    func statfs() -> FUSEStatfs { tiny.statfs() }
+}
+
+/// READ replies spliced from a file: `respond` gives the header and the region, and the splicer
+/// delivers exactly header + bytes as one message (here into a socket, as into /dev/fuse).
+struct FUSESpliceTests {
+    @Test func readRepliesAreSplicedFromTheFile() throws {
+        let dir = try ScratchDir("fuse-splice")
+        defer { dir.remove() }
+        let path = dir.file("data")
+        let bytes = (0..<10_000).map { UInt8($0 % 251) }
+        try Data(bytes).write(to: URL(fileURLWithPath: path))
+        let fd = Glibc.open(path, O_RDONLY | O_CLOEXEC)
+        defer { Glibc.close(fd) }
+        let s = FUSESession(filesystem: RegionFS(fd: fd))
+        s.resume(kernelFlags: [], kernelMinor: 45)
+        let out = try #require(s.respond(request(.read, unique: 77, node: 2, readArgs(offset: 9000, size: 4096))))
+        guard case .file(let header, let region) = out else {
+            Issue.record("not spliced: \(out)")
+            return
+        }
+        #expect(region == FUSEFileRegion(fd: fd, offset: 9000, length: 1000))
+        let (a, b) = try Sys.socketPair()
+        defer { Sys.close(a); Sys.close(b) }
+        #expect(FUSESplicer().send(header, region, to: a) == .sent)
+        var got = [UInt8](repeating: 0, count: 2000)
+        let n = got.withUnsafeMutableBytes { Glibc.read(b, $0.baseAddress, $0.count) }
+        let reply = try parse(Array(got[0..<max(0, n)]))
+        #expect(n == 1016 && reply.len == 1016 && reply.unique == 77 && reply.error == 0)
+        #expect(reply.payload == Array(bytes[9000...]))
+        #expect(s.stats.reads == 1 && s.stats.readBytes == 1000)
+        // A region past what the pipe can hold is refused, for the caller's ordinary path.
+        let huge = FUSEFileRegion(fd: fd, offset: 0, length: 64 << 20)
+        #expect(FUSESplicer().send(header, huge, to: a) == .failed)
     }
 }

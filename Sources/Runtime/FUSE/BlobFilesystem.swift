@@ -1,3 +1,4 @@
+import EROFS
 import FUSE
 import Glibc
 
@@ -10,9 +11,11 @@ final class BlobFilesystem: FUSEFilesystem, @unchecked Sendable {  // immutable;
     let size: UInt64
     let mtime: UInt64
     private let readBytes: @Sendable (UInt64, Int) throws -> [UInt8]
+    private let region: @Sendable (UInt64, Int) throws -> FileRegion?
 
-    init(size: UInt64, mtime: UInt64, read: @escaping @Sendable (UInt64, Int) throws -> [UInt8]) {
-        (self.size, self.mtime, readBytes) = (size, mtime, read)
+    init(size: UInt64, mtime: UInt64, read: @escaping @Sendable (UInt64, Int) throws -> [UInt8],
+         region: @escaping @Sendable (UInt64, Int) throws -> FileRegion? = { _, _ in nil }) {
+        (self.size, self.mtime, readBytes, self.region) = (size, mtime, read, region)
     }
 
     private func attr(_ node: UInt64) throws(FUSEError) -> FUSEAttr {
@@ -46,6 +49,15 @@ final class BlobFilesystem: FUSEFilesystem, @unchecked Sendable {  // immutable;
         guard offset < size else { return [] }
         let n = Int(min(UInt64(count), size - offset))
         do { return try readBytes(offset, n) } catch { throw .io }
+    }
+
+    func readRegion(_ node: UInt64, offset: UInt64, size count: Int) throws(FUSEError) -> FUSEFileRegion? {
+        guard node == Self.fileNode else { throw FUSEError(EISDIR) }
+        guard offset < size else { return nil }
+        let n = Int(min(UInt64(count), size - offset))
+        do { return try region(offset, n).map { FUSEFileRegion(fd: $0.fd, offset: $0.offset, length: n) } } catch {
+            throw .io
+        }
     }
 
     func readdir(_ node: UInt64, after: UInt64, plus: Bool) throws(FUSEError) -> [FUSEDirEntry] {

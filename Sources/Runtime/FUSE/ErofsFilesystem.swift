@@ -86,6 +86,16 @@ final class ErofsFilesystem: FUSEFilesystem, @unchecked Sendable {  // the reade
         do { return try image.readData(i, at: offset, into: buffer) } catch { throw Self.failure(error) }
     }
 
+    func readRegion(_ node: UInt64, offset: UInt64, size: Int) throws(FUSEError) -> FUSEFileRegion? {
+        let i = try inode(node)
+        guard i.type == .regular else { throw FUSEError(EISDIR) }
+        do {
+            return try image.dataRegion(i, at: offset, count: size).map {
+                FUSEFileRegion(fd: $0.region.fd, offset: $0.region.offset, length: $0.length)
+            }
+        } catch { throw Self.failure(error) }
+    }
+
     func readdir(_ node: UInt64, after: UInt64, plus: Bool) throws(FUSEError) -> [FUSEDirEntry] {
         let entries = try listing(node)
         guard after < UInt64(entries.count) else { return [] }

@@ -164,7 +164,9 @@ public enum FuseWorker {
         let mtime = UInt64(Date().timeIntervalSince1970)
         switch spec.filesystem {
         case .blob:
-            return (BlobFilesystem(size: served.size, mtime: mtime) { try served.read(offset: $0, length: $1) }, served)
+            let fs = BlobFilesystem(size: served.size, mtime: mtime, read: { try served.read(offset: $0, length: $1) },
+                                    region: { try served.region(offset: $0, length: $1) })
+            return (fs, served)
         case .erofs:
             do {
                 return (ErofsFilesystem(image: try EROFSImage(source: ServedImageSource(served))), served)
@@ -186,5 +188,10 @@ final class ServedImageSource: ImageSource, @unchecked Sendable {  // immutable;
     func read(at offset: UInt64, count: Int) throws -> [UInt8] {
         guard offset < size else { return [] }
         return try served.read(offset: offset, length: Int(min(UInt64(count), size - offset)))
+    }
+
+    func fileRegion(at offset: UInt64, count: Int) throws -> FileRegion? {
+        guard offset + UInt64(count) <= size else { return nil }
+        return try served.region(offset: offset, length: count)
     }
 }

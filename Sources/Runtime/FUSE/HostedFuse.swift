@@ -42,6 +42,8 @@ final class HostedFuse: HostedMount, @unchecked Sendable {  // `buffer` is the p
     let authFD: OwnedDescriptor?
     let served: ServedSource
     let session: FUSESession
+    /// Writes (or splices) the replies; the server type's answering without its threads.
+    let answerer: FUSEServer
     let lane = PoolLane(limit: 8, priority: .demand)
     let log: @Sendable (String) -> Void
     private let phase = Locked(Phase.serving)
@@ -63,6 +65,7 @@ final class HostedFuse: HostedMount, @unchecked Sendable {  // `buffer` is the p
         self.authFD = authFD.map { OwnedDescriptor($0) }
         session = FUSESession(filesystem: filesystem)
         session.resume(kernelFlags: FUSEInitFlags(rawValue: hosting.kernelFlags), kernelMinor: hosting.kernelMinor)
+        answerer = FUSEServer(session: session, fd: device)
         self.log = { [mp = hosting.mountpoint] in log("\(mp): \($0)") }
     }
 
@@ -72,7 +75,7 @@ final class HostedFuse: HostedMount, @unchecked Sendable {  // `buffer` is the p
         onEnd.set(ended)
         setNonBlocking(true)
         if restarted {
-            let asked = FUSEServer(session: session, fd: device.rawValue).requestResend()
+            let asked = answerer.requestResend()
             log(asked ? "asked the kernel to resend unanswered requests" : "the kernel cannot resend requests")
         }
         token.set(ServingPoller.shared.add(device.rawValue) { [self] in readable() })
@@ -91,11 +94,7 @@ final class HostedFuse: HostedMount, @unchecked Sendable {  // `buffer` is the p
             let n = buffer.withUnsafeMutableBytes { Glibc.read(device.rawValue, $0.baseAddress, $0.count) }
             if n > 0 {
                 let request = Array(buffer[0..<n])
-                lane.submit { [self] in
-                    guard let reply = session.handle(request[...]) else { return }
-                    // ENOENT: the request was interrupted meanwhile and needs no answer.
-                    _ = reply.withUnsafeBytes { Glibc.write(device.rawValue, $0.baseAddress, $0.count) }
-                }
+                lane.submit { [self] in answerer.answer(request[...]) }
                 continue
             }
             if n < 0, errno == EAGAIN { return }
