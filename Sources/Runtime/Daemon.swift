@@ -128,7 +128,7 @@ public final class Daemon: @unchecked Sendable {  // immutable references; count
         if ServiceManager.notifySocket == nil {
             Self.log("warning: no service manager ($NOTIFY_SOCKET unset): lazy mounts are served by per-mount supervisors")
         }
-        serving.restore(passed.filter { HostedSpec.parseFDName($0.name) != nil })
+        serving.restore(passed.filter { ServeSpec.parseFDName($0.name) != nil })
         startupProbe()
         _ = try? ServiceManager.notify("READY=1\nSTATUS=serving on \(socketPath)")
         Self.log("ready on \(socketPath)\(serving.count > 0 ? ", serving \(serving.count) mounts again" : "")")

@@ -99,6 +99,24 @@ public final class ServedSource: @unchecked Sendable {  // immutable after init;
 }
 
 extension Runtime {
+    /// What a served mount's spec names: the blob the mount resolved, or the source to resolve.
+    func openServedSource(_ spec: ServeSpec) throws -> ServedSource {
+        guard let b = spec.blob else { return try openServedSource(spec.source, remote: spec.remote ?? RemoteOptions()) }
+        do {
+            let lock = try BlobCache.lockForWriting(entry: b.entry)
+            do {
+                let lazy = try b.lazyBlob(b.open(auth: spec.registryAuth()))
+                return ServedSource(lazy: lazy, digest: b.digest, entryLock: lock, description: spec.source,
+                                    prefetch: b.prefetch)
+            } catch {
+                Sys.close(lock.rawValue)
+                throw error
+            }
+        } catch let e as RemoteError {
+            throw RuntimeError.remote(e.description)
+        }
+    }
+
     /// Opens SOURCE (a local image, an http(s) URL or an oci:// reference, with the same options
     /// and credential handling as `mount`) for an NBD export.
     public func openServedSource(_ source: String, remote: RemoteOptions) throws -> ServedSource {

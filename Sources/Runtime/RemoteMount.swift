@@ -134,7 +134,11 @@ extension Runtime {
         if backend == .fuseBlob || backend == .fuseErofs || backend == .nbd {
             Sys.close(setup.rawValue)
             setupReleased = true
-            return try mountServed(req, backend: backend, record: record, plan: plan, target: target, notes: notes)
+            // The server takes the blob as resolved here (no second manifest fetch or size probe);
+            // one without Range support it fetches whole itself.
+            let resolved = blob.wholeOnly ? nil : (BlobSpec(blob, entry: paths.data, remote: req.remote), blob.auth?.secret())
+            return try mountServed(req, backend: backend, record: record, plan: plan, target: target, notes: notes,
+                                   resolved: resolved)
         }
         let blockSize = try download(req, blob: blob, paths: paths, digest: digest)
         guard let impl = Backends.all[backend] else { throw RuntimeError.noBackend("\(backend.rawValue) is not available") }
@@ -146,12 +150,13 @@ extension Runtime {
     /// A remote image served by a FUSE backend from the lazy reader: the server opens the blob's
     /// cache entry itself (this process has released it), so the mount is as lazy as the reads.
     func mountServed(_ req: MountRequest, backend: Backend, record: MountRecord, plan: Plan, target: MountTarget,
-                     notes: [String]) throws -> MountOutcome {
+                     notes: [String], resolved: (BlobSpec, [UInt8]?)? = nil) throws -> MountOutcome {
         guard let impl = Backends.all[backend] else { throw RuntimeError.noBackend("\(backend.rawValue) is not available") }
         var record = record
         record.cachePath = nil
-        let prepared = PreparedMount(source: req.source, target: target, options: req.options, blockSize: 4096,
+        var prepared = PreparedMount(source: req.source, target: target, options: req.options, blockSize: 4096,
                                      stateRoot: state.root, remote: req.remote, host: serving)
+        (prepared.blob, prepared.credentials) = (resolved?.0, resolved?.1 ?? nil)
         try state.withLock {
             try checkNotMounted(target, source: req.source)
             let attachment: Attachment

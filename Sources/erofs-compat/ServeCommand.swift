@@ -2,9 +2,8 @@ import ArgumentParser
 import Runtime
 
 /// `erofs-compat __serve`: the fanotify supervisor that `mount` starts for a remote image, and its
-/// serving child. Everything it is told comes as one Codable spec on a pipe (`--spec-fd`), the
-/// credentials on a pipe of their own; on its command line only the descriptor and, as a label,
-/// the cache file.
+/// serving child. Everything it is told comes as one Codable spec on a pipe (`--spec-fd`); on its
+/// command line only that descriptor and, as a label, the cache file.
 /// Internal: not shown in --help.
 struct ServeCommand: ParsableCommand {
     static let configuration = CommandConfiguration(commandName: "__serve", shouldDisplay: false)
@@ -20,8 +19,8 @@ struct ServeCommand: ParsableCommand {
             LazyWorker.log("cannot read the spec from fd \(specFd): \(error)")
             throw ExitCode(2)
         }
-        guard options.dataPath == data else {
-            LazyWorker.log("the spec names \(options.dataPath), the command line \(data)")
+        guard options.serve.blob?.entry == data else {
+            LazyWorker.log("the spec names \(options.serve.blob?.entry ?? "no blob"), the command line \(data)")
             throw ExitCode(2)
         }
         switch options.role {

@@ -80,14 +80,40 @@ import TestSupport
 /// as the server of its mount from the command line alone (the pid may since be another process's).
 @Suite struct ServeSpecTests {
     @Test func umountRecognisesTheServerItStarted() throws {
-        let spec = LazyWorker.Options(url: "http://127.0.0.1:1/i.erofs", dataPath: "/c/blobs/sha256/e", recordPath: "/c/e.pop",
-                                      mountpoint: "/mnt", statsPath: "/s", readyFD: -1, digest: nil, allowFullDownload: false)
+        let blob = BlobSpec(url: "http://127.0.0.1:1/i.erofs", size: 4096, cacheDir: "/c", entry: "/c/blobs/sha256/e")
+        var serve = ServeSpec(frontend: .fanotify, filesystem: .blob, source: blob.url, mountpoint: "/mnt",
+                              statsPath: "/s", blob: blob)
+        serve.credentials = Array("secret".utf8)
+        let spec = LazyWorker.Options(serve: serve)
         let argv = ["/usr/bin/erofs-compat"] + LazyWorker.serveArguments(spec, specFD: 7)
         #expect(Runtime.isServeCommandLine(argv, serving: "/c/blobs/sha256/e"))
         #expect(!Runtime.isServeCommandLine(argv, serving: "/c/blobs/sha256/other"))
         #expect(!Runtime.isServeCommandLine(["/usr/bin/sleep", "30"], serving: "/c/blobs/sha256/e"))
         // Nothing of the spec but the cache file's path is on the command line.
-        #expect(!argv.contains(spec.url) && !argv.contains(spec.mountpoint))
+        #expect(!argv.contains(blob.url) && !argv.contains("/mnt") && !argv.joined().contains("secret"))
+    }
+
+    /// What the daemon writes beside a hosted mount has no secrets; a fanotify spec an earlier
+    /// version wrote (its own shape) is still read, with the fd-store names it used.
+    @Test func hostedSpecsKeepNoSecretsAndOldOnesAreRead() throws {
+        let dir = try ScratchDir("hosted-spec")
+        defer { dir.remove() }
+        var serve = ServeSpec(frontend: .fuse, filesystem: .erofs, source: "oci://r/x", mountpoint: "/m", statsPath: "/s",
+                              remote: RemoteOptions(oci: OCIOptions(username: "u", password: "pw")))
+        serve.credentials = Array("token".utf8)
+        let text = String(decoding: try JSONEncoder().encode(serve.stored), as: UTF8.self)
+        #expect(!text.contains("pw") && !text.contains("credentials") && !text.contains("\"u\""), "\(text)")
+        let old = """
+            {"id":"0a1b2c3d4e5f","url":"http://127.0.0.1:9/img.erofs","dataPath":"/c/blobs/sha256/ab",
+             "recordPath":"/c/blobs/sha256/ab.pop","mountpoint":"/mnt/x","statsPath":"/st/workers/mnt-x",
+             "digest":null,"prefetch":"all","size":8192,"etag":"\\"e1\\"","lastModified":null}
+            """
+        try old.write(toFile: dir.file("old.spec"), atomically: true, encoding: .utf8)
+        let read = try #require(ServeSpec.readHosted(dir.file("old.spec")))
+        #expect(read.frontend == .fanotify && read.hostID == "0a1b2c3d4e5f" && read.mountpoint == "/mnt/x")
+        #expect(read.blob?.entry == "/c/blobs/sha256/ab" && read.blob?.cacheDir == "/c" && read.blob?.size == 8192)
+        #expect(read.blob?.prefetch == .all && read.blob?.etag == "\"e1\"")
+        #expect(read.fdName("g") == "lazy-0a1b2c3d4e5f-g" && ServeSpec.parseFDName("lazy-0a1b2c3d4e5f-g")?.kind == "g")
     }
 }
 

@@ -61,6 +61,18 @@ struct PreparedMount {
     var remote: RemoteOptions?
     /// The daemon's served-mount host: a served backend's server runs there, not in a process of its own.
     var host: InProcessServing?
+    /// A remote source as the mount resolved it (its cache entry reconciled), with its credentials:
+    /// served as it is. Nil: the server resolves `remote` itself.
+    var blob: BlobSpec?
+    var credentials: [UInt8]?
+
+    /// The spec of the server of this mount.
+    func serveSpec(_ frontend: ServeSpec.Frontend, _ filesystem: ServeSpec.Filesystem, statsPath: String) -> ServeSpec {
+        var s = ServeSpec(frontend: frontend, filesystem: filesystem, source: source, mountpoint: mountpoint,
+                          statsPath: statsPath, blob: blob, remote: blob == nil ? remote : nil)
+        s.credentials = credentials
+        return s
+    }
     var mountpoint: String { target.path }
 }
 

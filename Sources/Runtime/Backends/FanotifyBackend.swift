@@ -60,9 +60,8 @@ extension Runtime {
         record.statsPath = stats
         if let serving {
             do {
-                try serving.prepare(blob: blob, paths: paths, mountpoint: target.path, statsPath: stats,
-                                    digest: req.remote.digest, verity: req.remote.verity, prefetch: req.remote.prefetch,
-                                    recordProfile: req.remote.recordProfile)
+                try serving.prepare(servedBlob(.fanotify, req, blob: blob, entry: paths.data, mountpoint: target.path,
+                                               statsPath: stats), blob: blob)
             } catch let e as RemoteError {
                 throw RuntimeError.remote(e.description)
             }
@@ -92,18 +91,15 @@ extension Runtime {
                      statsPath: String) throws -> Int32 {
         let (r, w) = try Sys.pipe()
         defer { Sys.close(r) }
-        var spec = LazyWorker.Options(url: blob.url, dataPath: paths.data, recordPath: paths.record,
-                                      mountpoint: mountpoint, statsPath: statsPath, readyFD: w,
-                                      digest: req.remote.digest, allowFullDownload: false)
-        (spec.verity, spec.prepareTimeout) = (req.remote.verity, req.remote.prepareTimeout)
-        (spec.prefetch, spec.recordProfile) = (req.remote.prefetch, req.remote.recordProfile)
         // What this process just learned from the server (it also checked the cache against it).
-        spec.know(blob)
+        var spec = LazyWorker.Options(serve: servedBlob(.fanotify, req, blob: blob, entry: paths.data,
+                                                        mountpoint: mountpoint, statsPath: statsPath))
+        (spec.readyFD, spec.prepareTimeout) = (w, req.remote.prepareTimeout)
         let log = state.root + "/workers/" + StateStore.sibling(of: StateStore.key(for: mountpoint), ".log")
         let pid: Int32
         do {
             defer { Sys.close(w) }
-            pid = try LazyWorker.spawnServe(spec, auth: blob.auth, keep: [w], executable: Runtime.workerExecutable)
+            pid = try LazyWorker.spawnServe(spec, keep: [w], executable: Runtime.workerExecutable)
         } catch {
             throw RuntimeError.mountFailed(backend: "fanotify", detail: "cannot start the worker: \(error)")
         }
@@ -115,5 +111,16 @@ extension Runtime {
                                       : "the worker exited before it was ready (log: \(log))")
         }
         return pid
+    }
+
+    /// The spec of a remote mount served from the cache entry `entry` of `blob` as the mount
+    /// resolved it (credentials included, for the server's pipe).
+    func servedBlob(_ frontend: ServeSpec.Frontend, _ req: MountRequest, blob: HTTPBlob, entry: String,
+                    filesystem: ServeSpec.Filesystem = .blob, mountpoint: String, statsPath: String) -> ServeSpec {
+        var spec = ServeSpec(frontend: frontend, filesystem: filesystem, source: URLUserinfo.strip(req.source),
+                             mountpoint: mountpoint, statsPath: statsPath,
+                             blob: BlobSpec(blob, entry: entry, remote: req.remote))
+        spec.credentials = blob.auth?.secret()
+        return spec
     }
 }

@@ -19,12 +19,8 @@ struct FuseMounter {
     var stateRoot: String
     /// Where the server runs: the daemon's host, or (nil) a supervisor process of its own.
     var host: InProcessServing?
-    /// The mount the server is for (the host's key).
-    var mountpoint: String
 
-    init(_ request: PreparedMount) {
-        (stateRoot, host, mountpoint) = (request.stateRoot, request.host, request.mountpoint)
-    }
+    init(_ request: PreparedMount) { (stateRoot, host) = (request.stateRoot, request.host) }
 
     /// Builds the FUSE superblock for `spec`, starts its server (hosted, or a supervisor process),
     /// waits until it serves, and attaches the mount to `target`. Returns the server's pid.
@@ -44,12 +40,12 @@ struct FuseMounter {
             throw BackendFailure(detail: "creating the FUSE mount: \(error)", fallback: true)
         }
         defer { Sys.close(mnt.rawValue) }
-        let pid = try host.map { try $0.hostFuse(spec, mountpoint: mountpoint, fuseFD: dev.rawValue) }
+        let pid = try host.map { try $0.hostFuse(spec, fuseFD: dev.rawValue) }
             ?? startSupervisor(spec, fuseFD: dev.rawValue)
         do {
             try MountAPI.move(mnt, to: target)
         } catch {
-            if let host { host.abandon(mountpoint) } else { try? Sys.kill(pid, SIGKILL) }
+            if let host { host.abandon(spec.mountpoint) } else { try? Sys.kill(pid, SIGKILL) }
             throw BackendFailure(detail: "move_mount of the FUSE mount: \(error)", fallback: false)
         }
         return pid
@@ -154,7 +150,7 @@ struct FuseErofsBackend: MountBackend {
     func attach(_ request: PreparedMount) throws -> Attachment {
         let mounter = FuseMounter(request)
         let stats = mounter.statsPath(for: request.mountpoint)
-        let spec = ServeSpec(filesystem: .erofs, source: request.source, remote: request.remote, statsPath: stats)
+        let spec = request.serveSpec(.fuse, .erofs, statsPath: stats)
         guard Sys.hasCapSysAdmin() else {
             let pid = try mounter.mountWithFusermount(spec, source: request.source, at: request.target.path)
             return Attachment(device: nil, workerPID: pid, statsPath: stats)
@@ -192,7 +188,7 @@ struct FuseBlobBackend: MountBackend {
         }
         let fuseTarget: MountTarget
         do { fuseTarget = try MountTarget(dir) } catch { throw BackendFailure(detail: "\(error)", fallback: false) }
-        let spec = ServeSpec(filesystem: .blob, source: request.source, remote: request.remote, statsPath: stats)
+        let spec = request.serveSpec(.fuse, .blob, statsPath: stats)
         let pid: Int32
         do {
             pid = try mounter.mount(spec, source: request.source, at: fuseTarget.fd,

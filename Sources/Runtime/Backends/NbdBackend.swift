@@ -21,7 +21,7 @@ struct NbdBackend: MountBackend {
             throw BackendFailure(detail: "fsoffset is not supported with nbd", fallback: false)
         }
         let stats = ServedProcess.statsPath(stateRoot: request.stateRoot, mountpoint: request.mountpoint)
-        var spec = ServeSpec(filesystem: .blob, source: request.source, remote: request.remote, statsPath: stats)
+        var spec = request.serveSpec(.nbd, .blob, statsPath: stats)
         spec.device = NBDDeviceSpec(blockSize: UInt64(min(max(request.blockSize, 512), 4096)))
         let server = ServedProcess.nbd
         let (pid, line) = try server.start(spec, args: [], keeping: [])

@@ -10,39 +10,6 @@ import Remote
 import Syscall
 import SystemPackage
 
-/// What a served mount (FUSE or NBD) serves, handed to its server as JSON over a pipe (never argv:
-/// remote options may carry a registry password).
-public struct ServeSpec: Codable, Sendable {
-    public enum Filesystem: String, Codable, Sendable {
-        /// The image's files, read by the user-space EROFS reader (fuse-erofs).
-        case erofs
-        /// The image as one file or device for kernel EROFS to mount (fuse-blob, nbd).
-        case blob
-    }
-
-    public var filesystem: Filesystem
-    /// A local image's canonical path, or an http(s) URL / oci:// reference (without credentials).
-    public var source: String
-    /// For remote sources: the cache and how to reach the blob.
-    public var remote: RemoteOptions?
-    /// Where the server writes its figures (`status`), next to its log.
-    public var statsPath: String
-    public var threads: Int = 4
-    /// For an nbd mount: how its kernel device is set up.
-    public var device: NBDDeviceSpec?
-
-    /// Once serving is over (no writer of the cache file left): the complete entry verified against
-    /// the digest goes to the kernel's fs-verity if its blocks were checked against a tree; the
-    /// figures and the log go with the mount.
-    func servingEnded() {
-        if let r = remote, let digest = r.digest {
-            let entry = BlobCache(directory: r.cacheDir).paths(key: digest.lowercased()).data
-            if let note = BlobCache.handToKernel(entry: entry) { FuseWorker.log(note) }
-        }
-        for f in [statsPath, StateStore.sibling(of: statsPath, ".log")] { try? Sys.unlink(f) }
-    }
-}
-
 /// The FUSE server processes. The supervisor owns the /dev/fuse descriptor for the mount's whole
 /// life: it answers the kernel's INIT, then runs a serving child and restarts it if it dies. A
 /// restarted child asks the kernel to resend the requests its predecessor read but never answered
@@ -160,7 +127,7 @@ public enum FuseWorker {
     }
 
     static func openFilesystem(_ spec: ServeSpec, runtime: Runtime = Runtime()) throws -> (FUSEFilesystem, ServedSource) {
-        let served = try runtime.openServedSource(spec.source, remote: spec.remote ?? RemoteOptions())
+        let served = try runtime.openServedSource(spec)
         let mtime = UInt64(Date().timeIntervalSince1970)
         switch spec.filesystem {
         case .blob:

@@ -8,24 +8,6 @@ import Glibc
 import Syscall
 import SystemPackage
 
-/// A FUSE mount hosted by the daemon: what it serves without credentials, and what the kernel
-/// negotiated at INIT (a successor resumes the session instead of negotiating again).
-struct FuseHostingSpec: Codable, Sendable {
-    static let kind = "fuse"
-    var kind = Self.kind
-    var id: String
-    var mountpoint: String
-    var serve: ServeSpec
-    var kernelFlags: UInt64
-    var kernelMinor: UInt32
-}
-
-/// A registry user name and password, kept in a memfd in the fd store (never in a file).
-private struct StoredCredentials: Codable {
-    var username: String?
-    var password: String?
-}
-
 /// A fuse-blob or fuse-erofs mount served in the daemon's shared threads: the poller reads its
 /// /dev/fuse descriptor (non-blocking) and the requests are answered on the pool, at most
 /// `lane.limit` at once, so a mount costs the daemon no threads of its own and no process start.
@@ -35,9 +17,9 @@ private struct StoredCredentials: Codable {
 final class HostedFuse: HostedMount, @unchecked Sendable {  // `buffer` is the poller thread's only; the rest locked or immutable
     enum Phase { case serving, stopped, ended }
 
-    let hosting: FuseHostingSpec
     /// The spec with its credentials, for a supervisor taking over.
     let full: ServeSpec
+    let negotiated: ServeSpec.Negotiated
     let device: OwnedDescriptor
     let authFD: OwnedDescriptor?
     let served: ServedSource
@@ -51,25 +33,25 @@ final class HostedFuse: HostedMount, @unchecked Sendable {  // `buffer` is the p
     private let onEnd = Locked<(@Sendable () -> Void)?>(nil)
     private var buffer = [UInt8](repeating: 0, count: FUSELayout.requestBuffer)
 
-    var spec: HostedSpec { .fuse(hosting) }
+    var spec: ServeSpec { full.stored }
     var durable: [(kind: Character, fd: Int32)] {
         var list: [(kind: Character, fd: Int32)] = [("f", device.rawValue)]
         if let authFD { list.append(("a", authFD.rawValue)) }
         return list
     }
 
-    private init(_ hosting: FuseHostingSpec, full: ServeSpec, device: Int32, authFD: Int32?, served: ServedSource,
-                 filesystem: FUSEFilesystem, log: @escaping @Sendable (String) -> Void) {
-        (self.hosting, self.full, self.served) = (hosting, full, served)
+    private init(_ full: ServeSpec, negotiated: ServeSpec.Negotiated, device: Int32, authFD: Int32?,
+                 served: ServedSource, filesystem: FUSEFilesystem, log: @escaping @Sendable (String) -> Void) {
+        (self.full, self.negotiated, self.served) = (full, negotiated, served)
         self.device = OwnedDescriptor(device)
         self.authFD = authFD.map { OwnedDescriptor($0) }
         session = FUSESession(filesystem: filesystem)
-        session.resume(kernelFlags: FUSEInitFlags(rawValue: hosting.kernelFlags), kernelMinor: hosting.kernelMinor)
+        session.resume(kernelFlags: FUSEInitFlags(rawValue: negotiated.flags), kernelMinor: negotiated.minor)
         answerer = FUSEServer(session: session, fd: device)
-        self.log = { [mp = hosting.mountpoint] in log("\(mp): \($0)") }
+        self.log = { [mp = full.mountpoint] in log("\(mp): \($0)") }
     }
 
-    func serves(_ record: MountRecord) -> Bool { record.isFuseServed && record.mountpoint == hosting.mountpoint }
+    func serves(_ record: MountRecord) -> Bool { record.isFuseServed && record.mountpoint == full.mountpoint }
 
     func start(restarted: Bool, ended: @escaping @Sendable () -> Void) {
         onEnd.set(ended)
@@ -82,7 +64,7 @@ final class HostedFuse: HostedMount, @unchecked Sendable {  // `buffer` is the p
         let last = Locked<Data?>(nil)
         ServingTicker.shared.every(250) { [self] in
             guard phase.get() == .serving else { return false }
-            last.set(served.writeStatsIfChanged(to: hosting.serve.statsPath, since: last.get(), fuse: session.stats))
+            last.set(served.writeStatsIfChanged(to: full.statsPath, since: last.get(), fuse: session.stats))
             return true
         }
     }
@@ -137,8 +119,8 @@ final class HostedFuse: HostedMount, @unchecked Sendable {  // `buffer` is the p
     func spawnSupervisor() throws -> Int32 {
         served.close()
         setNonBlocking(false)
-        let args = ["--fuse-fd", String(device.rawValue), "--kernel-flags", String(hosting.kernelFlags),
-                    "--kernel-minor", String(hosting.kernelMinor), "--adopted"]
+        let args = ["--fuse-fd", String(device.rawValue), "--kernel-flags", String(negotiated.flags),
+                    "--kernel-minor", String(negotiated.minor), "--adopted"]
         let server = ServedProcess.fuse
         let (pid, line) = try server.start(full, args: args, keeping: [device.rawValue])
         guard line == "ready" else {
@@ -163,48 +145,44 @@ final class HostedFuse: HostedMount, @unchecked Sendable {  // `buffer` is the p
     }
 
     /// The source opened and its filesystem made, on the device whose INIT is answered.
-    static func open(_ hosting: FuseHostingSpec, full: ServeSpec, device: Int32, authFD: Int32?, state: StateStore,
+    static func open(_ full: ServeSpec, device: Int32, authFD: Int32?, state: StateStore,
                      log: @escaping @Sendable (String) -> Void) throws -> HostedFuse {
+        guard let negotiated = full.negotiated else { throw RuntimeError.state("the spec has no FUSE INIT outcome") }
         let (filesystem, served) = try FuseWorker.openFilesystem(full, runtime: Runtime(state: state))
-        return HostedFuse(hosting, full: full, device: device, authFD: authFD, served: served, filesystem: filesystem, log: log)
+        return HostedFuse(full, negotiated: negotiated, device: device, authFD: authFD, served: served,
+                          filesystem: filesystem, log: log)
     }
 
     /// After a restart: the mount again from its spec, the stored device (f) and credentials (a).
-    static func restore(_ hosting: FuseHostingSpec, _ fds: [Character: Int32], state: StateStore,
+    static func restore(_ stored: ServeSpec, _ fds: [Character: Int32], state: StateStore,
                         log: @escaping @Sendable (String) -> Void) throws -> HostedFuse {
         guard let device = fds["f"] else { throw RuntimeError.state("the stored descriptors lack /dev/fuse") }
-        var full = hosting.serve
+        var full = stored
         if let a = fds["a"] {
-            let bytes = try Sys.preadFully(a, count: Int(Sys.fstat(a).st_size), at: 0)
-            let c = try JSONDecoder().decode(StoredCredentials.self, from: Data(bytes))
-            full.remote?.oci.username = c.username
-            full.remote?.oci.password = c.password
+            let secret = try JSONDecoder().decode(StoredSecrets.self,
+                                                  from: Data(Sys.preadFully(a, count: Int(Sys.fstat(a).st_size), at: 0)))
+            secret.apply(to: &full)
         }
-        return try open(hosting, full: full, device: device, authFD: fds["a"], state: state, log: log)
+        return try open(full, device: device, authFD: fds["a"], state: state, log: log)
     }
 }
 
 extension InProcessServing {
     /// Serves the FUSE connection on `fuseFD` (its superblock just created) here: answers INIT,
     /// opens what `spec` names, stores the device, serves. Returns this process's pid.
-    func hostFuse(_ spec: ServeSpec, mountpoint: String, fuseFD: Int32) throws -> Int32 {
+    func hostFuse(_ spec: ServeSpec, fuseFD: Int32) throws -> Int32 {
         guard let (flags, minor) = FuseWorker.handshake(fuseFD) else {
             throw BackendFailure(detail: "the kernel sent no FUSE INIT request", fallback: false)
         }
-        var stored = spec
-        stored.remote?.oci.username = nil
-        stored.remote?.oci.password = nil
-        let hosting = FuseHostingSpec(id: Self.newID(), mountpoint: mountpoint, serve: stored, kernelFlags: flags.rawValue,
-                                      kernelMinor: minor)
+        var full = spec
+        (full.hostID, full.negotiated) = (Self.newID(), ServeSpec.Negotiated(flags: flags.rawValue, minor: minor))
         let device = try Sys.dup(fuseFD)
         var authFD: Int32?
         let mount: HostedFuse
         do {
-            if let oci = spec.remote?.oci, oci.username != nil || oci.password != nil {
-                let secret = try JSONEncoder().encode(StoredCredentials(username: oci.username, password: oci.password))
-                authFD = try Sys.memfd("erofs-compat-auth", holding: [UInt8](secret))
-            }
-            mount = try HostedFuse.open(hosting, full: spec, device: device, authFD: authFD, state: state, log: log)
+            let secrets = StoredSecrets(full)
+            if !secrets.isEmpty { authFD = try Sys.memfd("erofs-compat-auth", holding: [UInt8](JSONEncoder().encode(secrets))) }
+            mount = try HostedFuse.open(full, device: device, authFD: authFD, state: state, log: log)
         } catch {
             Sys.close(device)
             authFD.map(Sys.close)
@@ -213,5 +191,25 @@ extension InProcessServing {
         try add(mount)
         start(mount, restarted: false)
         return getpid()
+    }
+}
+
+/// What `ServeSpec.stored` leaves out, kept in a memfd in the fd store (never in a file): the
+/// blob's credentials, or the user name and password an unresolved source is fetched with.
+private struct StoredSecrets: Codable {
+    var credentials: [UInt8]?
+    var username: String?
+    var password: String?
+
+    init(_ spec: ServeSpec) {
+        (credentials, username, password) = (spec.credentials, spec.remote?.oci.username, spec.remote?.oci.password)
+    }
+
+    var isEmpty: Bool { credentials == nil && username == nil && password == nil }
+
+    func apply(to spec: inout ServeSpec) {
+        spec.credentials = credentials
+        spec.remote?.oci.username = username
+        spec.remote?.oci.password = password
     }
 }

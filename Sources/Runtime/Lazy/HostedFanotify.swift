@@ -10,42 +10,14 @@ import Remote
 import Syscall
 import SystemPackage
 
-/// What a lazy mount served by the daemon needs to be served again after a restart: written next to
-/// its figures (never a secret: registry credentials live in the fd store, in a memfd).
-struct LazySpec: Codable, Sendable {
-    var id: String
-    var url: String
-    var dataPath: String
-    var recordPath: String
-    var mountpoint: String
-    var statsPath: String
-    var digest: String?
-    var prefetch: String
-    var recordProfile: String?
-    var size: UInt64
-    var etag: String?
-    var lastModified: String?
-    var verity: VeritySource?
-
-    /// The options a per-mount supervisor takes over with.
-    var workerOptions: LazyWorker.Options {
-        var o = LazyWorker.Options(url: url, dataPath: dataPath, recordPath: recordPath, mountpoint: mountpoint,
-                                   statsPath: statsPath, readyFD: -1, digest: digest, allowFullDownload: false)
-        o.prefetch = Prefetch(argument: prefetch)
-        o.recordProfile = recordProfile
-        o.known = LazyWorker.Options.Known(size: size, etag: etag, lastModified: lastModified)
-        o.verity = verity
-        return o
-    }
-}
-
-
 /// A fanotify lazy mount served in the daemon: its group, cache writer and entry lock (and its
 /// credentials, in a memfd) are durable, so a crash never closes the group (which would let the
 /// kernel allow pending reads: zeros); the successor answers what its predecessor had read, from
 /// the journal.
 final class HostedFanotify: HostedMount, @unchecked Sendable {  // immutable but `server`, set by its start
-    let lazySpec: LazySpec
+    /// With its credentials (the supervisor of a hand-over gets them on its pipe).
+    let serve: ServeSpec
+    let blobSpec: BlobSpec
     let lazy: LazyBlob
     /// The fanotify group, the entry lock and the credentials' memfd: the fd store and any
     /// successor hold copies of their own, so these close once, when this process is done.
@@ -60,7 +32,7 @@ final class HostedFanotify: HostedMount, @unchecked Sendable {  // immutable but
     /// Set when serving ended because the mount is gone (not a hand-over).
     private let unmounted = Locked(false)
 
-    var spec: HostedSpec { .fanotify(lazySpec) }
+    var spec: ServeSpec { serve.stored }
 
     var durable: [(kind: Character, fd: Int32)] {
         var list: [(kind: Character, fd: Int32)] = [("g", group.rawValue), ("w", lazy.writerFD), ("l", lock.rawValue)]
@@ -68,24 +40,24 @@ final class HostedFanotify: HostedMount, @unchecked Sendable {  // immutable but
         return list
     }
 
-    init(spec: LazySpec, lazy: LazyBlob, group: FileDescriptor, lock: FileDescriptor, authFD: Int32?, auth: RegistryAuth?,
-         log: @escaping @Sendable (String) -> Void) {
-        (lazySpec, self.lazy, self.auth) = (spec, lazy, auth)
+    init(serve: ServeSpec, blob: BlobSpec, lazy: LazyBlob, group: FileDescriptor, lock: FileDescriptor, authFD: Int32?,
+         auth: RegistryAuth?, log: @escaping @Sendable (String) -> Void) {
+        (self.serve, blobSpec, self.lazy, self.auth) = (serve, blob, lazy, auth)
         self.group = OwnedDescriptor(group)
         self.lock = OwnedDescriptor(lock)
         self.authFD = authFD.map { OwnedDescriptor($0) }
-        self.log = { [mp = spec.mountpoint] in log("\(mp): \($0)") }
+        self.log = { [mp = serve.mountpoint] in log("\(mp): \($0)") }
     }
 
     /// Every mount of the cache file shares this server.
-    func serves(_ record: MountRecord) -> Bool { record.attached.kind == .fanotify && record.cachePath == lazySpec.dataPath }
+    func serves(_ record: MountRecord) -> Bool { record.attached.kind == .fanotify && record.cachePath == blobSpec.entry }
 
     func start(restarted: Bool, ended: @escaping @Sendable () -> Void) {
         let server: FanotifyServer
         do {
             // The server owns a duplicate of the group: this copy outlives it for a hand-over.
-            server = try LazyWorker.makeServer(lazy, groupFD: Sys.dup(group.rawValue), journal: spec.journalPath,
-                                               lazySpec.workerOptions, log: log)
+            server = try LazyWorker.makeServer(lazy, groupFD: Sys.dup(group.rawValue), journal: serve.journalPath,
+                                               LazyWorker.Options(serve: serve), log: log)
         } catch {
             // Without a server nobody answers: keep the group (readers wait, never see zeros) and say so.
             log("cannot serve: \(error)")
@@ -93,10 +65,10 @@ final class HostedFanotify: HostedMount, @unchecked Sendable {  // immutable but
         }
         self.server = server
         if restarted { server.replayJournal() }
-        let statsPath = lazySpec.statsPath
+        let statsPath = serve.statsPath
         LazyWorker.writeStats(server.snapshot, to: statsPath)
         // No thread of its own: the watch and the figures run on the ticker, the server on the pool.
-        let watch = MountWatch(lazySpec.mountpoint, source: lazySpec.dataPath, parent: getppid(), writerFD: lazy.writerFD)
+        let watch = MountWatch(serve.mountpoint, source: blobSpec.entry, parent: getppid(), writerFD: lazy.writerFD)
         ServingTicker.shared.every(250) { [self] in
             guard !stopped.get() else { return false }
             guard watch.isGoneWhenDue() else { return true }
@@ -132,8 +104,7 @@ final class HostedFanotify: HostedMount, @unchecked Sendable {  // immutable but
     }
 
     func spawnSupervisor() throws -> Int32 {
-        try LazyWorker.spawnSupervisor(lazySpec.workerOptions, group: group.rawValue, writer: lazy.writerFD,
-                                       lock: lock.rawValue, auth: auth)
+        try LazyWorker.spawnSupervisor(serve, group: group.rawValue, writer: lazy.writerFD, lock: lock.rawValue)
     }
 
     func close() {
@@ -144,22 +115,23 @@ final class HostedFanotify: HostedMount, @unchecked Sendable {  // immutable but
 
     /// Before the mount: locks the cache entry, marks the cache file, fetches all metadata. Throws,
     /// leaving nothing behind, when any step fails.
-    static func prepare(_ spec: LazySpec, blob: HTTPBlob,
+    static func prepare(_ serve: ServeSpec, blob: HTTPBlob,
                         log: @escaping @Sendable (String) -> Void) throws -> HostedFanotify {
-        let lock = try BlobCache.lockForWriting(entry: spec.dataPath)
+        let spec = try LazyWorker.Options(serve: serve).blob
+        let lock = try BlobCache.lockForWriting(entry: spec.entry)
         var authFD: Int32?
         do {
-            let prepared = try LazyWorker.prepareCache(spec.workerOptions.lazyBlob(blob), statsPath: spec.statsPath,
-                                                       commit: false, log: { log("\(spec.mountpoint): \($0)") })
+            let prepared = try LazyWorker.prepareCache(spec.lazyBlob(blob), statsPath: serve.statsPath,
+                                                       commit: false, log: { log("\(serve.mountpoint): \($0)") })
             do {
-                try? Sys.unlink(HostedSpec.fanotify(spec).journalPath)
+                try? Sys.unlink(serve.journalPath)
                 if let auth = blob.auth { authFD = try Sys.memfd("erofs-compat-auth", holding: auth.secret()) }
             } catch {
                 Sys.close(prepared.group.rawValue)
                 throw error
             }
-            return HostedFanotify(spec: spec, lazy: prepared.lazy, group: prepared.group, lock: lock, authFD: authFD,
-                                  auth: blob.auth, log: log)
+            return HostedFanotify(serve: serve, blob: spec, lazy: prepared.lazy, group: prepared.group, lock: lock,
+                                  authFD: authFD, auth: blob.auth, log: log)
         } catch {
             Sys.close(lock.rawValue)
             throw error
@@ -168,29 +140,27 @@ final class HostedFanotify: HostedMount, @unchecked Sendable {  // immutable but
 
     /// After a restart: the mount again from its spec and the stored group (g), writer (w), lock
     /// (l) and credentials (a).
-    static func restore(_ spec: LazySpec, _ fds: [Character: Int32],
+    static func restore(_ stored: ServeSpec, _ fds: [Character: Int32],
                         log: @escaping @Sendable (String) -> Void) throws -> HostedFanotify {
         guard let g = fds["g"], let w = fds["w"], let l = fds["l"] else {
             throw RuntimeError.state("the stored descriptors lack the group, writer or lock")
         }
-        let auth = try fds["a"].map { try RegistryAuth(secret: Sys.preadFully($0, count: Int(Sys.fstat($0).st_size), at: 0)) }
-        let blob = try HTTPBlob(url: spec.url, auth: auth)
-        blob.adopt(size: spec.size, etag: spec.etag, lastModified: spec.lastModified)
-        let lazy = try spec.workerOptions.lazyBlob(blob, writerFD: w)
-        return HostedFanotify(spec: spec, lazy: lazy, group: FileDescriptor(rawValue: g), lock: FileDescriptor(rawValue: l),
-                              authFD: fds["a"], auth: auth, log: log)
+        var serve = stored
+        serve.credentials = try fds["a"].map { try Sys.preadFully($0, count: Int(Sys.fstat($0).st_size), at: 0) }
+        let spec = try LazyWorker.Options(serve: serve).blob
+        let auth = try serve.registryAuth()
+        let lazy = try spec.lazyBlob(spec.open(auth: auth), writerFD: w)
+        return HostedFanotify(serve: serve, blob: spec, lazy: lazy, group: FileDescriptor(rawValue: g),
+                              lock: FileDescriptor(rawValue: l), authFD: fds["a"], auth: auth, log: log)
     }
 }
 
 extension InProcessServing {
     /// Before a fanotify mount served here: the cache entry locked and marked, its metadata fetched,
     /// the descriptors stored. Throws, leaving nothing behind, when any step fails.
-    func prepare(blob: HTTPBlob, paths: CachePaths, mountpoint: String, statsPath: String, digest: String?,
-                 verity: VeritySource?, prefetch: Prefetch, recordProfile: String?) throws {
-        let spec = LazySpec(id: Self.newID(), url: blob.url, dataPath: paths.data, recordPath: paths.record,
-                            mountpoint: mountpoint, statsPath: statsPath, digest: digest, prefetch: prefetch.argument,
-                            recordProfile: recordProfile, size: blob.size, etag: blob.etag, lastModified: blob.lastModified,
-                            verity: verity)
-        try add(HostedFanotify.prepare(spec, blob: blob, log: log))
+    func prepare(_ serve: ServeSpec, blob: HTTPBlob) throws {
+        var serve = serve
+        serve.hostID = Self.newID()
+        try add(HostedFanotify.prepare(serve, blob: blob, log: log))
     }
 }

@@ -1,8 +1,3 @@
-#if canImport(FoundationEssentials)
-import FoundationEssentials
-#else
-import Foundation
-#endif
 import Syscall
 
 /// One served mount that `erofs-compat daemon` serves in its own threads. The host stores the
@@ -11,7 +6,8 @@ import Syscall
 /// mount), and a restarted daemon serves the mount again from them and its spec. On a clean stop
 /// the mount goes to a supervisor process of its own.
 protocol HostedMount: AnyObject, Sendable {
-    var spec: HostedSpec { get }
+    /// The mount's spec as the daemon writes it down (no secrets; `hostID` set).
+    var spec: ServeSpec { get }
     /// The descriptors that must outlive a crash of this process, by a one-letter kind.
     var durable: [(kind: Character, fd: Int32)] { get }
     /// Whether `record` is one of the mounts this serves (fanotify: every mount of its cache file).
@@ -28,74 +24,15 @@ protocol HostedMount: AnyObject, Sendable {
     func close()
 }
 
-/// What the daemon keeps beside a hosted mount's figures so that its successor can serve the mount
-/// again: one type for every hosted backend, never a secret (credentials are in the fd store, in a
-/// memfd). A fanotify spec is written as the object earlier versions wrote, so a daemon upgraded
-/// in place reads what its predecessor left.
-enum HostedSpec: Codable, Sendable {
-    case fanotify(LazySpec)
-    case fuse(FuseHostingSpec)
-
-    var id: String {
-        switch self {
-        case .fanotify(let s): s.id
-        case .fuse(let s): s.id
-        }
-    }
-
-    var mountpoint: String {
-        switch self {
-        case .fanotify(let s): s.mountpoint
-        case .fuse(let s): s.mountpoint
-        }
-    }
-
-    var statsPath: String {
-        switch self {
-        case .fanotify(let s): s.statsPath
-        case .fuse(let s): s.serve.statsPath
-        }
-    }
-
-    var specPath: String { StateStore.sibling(of: statsPath, ".spec") }
-    var journalPath: String { StateStore.sibling(of: statsPath, ".journal") }
-
-    /// How its descriptors are named in the fd store: `lazy-ID-K` (fanotify, as before) or `fuse-ID-K`.
-    var storePrefix: String {
-        switch self {
-        case .fanotify: "lazy"
-        case .fuse: "fuse"
-        }
-    }
-
-    func fdName(_ kind: Character) -> String { "\(storePrefix)-\(id)-\(kind)" }
+extension ServeSpec {
+    /// How a hosted mount's descriptors are named in the fd store: `lazy-ID-K` (fanotify, as
+    /// earlier versions named them) or `fuse-ID-K`.
+    func fdName(_ kind: Character) -> String { "\(frontend == .fanotify ? "lazy" : "fuse")-\(hostID ?? "")-\(kind)" }
 
     /// The (id, kind) of a stored descriptor's name, for any hosted backend.
     static func parseFDName(_ name: String) -> (id: String, kind: Character)? {
         let parts = name.split(separator: "-")
         guard parts.count == 3, ["lazy", "fuse"].contains(parts[0]), parts[2].count == 1 else { return nil }
         return (String(parts[1]), parts[2].first!)
-    }
-
-    private struct Tag: Decodable { var kind: String? }
-
-    init(from decoder: Decoder) throws {
-        if try Tag(from: decoder).kind == FuseHostingSpec.kind {
-            self = .fuse(try FuseHostingSpec(from: decoder))
-        } else {
-            self = .fanotify(try LazySpec(from: decoder))
-        }
-    }
-
-    func encode(to encoder: Encoder) throws {
-        switch self {
-        case .fanotify(let s): try s.encode(to: encoder)
-        case .fuse(let s): try s.encode(to: encoder)
-        }
-    }
-
-    /// The spec in a file the daemon wrote, if it is one.
-    static func read(_ path: String) -> HostedSpec? {
-        (try? Sys.readFile(path)).flatMap { try? JSONDecoder().decode(HostedSpec.self, from: Data($0)) }
     }
 }

@@ -39,7 +39,7 @@ public final class InProcessServing: @unchecked Sendable {  // the mounts behind
     /// mount is closed and forgotten, and the error thrown.
     func add(_ mount: any HostedMount) throws {
         do {
-            try Sys.writeFileAtomically(mount.spec.specPath, [UInt8](JSONEncoder().encode(mount.spec)))
+            try Sys.writeFileAtomically(mount.spec.specPath, [UInt8](JSONEncoder().encode(mount.spec.stored)))
             for (kind, fd) in mount.durable {
                 guard try ServiceManager.notify("FDSTORE=1\nFDNAME=\(mount.spec.fdName(kind))", fds: [fd]) else {
                     throw RuntimeError.state("no service manager holds the descriptors ($NOTIFY_SOCKET is unset)")
@@ -55,12 +55,12 @@ public final class InProcessServing: @unchecked Sendable {  // the mounts behind
 
     /// Removes a mount's descriptors from the store and its spec file (and journal, unless a
     /// successor serves the mount now).
-    func forget(_ spec: HostedSpec, keepJournal: Bool = false) {
+    func forget(_ spec: ServeSpec, keepJournal: Bool = false) {
         for kind: Character in ["g", "w", "l", "a", "f"] {
             _ = try? ServiceManager.notify("FDSTOREREMOVE=1\nFDNAME=\(spec.fdName(kind))")
         }
         // The files are per mountpoint: leave them to a newer mount there.
-        guard HostedSpec.read(spec.specPath).map({ $0.id == spec.id }) ?? true else { return }
+        guard ServeSpec.readHosted(spec.specPath).map({ $0.hostID == spec.hostID }) ?? true else { return }
         try? Sys.unlink(spec.specPath)
         if !keepJournal { try? Sys.unlink(spec.journalPath) }
     }
@@ -71,7 +71,7 @@ public final class InProcessServing: @unchecked Sendable {  // the mounts behind
         _ = m.stop()
         forget(m.spec)
         m.close()
-        if case .fuse(let h) = m.spec { h.serve.servingEnded() }
+        if m.spec.frontend == .fuse { m.spec.servingEnded() }
     }
 
     /// Starts serving the mount prepared for `mountpoint` (now mounted).
@@ -93,14 +93,14 @@ public final class InProcessServing: @unchecked Sendable {  // the mounts behind
     public func restore(_ fds: [(name: String, fd: Int32)]) {
         var byID: [String: [Character: Int32]] = [:]
         for (name, fd) in fds {
-            guard let (id, kind) = HostedSpec.parseFDName(name) else { continue }
+            guard let (id, kind) = ServeSpec.parseFDName(name) else { continue }
             byID[id, default: [:]][kind] = fd
         }
         let dir = state.root + "/workers/"
         let names = (try? FileManager.default.contentsOfDirectory(atPath: dir)) ?? []
-        var known: [String: HostedSpec] = [:]
+        var known: [String: ServeSpec] = [:]
         for name in names where name.hasSuffix(".spec") {
-            if let s = HostedSpec.read(dir + name) { known[s.id] = s }
+            if let s = ServeSpec.readHosted(dir + name), let id = s.hostID { known[id] = s }
         }
         for (id, f) in byID {
             guard let spec = known[id] else {
@@ -110,9 +110,10 @@ public final class InProcessServing: @unchecked Sendable {  // the mounts behind
                 continue
             }
             do {
-                let m: any HostedMount = switch spec {
-                case .fanotify(let s): try HostedFanotify.restore(s, f, log: log)
-                case .fuse(let s): try HostedFuse.restore(s, f, state: state, log: log)
+                let m: any HostedMount = switch spec.frontend {
+                case .fanotify: try HostedFanotify.restore(spec, f, log: log)
+                case .fuse: try HostedFuse.restore(spec, f, state: state, log: log)
+                case .nbd: throw RuntimeError.state("the daemon does not host nbd mounts")
                 }
                 mounts.withLock { $0[spec.mountpoint] = m }
                 updateRecords(of: m, pid: getpid(), servedBy: MountRecord.daemon)

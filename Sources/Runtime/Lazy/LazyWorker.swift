@@ -14,35 +14,17 @@ import SystemPackage
 /// exists, writes progress to a stats file, and exits when the mount is gone (also after a plain
 /// umount(8)). Its standard streams are detached from the caller.
 public enum LazyWorker {
-    /// Everything a `__serve` process is told, as one Codable value handed over a pipe (never argv):
-    /// the blob, the cache, the mount, its role and the descriptors it inherits. Credentials travel
-    /// on a pipe of their own (`authFD`) and are never encoded.
+    /// What a `__serve` process is told, as one Codable value handed over a pipe (never argv): the
+    /// mount's `ServeSpec` (its blob and cache entry, credentials included), and the process's role
+    /// and the descriptors it inherits.
     public struct Options: Sendable, Codable {
         /// The supervisor (owns the group, prepares, restarts) or its serving child.
         public enum Role: String, Codable, Sendable { case supervisor, worker }
         public var role = Role.supervisor
-        public var url: String
-        public var dataPath: String
-        public var recordPath: String
-        public var mountpoint: String
-        public var statsPath: String
-        public var readyFD: Int32
-        public var digest: String?
-        public var allowFullDownload: Bool
-        /// Registry authentication (OCI sources); handed to children over a pipe, never as arguments.
-        public var auth: RegistryAuth?
-        public var prefetch: Prefetch = .none
-        public var recordProfile: String?
+        public var serve: ServeSpec
+        public var readyFD: Int32 = -1
         /// The supervisor that started this serving worker (its exit means the mount is being torn down).
         public var supervisorPID: Int32?
-        /// What the supervisor learned from the server (size, ETag, Last-Modified): a serving worker
-        /// adopts it instead of asking the server, so it starts even while the server fails.
-        public var known: Known?
-        public struct Known: Codable, Sendable {
-            public var size: UInt64
-            public var etag: String?
-            public var lastModified: String?
-        }
         /// Take over a mount another process prepared and served (the daemon, stopping): its group,
         /// cache writer and entry lock; no metadata fetch, no readiness line.
         public var adopt: Adopted?
@@ -55,55 +37,28 @@ public enum LazyWorker {
         public var groupFD: Int32 = -1
         public var writerFD: Int32 = -1
         public var journal = ""
-        /// A pipe holding the registry credentials (read once, then closed).
-        public var authFD: Int32?
         /// Seconds the metadata fetch before the mount may take.
         public var prepareTimeout: Double?
-        /// Every fetched block checked against this fs-verity tree.
-        public var verity: VeritySource?
 
-        enum CodingKeys: String, CodingKey {
-            case role, url, dataPath, recordPath, mountpoint, statsPath, readyFD, digest, allowFullDownload, prefetch
-            case recordProfile, supervisorPID, known, adopt, prepareTimeout, verity, groupFD, writerFD, journal, authFD
-        }
+        public init(serve: ServeSpec) { self.serve = serve }
 
-        /// What `blob.open` learned, for a child that adopts it instead of asking the server again.
-        mutating func know(_ blob: HTTPBlob) {
-            known = Known(size: blob.size, etag: blob.etag, lastModified: blob.lastModified)
-        }
-
-        /// The blob's cache through a verifier when `verity` names one.
-        func lazyBlob(_ blob: HTTPBlob, writerFD: Int32? = nil) throws -> LazyBlob {
-            try LazyBlob(blob: blob, dataPath: dataPath, recordPath: recordPath, writerFD: writerFD,
-                         verifier: verity?.verifier(for: blob, cacheFile: dataPath + ".verity"))
-        }
-
-        /// The blob: with what the parent already learned from the server when it passed that on,
-        /// else opened (asked) here.
-        func openBlob() throws -> HTTPBlob {
-            let blob = try HTTPBlob(url: url, auth: auth)
-            if let known { blob.adopt(size: known.size, etag: known.etag, lastModified: known.lastModified) } else {
-                try blob.open(allowFullDownload: false)
+        /// The blob and its cache entry: every fanotify mount has one.
+        public var blob: BlobSpec {
+            get throws {
+                guard let b = serve.blob else { throw RuntimeError.state("the serve spec names no remote blob") }
+                return b
             }
-            return blob
         }
 
-        /// Takes the registry credentials from a pipe the parent filled (`--auth-fd`).
-        public mutating func readAuth(fd: Int32) throws {
-            defer { Sys.close(fd) }
-            auth = try RegistryAuth(secret: Sys.readAll(fd))
-        }
+        /// The registry's credentials, from the spec.
+        var auth: RegistryAuth? { get throws { try serve.registryAuth() } }
 
-        public init(url: String, dataPath: String, recordPath: String, mountpoint: String, statsPath: String,
-                    readyFD: Int32, digest: String?, allowFullDownload: Bool) {
-            self.url = url
-            self.dataPath = dataPath
-            self.recordPath = recordPath
-            self.mountpoint = mountpoint
-            self.statsPath = statsPath
-            self.readyFD = readyFD
-            self.digest = digest
-            self.allowFullDownload = allowFullDownload
+        /// The blob as the mount learned it (no request to the server).
+        func openBlob() throws -> HTTPBlob { try blob.open(auth: auth) }
+
+        /// The blob's cache through a verifier when the spec names a tree.
+        func lazyBlob(_ blob: HTTPBlob, writerFD: Int32? = nil) throws -> LazyBlob {
+            try self.blob.lazyBlob(blob, writerFD: writerFD)
         }
     }
 
@@ -130,20 +85,20 @@ public enum LazyWorker {
                 lazy = try o.lazyBlob(o.openBlob(), writerFD: a.writer)
             } catch {
                 // Never close the group here: answer everything with EIO until the mount is gone.
-                log("cannot take over \(o.mountpoint): \(error)")
+                log("cannot take over \(o.serve.mountpoint): \(error)")
                 denyUntilUnmounted(group: FileDescriptor(rawValue: a.group), writerFD: a.writer,
-                                   journal: StateStore.sibling(of: o.statsPath, ".journal"), o)
+                                   journal: o.serve.journalPath, o)
                 return 1
             }
             (group, entryLock) = (FileDescriptor(rawValue: a.group), FileDescriptor(rawValue: a.lock))
-            log("took over \(o.mountpoint)")
+            log("took over \(o.serve.mountpoint)")
         } else {
             do {
                 // One writer per cache entry, for the supervisor's whole life (released when it exits).
-                entryLock = try BlobCache.lockForWriting(entry: o.dataPath)
+                entryLock = try BlobCache.lockForWriting(entry: o.blob.entry)
                 let blob = try o.openBlob()
                 blob.setDeadline(seconds: o.prepareTimeout)
-                (lazy, group) = try prepareCache(o.lazyBlob(blob), statsPath: o.statsPath, log: log)
+                (lazy, group) = try prepareCache(o.lazyBlob(blob), statsPath: o.serve.statsPath, log: log)
                 blob.setDeadline(seconds: nil)
             } catch {
                 log("failed: \(error)")
@@ -152,21 +107,20 @@ public enum LazyWorker {
             }
         }
         defer { Sys.close(entryLock.rawValue) }
-        let journal = StateStore.sibling(of: o.statsPath, ".journal")
+        let journal = o.serve.journalPath
         if o.adopt == nil { try? Sys.unlink(journal) }
         var restarts = 0
         var readySent = o.adopt != nil
         var child = o
         (child.role, child.readyFD, child.adopt, child.supervisorPID) = (.worker, -1, nil, Sys.processID)
         (child.groupFD, child.writerFD, child.journal) = (group.rawValue, lazy.writerFD, journal)
-        child.know(lazy.blob)
         while true {
             // The entry lock goes to the worker too: the entry stays locked until the last process
             // holding the fanotify group (and its mark) is gone, so a new writer cannot open the file
             // while a mark is still in place (its own reads would then raise events nobody answers).
             let pid: Int32
             do {
-                pid = try spawnServe(child, auth: o.auth, keep: [group.rawValue, lazy.writerFD, entryLock.rawValue])
+                pid = try spawnServe(child, keep: [group.rawValue, lazy.writerFD, entryLock.rawValue])
             } catch {
                 log("cannot start the worker: \(error)")
                 if !readySent { ready("error: cannot start the worker: \(error)") }
@@ -207,8 +161,9 @@ public enum LazyWorker {
         }
         for fd in pending { try? Fanotify.respond(group, fd: fd, response: Fanotify.denyErrno(.ioError)) }
         let gone = Locked(false)
+        let entry = (try? o.blob.entry) ?? ""
         Threads.detach {
-            watchMount(o.mountpoint, source: o.dataPath, parent: getppid(), writerFD: writerFD)
+            watchMount(o.serve.mountpoint, source: entry, parent: getppid(), writerFD: writerFD)
             gone.set(true)
         }
         var buf = [UInt8](repeating: 0, count: 64 << 10)
@@ -226,26 +181,29 @@ public enum LazyWorker {
     /// The serving worker, started by the supervisor with the group and writer descriptors.
     public static func runWorker(_ o: Options, groupFD: Int32, writerFD: Int32, journal: String) -> Int32 {
         let server: FanotifyServer
+        let entry: String
         do {
             let lazy = try o.lazyBlob(o.openBlob(), writerFD: writerFD)
             server = try makeServer(lazy, groupFD: groupFD, journal: journal, o, log: log)
+            entry = try o.blob.entry
         } catch {
             log("worker failed to start: \(error)")
             return 2
         }
+        let (mountpoint, statsPath) = (o.serve.mountpoint, o.serve.statsPath)
         server.replayJournal()
-        writeStats(server.snapshot, to: o.statsPath)
+        writeStats(server.snapshot, to: statsPath)
         let stop = Locked(false)
         let parent = o.supervisorPID ?? getppid()
         Threads.detach {
-            watchMount(o.mountpoint, source: o.dataPath, parent: parent, writerFD: writerFD)
+            watchMount(mountpoint, source: entry, parent: parent, writerFD: writerFD)
             stop.set(true)
             server.stop()
         }
-        Threads.detach { writeStatsOnChange(server, to: o.statsPath, until: stop) }
+        Threads.detach { writeStatsOnChange(server, to: statsPath, until: stop) }
         server.run()
-        writeStats(server.snapshot, to: o.statsPath)
-        log("mount \(o.mountpoint) is gone; exiting")
+        writeStats(server.snapshot, to: statsPath)
+        log("mount \(mountpoint) is gone; exiting")
         return 0
     }
 
@@ -275,51 +233,42 @@ public enum LazyWorker {
 
     /// Starts a detached supervisor that takes over a mount (`adopt`): the daemon's hand-over on a
     /// clean stop. The descriptors stay open here too until the caller closes them.
-    static func spawnSupervisor(_ o: Options, group: Int32, writer: Int32, lock: Int32, auth: RegistryAuth?) throws -> Int32 {
-        var spec = o
-        (spec.role, spec.readyFD) = (.supervisor, -1)
+    static func spawnSupervisor(_ serve: ServeSpec, group: Int32, writer: Int32, lock: Int32) throws -> Int32 {
+        var spec = Options(serve: serve)
         spec.adopt = Options.Adopted(group: group, writer: writer, lock: lock)
         (spec.groupFD, spec.writerFD) = (group, writer)
-        return try spawnServe(spec, auth: auth, keep: [group, writer, lock])
+        return try spawnServe(spec, keep: [group, writer, lock])
     }
 
-    /// Starts `erofs-compat __serve` with `spec` on a pipe (`--spec-fd`), the credentials on
-    /// another, and the descriptors in `keep` inherited; its output goes to the mount's log.
-    static func spawnServe(_ spec: Options, auth: RegistryAuth?, keep: [Int32],
-                           executable: String = Sys.executablePath()) throws -> Int32 {
-        var spec = spec
-        let secret = try auth.map { try Sys.pipe(holding: $0.secret()) }
-        defer { secret.map(Sys.close) }
-        spec.authFD = secret
+    /// Starts `erofs-compat __serve` with `spec` on a pipe (`--spec-fd`) and the descriptors in
+    /// `keep` inherited; its output goes to the mount's log.
+    static func spawnServe(_ spec: Options, keep: [Int32], executable: String = Sys.executablePath()) throws -> Int32 {
         let specFD = try Sys.pipe(holding: [UInt8](JSONEncoder().encode(spec)))
         defer { Sys.close(specFD) }
-        return try Sys.spawnDetached(executable, serveArguments(spec, specFD: specFD),
-                                     keep: keep + [specFD] + (secret.map { [$0] } ?? []),
-                                     logPath: StateStore.sibling(of: spec.statsPath, ".log"))
+        return try Sys.spawnDetached(executable, serveArguments(spec, specFD: specFD), keep: keep + [specFD],
+                                     logPath: StateStore.sibling(of: spec.serve.statsPath, ".log"))
     }
 
     /// `__serve`'s arguments: the spec's descriptor, and the cache file as a label only (the spec
     /// decides): `umount` signals a recorded pid only when its command line names the record's cache.
     static func serveArguments(_ spec: Options, specFD: Int32) -> [String] {
-        ["__serve", "--spec-fd", String(specFD), "--data", spec.dataPath]
+        ["__serve", "--spec-fd", String(specFD), "--data", spec.serve.blob?.entry ?? ""]
     }
 
-    /// The spec a `__serve` process was started with (and its credentials).
+    /// The spec a `__serve` process was started with.
     public static func readSpec(fd: Int32) throws -> Options {
         defer { Sys.close(fd) }
-        var o = try JSONDecoder().decode(Options.self, from: Data(Sys.readAll(fd)))
-        if let a = o.authFD { try o.readAuth(fd: a) }
-        o.authFD = nil
-        return o
+        return try JSONDecoder().decode(Options.self, from: Data(Sys.readAll(fd)))
     }
 
     /// A server for `lazy` on the group, carrying on from the mount's last figures.
     static func makeServer(_ lazy: LazyBlob, groupFD: Int32, journal: String, _ o: Options,
                            log: @escaping (String) -> Void) throws -> FanotifyServer {
-        let server = try FanotifyServer(lazy: lazy, groupFD: groupFD, journalPath: journal, digest: o.digest, log: log)
-        server.prefetch = o.prefetch
-        server.recordProfile = o.recordProfile
-        server.base = previousStats(o.statsPath) ?? FanotifyServer.Stats()
+        let blob = try o.blob
+        let server = try FanotifyServer(lazy: lazy, groupFD: groupFD, journalPath: journal, digest: blob.digest, log: log)
+        server.prefetch = blob.prefetch
+        server.recordProfile = blob.recordProfile
+        server.base = previousStats(o.serve.statsPath) ?? FanotifyServer.Stats()
         return server
     }
 

@@ -198,7 +198,7 @@ public enum NbdWorker {
         let spec: ServeSpec
         do {
             spec = try JSONDecoder().decode(ServeSpec.self, from: Data(bytes))
-            served = try Runtime().openServedSource(spec.source, remote: spec.remote ?? RemoteOptions())
+            served = try Runtime().openServedSource(spec)
         } catch {
             FuseWorker.log("cannot serve: \(error)")
             _ = try? ready.writeAll(Array("error: \(error)\n".utf8))
