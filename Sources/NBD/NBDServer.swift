@@ -22,20 +22,25 @@ public final class NBDServer: @unchecked Sendable {  // immutable configuration;
     public var maxConnections = 64
     public var maxInFlight = 64
     public var stallSeconds = 30
-    let pool: WorkPool
+    /// Runs a read's work: on the server's own threads, or on a pool the caller shares.
+    let submit: Submit
     let budget: ByteBudget
     let connections = Locked(0)
     /// Requests answered, for figures and tests.
     package let served = Locked<(reads: Int, errors: Int, bytes: UInt64)>((0, 0, 0))
 
+    public typealias Submit = @Sendable (@escaping @Sendable () -> Void) -> Void
+
+    /// `submit` nil: `threads` threads of its own perform the reads.
     public init(exports: [NBDExport], threads: Int = 8, byteBudget: Int = 128 << 20, read: @escaping Read,
-                region: Region? = nil, prefetch: @escaping Prefetch, log: @escaping @Sendable (String) -> Void) {
+                region: Region? = nil, prefetch: @escaping Prefetch, submit: Submit? = nil,
+                log: @escaping @Sendable (String) -> Void) {
         self.exports = exports
         self.read = read
         self.region = region
         self.prefetch = prefetch
         self.log = log
-        pool = WorkPool(threads: threads)
+        self.submit = submit ?? { [pool = WorkPool(threads: threads)] in pool.submit($0) }
         budget = ByteBudget(limit: byteBudget)
     }
 
@@ -136,7 +141,7 @@ final class Connection: @unchecked Sendable {  // `session` is used by the readi
                 let cost = if case .read = a { Int(length) } else { 0 }
                 server.budget.acquire(cost)
                 inFlight.withLock { $0 += 1 }
-                server.pool.submit { [self] in
+                server.submit { [self] in
                     answer(a)
                     server.budget.release(cost)
                     inFlight.withLock { $0 -= 1 }

@@ -160,3 +160,11 @@ extension Sys {
         Int(try call { ecx_set_pipe_size(fd, Int32(bytes)) })
     }
 }
+
+extension Sys {
+    /// shutdown(2) both directions: every holder of the socket (and its peer) sees the end of the
+    /// stream, while the descriptors stay open.
+    package static func shutdownBoth(_ fd: Int32) throws {
+        _ = try call { Glibc.shutdown(fd, Int32(SHUT_RDWR)) }
+    }
+}

@@ -11,10 +11,12 @@ struct NbdServeCommand: ParsableCommand {
     @Option var readyFd: Int32
     @Flag var child = false
     @Option var socketFd: Int32 = -1
+    /// Take over /dev/nbdN, connected already (the daemon hands it over).
+    @Option var adoptIndex: UInt32?
 
     func run() throws {
         let spec = try readServeSpec(specFd)
         if child { throw ExitCode(NbdWorker.serve(spec: spec, socketFD: socketFd, readyFD: readyFd)) }
-        throw ExitCode(NbdWorker.supervise(spec: spec, readyFD: readyFd))
+        throw ExitCode(NbdWorker.supervise(spec: spec, readyFD: readyFd, adopting: adoptIndex))
     }
 }

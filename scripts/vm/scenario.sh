@@ -188,6 +188,34 @@ check nbd-lazy-still-connected nbd_connected
 exec 3<&-
 for i in 1 2 3 4 5 6 7 8 9 10; do nbd_gone && break; sleep 0.3; done
 check nbd-lazy-disconnected-after-close nbd_gone
+# --- The daemon hosts served mounts in its own threads (no server process): a remote nbd mount and
+# a remote fuse-blob one. A SIGKILLed daemon is restarted by its keeper with the stored descriptors:
+# the NBD device is reconnected to a new socket, the FUSE connection served again; both read right.
+$E daemon > /tmp/daemon.log 2>&1 &
+keeper=$!
+for i in $(seq 100); do [ -S "$EROFS_COMPAT_STATE_DIR/daemon.sock" ] && break; sleep 0.1; done
+daemon_child() { awk '{print $1}' "/proc/$keeper/task/$keeper/children" 2>/dev/null; }
+mkdir -p /w/m2
+$E mount --backend nbd --cache-dir /w/cache-dnbd http://127.0.0.1:8080/local.erofs /w/m > /tmp/dnbd.out 2>&1
+check daemon-nbd-hosted sh -c "grep -q 'served by the daemon' /tmp/dnbd.out && ! ps -o args | grep -v grep | grep -q __nbd-serve || { cat /tmp/dnbd.out; exit 1; }"
+check daemon-nbd-content same_tree /w/m /w/local.sums
+$E mount --backend fuse-blob --cache-dir /w/cache-dfuse http://127.0.0.1:8080/local.erofs /w/m2 > /tmp/dfuse.out 2>&1
+check daemon-fuse-hosted sh -c "grep -q 'served by the daemon' /tmp/dfuse.out && ! ps -o args | grep -v grep | grep -q __fuse-serve || { cat /tmp/dfuse.out; exit 1; }"
+first=$(daemon_child)
+kill -9 "$first"
+for i in $(seq 100); do c=$(daemon_child); [ -n "$c" ] && [ "$c" != "$first" ] && grep -q "serving 2 mounts again" /tmp/daemon.log && break; sleep 0.1; done
+echo 3 > /proc/sys/vm/drop_caches
+check daemon-restarted sh -c "grep -q 'serving 2 mounts again' /tmp/daemon.log || { cat /tmp/daemon.log; exit 1; }"
+check daemon-nbd-reconnected grep -q "reconnected /dev/nbd" /tmp/daemon.log
+check daemon-nbd-after-kill same_tree /w/m /w/local.sums
+check daemon-fuse-after-kill same_tree /w/m2 /w/local.sums
+check daemon-nbd-umount $E umount /w/m
+check daemon-fuse-umount $E umount /w/m2
+for i in 1 2 3 4 5 6 7 8 9 10; do nbd_gone && break; sleep 0.3; done
+check daemon-nbd-disconnected nbd_gone
+kill "$keeper"; wait "$keeper"
+check daemon-nothing-left sh -c "! ps -o args | grep -v grep | grep -q 'erofs-compat daemon' && [ -z \"\$(ls $EROFS_COMPAT_STATE_DIR/workers/*.spec 2>/dev/null)\" ] && ! grep -q fuse.erofs-compat /proc/mounts"
+echo "VMINFO daemon-log $(tail -6 /tmp/daemon.log | tr '\n' ' ')"
 # In a network namespace of its own (a container's): 6.1's "nbd" netlink family is not visible there
 # (6.12's is namespace-aware), so the device is set up through its ioctls.
 unshare -n $E mount --backend nbd /w/local.erofs /w/m > /tmp/nbd-netns.out 2>&1

@@ -24,11 +24,12 @@ struct NbdBackend: MountBackend {
         var spec = request.serveSpec(.nbd, .blob, statsPath: stats)
         spec.device = NBDDeviceSpec(blockSize: UInt64(min(max(request.blockSize, 512), 4096)))
         let server = ServedProcess.nbd
-        let (pid, line) = try server.start(spec, args: [], keeping: [])
-        let fields = line.split(separator: " ")
-        guard fields.count == 2, fields[0] == "ready", let index = UInt32(fields[1]) else {
-            server.kill(pid)
-            throw BackendFailure(detail: "the NBD server answered '\(line)'", fallback: false)
+        let (pid, index): (Int32, UInt32)
+        // In the daemon, served by it; elsewhere (or with only the ioctl interface) by a supervisor.
+        if let hosted = try request.host.flatMap({ try $0.hostNbd(spec) }) {
+            (pid, index) = (getpid(), hosted)
+        } else {
+            (pid, index) = try startSupervisor(spec)
         }
         let device = "/dev/nbd\(index)"
         do {
@@ -36,7 +37,9 @@ struct NbdBackend: MountBackend {
             try attachEROFS(source: device, at: request.target, options: request.options, passOffset: false)
         } catch {
             NbdWorker.disconnect(index)
-            server.awaitExit(pid: pid, statsPath: stats)
+            if let host = request.host, pid == getpid() { host.abandon(request.mountpoint) } else {
+                server.awaitExit(pid: pid, statsPath: stats)
+            }
             throw error
         }
         do {
@@ -47,7 +50,19 @@ struct NbdBackend: MountBackend {
             // Still served; only a lazy umount then leaves the device connected until `umount` again.
             FuseWorker.log("NBD_CMD_RECONFIGURE of \(device) (disconnect on close): \(error)")
         }
-        return Attachment(device: device, workerPID: pid, statsPath: stats)
+        return Attachment(device: device, workerPID: pid, statsPath: stats, servedByDaemon: pid == getpid())
+    }
+
+    /// `__nbd-serve`, which connects a device and answers "ready INDEX".
+    func startSupervisor(_ spec: ServeSpec) throws -> (Int32, UInt32) {
+        let server = ServedProcess.nbd
+        let (pid, line) = try server.start(spec, args: [], keeping: [])
+        let fields = line.split(separator: " ")
+        guard fields.count == 2, fields[0] == "ready", let index = UInt32(fields[1]) else {
+            server.kill(pid)
+            throw BackendFailure(detail: "the NBD server answered '\(line)'", fallback: false)
+        }
+        return (pid, index)
     }
 
     /// The device has its size once the kernel set it up (udev may still be running elsewhere).

@@ -26,13 +26,20 @@ protocol HostedMount: AnyObject, Sendable {
 
 extension ServeSpec {
     /// How a hosted mount's descriptors are named in the fd store: `lazy-ID-K` (fanotify, as
-    /// earlier versions named them) or `fuse-ID-K`.
-    func fdName(_ kind: Character) -> String { "\(frontend == .fanotify ? "lazy" : "fuse")-\(hostID ?? "")-\(kind)" }
+    /// earlier versions named them), `fuse-ID-K` or `nbd-ID-K`.
+    func fdName(_ kind: Character) -> String {
+        let prefix = switch frontend {
+        case .fanotify: "lazy"
+        case .fuse: "fuse"
+        case .nbd: "nbd"
+        }
+        return "\(prefix)-\(hostID ?? "")-\(kind)"
+    }
 
     /// The (id, kind) of a stored descriptor's name, for any hosted backend.
     static func parseFDName(_ name: String) -> (id: String, kind: Character)? {
         let parts = name.split(separator: "-")
-        guard parts.count == 3, ["lazy", "fuse"].contains(parts[0]), parts[2].count == 1 else { return nil }
+        guard parts.count == 3, ["lazy", "fuse", "nbd"].contains(parts[0]), parts[2].count == 1 else { return nil }
         return (String(parts[1]), parts[2].first!)
     }
 }

@@ -40,11 +40,7 @@ public final class InProcessServing: @unchecked Sendable {  // the mounts behind
     func add(_ mount: any HostedMount) throws {
         do {
             try Sys.writeFileAtomically(mount.spec.specPath, [UInt8](JSONEncoder().encode(mount.spec.stored)))
-            for (kind, fd) in mount.durable {
-                guard try ServiceManager.notify("FDSTORE=1\nFDNAME=\(mount.spec.fdName(kind))", fds: [fd]) else {
-                    throw RuntimeError.state("no service manager holds the descriptors ($NOTIFY_SOCKET is unset)")
-                }
-            }
+            try store(mount)
         } catch {
             forget(mount.spec)
             mount.close()
@@ -53,16 +49,29 @@ public final class InProcessServing: @unchecked Sendable {  // the mounts behind
         mounts.withLock { $0[mount.spec.mountpoint] = mount }
     }
 
+    /// Hands the mount's durable descriptors to the service manager's store.
+    func store(_ mount: any HostedMount) throws {
+        for (kind, fd) in mount.durable {
+            guard try ServiceManager.notify("FDSTORE=1\nFDNAME=\(mount.spec.fdName(kind))", fds: [fd]) else {
+                throw RuntimeError.state("no service manager holds the descriptors ($NOTIFY_SOCKET is unset)")
+            }
+        }
+    }
+
     /// Removes a mount's descriptors from the store and its spec file (and journal, unless a
     /// successor serves the mount now).
     func forget(_ spec: ServeSpec, keepJournal: Bool = false) {
-        for kind: Character in ["g", "w", "l", "a", "f"] {
-            _ = try? ServiceManager.notify("FDSTOREREMOVE=1\nFDNAME=\(spec.fdName(kind))")
-        }
+        forgetDescriptors(spec)
         // The files are per mountpoint: leave them to a newer mount there.
         guard ServeSpec.readHosted(spec.specPath).map({ $0.hostID == spec.hostID }) ?? true else { return }
         try? Sys.unlink(spec.specPath)
         if !keepJournal { try? Sys.unlink(spec.journalPath) }
+    }
+
+    func forgetDescriptors(_ spec: ServeSpec) {
+        for kind: Character in ["g", "w", "l", "a", "f", "n"] {
+            _ = try? ServiceManager.notify("FDSTOREREMOVE=1\nFDNAME=\(spec.fdName(kind))")
+        }
     }
 
     /// After a failed mount: drops what was prepared for `mountpoint`.
@@ -71,7 +80,7 @@ public final class InProcessServing: @unchecked Sendable {  // the mounts behind
         _ = m.stop()
         forget(m.spec)
         m.close()
-        if m.spec.frontend == .fuse { m.spec.servingEnded() }
+        if m.spec.frontend != .fanotify { m.spec.servingEnded() }
     }
 
     /// Starts serving the mount prepared for `mountpoint` (now mounted).
@@ -113,12 +122,18 @@ public final class InProcessServing: @unchecked Sendable {  // the mounts behind
                 let m: any HostedMount = switch spec.frontend {
                 case .fanotify: try HostedFanotify.restore(spec, f, log: log)
                 case .fuse: try HostedFuse.restore(spec, f, state: state, log: log)
-                case .nbd: throw RuntimeError.state("the daemon does not host nbd mounts")
+                case .nbd: try HostedNbd.restore(spec, f, state: state, log: log)
                 }
                 mounts.withLock { $0[spec.mountpoint] = m }
                 updateRecords(of: m, pid: getpid(), servedBy: MountRecord.daemon)
                 log("\(spec.mountpoint): serving again after a restart")
                 start(m, restarted: true)
+                // An NBD mount serves a new connection now: the store gets it in place of the old one.
+                // (Never for the others: while the store lets go, a crash would close a group.)
+                if spec.frontend == .nbd {
+                    forgetDescriptors(spec)
+                    try? store(m)
+                }
             } catch {
                 log("\(spec.mountpoint): cannot serve again: \(error)")
             }

@@ -17,6 +17,8 @@ public struct NBDDeviceSpec: Codable, Sendable, Equatable {
     public var timeoutSeconds: UInt64 = 30
     /// How long requests wait for a new connection before they fail with EIO.
     public var deadConnectionSeconds: UInt64 = 30
+    /// The device, once connected (a hosted mount's spec records it for a successor).
+    public var index: UInt32?
 }
 
 /// The server processes of an `nbd` mount. The supervisor connects the device over generic netlink
@@ -26,7 +28,9 @@ public struct NBDDeviceSpec: Codable, Sendable, Equatable {
 /// new server, and ones the dead child had read are sent again by the kernel after its timeout.
 public enum NbdWorker {
     /// The supervisor; `ready` gets "ready INDEX" once the device is connected, or "error: …".
-    public static func supervise(spec bytes: [UInt8], readyFD: Int32) -> Int32 {
+    /// `adopting`: the device is connected already (the daemon hands it over): its first child is
+    /// reconnected to it as a restarted one would be.
+    public static func supervise(spec bytes: [UInt8], readyFD: Int32, adopting: UInt32? = nil) -> Int32 {
         func ready(_ line: String) {
             _ = try? FileDescriptor(rawValue: readyFD).writeAll(Array((line + "\n").utf8))
             Sys.close(readyFD)
@@ -35,17 +39,18 @@ public enum NbdWorker {
             ready("error: the serve spec names no NBD device")
             return 2
         }
-        var link: Link?
+        var link = adopting.map { Link(index: $0) }
+        var readySent = false
         var restarts = 0
         while true {
             let started = ContinuousClock.now
             switch startChild(spec: bytes, device: device, link: link) {
             case .failure(let why):
-                guard let link else { ready("error: \(why)"); return 1 }
+                guard readySent, let link else { ready("error: \(why)"); return 1 }
                 FuseWorker.log("cannot restart the server of /dev/nbd\(link.index): \(why)")
             case .success(let (pid, connected)):
-                if link == nil { ready("ready \(connected.index)") }
-                link = connected
+                if !readySent { ready("ready \(connected.index)") }
+                (link, readySent) = (connected, true)
                 let (code, signal) = Sys.wait(pid)
                 guard isMounted(connected.index) else { return finish(spec) }
                 FuseWorker.log("server \(pid) ended (\(signal.map { "signal \($0)" } ?? "exit \(code ?? -1)")) "
@@ -91,7 +96,7 @@ public enum NbdWorker {
             }
             do {
                 if let link {
-                    try NBDNetlink.reconfigure(index: link.index, socket: kernelEnd, disconnectOnClose: true)
+                    try reconnect(link.index, to: kernelEnd)
                     return .success((pid, link))
                 }
                 return .success((pid, try connect(kernelEnd, size: size, device)))
@@ -102,6 +107,18 @@ public enum NbdWorker {
             }
         } catch {
             return .failure(Failure("cannot start the server: \(error)"))
+        }
+    }
+
+    /// NBD_CMD_RECONFIGURE of the device onto `socket`. The kernel takes a new socket only in place
+    /// of one it found dead, which it notices moments after the old server's end closed: retried
+    /// for up to 5 s while it answers ENOSPC.
+    static func reconnect(_ index: UInt32, to socket: Int32) throws {
+        for attempt in 0..<100 {
+            do { return try NBDNetlink.reconfigure(index: index, socket: socket, disconnectOnClose: true) } catch
+                let e as Errno where e == .noSpace && attempt < 99 {
+                usleep(50_000)
+            }
         }
     }
 
