@@ -13,9 +13,30 @@ public final class FUSEServer: Sendable {
     private let finished = Mutex<Int>(0)
 
     private let splicer = FUSESplicer()
+    /// Where the requests in flight are recorded, for a successor after a crash.
+    public let journal: FUSEJournal?
 
-    public init(session: FUSESession, fd: Int32) {
-        (self.session, self.fd) = (session, fd)
+    public init(session: FUSESession, fd: Int32, journal: FUSEJournal? = nil) {
+        (self.session, self.fd, self.journal) = (session, fd, journal)
+    }
+
+    /// Answers what a dead predecessor had read and not answered (from the journal); the count.
+    @discardableResult
+    public func answerJournaled() -> Int {
+        guard let journal else { return 0 }
+        let pending = journal.pending()
+        for (slot, request) in pending {
+            answer(request[...])
+            journal.clear(slot)
+        }
+        return pending.count
+    }
+
+    /// Records `request` in the journal, answers it, and clears it.
+    public func answerRecorded(_ request: ArraySlice<UInt8>) {
+        let slot = journal?.record(request)
+        answer(request)
+        if let slot { journal?.clear(slot) }
     }
 
     /// Serves on `threads` threads until the connection ends (the filesystem was unmounted or the
@@ -51,7 +72,7 @@ public final class FUSEServer: Sendable {
                 }
             }
             if n == 0 { return }
-            answer(buffer[0..<n])
+            answerRecorded(buffer[0..<n])
         }
     }
 

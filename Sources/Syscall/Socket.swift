@@ -168,3 +168,17 @@ extension Sys {
         _ = try call { Glibc.shutdown(fd, Int32(SHUT_RDWR)) }
     }
 }
+
+extension Sys {
+    /// A shared read-write mapping of `length` bytes of `fd` (a memfd another process may inherit).
+    package static func mapShared(_ fd: Int32, length: Int) throws -> UnsafeMutableRawPointer {
+        guard let p = ecx_map_shared(fd, length) else { throw Errno(rawValue: errno) }
+        return p
+    }
+
+    /// A 32-bit value read after everything its writer stored before it (`storeRelease`).
+    package static func loadAcquire(_ p: UnsafeRawPointer) -> UInt32 { ecx_load_acquire_u32(p) }
+
+    /// Stores `value` after every store before it is visible.
+    package static func storeRelease(_ p: UnsafeMutableRawPointer, _ value: UInt32) { ecx_store_release_u32(p, value) }
+}

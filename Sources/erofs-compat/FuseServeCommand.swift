@@ -19,15 +19,17 @@ struct FuseServeCommand: ParsableCommand {
     /// Taking over a connection whose INIT was answered (the daemon hands it over): the kernel's
     /// flags and minor are those given.
     @Flag var adopted = false
+    /// The memfd of requests read and not yet answered (kept by the supervisor or the daemon).
+    @Option var journalFd: Int32?
 
     func run() throws {
         let spec = try readServeSpec(specFd)
         if child {
             throw ExitCode(FuseWorker.serve(spec: spec, fuseFD: fuseFd, statusFD: statusFd, kernelFlags: kernelFlags,
-                                            kernelMinor: kernelMinor, resend: resend))
+                                            kernelMinor: kernelMinor, journalFD: journalFd, resend: resend))
         }
         throw ExitCode(FuseWorker.supervise(spec: spec, fuseFD: fuseFd, readyFD: readyFd,
-                                            negotiated: adopted ? (kernelFlags, kernelMinor) : nil))
+                                            negotiated: adopted ? (kernelFlags, kernelMinor) : nil, journalFD: journalFd))
     }
 }
 

@@ -246,3 +246,42 @@ struct FUSESpliceTests {
         #expect(FUSESplicer().send(header, huge, to: a) == .failed)
     }
 }
+
+/// The request journal: what a server read and did not answer is found by a successor on the same
+/// memfd and answered by it (here into a socket standing for /dev/fuse); answered ones are not.
+struct FUSEJournalTests {
+    @Test func aSuccessorAnswersWhatItsPredecessorRead() throws {
+        let fd = try FUSEJournal.create()
+        defer { Glibc.close(fd) }
+        let dead = try FUSEJournal(fd: fd)
+        let answered = try #require(dead.record(request(.getattr, unique: 40, node: 2)))
+        dead.clear(answered)
+        _ = try #require(dead.record(request(.read, unique: 41, node: 2, readArgs(offset: 0, size: 100))))
+        _ = try #require(dead.record(request(.getattr, unique: 42, node: 1)))
+        #expect(dead.record(request(.lookup, unique: 43, node: 1, [UInt8](repeating: 0x61, count: 600))) == nil)
+
+        let (a, b) = try Sys.socketPair()
+        defer { Sys.close(a); Sys.close(b) }
+        let session = FUSESession(filesystem: TinyFS())
+        session.resume(kernelFlags: [], kernelMinor: 45)
+        let successor = FUSEServer(session: session, fd: a, journal: try FUSEJournal(fd: fd))
+        #expect(successor.answerJournaled() == 2)
+        // The socket is a stream: the replies arrive back to back, each framed by its length.
+        var stream: [UInt8] = []
+        var buf = [UInt8](repeating: 0, count: 4096)
+        while (try? Sys.poll(b, timeoutMs: 200)) == true {
+            let n = buf.withUnsafeMutableBytes { Glibc.read(b, $0.baseAddress, $0.count) }
+            guard n > 0 else { break }
+            stream += buf[0..<n]
+        }
+        var uniques: [UInt64] = []
+        while stream.count >= 16 {
+            let reply = try parse(stream)
+            #expect(reply.error == 0 && Int(reply.len) <= stream.count)
+            uniques.append(reply.unique)
+            stream.removeFirst(min(Int(reply.len), stream.count))
+        }
+        #expect(Set(uniques) == [41, 42])
+        #expect(try FUSEJournal(fd: fd).pending().isEmpty)
+    }
+}

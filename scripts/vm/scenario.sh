@@ -107,6 +107,27 @@ check remote-backend-fuse-blob backend_is /tmp/remote.out fuse-blob
 check remote-content same_tree /w/m /w/local.sums
 $E status /w/m > /tmp/status.out 2>&1
 check remote-status grep -q 'health   ok' /tmp/status.out
+# The FUSE server killed while it serves a read: httpd is stopped, so the read of a file not yet
+# fetched is in flight (read from /dev/fuse, recorded, waiting for its bytes) when the server dies.
+# Its successor answers it from the journal the supervisor keeps (6.1 cannot resend requests:
+# without the journal the reader would wait forever), so the reader gets the right bytes.
+mkdir -p /w/m3
+$E mount --backend fuse-blob --cache-dir /w/cache-kill http://127.0.0.1:8080/local.erofs /w/m3 > /tmp/kill.out 2>&1
+supervisor=$($E status /w/m3 | awk '$1 == "worker" {print $2}')
+fuse_child() { awk '{print $1}' "/proc/$supervisor/task/$supervisor/children"; }
+httpd_pid=$(ps -o pid,args | grep 'httpd -p 127.0.0.1:8080' | grep -v grep | awk '{print $1}' | head -1)
+kill -STOP "$httpd_pid"
+(timeout 60 sha256sum /w/m3/big > /tmp/fuse-inflight.sum 2>&1) &
+reader=$!
+sleep 1
+kill -9 "$(fuse_child)"
+kill -CONT "$httpd_pid"
+wait $reader
+check fuse-killed-inflight-read grep -q "$(cut -d' ' -f1 /tmp/fuse-inflight.sum)  ./big" /w/local.sums
+journal_line=$(grep -h 'from its journal' $EROFS_COMPAT_STATE_DIR/workers/*.log | tail -1)
+check fuse-killed-inflight-from-journal sh -c "echo '$journal_line' | grep -q 'answered [1-9]'"
+echo "VMINFO fuse-inflight $journal_line"
+check fuse-killed-umount $E umount /w/m3
 check remote-umount $E umount /w/m
 check remote-nothing-left nothing_left
 

@@ -21,6 +21,7 @@
 #include <string.h>
 #include <unistd.h>
 #include <sys/ioctl.h>
+#include <sys/mman.h>
 #include <sys/mount.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -409,6 +410,17 @@ static inline long ecx_splice(int fd_in, long long *off_in, int fd_out, size_t l
     return syscall(SYS_splice, fd_in, off_in, fd_out, (long long *)0, len, flags);
 }
 static inline int ecx_set_pipe_size(int fd, int size) { return fcntl(fd, 1031, size); }
+
+/* ---------------------------------------------------------------- shared memory */
+
+/* A MAP_SHARED read-write mapping of `fd` (NULL on failure), and ordered 32-bit loads and stores in
+ * it: another process reading the memory after a crash sees a slot's bytes before its state. */
+static inline void *ecx_map_shared(int fd, size_t length) {
+    void *p = mmap(NULL, length, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    return p == MAP_FAILED ? NULL : p;
+}
+static inline uint32_t ecx_load_acquire_u32(const void *p) { return __atomic_load_n((const uint32_t *)p, __ATOMIC_ACQUIRE); }
+static inline void ecx_store_release_u32(void *p, uint32_t v) { __atomic_store_n((uint32_t *)p, v, __ATOMIC_RELEASE); }
 
 /* ---------------------------------------------------------------- variadic wrappers */
 

@@ -12,8 +12,9 @@ import SystemPackage
 
 /// The FUSE server processes. The supervisor owns the /dev/fuse descriptor for the mount's whole
 /// life: it answers the kernel's INIT, then runs a serving child and restarts it if it dies. A
-/// restarted child asks the kernel to resend the requests its predecessor read but never answered
-/// (FUSE_NOTIFY_RESEND), so a reader in flight at the crash gets its bytes from the successor.
+/// restarted child answers the requests its predecessor read but never answered, from the journal
+/// the supervisor keeps (and where the kernel can, asks it to resend them: FUSE_NOTIFY_RESEND), so a
+/// reader in flight at the crash gets its bytes from the successor.
 public enum FuseWorker {
     public static func log(_ s: String) {
         let line = "\(Date()) erofs-compat fuse[\(Sys.processID)]: \(s)\n"
@@ -21,10 +22,10 @@ public enum FuseWorker {
     }
 
     /// The supervisor; `ready` gets "ready" once a child serves, or "error: …". `negotiated`: the
-    /// connection is taken over (from the daemon) with what INIT negotiated, so its children ask the
-    /// kernel to resend what the previous server had read. Returns the exit status.
+    /// connection is taken over (from the daemon) with what INIT negotiated and its request journal
+    /// (`journalFD`), so its first child answers what the previous server had read. Returns the exit status.
     public static func supervise(spec: [UInt8], fuseFD: Int32, readyFD: Int32,
-                                 negotiated: (flags: UInt64, minor: UInt32)? = nil) -> Int32 {
+                                 negotiated: (flags: UInt64, minor: UInt32)? = nil, journalFD: Int32? = nil) -> Int32 {
         func ready(_ line: String) {
             _ = try? FileDescriptor(rawValue: readyFD).writeAll(Array((line + "\n").utf8))
             Sys.close(readyFD)
@@ -33,11 +34,16 @@ public enum FuseWorker {
             ready("error: the kernel sent no FUSE INIT request")
             return 1
         }
+        guard let journal = journalFD ?? (try? FUSEJournal.create()) else {
+            ready("error: cannot create the FUSE request journal")
+            return 1
+        }
         var readySent = false
         var restarts = negotiated == nil ? 0 : 1
         while true {
             let started = ContinuousClock.now
-            let child = try? startChild(spec: spec, fuseFD: fuseFD, flags: flags, minor: minor, resend: restarts > 0)
+            let child = try? startChild(spec: spec, fuseFD: fuseFD, journalFD: journal, flags: flags, minor: minor,
+                                        resend: restarts > 0)
             guard let (pid, status) = child else {
                 if !readySent { ready("error: cannot start the FUSE server") }
                 return 1
@@ -84,19 +90,19 @@ public enum FuseWorker {
     }
 
     /// Spawns a serving child with the spec on a pipe; returns its pid and the read end of its status pipe.
-    static func startChild(spec: [UInt8], fuseFD: Int32, flags: FUSEInitFlags, minor: UInt32,
+    static func startChild(spec: [UInt8], fuseFD: Int32, journalFD: Int32, flags: FUSEInitFlags, minor: UInt32,
                            resend: Bool) throws -> (Int32, Int32) {
-        try ServedProcess.startChild(spec: spec, keeping: [fuseFD]) { specFD, statusFD in
+        try ServedProcess.startChild(spec: spec, keeping: [fuseFD, journalFD]) { specFD, statusFD in
             ["__fuse-serve", "--child", "--fuse-fd", String(fuseFD), "--spec-fd", String(specFD),
-             "--status-fd", String(statusFD), "--kernel-flags", String(flags.rawValue), "--kernel-minor", String(minor)]
-                + (resend ? ["--resend"] : [])
+             "--status-fd", String(statusFD), "--kernel-flags", String(flags.rawValue), "--kernel-minor", String(minor),
+             "--journal-fd", String(journalFD)] + (resend ? ["--resend"] : [])
         }
     }
 
     /// A serving child: opens what the spec names, says "serving" (or "error: …") on `statusFD`,
     /// and serves until the connection ends.
     public static func serve(spec specBytes: [UInt8], fuseFD: Int32, statusFD: Int32, kernelFlags: UInt64,
-                             kernelMinor: UInt32, resend: Bool) -> Int32 {
+                             kernelMinor: UInt32, journalFD: Int32?, resend: Bool) -> Int32 {
         let status = FileDescriptor(rawValue: statusFD)
         let served: (FUSEFilesystem, ServedSource)
         let spec: ServeSpec
@@ -111,11 +117,8 @@ public enum FuseWorker {
         defer { served.1.close() }
         let session = FUSESession(filesystem: served.0)
         session.resume(kernelFlags: FUSEInitFlags(rawValue: kernelFlags), kernelMinor: kernelMinor)
-        let server = FUSEServer(session: session, fd: fuseFD)
-        if resend {
-            let asked = server.requestResend()
-            log(asked ? "asked the kernel to resend unanswered requests" : "the kernel cannot resend requests")
-        }
+        let server = FUSEServer(session: session, fd: fuseFD, journal: journalFD.flatMap { try? FUSEJournal(fd: $0) })
+        if resend { takeOver(server, log: log) }
         _ = try? status.writeAll(Array("serving\n".utf8))
         Sys.close(statusFD)
         let stop = Locked(false)
@@ -124,6 +127,15 @@ public enum FuseWorker {
         stop.set(true)
         log("the FUSE connection ended; exiting")
         return 0
+    }
+
+    /// A successor's first duty: answer what the dead server had read (its journal), and where the
+    /// kernel can, have it resend such requests too (one read in the moment before it was journaled).
+    static func takeOver(_ server: FUSEServer, log: (String) -> Void) {
+        let answered = server.answerJournaled()
+        let asked = server.requestResend()
+        log("answered \(answered) requests the previous server had read, from its journal"
+            + (asked ? "; asked the kernel to resend unanswered requests" : " (the kernel cannot resend requests)"))
     }
 
     static func openFilesystem(_ spec: ServeSpec, runtime: Runtime = Runtime()) throws -> (FUSEFilesystem, ServedSource) {

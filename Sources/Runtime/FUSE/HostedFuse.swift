@@ -21,6 +21,8 @@ final class HostedFuse: HostedMount, @unchecked Sendable {  // `buffer` is the p
     let full: ServeSpec
     let negotiated: ServeSpec.Negotiated
     let device: OwnedDescriptor
+    /// The requests read and not answered yet (`FUSEJournal`'s memfd): durable with the device.
+    let journalFD: OwnedDescriptor
     let authFD: OwnedDescriptor?
     let served: ServedSource
     let session: FUSESession
@@ -35,19 +37,21 @@ final class HostedFuse: HostedMount, @unchecked Sendable {  // `buffer` is the p
 
     var spec: ServeSpec { full.stored }
     var durable: [(kind: Character, fd: Int32)] {
-        var list: [(kind: Character, fd: Int32)] = [("f", device.rawValue)]
+        var list: [(kind: Character, fd: Int32)] = [("f", device.rawValue), ("j", journalFD.rawValue)]
         if let authFD { list.append(("a", authFD.rawValue)) }
         return list
     }
 
-    private init(_ full: ServeSpec, negotiated: ServeSpec.Negotiated, device: Int32, authFD: Int32?,
-                 served: ServedSource, filesystem: FUSEFilesystem, log: @escaping @Sendable (String) -> Void) {
+    private init(_ full: ServeSpec, negotiated: ServeSpec.Negotiated, device: Int32, journal: FUSEJournal,
+                 authFD: Int32?, served: ServedSource, filesystem: FUSEFilesystem,
+                 log: @escaping @Sendable (String) -> Void) {
         (self.full, self.negotiated, self.served) = (full, negotiated, served)
         self.device = OwnedDescriptor(device)
+        journalFD = OwnedDescriptor(journal.fd)
         self.authFD = authFD.map { OwnedDescriptor($0) }
         session = FUSESession(filesystem: filesystem)
         session.resume(kernelFlags: FUSEInitFlags(rawValue: negotiated.flags), kernelMinor: negotiated.minor)
-        answerer = FUSEServer(session: session, fd: device)
+        answerer = FUSEServer(session: session, fd: device, journal: journal)
         self.log = { [mp = full.mountpoint] in log("\(mp): \($0)") }
     }
 
@@ -56,10 +60,7 @@ final class HostedFuse: HostedMount, @unchecked Sendable {  // `buffer` is the p
     func start(restarted: Bool, ended: @escaping @Sendable () -> Void) {
         onEnd.set(ended)
         setNonBlocking(true)
-        if restarted {
-            let asked = answerer.requestResend()
-            log(asked ? "asked the kernel to resend unanswered requests" : "the kernel cannot resend requests")
-        }
+        if restarted { FuseWorker.takeOver(answerer, log: log) }
         token.set(ServingPoller.shared.add(device.rawValue) { [self] in readable() })
         let last = Locked<Data?>(nil)
         ServingTicker.shared.every(250) { [self] in
@@ -76,7 +77,11 @@ final class HostedFuse: HostedMount, @unchecked Sendable {  // `buffer` is the p
             let n = buffer.withUnsafeMutableBytes { Glibc.read(device.rawValue, $0.baseAddress, $0.count) }
             if n > 0 {
                 let request = Array(buffer[0..<n])
-                lane.submit { [self] in answerer.answer(request[...]) }
+                let slot = answerer.journal?.record(request[...])
+                lane.submit { [self] in
+                    answerer.answer(request[...])
+                    if let slot { answerer.journal?.clear(slot) }
+                }
                 continue
             }
             if n < 0, errno == EAGAIN { return }
@@ -120,9 +125,9 @@ final class HostedFuse: HostedMount, @unchecked Sendable {  // `buffer` is the p
         served.close()
         setNonBlocking(false)
         let args = ["--fuse-fd", String(device.rawValue), "--kernel-flags", String(negotiated.flags),
-                    "--kernel-minor", String(negotiated.minor), "--adopted"]
+                    "--kernel-minor", String(negotiated.minor), "--adopted", "--journal-fd", String(journalFD.rawValue)]
         let server = ServedProcess.fuse
-        let (pid, line) = try server.start(full, args: args, keeping: [device.rawValue])
+        let (pid, line) = try server.start(full, args: args, keeping: [device.rawValue, journalFD.rawValue])
         guard line == "ready" else {
             server.kill(pid)
             throw BackendFailure(detail: "the FUSE server answered '\(line)'", fallback: false)
@@ -133,6 +138,7 @@ final class HostedFuse: HostedMount, @unchecked Sendable {  // `buffer` is the p
     func close() {
         served.close()
         device.close()
+        journalFD.close()
         authFD?.close()
     }
 
@@ -145,25 +151,28 @@ final class HostedFuse: HostedMount, @unchecked Sendable {  // `buffer` is the p
     }
 
     /// The source opened and its filesystem made, on the device whose INIT is answered.
-    static func open(_ full: ServeSpec, device: Int32, authFD: Int32?, state: StateStore,
+    static func open(_ full: ServeSpec, device: Int32, journalFD: Int32, authFD: Int32?, state: StateStore,
                      log: @escaping @Sendable (String) -> Void) throws -> HostedFuse {
         guard let negotiated = full.negotiated else { throw RuntimeError.state("the spec has no FUSE INIT outcome") }
+        let journal = try FUSEJournal(fd: journalFD)
         let (filesystem, served) = try FuseWorker.openFilesystem(full, runtime: Runtime(state: state))
-        return HostedFuse(full, negotiated: negotiated, device: device, authFD: authFD, served: served,
+        return HostedFuse(full, negotiated: negotiated, device: device, journal: journal, authFD: authFD, served: served,
                           filesystem: filesystem, log: log)
     }
 
     /// After a restart: the mount again from its spec, the stored device (f) and credentials (a).
     static func restore(_ stored: ServeSpec, _ fds: [Character: Int32], state: StateStore,
                         log: @escaping @Sendable (String) -> Void) throws -> HostedFuse {
-        guard let device = fds["f"] else { throw RuntimeError.state("the stored descriptors lack /dev/fuse") }
+        guard let device = fds["f"], let journal = fds["j"] else {
+            throw RuntimeError.state("the stored descriptors lack /dev/fuse or its journal")
+        }
         var full = stored
         if let a = fds["a"] {
             let secret = try JSONDecoder().decode(StoredSecrets.self,
                                                   from: Data(Sys.preadFully(a, count: Int(Sys.fstat(a).st_size), at: 0)))
             secret.apply(to: &full)
         }
-        return try open(full, device: device, authFD: fds["a"], state: state, log: log)
+        return try open(full, device: device, journalFD: journal, authFD: fds["a"], state: state, log: log)
     }
 }
 
@@ -177,15 +186,17 @@ extension InProcessServing {
         var full = spec
         (full.hostID, full.negotiated) = (Self.newID(), ServeSpec.Negotiated(flags: flags.rawValue, minor: minor))
         let device = try Sys.dup(fuseFD)
-        var authFD: Int32?
+        var (authFD, journalFD): (Int32?, Int32?) = (nil, nil)
         let mount: HostedFuse
         do {
             let secrets = StoredSecrets(full)
             if !secrets.isEmpty { authFD = try Sys.memfd("erofs-compat-auth", holding: [UInt8](JSONEncoder().encode(secrets))) }
-            mount = try HostedFuse.open(full, device: device, authFD: authFD, state: state, log: log)
+            journalFD = try FUSEJournal.create()
+            mount = try HostedFuse.open(full, device: device, journalFD: journalFD!, authFD: authFD, state: state, log: log)
         } catch {
             Sys.close(device)
             authFD.map(Sys.close)
+            journalFD.map(Sys.close)
             throw error
         }
         try add(mount)

@@ -69,7 +69,7 @@ public final class InProcessServing: @unchecked Sendable {  // the mounts behind
     }
 
     func forgetDescriptors(_ spec: ServeSpec) {
-        for kind: Character in ["g", "w", "l", "a", "f", "n"] {
+        for kind: Character in ["g", "w", "l", "a", "f", "j", "n"] {
             _ = try? ServiceManager.notify("FDSTOREREMOVE=1\nFDNAME=\(spec.fdName(kind))")
         }
     }
