@@ -152,6 +152,8 @@ echo "   the same through fuse-blob (the lazy path for kernels without pre-conte
 if [ -n "$registry_pid" ]; then cold "oci://127.0.0.1:$rport/bench/img256:latest" "$blob" "fuse-blob, docker-registry, oci://" fuse-blob; fi
 cold "$url" "$url" "fuse-blob, nginx, http://" fuse-blob
 
+# BENCH_REMOTE_ONLY=a: the cold figures alone (for comparing two binaries quickly).
+[ "${BENCH_REMOTE_ONLY:-}" = a ] && exit 0
 echo "== (b) warm: full read with the cache complete vs the local image file-backed (median of 3)"
 for B in $(bins); do
     rm -rf "$work/cache"; "$B" mount --cache-dir "$work/cache" "$url" "$work/m1" >/dev/null; readall "$work/m1"; sleep 1

@@ -10,12 +10,14 @@ struct DaemonCommand: ParsableCommand {
         discussion: """
             While it runs, 'erofs-compat mount' of an http(s) or oci:// source is performed by the daemon \
             (the command connects to its socket, default /run/erofs-compat/daemon.sock, root only): no process \
-            start per mount, and lazy fetching is served by the daemon's threads. Each lazy mount's fanotify \
-            group, cache writer and lock are kept in the service manager's file-descriptor store, so a crash \
-            never lets a reader see unfetched bytes; the restarted daemon serves them again. Under systemd \
-            (Type=notify, FileDescriptorStoreMax=, socket activation with FileDescriptorName=control) systemd \
-            is that manager; started by hand, a small keeper process is. On SIGTERM every lazy mount is handed \
-            to a per-mount supervisor process and keeps working.
+            start per mount, and every backend's serving (fanotify, fuse-blob, fuse-erofs, nbd) runs in the \
+            daemon's shared threads. What each mount needs to outlive a crash (a fanotify group, cache writer \
+            and lock; /dev/fuse and its request journal; an nbd socket; credentials) is kept in the service \
+            manager's file-descriptor store, so a crash never lets a reader see unfetched bytes; the restarted \
+            daemon serves every mount again. Under systemd (Type=notify, FileDescriptorStoreMax=, socket \
+            activation with FileDescriptorName=control) systemd is that manager; started by hand, a small \
+            keeper process is. On SIGTERM every mount is handed to a per-mount supervisor process and keeps \
+            working.
 
             Exit codes: 0 stopped cleanly, 1 could not start (socket) or could not hand a mount over, 5 not root.
             """

@@ -98,6 +98,40 @@ struct DaemonTests {
         try body(f, daemon, expected, proxy)
     }
 
+    /// A parallel cold read of every file, each data request held back 0.1 s by the proxy, while the
+    /// daemon is SIGKILLed `kills` times: every reader gets the image's bytes, everything reads after,
+    /// and the record follows the restarted daemon. Returns the daemon's log.
+    func readWhileKillingTheDaemon(_ f: RemoteFixture, _ daemon: DaemonProcess, _ expected: TreeFactsLite,
+                                   _ proxy: FaultProxy, kills: Int, everyMicros: UInt32) throws -> String {
+        try proxy.set("{\"fault\":\"stall\",\"seconds\":0.1,\"every\":1,\"match\":\"/img.erofs\"}")
+        let files = expected.entries.filter { $0.value.contains("size") }.map(\.key).sorted()
+        var killed = 0
+        let results = parallelRead(f.mnt, files) {
+            for _ in 0..<kills {
+                usleep(everyMicros)
+                if let c = daemon.child() {
+                    _ = Glibc.kill(c, SIGKILL)
+                    killed += 1
+                }
+            }
+        }
+        #expect(killed > 0)
+        for p in files {
+            let got = results[p] ?? "missing"
+            #expect(expected.entries[p]!.hasSuffix(got), "\(p): \(got)")
+        }
+        try proxy.set("{}")
+        #expect(TreeFactsLite(f.mnt) == expected)
+        // The record follows the restarted daemon.
+        var follows = false
+        for _ in 0..<40 where !follows {
+            follows = f.runtime.state.load(f.mnt)?.workerPID == daemon.child()
+            if !follows { usleep(50_000) }
+        }
+        #expect(follows)
+        return daemon.logText()
+    }
+
     func specs(_ state: String) -> [String] {
         ((try? FileManager.default.contentsOfDirectory(atPath: state + "/workers")) ?? []).filter { $0.hasSuffix(".spec") }
     }
@@ -156,36 +190,9 @@ struct DaemonTests {
     /// had read: every reader gets correct bytes. Every data request is held back 0.1 s by the proxy.
     @Test func killedDaemonNeverHandsOutZeros() throws {
         try withDaemonMount("daemon-kill", proxied: true) { f, daemon, expected, proxy in
-            let proxy = proxy!
             let state = f.runtime.state.root
-            try proxy.set("{\"fault\":\"stall\",\"seconds\":0.1,\"every\":1,\"match\":\"/img.erofs\"}")
-            let files = expected.entries.filter { $0.value.contains("size") }.map(\.key).sorted()
-            var kills = 0
-            let results = parallelRead(f.mnt, files) {
-                for _ in 0..<3 {
-                    usleep(250_000)
-                    if let c = daemon.child() {
-                        _ = Glibc.kill(c, SIGKILL)
-                        kills += 1
-                    }
-                }
-            }
-            #expect(kills > 0)
-            for p in files {
-                let got = results[p] ?? "missing"
-                #expect(expected.entries[p]!.hasSuffix(got), "\(p): \(got)")
-            }
-            try proxy.set("{}")
-            #expect(TreeFactsLite(f.mnt) == expected)
-            let log = daemon.logText()
+            let log = try readWhileKillingTheDaemon(f, daemon, expected, proxy!, kills: 3, everyMicros: 250_000)
             #expect(log.contains("serving again after a restart"), Comment(rawValue: log))
-            // The record follows the restarted daemon.
-            var follows = false
-            for _ in 0..<40 where !follows {
-                follows = f.runtime.state.load(f.mnt)?.workerPID == daemon.child()
-                if !follows { usleep(50_000) }
-            }
-            #expect(follows)
             #expect(try cli(state, ["umount", f.mnt]).status == 0)
             #expect(daemon.stop() == 0, Comment(rawValue: daemon.logText()))
         }
@@ -332,39 +339,13 @@ struct DaemonTests {
           arguments: ["fuse-blob", "fuse-erofs"])
     func hostedFuseSurvivesACrash(backend: String) throws {
         try withDaemonMount("daemon-" + backend, proxied: true, args: ["--backend", backend]) { f, daemon, expected, proxy in
-            let proxy = proxy!
             let state = f.runtime.state.root
             let record = try #require(f.runtime.state.load(f.mnt))
             #expect(record.servedBy == "daemon" && record.workerPID == daemon.child() && record.backend == backend, "\(record)")
             #expect(fuseServers(under: f.dir).isEmpty, "no FUSE server process of its own")
             #expect(specs(state).count == 1)
-            try proxy.set("{\"fault\":\"stall\",\"seconds\":0.1,\"every\":1,\"match\":\"/img.erofs\"}")
-            let files = expected.entries.filter { $0.value.contains("size") }.map(\.key).sorted()
-            var kills = 0
-            let results = parallelRead(f.mnt, files) {
-                for _ in 0..<2 {
-                    usleep(300_000)
-                    if let c = daemon.child() {
-                        _ = Glibc.kill(c, SIGKILL)
-                        kills += 1
-                    }
-                }
-            }
-            #expect(kills > 0)
-            for p in files {
-                let got = results[p] ?? "missing"
-                #expect(expected.entries[p]!.hasSuffix(got), "\(p): \(got)")
-            }
-            try proxy.set("{}")
-            #expect(TreeFactsLite(f.mnt) == expected)
-            let log = daemon.logText()
-            #expect(log.contains("serving again after a restart") && log.contains("resend"), Comment(rawValue: log))
-            var follows = false
-            for _ in 0..<40 where !follows {
-                follows = f.runtime.state.load(f.mnt)?.workerPID == daemon.child()
-                if !follows { usleep(50_000) }
-            }
-            #expect(follows)
+            let log = try readWhileKillingTheDaemon(f, daemon, expected, proxy!, kills: 2, everyMicros: 300_000)
+            #expect(log.contains("serving again after a restart") && log.contains("from its journal"), Comment(rawValue: log))
             let st = try #require(try f.runtime.status().first)
             #expect(st.problems.isEmpty && (st.fuse?.requests ?? 0) > 0, "\(st.problems) \(String(describing: st.fuse))")
             let u = try cli(state, ["umount", f.mnt])

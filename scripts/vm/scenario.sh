@@ -117,12 +117,14 @@ supervisor=$($E status /w/m3 | awk '$1 == "worker" {print $2}')
 fuse_child() { awk '{print $1}' "/proc/$supervisor/task/$supervisor/children"; }
 httpd_pid=$(ps -o pid,args | grep 'httpd -p 127.0.0.1:8080' | grep -v grep | awk '{print $1}' | head -1)
 kill -STOP "$httpd_pid"
+t0=$(date +%s)
 (timeout 60 sha256sum /w/m3/big > /tmp/fuse-inflight.sum 2>&1) &
 reader=$!
 sleep 1
 kill -9 "$(fuse_child)"
 kill -CONT "$httpd_pid"
 wait $reader
+echo "VMINFO fuse-inflight-seconds $(($(date +%s) - t0)) s"
 check fuse-killed-inflight-read grep -q "$(cut -d' ' -f1 /tmp/fuse-inflight.sum)  ./big" /w/local.sums
 journal_line=$(grep -h 'from its journal' $EROFS_COMPAT_STATE_DIR/workers/*.log | tail -1)
 check fuse-killed-inflight-from-journal sh -c "echo '$journal_line' | grep -q 'answered [1-9]'"

@@ -140,8 +140,11 @@ public final class FanotifyServer: @unchecked Sendable {  // state behind locks;
         self.workers = workers
         self.log = log
         demandLane = PoolLane(limit: workers, priority: .demand)
+        // A stream's readahead in 4 MiB aligned pieces, as for FUSE and NBD clients: over a registry
+        // (slow per request) fewer, larger requests read a 256 MiB image 3-19 % faster than 1 MiB
+        // unaligned windows did (`make bench` (a), the two binaries in the same run, twice).
         reader = LazyReader(lazy: lazy, digest: digest, readaheadFetches: 2 * workers, firstWindow: 128 << 10,
-                            sequentialWindow: 1 << 20, aligned: false, log: log)
+                            sequentialWindow: 4 << 20, aligned: true, log: log)
         group = FileDescriptor(rawValue: groupFD)
         journal = try journalPath.map { try Sys.open($0, O_RDWR | O_CREAT | O_APPEND, mode: 0o600) }
     }

@@ -45,7 +45,8 @@ final class LazyReader: @unchecked Sendable {  // state behind locks; prefetch/r
     /// Readers inside `ensure` now.
     private let busy = Locked(0)
     /// Readahead windows waiting for a fetcher, oldest first (each has a job on `readaheadLane`).
-    private let readahead = Locked<[(UInt64, UInt64)]>([])
+    /// Queued readahead windows; `aligned`: fetched in whole chunks (a stream's, not a random read's).
+    private let readahead = Locked<[(offset: UInt64, length: UInt64, aligned: Bool)]>([])
     private let readaheadLane: PoolLane
     private let readaheadFailures = Locked(0)
     private let prefetching = DispatchGroup()
@@ -61,16 +62,15 @@ final class LazyReader: @unchecked Sendable {  // state behind locks; prefetch/r
     let firstWindow: UInt64
     /// The first window of a stream that continues, doubling up to `maxWindow`.
     let sequentialWindow: UInt64
-    /// Sequential fetches and readahead in `chunk`-aligned pieces (for a client that queues many
-    /// requests of one stream at once, NBD and FUSE); fanotify's events follow the reader instead.
+    /// Sequential fetches and readahead in `chunk`-aligned pieces: requests of one stream in flight
+    /// together (a FUSE or NBD client's queue, fanotify events of one file's readahead) join one fetch.
     let aligned: Bool
 
     /// `readaheadFetches`: background fetches at once (large requests that overlap readers);
     /// `firstWindow`: readahead after a read that continues no stream — some for fanotify, whose
     /// events come per page-cache miss, none for NBD and FUSE clients, whose requests are their own.
-    /// `sequentialWindow`: where a continuing stream's readahead starts — 1 MiB for fanotify, whose
-    /// events are page-cache misses spread over files; 4 MiB for a block or blob-file client, which
-    /// reads one large file.
+    /// `sequentialWindow`: where a continuing stream's readahead starts (4 MiB: a reader walking files
+    /// in image order reads the blob sequentially, across file boundaries too).
     init(lazy: LazyBlob, digest: String?, readaheadFetches: Int = 8, firstWindow: UInt64 = 0,
          sequentialWindow: UInt64 = 4 << 20, aligned: Bool = true, log: @escaping (String) -> Void) {
         (self.lazy, self.digest, self.log, self.firstWindow) = (lazy, digest, log, firstWindow)
@@ -162,7 +162,7 @@ final class LazyReader: @unchecked Sendable {  // state behind locks; prefetch/r
         }
         end = min(end, lazy.size)
         try lazy.ensure(offset: offset, length: end - offset)
-        if window > 0 { scheduleReadahead(offset: end, length: window) }
+        if window > 0 { scheduleReadahead(offset: end, length: window, aligned: aligned && sequential) }
     }
 
     /// A continuing stream's window doubles up to `maxWindow`; requests in flight arrive out of
@@ -187,23 +187,24 @@ final class LazyReader: @unchecked Sendable {  // state behind locks; prefetch/r
     }
 
     /// Queues a readahead window (the oldest dropped beyond 64 queued: their readers moved on).
-    private func scheduleReadahead(offset: UInt64, length: UInt64) {
+    private func scheduleReadahead(offset: UInt64, length: UInt64, aligned: Bool) {
         let len = min(offset + length, lazy.size) &- offset
         guard offset < lazy.size, !stopping.get(), !lazy.isAvailable(offset: offset, length: len) else { return }
         readahead.withLock { q in
-            q.append((offset, len))
+            q.append((offset, len, aligned))
             if q.count > 64 { q.removeFirst(q.count - 64) }
         }
         readaheadLane.submit { [self] in readaheadOne() }
     }
 
-    /// Fetches what nobody is fetching yet of the oldest queued readahead window, in aligned chunks
-    /// where `aligned` (one request each; else requests of up to 4 MiB), each readable as soon as
-    /// it is written (a reader that catches up joins it); a failure only means the reader fetches
-    /// that range itself when it gets there (and gets EIO if that fails too).
+    /// Fetches what nobody is fetching yet of the oldest queued readahead window, a stream's in
+    /// aligned chunks where `aligned` (one request each, to the chunk's end; else requests of up to
+    /// 4 MiB), each readable as soon as it is written (a reader that catches up joins it); a failure
+    /// only means the reader fetches that range itself when it gets there (and gets EIO if that
+    /// fails too). A random read's small window is fetched as it is, not rounded out to a chunk.
     private func readaheadOne() {
         guard !stopping.get(),
-              let (offset, length) = readahead.withLock({ $0.isEmpty ? nil : $0.removeFirst() }) else { return }
+              let (offset, length, aligned) = readahead.withLock({ $0.isEmpty ? nil : $0.removeFirst() }) else { return }
         do {
             guard aligned else { return try lazy.fetchUnclaimed(offset: offset, length: length) }
             var pos = offset / Self.chunk * Self.chunk
