@@ -303,6 +303,20 @@ struct DaemonTests {
         #expect(try cli(state, ["umount", f.mnt]).status == 0)
     }
 
+    /// A stop right after an umount (before the daemon's watch looked) hands nothing over: no
+    /// supervisor is left waiting for a mount that is gone (one was, for up to 120 s).
+    @Test func stopRightAfterUmountLeavesNoSupervisor() throws {
+        try withDaemonMount("daemon-umount-stop") { f, daemon, _, _ in
+            let record = try #require(f.runtime.state.load(f.mnt))
+            #expect(try cli(f.runtime.state.root, ["umount", f.mnt]).status == 0)
+            #expect(daemon.stop() == 0, Comment(rawValue: daemon.logText()))
+            let servers = ((try? FileManager.default.contentsOfDirectory(atPath: "/proc")) ?? []).compactMap(Int32.init)
+                .filter { Runtime.isWorker($0, serving: record) }
+            #expect(servers.isEmpty, "left serving a gone mount: \(servers) \(daemon.logText())")
+            #expect(!daemon.logText().contains("handed to supervisor"), Comment(rawValue: daemon.logText()))
+        }
+    }
+
     /// A clean stop hands each lazy mount to its own supervisor: the mount keeps working (cold data
     /// still fetched), `umount` then stops that supervisor.
     @Test func stopHandsMountsToSupervisors() throws {

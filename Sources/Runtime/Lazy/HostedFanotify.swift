@@ -100,6 +100,11 @@ final class HostedFanotify: HostedMount, @unchecked Sendable {  // immutable but
             finished.wait()
             finished.signal()
         }
+        // Unmounted moments ago, before the watch looked: nothing to hand over (a supervisor would
+        // wait for a mount that never comes).
+        if Backends.kernelEROFSMounts(of: blobSpec.entry).isEmpty, (try? Sys.fileIsShared(lazy.writerFD)) == false {
+            unmounted.set(true)
+        }
         return !unmounted.get()
     }
 

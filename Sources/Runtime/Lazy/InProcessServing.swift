@@ -155,7 +155,13 @@ public final class InProcessServing: @unchecked Sendable {  // the mounts behind
     /// its durable descriptors), which keeps serving it after this process exits.
     public func handOver() {
         for (mountpoint, m) in mounts.get() {
-            guard m.stop() else { continue }
+            guard m.stop() else {
+                // Its mount is gone: what it held goes (if its end did not see to that already).
+                mounts.withLock { if $0[mountpoint] === m { $0[mountpoint] = nil } }
+                forget(m.spec)
+                m.close()
+                continue
+            }
             do {
                 let pid = try m.spawnSupervisor()
                 updateRecords(of: m, pid: pid, servedBy: nil)
