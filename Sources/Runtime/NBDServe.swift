@@ -101,7 +101,9 @@ public final class ServedSource: @unchecked Sendable {  // immutable after init;
 extension Runtime {
     /// What a served mount's spec names: the blob the mount resolved, or the source to resolve.
     func openServedSource(_ spec: ServeSpec) throws -> ServedSource {
-        guard let b = spec.blob else { return try openServedSource(spec.source, remote: spec.remote ?? RemoteOptions()) }
+        guard let b = spec.blob else {
+            return try openServedSource(spec.source, remote: spec.remote ?? RemoteOptions())
+        }
         do {
             let lock = try BlobCache.lockForWriting(entry: b.entry)
             do {

@@ -136,7 +136,8 @@ extension Runtime {
             setupReleased = true
             // The server takes the blob as resolved here (no second manifest fetch or size probe);
             // one without Range support it fetches whole itself.
-            let resolved = blob.wholeOnly ? nil : (BlobSpec(blob, entry: paths.data, remote: req.remote), blob.auth?.secret())
+            let resolved = blob.wholeOnly ? nil
+                : (BlobSpec(blob, entry: paths.data, remote: req.remote), blob.auth?.secret())
             return try mountServed(req, backend: backend, record: record, plan: plan, target: target, notes: notes,
                                    resolved: resolved)
         }

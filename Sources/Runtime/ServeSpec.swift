@@ -162,11 +162,11 @@ private struct LegacyLazySpec: Decodable {
         // The entry sits in CACHE/blobs/sha256/.
         let dir = URL(fileURLWithPath: dataPath).deletingLastPathComponent().deletingLastPathComponent()
             .deletingLastPathComponent().path
-        var blob = BlobSpec(url: url, size: size, etag: etag, lastModified: lastModified, cacheDir: dir, entry: dataPath,
-                            digest: digest, verity: verity)
+        var blob = BlobSpec(url: url, size: size, etag: etag, lastModified: lastModified, cacheDir: dir,
+                            entry: dataPath, digest: digest, verity: verity)
         (blob.prefetch, blob.recordProfile) = (Prefetch(argument: prefetch), recordProfile)
-        var s = ServeSpec(frontend: .fanotify, filesystem: .blob, source: url, mountpoint: mountpoint, statsPath: statsPath,
-                          blob: blob)
+        var s = ServeSpec(frontend: .fanotify, filesystem: .blob, source: url, mountpoint: mountpoint,
+                          statsPath: statsPath, blob: blob)
         s.hostID = id
         return s
     }

@@ -29,7 +29,8 @@ struct FuseServeCommand: ParsableCommand {
                                             kernelMinor: kernelMinor, journalFD: journalFd, resend: resend))
         }
         throw ExitCode(FuseWorker.supervise(spec: spec, fuseFD: fuseFd, readyFD: readyFd,
-                                            negotiated: adopted ? (kernelFlags, kernelMinor) : nil, journalFD: journalFd))
+                                            negotiated: adopted ? (kernelFlags, kernelMinor) : nil,
+                                            journalFD: journalFd))
     }
 }
 

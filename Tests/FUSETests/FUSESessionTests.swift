@@ -196,7 +196,9 @@ final class RegionFS: FUSEFilesystem, @unchecked Sendable {
     let tiny = TinyFS()
     let fd: Int32
     init(fd: Int32) { self.fd = fd }
-    func lookup(parent: UInt64, name: [UInt8]) throws(FUSEError) -> FUSEEntry { try tiny.lookup(parent: parent, name: name) }
+    func lookup(parent: UInt64, name: [UInt8]) throws(FUSEError) -> FUSEEntry {
+        try tiny.lookup(parent: parent, name: name)
+    }
     func getattr(_ node: UInt64) throws(FUSEError) -> FUSEAttr { try tiny.getattr(node) }
     func readlink(_ node: UInt64) throws(FUSEError) -> [UInt8] { throw .invalid }
     func open(_ node: UInt64, directory: Bool) throws(FUSEError) {}

@@ -352,16 +352,20 @@ struct DaemonTests {
     @Test(.enabled(if: fuseSkipReason == nil, Comment(rawValue: fuseSkipReason ?? "")),
           arguments: ["fuse-blob", "fuse-erofs"])
     func hostedFuseSurvivesACrash(backend: String) throws {
-        try withDaemonMount("daemon-" + backend, proxied: true, args: ["--backend", backend]) { f, daemon, expected, proxy in
+        let args = ["--backend", backend]
+        try withDaemonMount("daemon-" + backend, proxied: true, args: args) { f, daemon, expected, proxy in
             let state = f.runtime.state.root
             let record = try #require(f.runtime.state.load(f.mnt))
-            #expect(record.servedBy == "daemon" && record.workerPID == daemon.child() && record.backend == backend, "\(record)")
+            #expect(record.servedBy == "daemon" && record.workerPID == daemon.child() && record.backend == backend,
+                    "\(record)")
             #expect(fuseServers(under: f.dir).isEmpty, "no FUSE server process of its own")
             #expect(specs(state).count == 1)
             let log = try readWhileKillingTheDaemon(f, daemon, expected, proxy!, kills: 2, everyMicros: 300_000)
-            #expect(log.contains("serving again after a restart") && log.contains("from its journal"), Comment(rawValue: log))
+            #expect(log.contains("serving again after a restart") && log.contains("from its journal"),
+                    Comment(rawValue: log))
             let st = try #require(try f.runtime.status().first)
-            #expect(st.problems.isEmpty && (st.fuse?.requests ?? 0) > 0, "\(st.problems) \(String(describing: st.fuse))")
+            #expect(st.problems.isEmpty && (st.fuse?.requests ?? 0) > 0,
+                    "\(st.problems) \(String(describing: st.fuse))")
             let u = try cli(state, ["umount", f.mnt])
             #expect(u.status == 0, Comment(rawValue: u.stderr))
             #expect(fuseLeftovers(f).isEmpty, "left after umount: \(fuseLeftovers(f))")

@@ -98,7 +98,8 @@ import TestSupport
     @Test func hostedSpecsKeepNoSecretsAndOldOnesAreRead() throws {
         let dir = try ScratchDir("hosted-spec")
         defer { dir.remove() }
-        var serve = ServeSpec(frontend: .fuse, filesystem: .erofs, source: "oci://r/x", mountpoint: "/m", statsPath: "/s",
+        var serve = ServeSpec(frontend: .fuse, filesystem: .erofs, source: "oci://r/x", mountpoint: "/m",
+                              statsPath: "/s",
                               remote: RemoteOptions(oci: OCIOptions(username: "u", password: "pw")))
         serve.credentials = Array("token".utf8)
         let text = String(decoding: try JSONEncoder().encode(serve.stored), as: UTF8.self)

@@ -30,7 +30,8 @@ public enum FuseWorker {
             _ = try? FileDescriptor(rawValue: readyFD).writeAll(Array((line + "\n").utf8))
             Sys.close(readyFD)
         }
-        guard let (flags, minor) = negotiated.map({ (FUSEInitFlags(rawValue: $0.flags), $0.minor) }) ?? handshake(fuseFD) else {
+        let given = negotiated.map { (FUSEInitFlags(rawValue: $0.flags), $0.minor) }
+        guard let (flags, minor) = given ?? handshake(fuseFD) else {
             ready("error: the kernel sent no FUSE INIT request")
             return 1
         }
@@ -138,7 +139,8 @@ public enum FuseWorker {
             + (asked ? "; asked the kernel to resend unanswered requests" : " (the kernel cannot resend requests)"))
     }
 
-    static func openFilesystem(_ spec: ServeSpec, runtime: Runtime = Runtime()) throws -> (FUSEFilesystem, ServedSource) {
+    static func openFilesystem(_ spec: ServeSpec,
+                               runtime: Runtime = Runtime()) throws -> (FUSEFilesystem, ServedSource) {
         let served = try runtime.openServedSource(spec)
         let mtime = UInt64(Date().timeIntervalSince1970)
         switch spec.filesystem {

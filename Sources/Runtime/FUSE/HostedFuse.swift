@@ -14,7 +14,8 @@ import SystemPackage
 /// The descriptor is durable: after a crash the successor serves the same connection and asks the
 /// kernel to resend what was read but not answered (FUSE_NOTIFY_RESEND); a clean stop hands it to
 /// a `__fuse-serve` supervisor.
-final class HostedFuse: HostedMount, @unchecked Sendable {  // `buffer` is the poller thread's only; the rest locked or immutable
+// `buffer` is the poller thread's only; the rest is locked or immutable.
+final class HostedFuse: HostedMount, @unchecked Sendable {
     enum Phase { case serving, stopped, ended }
 
     /// The spec with its credentials, for a supervisor taking over.
@@ -156,8 +157,8 @@ final class HostedFuse: HostedMount, @unchecked Sendable {  // `buffer` is the p
         guard let negotiated = full.negotiated else { throw RuntimeError.state("the spec has no FUSE INIT outcome") }
         let journal = try FUSEJournal(fd: journalFD)
         let (filesystem, served) = try FuseWorker.openFilesystem(full, runtime: Runtime(state: state))
-        return HostedFuse(full, negotiated: negotiated, device: device, journal: journal, authFD: authFD, served: served,
-                          filesystem: filesystem, log: log)
+        return HostedFuse(full, negotiated: negotiated, device: device, journal: journal, authFD: authFD,
+                          served: served, filesystem: filesystem, log: log)
     }
 
     /// After a restart: the mount again from its spec, the stored device (f) and credentials (a).
@@ -168,8 +169,8 @@ final class HostedFuse: HostedMount, @unchecked Sendable {  // `buffer` is the p
         }
         var full = stored
         if let a = fds["a"] {
-            let secret = try JSONDecoder().decode(StoredSecrets.self,
-                                                  from: Data(Sys.preadFully(a, count: Int(Sys.fstat(a).st_size), at: 0)))
+            let bytes = try Sys.preadFully(a, count: Int(Sys.fstat(a).st_size), at: 0)
+            let secret = try JSONDecoder().decode(StoredSecrets.self, from: Data(bytes))
             secret.apply(to: &full)
         }
         return try open(full, device: device, journalFD: journal, authFD: fds["a"], state: state, log: log)
@@ -190,9 +191,12 @@ extension InProcessServing {
         let mount: HostedFuse
         do {
             let secrets = StoredSecrets(full)
-            if !secrets.isEmpty { authFD = try Sys.memfd("erofs-compat-auth", holding: [UInt8](JSONEncoder().encode(secrets))) }
+            if !secrets.isEmpty {
+                authFD = try Sys.memfd("erofs-compat-auth", holding: [UInt8](JSONEncoder().encode(secrets)))
+            }
             journalFD = try FUSEJournal.create()
-            mount = try HostedFuse.open(full, device: device, journalFD: journalFD!, authFD: authFD, state: state, log: log)
+            mount = try HostedFuse.open(full, device: device, journalFD: journalFD!, authFD: authFD, state: state,
+                                        log: log)
         } catch {
             Sys.close(device)
             authFD.map(Sys.close)

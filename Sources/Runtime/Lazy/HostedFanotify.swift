@@ -50,7 +50,9 @@ final class HostedFanotify: HostedMount, @unchecked Sendable {  // immutable but
     }
 
     /// Every mount of the cache file shares this server.
-    func serves(_ record: MountRecord) -> Bool { record.attached.kind == .fanotify && record.cachePath == blobSpec.entry }
+    func serves(_ record: MountRecord) -> Bool {
+        record.attached.kind == .fanotify && record.cachePath == blobSpec.entry
+    }
 
     func start(restarted: Bool, ended: @escaping @Sendable () -> Void) {
         let server: FanotifyServer

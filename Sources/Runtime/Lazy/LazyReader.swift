@@ -204,7 +204,8 @@ final class LazyReader: @unchecked Sendable {  // state behind locks; prefetch/r
     /// fails too). A random read's small window is fetched as it is, not rounded out to a chunk.
     private func readaheadOne() {
         guard !stopping.get(),
-              let (offset, length, aligned) = readahead.withLock({ $0.isEmpty ? nil : $0.removeFirst() }) else { return }
+              let (offset, length, aligned) = readahead.withLock({ $0.isEmpty ? nil : $0.removeFirst() })
+        else { return }
         do {
             guard aligned else { return try lazy.fetchUnclaimed(offset: offset, length: length) }
             var pos = offset / Self.chunk * Self.chunk

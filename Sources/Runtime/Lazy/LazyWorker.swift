@@ -265,7 +265,8 @@ public enum LazyWorker {
     static func makeServer(_ lazy: LazyBlob, groupFD: Int32, journal: String, _ o: Options,
                            log: @escaping (String) -> Void) throws -> FanotifyServer {
         let blob = try o.blob
-        let server = try FanotifyServer(lazy: lazy, groupFD: groupFD, journalPath: journal, digest: blob.digest, log: log)
+        let server = try FanotifyServer(lazy: lazy, groupFD: groupFD, journalPath: journal, digest: blob.digest,
+                                        log: log)
         server.prefetch = blob.prefetch
         server.recordProfile = blob.recordProfile
         server.base = previousStats(o.serve.statsPath) ?? FanotifyServer.Stats()

@@ -56,7 +56,9 @@ final class HostedNbd: HostedMount, @unchecked Sendable {  // `socket` is replac
         let export = NBDExport(name: "image", description: served.description, size: served.size,
                                preferredBlock: served.granule)
         let server = NBDServer(exports: [export], read: { [served] in try served.read(offset: $0, length: $1) },
-                               region: { [served] in try served.region(offset: $0, length: $1).map { ($0.fd, $0.offset) } },
+                               region: { [served] in
+                                   try served.region(offset: $0, length: $1).map { ($0.fd, $0.offset) }
+                               },
                                prefetch: { [served] in try served.prefetch(offset: $0, length: $1) },
                                submit: { [lane] in lane.submit($0) }, log: log)
         let connection = try? Sys.dup(socket.rawValue)
