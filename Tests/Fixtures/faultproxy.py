@@ -22,15 +22,20 @@ requests; "match" defaults to "" (all paths).
 With {"bearer": {"user": U, "password": P}} the proxy also acts as a token-auth front: requests
 under /v2/ need "Authorization: Bearer <token>", 401 answers carry a Bearer challenge whose realm
 is this proxy's /token ("realm" overrides it), and /token hands out tokens for Basic U:P (or anonymously when "user" is
-null). Statistics are appended to CONTROL_FILE + ".log" (one line per request).
+null). With {"referrers": true} it adds the OCI 1.1 referrers API to a registry without it: a manifest PUT whose
+body has a "subject" is answered with an OCI-Subject header once the registry stored it, and
+GET /v2/NAME/referrers/DIGEST lists those manifests (?artifactType= filters). PUT, POST and PATCH are forwarded with
+their bodies. Statistics are appended to CONTROL_FILE + ".log" (one line per request).
 """
 import base64, http.client, http.server, json, os, secrets, socket, socketserver, struct, sys, threading, time
+import urllib.parse
 
 PORT, UPSTREAM, CONTROL = int(sys.argv[1]), sys.argv[2], sys.argv[3]
 UP_HOST, UP_PORT = UPSTREAM.split("//", 1)[1].rstrip("/").split(":")
 lock = threading.Lock()
 counter = {"n": 0}
 tokens = set()
+referrers = {}  # (repository, subject digest) -> [descriptor]
 
 
 def control():
@@ -61,7 +66,67 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.handle_any(head=True)
 
     def do_GET(self):
+        if control().get("referrers") and "/referrers/" in self.path:
+            return self.list_referrers()
         self.handle_any(head=False)
+
+    def do_PUT(self):
+        self.forward_body("PUT")
+
+    def do_POST(self):
+        self.forward_body("POST")
+
+    def do_PATCH(self):
+        self.forward_body("PATCH")
+
+    def forward_body(self, method):
+        body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "connection")}
+        up = http.client.HTTPConnection(UP_HOST, int(UP_PORT), timeout=60)
+        try:
+            up.request(method, self.path, body=body, headers=headers)
+            r = up.getresponse()
+            answer = r.read()
+        except Exception:
+            return self.reset()
+        finally:
+            up.close()
+        out = {k: v for k, v in r.getheaders() if k.lower() not in ("connection", "transfer-encoding", "keep-alive")}
+        log("pass %s %s" % (method, self.path))
+        if method == "PUT" and "/manifests/" in self.path and r.status == 201 and control().get("referrers"):
+            self.index_referrer(body, out)
+        self.reply(r.status, answer, out)
+
+    def index_referrer(self, body, out):
+        try:
+            manifest = json.loads(body)
+        except ValueError:
+            return
+        subject = manifest.get("subject", {}).get("digest")
+        if not subject:
+            return
+        repo = self.path[4:].split("/manifests/")[0]
+        entry = {"mediaType": manifest.get("mediaType", self.headers.get("Content-Type", "")),
+                 "digest": out.get("Docker-Content-Digest", ""), "size": len(body),
+                 "artifactType": manifest.get("artifactType") or manifest.get("config", {}).get("mediaType", "")}
+        if manifest.get("annotations"):
+            entry["annotations"] = manifest["annotations"]
+        with lock:
+            referrers.setdefault((repo, subject), []).append(entry)
+        out["OCI-Subject"] = subject
+
+    def list_referrers(self):
+        path, _, query = self.path.partition("?")
+        repo, _, subject = path[4:].partition("/referrers/")
+        with lock:
+            found = list(referrers.get((repo, subject), []))
+        if query.startswith("artifactType="):
+            want = urllib.parse.unquote(query.split("=", 1)[1])
+            found = [d for d in found if d["artifactType"] == want]
+        log("referrers %s %d" % (self.path, len(found)))
+        body = json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
+                           "manifests": found}).encode()
+        self.reply(200, body, {"Content-Type": "application/vnd.oci.image.index.v1+json"})
 
     def handle_any(self, head):
         c = control()

@@ -316,6 +316,49 @@ struct OCIMountTests {
         #expect(!currentMounts().contains(f.mnt2))
     }
 
+    /// `push` to a registry with the OCI 1.1 referrers API (the fault proxy adds it in front of
+    /// docker-registry): the registry indexes the tree's referrer itself (it answers OCI-Subject), so
+    /// no fallback tag is written; the referrers API lists the artifact holding the tree the layer's
+    /// annotations name; a mount through that registry checks every block.
+    @Test func pushToARegistryWithTheReferrersAPI() throws {
+        let f = try OCIFixture("oci-push-referrers")
+        defer { f.remove() }
+        let proxy = try FaultProxy(upstream: "http://\(f.registry.host)")
+        defer { proxy.remove() }
+        try proxy.set("{\"referrers\":true}")
+        let img = try f.image("img", budget: 1 << 20)
+        let pushed = try run(cliBinary, ["push", img, "oci://\(proxy.host)/team/ref:v1"])
+        #expect(pushed.status == 0 && pushed.stdout.contains("via the referrers API"), "\(pushed.stdout) \(pushed.stderr)")
+        func curl(_ url: String, _ accept: String = "*/*") throws -> String {
+            try run("/usr/bin/curl", ["-s", "-H", "Accept: \(accept)", url]).stdout
+        }
+        let tags = try curl("http://\(f.registry.host)/v2/team/ref/tags/list")
+        #expect(tags.contains("\"v1\"") && !tags.contains("sha256-"), "no fallback tag: \(tags)")
+        let manifestJSON = try curl("http://\(f.registry.host)/v2/team/ref/manifests/v1", OCIPushTypes.imageManifest)
+        let manifest = try #require(try JSONSerialization.jsonObject(with: Data(manifestJSON.utf8)) as? [String: Any])
+        let layer = try #require((manifest["layers"] as? [[String: Any]])?.first)
+        let tree = (layer["annotations"] as? [String: String])?[OCIPushTypes.verityTreeAnnotation]
+        let subject = "sha256:" + sha256Hex(Array(manifestJSON.utf8))
+        let type = OCIPushTypes.verityTree.replacingOccurrences(of: "+", with: "%2B")
+        let listed = try curl("http://\(proxy.host)/v2/team/ref/referrers/\(subject)?artifactType=\(type)")
+        let index = try #require(try JSONSerialization.jsonObject(with: Data(listed.utf8)) as? [String: Any], "\(listed)")
+        let entry = try #require((index["manifests"] as? [[String: Any]])?.first, "\(listed)")
+        #expect(entry["artifactType"] as? String == OCIPushTypes.verityTree)
+        let artifactJSON = try curl("http://\(f.registry.host)/v2/team/ref/manifests/\(entry["digest"] as? String ?? "")",
+                                    OCIPushTypes.imageManifest)
+        let artifact = try #require(try JSONSerialization.jsonObject(with: Data(artifactJSON.utf8)) as? [String: Any])
+        #expect((artifact["subject"] as? [String: Any])?["digest"] as? String == subject)
+        #expect(tree != nil && (artifact["layers"] as? [[String: Any]])?.first?["digest"] as? String == tree)
+
+        var requireVerity = f.options()
+        requireVerity.requireVerity = true
+        let out = try f.runtime.mount(MountRequest(source: "oci://\(proxy.host)/team/ref:v1", mountpoint: f.mnt,
+                                                   remote: requireVerity))
+        defer { try? f.runtime.umount(f.mnt) }
+        #expect(out.notes.contains { $0.contains("every block checked against fs-verity digest") }, "\(out.notes)")
+        #expect(TreeFactsLite(f.mnt) == (try f.oracle(img)))
+    }
+
     /// Bad pushes: one line each, the documented exit code, nothing uploaded.
     @Test func badPushesAreRefused() throws {
         let f = try OCIFixture("oci-push-bad")
