@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Verified lazy mounts (part of `make bench`): cold lazy mount + read of every file over nginx with
 # every block checked against the fs-verity tree (--verity) vs without, same image, same run; and
-# what the tree adds to the transfer. Medians of 3, page cache dropped before each.
+# what the tree adds to the transfer. Medians of 5 (BENCH_VERITY_RUNS), page cache dropped before each.
 set -euo pipefail
 BIN=$(readlink -f "$1")
 work=$2/verity
@@ -49,14 +49,14 @@ run() {  # extra mount arguments...
     echo $((e - s))
 }
 plain=(); checked=()
-for _ in 1 2 3; do
+for _ in $(seq "${BENCH_VERITY_RUNS:-5}"); do
     plain+=("$(run)")
     checked+=("$(run --verity "sha256:$digest")")
 done
 tree_bytes=$(awk '$7 ~ /img.erofs.verity/ {s += $10} END {print s + 0}' "$work/ngx/access")
 p=$(printf '%s\n' "${plain[@]}" | median); c=$(printf '%s\n' "${checked[@]}" | median)
 size=$(stat -c %s "$work/www/img.erofs")
-echo "== verified lazy mounts: cold mount + read every file of a 256 MiB image over nginx (median of 3)"
+echo "== verified lazy mounts: cold mount + read every file of a 256 MiB image over nginx (median of ${BENCH_VERITY_RUNS:-5})"
 awk -v p="$p" -v c="$c" -v t="$tree_bytes" -v s="$size" 'BEGIN {
     printf "without --verity %.3f s, with %.3f s: %.3fx (target <= 1.05)\n", p/1e6, c/1e6, c/p
     # The whole fs-verity tree: its leaves alone are 1/128 of the data, the levels above add more.

@@ -211,10 +211,26 @@ public final class LazyBlob: ImageSource, @unchecked Sendable {  // state behind
         // The good granules, in runs between the bad ones, one write each.
         for good in runs(of: run.filter { !badGranules.contains($0) }) {
             let (off, len) = byteRange(good)
-            let at = Int(off - r.offset)
-            try bytes[at..<(at + Int(len))].withUnsafeBytes { try Sys.pwriteAll(writer.rawValue, $0, at: Int64(off)) }
+            try writePieces(bytes, from: Int(off - r.offset), count: Int(len), at: off)
         }
         return badGranules
+    }
+
+    /// Checked bytes into the cache file in 64 KiB writes, as libcurl hands over unchecked ones: one
+    /// multi-MiB write makes the page cache allocate large folios, which in a VM whose freed memory
+    /// goes back to the host (virtio-balloon free page reporting) fault every page in afresh — measured
+    /// here: 256 MiB written in 4 MiB pieces took 0.05-0.6 s of system time, in 64 KiB pieces 0.05 s.
+    private func writePieces(_ bytes: [UInt8], from start: Int, count: Int, at offset: UInt64) throws {
+        let piece = 64 << 10
+        try bytes.withUnsafeBytes { all in
+            var done = 0
+            while done < count {
+                let n = min(piece, count - done)
+                let slice = UnsafeRawBufferPointer(rebasing: all[(start + done)..<(start + done + n)])
+                try Sys.pwriteAll(writer.rawValue, slice, at: Int64(offset) + Int64(done))
+                done += n
+            }
+        }
     }
 
     /// Makes written data durable, then records it present (one fdatasync for many ranges).
