@@ -72,18 +72,18 @@ package final class HTTPHandle {
     private func perform(headers: [String], bodyCapacity: Int, keepBody: Bool,
                          _ call: (UnsafePointer<UnsafePointer<CChar>?>?, UnsafeMutablePointer<UInt8>?, Int,
                                   UnsafeMutablePointer<ecx_http_result>) -> Int32) -> HTTPResponse {
-        var body = [UInt8](repeating: 0, count: max(bodyCapacity, 1))
         var result = ecx_http_result()
         let cHeaders = headers.map { strdup($0) }
         defer { cHeaders.forEach { free($0) } }
         let ptrs: [UnsafePointer<CChar>?] = cHeaders.map { UnsafePointer($0) }
-        _ = body.withUnsafeMutableBufferPointer { b in
-            ptrs.withUnsafeBufferPointer { hp in call(hp.baseAddress, b.baseAddress, bodyCapacity, &result) }
+        // Not zero-filled first: a range read's buffer is MiBs, and only what libcurl wrote is kept.
+        let body = [UInt8](unsafeUninitializedCapacity: max(bodyCapacity, 1)) { b, kept in
+            _ = ptrs.withUnsafeBufferPointer { hp in call(hp.baseAddress, b.baseAddress, bodyCapacity, &result) }
+            kept = keepBody ? min(result.body_len, bodyCapacity) : 0
         }
         defer { ecx_http_result_free(&result) }
         let raw = result.headers.map { String(cString: $0) } ?? ""
         let error = withUnsafeBytes(of: result.error) { String(decoding: $0.prefix(while: { $0 != 0 }), as: UTF8.self) }
-        body.removeSubrange((keepBody ? result.body_len : 0)...)
         return HTTPResponse(status: result.status, headers: Self.parseHeaders(raw), body: body, bodyLength: result.body_len,
                             bodyTruncated: result.body_truncated != 0, bodyWriteFailed: result.body_write_failed != 0,
                             curlCode: result.curl_code, error: error)
