@@ -101,6 +101,8 @@ struct ecx_sink {
     int fd;
     int write_failed;
     long long fd_base;
+    ecx_body_observer observer;
+    void *observer_ctx;
 };
 
 static size_t ecx_write_cb(char *ptr, size_t size, size_t nmemb, void *userdata) {
@@ -123,6 +125,7 @@ static size_t ecx_write_cb(char *ptr, size_t size, size_t nmemb, void *userdata)
     }
     memcpy(s->body + s->len, ptr, n);
     s->len += n;
+    if (s->observer) s->observer(s->observer_ctx, s->body, s->len);
     return n;
 }
 
@@ -269,8 +272,9 @@ static int ecx_http_finish(CURL *h, struct curl_slist *list, struct ecx_sink *si
 int ecx_http_request(CURL *h, const char *url, const char *range, int head_only,
                      const char *const *headers, size_t n_headers,
                      unsigned char *body, size_t body_cap, long timeout_ms, long deadline_ms, int body_fd,
-                     long long body_fd_offset, struct ecx_http_result *result) {
-    struct ecx_sink sink = { body, body_cap, 0, 0, NULL, 0, 0, body_fd, 0, body_fd_offset };
+                     long long body_fd_offset, ecx_body_observer observer, void *observer_ctx,
+                     struct ecx_http_result *result) {
+    struct ecx_sink sink = { body, body_cap, 0, 0, NULL, 0, 0, body_fd, 0, body_fd_offset, observer, observer_ctx };
     struct curl_slist *list = NULL;
     for (size_t i = 0; i < n_headers; i++) list = ecx_curl.slist_append(list, headers[i]);
     memset(result, 0, sizeof(*result));

@@ -141,6 +141,11 @@ public final class HTTPBlob: @unchecked Sendable {  // settings and validators s
         try retryingBadRanges { try rangeRequest(offset: offset, length: length, into: nil).body }
     }
 
+    /// The same, with `observer` seeing the body arrive (each attempt from its start).
+    package func read(offset: UInt64, length: Int, observer: any HTTPBodyObserver) throws -> [UInt8] {
+        try retryingBadRanges { try rangeRequest(offset: offset, length: length, into: nil, observer: observer).body }
+    }
+
     /// The same bytes written straight into `fd` at `offset` (never held in memory). Whatever a
     /// response carried is written there before it is checked, so the range's bytes in `fd` are
     /// meaningful only when this returns: a caller must not serve them before.
@@ -162,12 +167,13 @@ public final class HTTPBlob: @unchecked Sendable {  // settings and validators s
         }
     }
 
-    private func rangeRequest(offset: UInt64, length: Int, into fd: Int32?) throws -> HTTPResponse {
+    private func rangeRequest(offset: UInt64, length: Int, into fd: Int32?,
+                              observer: (any HTTPBodyObserver)? = nil) throws -> HTTPResponse {
         precondition(!wholeOnly, "range read on a whole-only blob")
         let last = offset + UInt64(length) - 1
         let r = try withRetries(length: UInt64(length)) { h, a, d in
             h.request(url, range: "\(offset)-\(last)", headers: a, bodyLimit: length, timeoutMs: timeoutMs,
-                      deadlineMs: d, into: fd, at: Int64(offset))
+                      deadlineMs: d, into: fd, at: Int64(offset), observer: observer)
         }
         guard r.status == 206 else {
             if r.status == 200 { throw RemoteError.blobChanged(url: url, detail: "server stopped honouring Range") }

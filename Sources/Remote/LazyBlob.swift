@@ -199,12 +199,13 @@ public final class LazyBlob: ImageSource, @unchecked Sendable {  // state behind
             try blob.read(offset: r.offset, length: Int(r.length), into: writer.rawValue)
             return []
         }
-        var bytes = try blob.read(offset: r.offset, length: Int(r.length))
-        var bad = try verifier.badBlocks(offset: r.offset, data: bytes)
+        let hasher = BlockHasher()
+        var bytes = try blob.read(offset: r.offset, length: Int(r.length), observer: hasher)
+        var bad = try verifier.badBlocks(offset: r.offset, data: bytes, hashed: hasher.hashes)
         if !bad.isEmpty {
             verityFailures.withLock { $0 += bad.count }
-            bytes = try blob.read(offset: r.offset, length: Int(r.length))
-            bad = try verifier.badBlocks(offset: r.offset, data: bytes)
+            bytes = try blob.read(offset: r.offset, length: Int(r.length), observer: hasher)
+            bad = try verifier.badBlocks(offset: r.offset, data: bytes, hashed: hasher.hashes)
             verityFailures.withLock { $0 += bad.count }
         }
         let badGranules = Set(bad.map { Int(($0 * 4096) / granule) })

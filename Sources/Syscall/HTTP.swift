@@ -18,6 +18,14 @@ package struct HTTPResponse: Sendable {
     package func header(_ name: String) -> String? { headers[name.lowercased()] }
 }
 
+/// Sees a response body kept in memory grow, so work on it can start while the rest arrives.
+package protocol HTTPBodyObserver: AnyObject {
+    /// An attempt at the request starts (a retry starts over): what was seen before is gone.
+    func begin()
+    /// The body so far (it only grows within one attempt).
+    func received(_ body: UnsafeRawBufferPointer)
+}
+
 /// libcurl could not be loaded.
 package struct HTTPUnavailable: Error, CustomStringConvertible {
     package var reason: String
@@ -49,13 +57,27 @@ package final class HTTPHandle {
     /// that file from offset `at` on instead of being kept (`body` stays empty; its length is
     /// `bodyLength`): whatever the response, so the caller must not use those bytes until it has
     /// checked status and headers.
+    /// `observer` sees a body kept in memory grow.
     package func request(_ url: String, range: String? = nil, headOnly: Bool = false, headers: [String] = [],
                          bodyLimit: Int, timeoutMs: Int = 30_000, deadlineMs: Int = 0, into fd: Int32? = nil,
-                         at offset: Int64 = 0) -> HTTPResponse {
-        perform(headers: headers, bodyCapacity: fd == nil ? bodyLimit : 0, keepBody: fd == nil) { h, b, cap, result in
-            ecx_http_request(handle, url, range, headOnly ? 1 : 0, h, headers.count, b, bodyLimit, timeoutMs, deadlineMs,
-                             fd ?? -1, offset, result)
+                         at offset: Int64 = 0, observer: (any HTTPBodyObserver)? = nil) -> HTTPResponse {
+        observer?.begin()
+        let box = observer.map { Unmanaged.passRetained(ObserverBox($0)) }
+        defer { box?.release() }
+        let thunk: ecx_body_observer? = box == nil ? nil : { ctx, body, received in
+            Unmanaged<ObserverBox>.fromOpaque(ctx!).takeUnretainedValue().observer
+                .received(UnsafeRawBufferPointer(start: body, count: received))
         }
+        return perform(headers: headers, bodyCapacity: fd == nil ? bodyLimit : 0, keepBody: fd == nil) { h, b, cap, result in
+            ecx_http_request(handle, url, range, headOnly ? 1 : 0, h, headers.count, b, bodyLimit, timeoutMs, deadlineMs,
+                             fd ?? -1, offset, thunk, box?.toOpaque(), result)
+        }
+    }
+
+    /// An observer behind one pointer, for the C callback.
+    private final class ObserverBox {
+        let observer: any HTTPBodyObserver
+        init(_ observer: any HTTPBodyObserver) { self.observer = observer }
     }
 
     /// A request with `method` and as body `length` bytes of `fd` from offset 0 (nil: no body);

@@ -134,6 +134,21 @@ struct VerityMountTests {
         }
     }
 
+    /// Blocks are hashed while they arrive: a response for the wrong range (retried) leaves no hash
+    /// behind, so every byte is right and no check fails.
+    @Test func aRetriedResponseIsHashedAfresh() throws {
+        try withVerityFixture("verity-retry") { f, proxy, digest, expected in
+            try proxy.set("{\"fault\":\"shiftrange\",\"shift\":4096,\"every\":3,\"match\":\"/img.erofs\"}")
+            var opts = f.remote
+            opts.verity = VeritySource(digest: digest, treeURL: f.server.base + "/img.erofs.verity")
+            _ = try f.runtime.mount(MountRequest(source: proxy.base + "/img.erofs", mountpoint: f.mnt, remote: opts))
+            defer { try? f.runtime.umount(f.mnt) }
+            #expect(TreeFactsLite(f.mnt) == expected)
+            #expect(proxy.log.contains { $0.hasPrefix("shiftrange") }, "no response was shifted")
+            #expect((try f.runtime.status(f.mnt).first?.progress?.verityFailures) == 0)
+        }
+    }
+
     /// A mount with --verity never joins a worker serving the same source without it (that worker's
     /// bytes are unchecked): it gets an entry and a worker of its own.
     @Test func checkedAndUncheckedMountsShareNothing() throws {

@@ -542,6 +542,9 @@ int ecx_fsverity_measure(int fd, unsigned char *out);
 
 /* ---------------------------------------------------------------- HTTP transfers (libcurl) */
 
+/** Sees a body in memory grow: its start and how much of it has arrived. */
+typedef void (*ecx_body_observer)(void *ctx, const unsigned char *body, size_t received);
+
 /** What one HTTP request produced. `headers` is malloc'd (free with ecx_http_result_free). */
 struct ecx_http_result {
     long status;
@@ -562,11 +565,14 @@ struct ecx_http_result {
  * "Name: value" strings. Timeouts: connect and low-speed limits derived from `timeout_ms`; the whole
  * transfer ends after `deadline_ms` (0: none). `body_fd` >= 0 streams the body into that file
  * (pwrite from `body_fd_offset` on, still bounded by `body_cap`; `body` may then be NULL).
+ * `observer` (may be NULL) is called with `body` and the length received so far after each piece
+ * kept in memory, so the caller can work on a body while the rest is still arriving.
  */
 int ecx_http_request(CURL *handle, const char *url, const char *range, int head_only,
                      const char *const *headers, size_t n_headers,
                      unsigned char *body, size_t body_cap, long timeout_ms, long deadline_ms, int body_fd,
-                     long long body_fd_offset, struct ecx_http_result *result);
+                     long long body_fd_offset, ecx_body_observer observer, void *observer_ctx,
+                     struct ecx_http_result *result);
 /**
  * A request with `method` ("PUT", "POST", "DELETE") whose body is `upload_len` bytes of `upload_fd`
  * read from offset 0 (-1: an empty body); the response body as for ecx_http_request.
