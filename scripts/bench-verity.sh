@@ -39,7 +39,7 @@ CONF
 nginx -c "$work/ngx/nginx.conf" -p "$work/ngx"
 url=http://127.0.0.1:$port/img.erofs
 run() {  # extra mount arguments...
-    rm -rf "$work/cache"; : > "$work/ngx/access"; nginx -c "$work/ngx/nginx.conf" -p "$work/ngx" -s reopen; drop
+    rm -rf "$work/cache"; : > "$work/ngx/access"; nginx -c "$work/ngx/nginx.conf" -p "$work/ngx" -s reopen 2>/dev/null; drop
     local s e
     s=$(now_us)
     "$BIN" mount --no-daemon --cache-dir "$work/cache" "$@" "$url" "$work/mnt" >/dev/null
