@@ -135,9 +135,7 @@ public final class VerityVerifier: @unchecked Sendable {  // `verified` is behin
 
     /// The indices (from 0 at the blob's start) of the blocks of `data` at `offset` whose hash is not
     /// the tree's; throws when the tree itself cannot be had or does not match the digest.
-    /// `hashed`: the hashes of the first blocks of `data`, 32 bytes each, when they are known already
-    /// (a `BlockHasher` saw them arrive); the other blocks are hashed here.
-    public func badBlocks(offset: UInt64, data: [UInt8], hashed: [UInt8] = []) throws -> [UInt64] {
+    public func badBlocks(offset: UInt64, data: [UInt8]) throws -> [UInt64] {
         precondition(offset % 4096 == 0, "verification works on whole blocks")
         let first = offset / 4096
         let count = (UInt64(data.count) + 4095) / 4096
@@ -154,9 +152,8 @@ public final class VerityVerifier: @unchecked Sendable {  // `verified` is behin
             let inBlock = min(count - i, Self.hashesPerBlock - n % Self.hashesPerBlock)
             for k in 0..<inBlock {
                 let start = Int((i + k) * 4096), end = min(start + 4096, data.count)
-                let at = Int((n + k) % Self.hashesPerBlock) * 32, h = Int(i + k) * 32
-                let hash = h + 32 <= hashed.count ? hashed[h..<(h + 32)] : FsVerityTree.hashBlock(data[start..<end])[...]
-                if hash != leafBlock[at..<(at + 32)] { bad.append(n + k) }
+                let at = Int((n + k) % Self.hashesPerBlock) * 32
+                if FsVerityTree.hashBlock(data[start..<end])[...] != leafBlock[at..<(at + 32)] { bad.append(n + k) }
             }
             i += inBlock
         }
@@ -169,6 +166,20 @@ public final class VerityVerifier: @unchecked Sendable {  // `verified` is behin
 
     func digestOf(root: [UInt8]) -> [UInt8] {
         FsVerityTree(root: root, dataSize: dataSize).digest
+    }
+
+    /// Whether `data` (data block `n`; shorter only at the blob's end) has the hash the tree gives it.
+    func matches(block n: UInt64, _ data: UnsafeRawBufferPointer) throws -> Bool {
+        var h = SHA256()
+        h.update(bufferPointer: data)
+        if data.count < FsVerityTree.blockSize {
+            h.update(data: [UInt8](repeating: 0, count: FsVerityTree.blockSize - data.count))
+        }
+        let hash = Array(h.finalize())
+        if levelBlocks.isEmpty { return n == 0 && digestOf(root: hash) == digest }
+        let block = try treeBlock(level: 0, index: n / Self.hashesPerBlock)
+        let at = Int(n % Self.hashesPerBlock) * 32
+        return block[at..<(at + 32)].elementsEqual(hash)
     }
 
     /// The expected hash of data block `n`.
@@ -237,24 +248,6 @@ public final class VerityVerifier: @unchecked Sendable {  // `verified` is behin
             // The claimed leaves are contiguous unless another reader holds some in between: those
             // are fetched once more at worst (they verify the same).
             try fetchVerify(level: 0, from: a, count: b - a + 1)
-        }
-    }
-}
-
-/// Hashes the whole 4 KiB blocks of a response body while it arrives, so that a checked fetch does
-/// not start hashing its MiBs only after the last byte came. One per request, on its thread.
-final class BlockHasher: HTTPBodyObserver {
-    /// The SHA-256 of each whole block seen, 32 bytes each.
-    private(set) var hashes: [UInt8] = []
-
-    func begin() { hashes.removeAll(keepingCapacity: true) }
-
-    func received(_ body: UnsafeRawBufferPointer) {
-        var done = hashes.count / 32
-        while (done + 1) * FsVerityTree.blockSize <= body.count {
-            let block = body[(done * FsVerityTree.blockSize)..<((done + 1) * FsVerityTree.blockSize)]
-            hashes.append(contentsOf: SHA256.hash(data: UnsafeRawBufferPointer(rebasing: block)))
-            done += 1
         }
     }
 }

@@ -190,7 +190,7 @@ public final class LazyBlob: ImageSource, @unchecked Sendable {  // state behind
 
     /// One Range request for a run of granules, written into the cache file; with a verifier only
     /// the granules (4 KiB blocks then) that match the tree are written, and those that do not are
-    /// returned (each fetched once more first: a transfer can go wrong).
+    /// returned (the request is made once more first: a transfer can go wrong).
     @discardableResult
     func fetchRun(_ run: ClosedRange<Int>) throws -> Set<Int> {
         let r = byteRange(run)
@@ -200,39 +200,20 @@ public final class LazyBlob: ImageSource, @unchecked Sendable {  // state behind
             try blob.read(offset: r.offset, length: Int(r.length), into: writer.rawValue)
             return []
         }
-        let hasher = BlockHasher()
-        var bytes = try blob.read(offset: r.offset, length: Int(r.length), observer: hasher)
-        var bad = try verifier.badBlocks(offset: r.offset, data: bytes, hashed: hasher.hashes)
+        var bad = try checkedFetch(r, verifier)
         if !bad.isEmpty {
             verityFailures.withLock { $0 += bad.count }
-            bytes = try blob.read(offset: r.offset, length: Int(r.length), observer: hasher)
-            bad = try verifier.badBlocks(offset: r.offset, data: bytes, hashed: hasher.hashes)
+            bad = try checkedFetch(r, verifier)
             verityFailures.withLock { $0 += bad.count }
         }
-        let badGranules = Set(bad.map { Int(($0 * 4096) / granule) })
-        // The good granules, in runs between the bad ones, one write each.
-        for good in runs(of: run.filter { !badGranules.contains($0) }) {
-            let (off, len) = byteRange(good)
-            try writePieces(bytes, from: Int(off - r.offset), count: Int(len), at: off)
-        }
-        return badGranules
+        return Set(bad.map { Int(($0 * 4096) / granule) })
     }
 
-    /// Checked bytes into the cache file in 64 KiB writes, as libcurl hands over unchecked ones: one
-    /// multi-MiB write makes the page cache allocate large folios, which in a VM whose freed memory
-    /// goes back to the host (virtio-balloon free page reporting) fault every page in afresh — measured
-    /// here: 256 MiB written in 4 MiB pieces took 0.05-0.6 s of system time, in 64 KiB pieces 0.05 s.
-    private func writePieces(_ bytes: [UInt8], from start: Int, count: Int, at offset: UInt64) throws {
-        let piece = 64 << 10
-        try bytes.withUnsafeBytes { all in
-            var done = 0
-            while done < count {
-                let n = min(piece, count - done)
-                let slice = UnsafeRawBufferPointer(rebasing: all[(start + done)..<(start + done + n)])
-                try Sys.pwriteAll(writer.rawValue, slice, at: Int64(offset) + Int64(done))
-                done += n
-            }
-        }
+    /// One request whose blocks are checked as they arrive, those that match written at once; the
+    /// blocks that did not match.
+    private func checkedFetch(_ r: (offset: UInt64, length: UInt64), _ verifier: VerityVerifier) throws -> [UInt64] {
+        let sink = try CheckedWriter(verifier: verifier, fd: writer.rawValue, offset: r.offset, length: r.length)
+        return try sink.finish(try blob.read(offset: r.offset, length: Int(r.length), observer: sink))
     }
 
     /// Makes written data durable, then records it present (one fdatasync for many ranges).

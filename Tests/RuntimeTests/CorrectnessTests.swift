@@ -30,14 +30,15 @@ struct CorrectnessTests {
         let f = try Fixture("killed-mount")
         defer { f.remove() }
         let env = ["EROFS_COMPAT_STATE_DIR": f.runtime.state.root, "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"]
-        // move_mount returns 3 s late: the mount exists, the command has not gone on.
+        // move_mount returns 20 s late: the mount exists, the command has not gone on (long enough for
+        // a test process slowed by the rest of a parallel suite to see the mount and kill it first).
         let tracer = try Sys.spawnDetached(TestEnv.which("strace")!, ["-f", "-o", "/dev/null", "-e", "trace=move_mount",
-                                                                      "-e", "inject=move_mount:delay_exit=3000000",
+                                                                      "-e", "inject=move_mount:delay_exit=20000000",
                                                                       cliBinary, "mount", f.image, f.mnt],
                                            keep: [], logPath: f.dir.file("strace.log"), environment: env)
         defer { try? Sys.kill(tracer, SIGKILL); _ = Sys.reap(tracer) }
         let child = try #require(firstChild(of: tracer))
-        for _ in 0..<150 where !currentMounts().contains(f.mnt) { usleep(20_000) }
+        for _ in 0..<750 where !currentMounts().contains(f.mnt) { usleep(20_000) }
         try #require(currentMounts().contains(f.mnt), "the traced mount never attached")
         try Sys.kill(child, SIGKILL)
         _ = Sys.wait(tracer)

@@ -131,6 +131,14 @@ struct VerityMountTests {
             _ = try f.runtime.mount(MountRequest(source: proxy.base + "/img.erofs", mountpoint: f.dir.file("mnt2"), remote: plain))
             defer { try? f.runtime.umount(f.dir.file("mnt2")) }
             #expect(TreeFactsLite.digest(f.dir.file("mnt2") + "/" + victim) != expected.entries[victim]?.split(separator: " ", maxSplits: 2).last.map(String.init))
+            // Nor was the bad block ever written to the checked mount's cache file: once nothing serves
+            // it (no mark), it reads back as the hole it was.
+            try f.runtime.umount(f.mnt)
+            let key = BlobCache.partialKey(source: proxy.base + "/img.erofs", verity: digest)
+            let fd = try Sys.open(BlobCache(directory: f.dir.file("cache")).paths(key: key).data, O_RDONLY)
+            defer { Sys.close(fd.rawValue) }
+            let block = try Sys.preadFully(fd.rawValue, count: 4096, at: Int64(at / 4096 * 4096))
+            #expect(block.count == 4096 && block.allSatisfy { $0 == 0 }, "the flipped block reached the cache file")
         }
     }
 
