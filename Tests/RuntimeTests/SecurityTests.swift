@@ -57,7 +57,7 @@ struct SecurityTests {
         #expect(flags & stNoSuid != 0 && flags & stNoDev != 0, "remote mounts are nosuid,nodev")
         #expect(attacker.record?.options.contains("nosuid,nodev") == true)
         _ = TreeFactsLite.digest(f.mnt + "/bin/tool")
-        try f.runtime.umount(f.mnt)
+        try umountRetryingBusy(f.runtime, f.mnt)
 
         // The trusted image: every byte its own.
         _ = try f.runtime.mount(MountRequest(source: f.url, mountpoint: f.mnt, remote: opts))
