@@ -11,8 +11,9 @@ struct DaemonCommand: ParsableCommand {
             While it runs, 'erofs-compat mount' of an http(s) or oci:// source is performed by the daemon \
             (the command connects to its socket, default /run/erofs-compat/daemon.sock, root only): no process \
             start per mount, and every backend's serving (fanotify, fuse-blob, fuse-erofs, nbd; an nbd device \
-            set up through ioctls keeps a supervisor of its own) runs in the daemon's shared threads. What each mount needs to outlive a crash (a fanotify group, cache writer \
-            and lock; /dev/fuse and its request journal; an nbd socket; credentials) is kept in the service \
+            set up through ioctls keeps a supervisor of its own) runs in the daemon's shared threads. What \
+            each mount needs to outlive a crash (a fanotify group, cache writer and lock; /dev/fuse and its \
+            request journal; an nbd socket; credentials) is kept in the service \
             manager's file-descriptor store, so a crash never lets a reader see unfetched bytes; the restarted \
             daemon serves every mount again. Under systemd (Type=notify, FileDescriptorStoreMax=, socket \
             activation with FileDescriptorName=control) systemd is that manager; started by hand, a small \

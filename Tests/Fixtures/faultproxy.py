@@ -82,16 +82,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def forward_body(self, method):
         body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
         headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "connection")}
-        up = http.client.HTTPConnection(UP_HOST, int(UP_PORT), timeout=60)
-        try:
-            up.request(method, self.path, body=body, headers=headers)
-            r = up.getresponse()
-            answer = r.read()
-        except Exception:
+        got = self.upstream(method, headers, body)
+        if got is None:
             return self.reset()
-        finally:
-            up.close()
-        out = {k: v for k, v in r.getheaders() if k.lower() not in ("connection", "transfer-encoding", "keep-alive")}
+        r, answer, out = got
         log("pass %s %s" % (method, self.path))
         if method == "PUT" and "/manifests/" in self.path and r.status == 201 and control().get("referrers"):
             self.index_referrer(body, out)
@@ -162,16 +156,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
             headers["Range"] = "bytes=%d-%d" % (int(a) + shift, int(b) + shift)
         if fault == "norange":
             headers.pop("Range", None)
-        up = http.client.HTTPConnection(UP_HOST, int(UP_PORT), timeout=60)
-        try:
-            up.request("HEAD" if head else "GET", self.path, headers=headers)
-            r = up.getresponse()
-            body = r.read()
-        except Exception:
+        got = self.upstream("HEAD" if head else "GET", headers)
+        if got is None:
             return self.reset()
-        finally:
-            up.close()
-        out = {k: v for k, v in r.getheaders() if k.lower() not in ("connection", "transfer-encoding", "keep-alive")}
+        r, body, out = got
         if fault == "hugetotal" and "Content-Range" in out:
             out["Content-Range"] = out["Content-Range"].rsplit("/", 1)[0] + "/18446744073709551615"
         if fault == "norange":
@@ -211,6 +199,21 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.wfile.flush()
             return self.reset()
         self.reply(r.status, body, out, head=head)
+
+    def upstream(self, method, headers, body=None):
+        """The request sent on to UPSTREAM: its response, body and the headers to pass back (None when
+        UPSTREAM could not be asked)."""
+        up = http.client.HTTPConnection(UP_HOST, int(UP_PORT), timeout=60)
+        try:
+            up.request(method, self.path, body=body, headers=headers)
+            r = up.getresponse()
+            answer = r.read()
+        except Exception:
+            return None
+        finally:
+            up.close()
+        hop = ("connection", "transfer-encoding", "keep-alive")
+        return r, answer, {k: v for k, v in r.getheaders() if k.lower() not in hop}
 
     def issue_token(self, bearer):
         want = bearer.get("user")

@@ -402,14 +402,12 @@ static const int ecx_umount_nofollow = UMOUNT_NOFOLLOW;
 
 /* ---------------------------------------------------------------- splice */
 
-/* Raw syscalls: glibc declares splice(2) only under _GNU_SOURCE. */
-static const unsigned int ecx_splice_f_move = 1;    /* SPLICE_F_MOVE */
-static const unsigned int ecx_splice_f_nonblock = 2;
-static const int ecx_f_setpipe_sz = 1031;           /* F_LINUX_SPECIFIC_BASE + 7 */
+/* Raw syscalls: glibc declares splice(2) and F_SETPIPE_SZ only under _GNU_SOURCE. */
 static inline long ecx_splice(int fd_in, long long *off_in, int fd_out, size_t len, unsigned int flags) {
     return syscall(SYS_splice, fd_in, off_in, fd_out, (long long *)0, len, flags);
 }
-static inline int ecx_set_pipe_size(int fd, int size) { return fcntl(fd, 1031, size); }
+/* F_SETPIPE_SZ is F_LINUX_SPECIFIC_BASE + 7. */
+static inline int ecx_set_pipe_size(int fd, int size) { return fcntl(fd, 1024 + 7, size); }
 
 /* ---------------------------------------------------------------- shared memory */
 

@@ -11,9 +11,10 @@ import SystemPackage
 /// A fuse-blob or fuse-erofs mount served in the daemon's shared threads: the poller reads its
 /// /dev/fuse descriptor (non-blocking) and the requests are answered on the pool, at most
 /// `lane.limit` at once, so a mount costs the daemon no threads of its own and no process start.
-/// The descriptor is durable: after a crash the successor serves the same connection and asks the
-/// kernel to resend what was read but not answered (FUSE_NOTIFY_RESEND); a clean stop hands it to
-/// a `__fuse-serve` supervisor.
+/// The descriptor and the request journal are durable: after a crash the successor serves the same
+/// connection, answers what was read but not answered from the journal (and where the kernel can,
+/// asks it to resend such requests: FUSE_NOTIFY_RESEND); a clean stop hands both to a `__fuse-serve`
+/// supervisor.
 // `buffer` is the poller thread's only; the rest is locked or immutable.
 final class HostedFuse: HostedMount, @unchecked Sendable {
     enum Phase { case serving, stopped, ended }
@@ -194,8 +195,9 @@ extension InProcessServing {
             if !secrets.isEmpty {
                 authFD = try Sys.memfd("erofs-compat-auth", holding: [UInt8](JSONEncoder().encode(secrets)))
             }
-            journalFD = try FUSEJournal.create()
-            mount = try HostedFuse.open(full, device: device, journalFD: journalFD!, authFD: authFD, state: state,
+            let journal = try FUSEJournal.create()
+            journalFD = journal
+            mount = try HostedFuse.open(full, device: device, journalFD: journal, authFD: authFD, state: state,
                                         log: log)
         } catch {
             Sys.close(device)
