@@ -62,7 +62,7 @@ public final class FUSEServer: Sendable {
     }
 
     private func serveLoop() {
-        var buffer = [UInt8](repeating: 0, count: FUSELayout.requestBuffer)
+        var buffer = FUSELayout.newRequestBuffer()
         while true {
             let n = buffer.withUnsafeMutableBytes { Glibc.read(fd, $0.baseAddress, $0.count) }
             if n < 0 {

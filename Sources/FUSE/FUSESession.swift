@@ -34,6 +34,9 @@ public protocol FUSEFilesystem: Sendable {
     /// Where exactly the bytes `read` would return lie in an open file (once present), so the reply
     /// can be spliced from it; nil when they must be read (compressed, split, or not in a file).
     func readRegion(_ node: UInt64, offset: UInt64, size: Int) throws(FUSEError) -> FUSEFileRegion?
+    /// The passthrough backing id (FUSE_DEV_IOC_BACKING_OPEN) whose file holds exactly this node's
+    /// bytes, for good: its opens are answered with FOPEN_PASSTHROUGH. nil: the server answers reads.
+    func backing(_ node: UInt64) -> Int32?
 }
 
 /// Bytes of an open file: a READ reply's data, spliced to the device without passing through the server.
@@ -52,6 +55,8 @@ public enum FUSEOutput: Sendable {
 }
 
 extension FUSEFilesystem {
+    public func backing(_ node: UInt64) -> Int32? { nil }
+
     /// Through `read(_:offset:size:)` and a copy, for filesystems without a direct path.
     public func read(_ node: UInt64, offset: UInt64,
                      into buffer: UnsafeMutableRawBufferPointer) throws(FUSEError) -> Int {
@@ -74,6 +79,9 @@ public struct FUSEStats: Sendable, Codable, Equatable {
     public var maxReadMicros: UInt64 = 0
     /// The protocol the kernel offered at INIT.
     public var kernelMinor: UInt32 = 0
+    /// Opens answered with FOPEN_PASSTHROUGH (their reads never reach the server); nil from servers
+    /// that predate it.
+    public var passthroughOpens: UInt64?
     public init() {}
 }
 
@@ -90,9 +98,18 @@ public final class FUSESession: Sendable {
         (false, [], FUSEStats()))
     /// Read replies larger than this are split by the kernel; what INIT negotiated (max_pages).
     public static let maxPages: UInt16 = 256
+    /// max_write in INIT: the mount is read-only, but the kernel patch "fuse: enable large folios"
+    /// (2025) sizes a FUSE file's page-cache folios by min(max_write, max_read, max_pages), and a
+    /// 4 KiB max_write would keep them single pages (Linux 6.18.44 makes single pages either way).
+    public static let maxWrite = UInt32(maxPages) * 4096
+    /// Ask for FUSE_PASSTHROUGH in INIT (when the kernel offers it) with a stacking depth of one:
+    /// a backing file lives on a plain filesystem.
+    public let passthrough: Bool
 
-    public init(filesystem: any FUSEFilesystem, validSeconds: UInt64 = 86_400, keepCache: Bool = true) {
+    public init(filesystem: any FUSEFilesystem, validSeconds: UInt64 = 86_400, keepCache: Bool = true,
+                passthrough: Bool = false) {
         (self.filesystem, self.validSeconds, self.keepCache) = (filesystem, validSeconds, keepCache)
+        self.passthrough = passthrough
     }
 
     /// Continues a connection whose INIT an earlier server answered (a restarted server): the
@@ -191,10 +208,15 @@ public final class FUSESession: Sendable {
             try filesystem.open(req.node, directory: op == .opendir)
             var flags: FUSEOpenFlags = op == .opendir ? [.keepCache, .cacheDir] : (keepCache ? [.keepCache] : [])
             flags.insert(.noFlush)
+            let backing = op == .open ? filesystem.backing(req.node) : nil
+            if backing != nil {
+                flags = [.passthrough, .noFlush]
+                state.withLock { $0.stats.passthroughOpens = ($0.stats.passthroughOpens ?? 0) + 1 }
+            }
             var w = WireWriter(capacity: 16)
             w.u64(0)
             w.u32(flags.rawValue)
-            w.u32(0)
+            w.i32(backing ?? 0)
             return FUSEReply.ok(req.unique, w.bytes)
         case .read:
             let size = Int(min(a.u32(16), UInt32(Self.maxPages) * 4096))
@@ -225,6 +247,8 @@ public final class FUSESession: Sendable {
     /// OPEN nor RELEASE again — two round trips less per file (an image never changes under a mount).
     private func zeroMessageOpen(_ op: FUSEOpcode?, _ req: FUSERequest) -> [UInt8]? {
         guard op == .open || op == .opendir, req.args.u32(0) & 3 == 0 else { return nil }
+        // A passthrough file needs its OPEN answered: the reply names the backing file.
+        guard op == .opendir || filesystem.backing(req.node) == nil else { return nil }
         let flags = kernelFlags
         guard op == .open ? flags.contains(.noOpenSupport) : flags.contains(.noOpendirSupport) else { return nil }
         state.withLock { $0.stats.requests += 1 }
@@ -273,8 +297,9 @@ public final class FUSESession: Sendable {
         }
         var offered = FUSEInitFlags(rawValue: UInt64(a.u32(12)))
         if offered.contains(.initExt) { offered.formUnion(FUSEInitFlags(rawValue: UInt64(a.u32(16)) << 32)) }
-        let wanted: FUSEInitFlags = [.asyncRead, .doReaddirplus, .parallelDirops, .maxPages, .cacheSymlinks, .asyncDIO,
+        var wanted: FUSEInitFlags = [.asyncRead, .doReaddirplus, .parallelDirops, .maxPages, .cacheSymlinks, .asyncDIO,
                                      .initExt]
+        if passthrough { wanted.insert(.passthrough) }
         let flags = offered.intersection(wanted)
         state.withLock { s in
             s.initialized = true
@@ -288,11 +313,12 @@ public final class FUSESession: Sendable {
         w.u32(UInt32(truncatingIfNeeded: flags.rawValue))
         w.u16(64)  // max_background
         w.u16(48)  // congestion_threshold
-        w.u32(4096)  // max_write: nothing is written
+        w.u32(Self.maxWrite)
         w.u32(1)  // time_gran: nanoseconds
         w.u16(Self.maxPages)
         w.u16(0)
         w.u32(UInt32(flags.rawValue >> 32))
+        w.u32(flags.contains(.passthrough) ? 1 : 0)  // max_stack_depth
         w.zeros(FUSELayout.initOut - w.bytes.count)
         return FUSEReply.ok(req.unique, w.bytes)
     }

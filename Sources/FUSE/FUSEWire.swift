@@ -38,6 +38,8 @@ public struct FUSEOpenFlags: OptionSet, Sendable {
     public static let keepCache = Self(rawValue: 1 << 1)
     public static let cacheDir = Self(rawValue: 1 << 3)
     public static let noFlush = Self(rawValue: 1 << 5)
+    /// Reads of this open file go to the backing file the reply names, not to the server.
+    public static let passthrough = Self(rawValue: 1 << 7)
 }
 
 /// The fixed sizes of the structures this codec reads and writes.
@@ -50,9 +52,15 @@ public enum FUSELayout {
     public static let initOut = 64
     public static let direntHeader = 24
     public static let statfsOut = 80
-    /// Request buffers must hold the largest write the kernel may send (we allow 4 KiB) plus headers;
-    /// the kernel refuses reads into anything smaller than 8 KiB.
-    public static let requestBuffer = 1 << 16
+    /// Request buffers must hold the largest write INIT allows (max_write) plus headers, or the kernel
+    /// refuses the read (EINVAL); nothing is ever written, but max_write also bounds the page-cache
+    /// folios of a FUSE file (see `FUSESession.maxWrite`).
+    public static let requestBuffer = Int(FUSESession.maxWrite) + 4096
+    /// A request buffer left uninitialised: its pages become resident only as far as the kernel
+    /// writes requests into it (a megabyte a reader would otherwise cost every mount).
+    public static func newRequestBuffer() -> [UInt8] {
+        [UInt8](unsafeUninitializedCapacity: requestBuffer) { _, count in count = requestBuffer }
+    }
     public static let rootNode: UInt64 = 1
     public static let protocolMajor: UInt32 = 7
     /// What this server speaks: 7.31 (max_pages, cache_symlinks, readdirplus), and the larger

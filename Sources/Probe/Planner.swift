@@ -111,7 +111,7 @@ public enum Planner {
                 missing.append("an image this kernel can read (" + (findings["image.features"]?.evidence.last?.result ?? "not an EROFS image") + ")")
             }
             var note = source == .remote && (b == .file || b == .loop) ? ["needs the whole image downloaded first"] : []
-            if b == .fuseErofs || b == .fuseBlob { note += fuseNotes }
+            if b == .fuseErofs || b == .fuseBlob { note += fuseNotes(b, findings) }
             let built = implemented.contains(b)
             var reasons: [String]
             let verdict: Candidate.Verdict
@@ -133,11 +133,23 @@ public enum Planner {
         return Plan(source: source, candidates: out)
     }
 
-    /// What the FUSE backends leave unused, and why (said by --explain).
-    static let fuseNotes = [
-        "no FUSE passthrough (an image's files are ranges of one file, not whole backing files)",
-        "no FUSE-over-io_uring (not implemented: /dev/fuse is read by 4 threads)",
-    ]
+    /// What the FUSE backends use of the kernel's FUSE, and what they leave unused and why (said by
+    /// --explain).
+    static func fuseNotes(_ b: Backend, _ findings: Findings) -> [String] {
+        let passthrough: String
+        if b == .fuseErofs {
+            passthrough = "no FUSE passthrough (an image's files are ranges of one file, not whole backing files)"
+        } else {
+            let use = "FUSE passthrough once the blob is whole in the cache (a mount of a complete entry reads the"
+                + " cache file without the server, through a loop device: file-backed EROFS refuses a stacked file)"
+            switch findings.status("fuse.kernel_passthrough") {
+            case .present: passthrough = use
+            case .absent: passthrough = "no FUSE passthrough (the kernel does not offer FUSE_PASSTHROUGH)"
+            default: passthrough = use + ", if the kernel offers it (not decided)"
+            }
+        }
+        return [passthrough, "no FUSE-over-io_uring (not implemented: /dev/fuse is read by 4 threads)"]
+    }
 
     /// fuse-blob mounts kernel EROFS on its FUSE file: file-backed where the kernel has it, else
     /// through a loop device.

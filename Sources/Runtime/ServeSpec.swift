@@ -3,8 +3,10 @@ import FoundationEssentials
 #else
 import Foundation
 #endif
+import Glibc
 import Remote
 import Syscall
+import SystemPackage
 
 /// The one description of a served mount, for every backend: what `mount` hands a server process
 /// (as JSON over a pipe, never argv) and what the daemon keeps beside a mount it hosts. What a
@@ -32,6 +34,13 @@ public struct ServeSpec: Codable, Sendable {
     public struct Negotiated: Codable, Sendable, Equatable {
         public var flags: UInt64
         public var minor: UInt32
+        /// The passthrough backing id of the blob file, registered on the connection (kept by the
+        /// kernel for the connection's life): every open of the file must name it.
+        public var backing: Int32?
+
+        public init(flags: UInt64, minor: UInt32, backing: Int32? = nil) {
+            (self.flags, self.minor, self.backing) = (flags, minor, backing)
+        }
     }
 
     public var frontend: Frontend
@@ -89,6 +98,27 @@ public struct ServeSpec: Codable, Sendable {
             if let note = BlobCache.handToKernel(entry: entry) { FuseWorker.log(note) }
         }
         for f in [statsPath, StateStore.sibling(of: statsPath, ".log")] { try? Sys.unlink(f) }
+    }
+
+    /// A file holding every byte the fuse-blob file shows, for as long as the mount lasts: the local
+    /// image, or a complete cache entry whose digest (where it has one) matched. It can back the FUSE
+    /// file by passthrough: reads then reach it without the server. A complete entry is never written
+    /// again (a changed blob gets a new file: `reconcile` unlinks the old one), so its bytes stay the
+    /// checked ones without the entry's lock. nil when there is none.
+    func openWholeBlobFile() -> FileDescriptor? {
+        guard frontend == .fuse, filesystem == .blob else { return nil }
+        guard let b = blob else { return remote == nil ? try? Sys.open(source, O_RDONLY) : nil }
+        guard let fd = try? Sys.openNoSymlinks(b.entry, O_RDONLY) else { return nil }
+        let info = BlobCache.readInfo(b.entry + ".json")
+        // Checked after the open, against the opened inode: an entry replaced meanwhile is not taken.
+        guard PopulationRecord.presentFraction(path: b.entry + ".pop") == 1,
+              b.digest == nil || (info?.verified == true && info?.digest?.lowercased() == b.digest?.lowercased()),
+              let st = try? Sys.fstat(fd.rawValue), UInt64(st.st_size) == b.size,
+              let now = try? Sys.lstat(b.entry), now.st_ino == st.st_ino, now.st_dev == st.st_dev else {
+            Sys.close(fd.rawValue)
+            return nil
+        }
+        return fd
     }
 
     /// A spec the daemon wrote beside a hosted mount's figures, if the file holds one (also one an

@@ -13,3 +13,14 @@ extension Sys {
     package static func major(_ dev: dev_t) -> UInt32 { ecx_major(dev) }
     package static func minor(_ dev: dev_t) -> UInt32 { ecx_minor(dev) }
 }
+
+extension Sys {
+    /// FUSE_DEV_IOC_BACKING_OPEN on a /dev/fuse descriptor: registers `file` as a passthrough backing
+    /// file of that connection; returns the backing id an OPEN reply names. EPERM without CAP_SYS_ADMIN,
+    /// EOPNOTSUPP (or ENOTTY) where the kernel has no passthrough or it was not negotiated in INIT.
+    package static func fuseBackingOpen(device: Int32, file: Int32) throws -> Int32 {
+        var map = ecx_fuse_backing_map()
+        map.fd = file
+        return try ioctl(device, ecx_fuse_dev_ioc_backing_open, &map)
+    }
+}

@@ -21,16 +21,19 @@ struct FuseServeCommand: ParsableCommand {
     @Flag var adopted = false
     /// The memfd of requests read and not yet answered (kept by the supervisor or the daemon).
     @Option var journalFd: Int32?
+    /// The blob file's FUSE passthrough backing id, registered on the connection.
+    @Option var backingId: Int32?
 
     func run() throws {
         let spec = try readServeSpec(specFd)
         if child {
             throw ExitCode(FuseWorker.serve(spec: spec, fuseFD: fuseFd, statusFD: statusFd, kernelFlags: kernelFlags,
-                                            kernelMinor: kernelMinor, journalFD: journalFd, resend: resend))
+                                            kernelMinor: kernelMinor, backing: backingId, journalFD: journalFd,
+                                            resend: resend))
         }
+        let negotiated = ServeSpec.Negotiated(flags: kernelFlags, minor: kernelMinor, backing: backingId)
         throw ExitCode(FuseWorker.supervise(spec: spec, fuseFD: fuseFd, readyFD: readyFd,
-                                            negotiated: adopted ? (kernelFlags, kernelMinor) : nil,
-                                            journalFD: journalFd))
+                                            negotiated: adopted ? negotiated : nil, journalFD: journalFd))
     }
 }
 

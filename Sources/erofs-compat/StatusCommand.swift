@@ -59,6 +59,9 @@ struct StatusCommand: ParsableCommand {
                 let mean = f.reads == 0 ? 0 : Double(f.readMicros) / Double(f.reads) / 1000
                 print("  fuse     \(f.requests) requests (\(f.errors) answered with an error), \(f.reads) reads of \(f.readBytes) bytes, "
                       + "mean \(formatMs(mean)) max \(formatMs(Double(f.maxReadMicros) / 1000)), protocol 7.\(f.kernelMinor)")
+                if (f.passthroughOpens ?? 0) > 0 {
+                    print("  passthru the image file is passed through to the complete cache file: reads skip the server")
+                }
             }
             if let l = s.lazy {
                 print("  progress \(formatPercent(l.population)) present, \(l.bytesFetched) bytes in \(l.requests) requests"

@@ -150,6 +150,37 @@ struct FUSESessionTests {
         #expect(s.stats.errors == 1, "only the write open counts as an error")
     }
 
+    /// Passthrough is asked for only when wanted and offered, with a stacking depth of one; max_write
+    /// is the reply size, not 4 KiB.
+    @Test func initAsksForPassthroughOnlyWhenWantedAndOffered() throws {
+        func initOut(wanted: Bool, offered: UInt64) throws -> WireReader {
+            let s = FUSESession(filesystem: TinyFS(), passthrough: wanted)
+            let args = u32s([7, 45, 65536, UInt32(offered & 0xffff_ffff), UInt32(offered >> 32)])
+            return WireReader(try parse(s.handle(request(.initialize, unique: 1, args))).payload[...])
+        }
+        let offered: UInt64 = 1 << 30 | 1 << 37
+        let yes = try initOut(wanted: true, offered: offered)
+        #expect(UInt64(yes.u32(32)) << 32 & FUSEInitFlags.passthrough.rawValue != 0 && yes.u32(36) == 1)
+        #expect(yes.u32(20) == FUSESession.maxWrite)
+        for (wanted, kernel) in [(false, offered), (true, UInt64(1 << 30))] {
+            let no = try initOut(wanted: wanted, offered: kernel)
+            #expect(no.u32(32) == 0 && no.u32(36) == 0, "wanted \(wanted), offered \(kernel)")
+        }
+    }
+
+    /// A node with a backing file is opened with FOPEN_PASSTHROUGH and its id, even where the kernel
+    /// could open without asking (the reply must name the backing file); other nodes as before.
+    @Test func aBackedFileIsOpenedForPassthrough() throws {
+        let s = FUSESession(filesystem: BackedFS(), passthrough: true)
+        _ = try parse(s.handle(request(.initialize, unique: 1, u32s([7, 45, 65536, 0xffff_ffff, 0xffff]))))
+        let r = try parse(s.handle(request(.open, unique: 2, node: 2, u32s([0, 0]))))
+        let open = WireReader(r.payload[...])
+        #expect(r.error == 0 && open.u32(8) & FUSEOpenFlags.passthrough.rawValue != 0 && open.u32(12) == 7)
+        #expect(open.u32(8) & FUSEOpenFlags.keepCache.rawValue == 0)
+        #expect(try parse(s.handle(request(.opendir, unique: 3, node: 1, u32s([0, 0])))).error == -38)
+        #expect(s.stats.passthroughOpens == 1)
+    }
+
     /// Entries are 8-byte aligned, stop before overflowing the buffer, and continue from a cookie.
     @Test func readdirPagesWithStableCookies() throws {
         let s = try initialized()
@@ -189,6 +220,22 @@ struct FUSESessionTests {
         let n = try parse(FUSEReply.notify(FUSELayout.notifyResend))
         #expect(n.len == 16 && n.error == 7 && n.unique == 0)
     }
+}
+
+/// TinyFS whose file has passthrough backing id 7.
+final class BackedFS: FUSEFilesystem, @unchecked Sendable {
+    let tiny = TinyFS()
+    func lookup(parent: UInt64, name: [UInt8]) throws(FUSEError) -> FUSEEntry { try tiny.lookup(parent: parent, name: name) }
+    func getattr(_ node: UInt64) throws(FUSEError) -> FUSEAttr { try tiny.getattr(node) }
+    func readlink(_ node: UInt64) throws(FUSEError) -> [UInt8] { throw .invalid }
+    func open(_ node: UInt64, directory: Bool) throws(FUSEError) {}
+    func read(_ node: UInt64, offset: UInt64, size: Int) throws(FUSEError) -> [UInt8] { throw .io }
+    func readdir(_ node: UInt64, after: UInt64, plus: Bool) throws(FUSEError) -> [FUSEDirEntry] { [] }
+    func getxattr(_ node: UInt64, name: [UInt8]) throws(FUSEError) -> [UInt8] { throw .noData }
+    func listxattr(_ node: UInt64) throws(FUSEError) -> [[UInt8]] { [] }
+    func statfs() -> FUSEStatfs { tiny.statfs() }
+    func readRegion(_ node: UInt64, offset: UInt64, size: Int) throws(FUSEError) -> FUSEFileRegion? { nil }
+    func backing(_ node: UInt64) -> Int32? { node == 2 ? 7 : nil }
 }
 
 /// TinyFS whose file's bytes also lie in a real file, as a flat image's data does.

@@ -373,6 +373,42 @@ struct DaemonTests {
         }
     }
 
+    /// A hosted fuse-blob mount of a complete cache entry is passed through (no read reaches the
+    /// daemon). Every later open must name the backing file too, or the kernel refuses it: after a
+    /// SIGKILL of the daemon (the restored mount keeps the backing id) and after a clean stop (the
+    /// supervisor is told it), the image file opens and reads the blob's bytes. umount leaves nothing.
+    @Test(.enabled(if: passthroughSkipReason == nil, Comment(rawValue: passthroughSkipReason ?? "")))
+    func hostedPassthroughSurvivesARestartAndAHandOver() throws {
+        try withDaemonMount("daemon-passthrough", args: ["--backend", "fuse-blob", "--prefetch", "all"]) { f, daemon, expected, _ in
+            let state = f.runtime.state.root
+            let entry = BlobCache(directory: f.remote.cacheDir).paths(key: BlobCache.partialKey(source: f.url)).data
+            for _ in 0..<100 where (PopulationRecord.presentFraction(path: entry + ".pop") ?? 0) < 1 { usleep(100_000) }
+            #expect(try cli(state, ["umount", f.mnt]).status == 0)
+            let r = try cli(state, ["mount", "--cache-dir", f.remote.cacheDir, "--backend", "fuse-blob", f.url, f.mnt])
+            try #require(r.status == 0 && r.stdout.contains("served by the daemon"), Comment(rawValue: r.stdout + r.stderr))
+            #expect(TreeFactsLite(f.mnt) == expected)
+            var st = try #require(try f.runtime.status(f.mnt).first)
+            for _ in 0..<40 where st.fuse?.passthroughOpens == nil {
+                usleep(100_000)
+                st = try #require(try f.runtime.status(f.mnt).first)
+            }
+            #expect(st.fuse?.passthroughOpens == 1 && st.fuse?.reads == 0, "\(String(describing: st.fuse))")
+            let blob = try Sys.readFile(f.server.root + "/img.erofs")
+            let image = try #require(try f.runtime.state.load(f.mnt)?.fuseMount) + "/image"
+            let before = daemon.child()
+            _ = Glibc.kill(before ?? 0, SIGKILL)
+            for _ in 0..<100 where daemon.child() == before || !daemon.logText().contains("serving again after a restart") {
+                usleep(100_000)
+            }
+            #expect(try Sys.readFile(image) == blob, "the restarted daemon opens the file for passthrough")
+            #expect(daemon.stop() == 0, Comment(rawValue: daemon.logText()))
+            #expect(try Sys.readFile(image) == blob, "the supervisor opens the file for passthrough")
+            #expect(TreeFactsLite(f.mnt) == expected)
+            #expect(try cli(state, ["umount", f.mnt]).status == 0)
+            #expect(fuseLeftovers(f).isEmpty, "left after umount: \(fuseLeftovers(f))")
+        }
+    }
+
     /// A clean stop hands a hosted FUSE mount to a `__fuse-serve` supervisor on the same connection:
     /// the mount keeps working (cold data still fetched) and `umount` ends that supervisor.
     @Test(.enabled(if: fuseSkipReason == nil, Comment(rawValue: fuseSkipReason ?? "")))

@@ -23,6 +23,15 @@ let fuseSkipReason: String? = {
     return nil
 }()
 
+/// Why the passthrough test cannot run here (the probe's live FUSE trial and loop findings), or nil.
+let passthroughSkipReason: String? = {
+    if let fuseSkipReason { return fuseSkipReason }
+    let f = hostFindings([FuseChecks.run, BlockChecks.planning])
+    if f.status("fuse.kernel_passthrough") != .present { return "the probe finds no FUSE passthrough in the kernel" }
+    if f.status("loop.configure") != .present { return "the probe finds no LOOP_CONFIGURE (passthrough mounts use loop)" }
+    return nil
+}()
+
 /// The processes of this test's FUSE servers that are still running.
 func fuseServers(under dir: ScratchDir) -> [Int32] {
     ((try? FileManager.default.contentsOfDirectory(atPath: "/proc")) ?? []).compactMap(Int32.init).filter { pid in
@@ -197,6 +206,45 @@ struct FuseMountTests {
         _ = try f.runtime.mount(MountRequest(source: f.url, mountpoint: f.mnt, backend: backend, remote: f.remote))
         #expect(TreeFactsLite(f.mnt) == expected)
         try f.runtime.umount(f.mnt)
+    }
+
+    /// A fuse-blob mount of a complete cache entry passes the image file through to the cache file
+    /// (FUSE passthrough, over a buffered loop device): every byte is the image's, and no read reaches
+    /// the server. A mount of an incomplete entry is served as before. Fails when opens are not
+    /// answered with FOPEN_PASSTHROUGH (the reads then reach the server).
+    @Test(.enabled(if: passthroughSkipReason == nil, Comment(rawValue: passthroughSkipReason ?? "")))
+    func aCompleteCacheIsPassedThrough() throws {
+        let f = try RemoteFixture("fuse-passthrough")
+        defer { f.remove() }
+        let expected = try f.oracle()
+        var opts = f.remote
+        opts.prefetch = .all
+        _ = try f.runtime.mount(MountRequest(source: f.url, mountpoint: f.mnt, backend: .fuseBlob, remote: opts))
+        let record = BlobCache(directory: f.dir.file("cache")).paths(key: BlobCache.partialKey(source: f.url)).data
+        for _ in 0..<100 where (PopulationRecord.presentFraction(path: record + ".pop") ?? 0) < 1 { usleep(100_000) }
+        var cold = try #require(try f.runtime.status(f.mnt).first)
+        for _ in 0..<40 where cold.fuse == nil {
+            usleep(100_000)
+            cold = try #require(try f.runtime.status(f.mnt).first)
+        }
+        #expect((cold.fuse?.passthroughOpens ?? 0) == 0, "an incomplete entry is served, not passed through")
+        try f.runtime.umount(f.mnt)
+        #expect(PopulationRecord.presentFraction(path: record + ".pop") == 1)
+
+        let out = try f.runtime.mount(MountRequest(source: f.url, mountpoint: f.mnt, backend: .fuseBlob, remote: f.remote))
+        #expect(out.record?.device?.hasPrefix("/dev/loop") == true, "passthrough goes through a loop device")
+        #expect(TreeFactsLite(f.mnt) == expected, "\(f.workerLogs())")
+        var st = try #require(try f.runtime.status(f.mnt).first)
+        for _ in 0..<40 where st.fuse?.passthroughOpens == nil {
+            usleep(100_000)
+            st = try #require(try f.runtime.status(f.mnt).first)
+        }
+        let fuse = try #require(st.fuse)
+        #expect(fuse.passthroughOpens == 1 && fuse.reads == 0, "\(fuse)")
+        #expect(st.problems.isEmpty, "\(st.problems)")
+        try f.runtime.umount(f.mnt)
+        #expect(!currentMounts().contains { $0.hasPrefix(f.dir.path) }, "\(currentMounts())")
+        #expect(fuseServers(under: f.dir).isEmpty)
     }
 
     /// `--prefetch all` on a served mount: the server fills the whole cache in the background

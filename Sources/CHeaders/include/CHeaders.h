@@ -388,6 +388,17 @@ struct ecx_fuse_init_request {
 };
 _Static_assert(offsetof(struct ecx_fuse_init_request, major) == 40, "fuse_in_header is 40 bytes");
 
+/* FUSE passthrough (Linux 6.9+): FUSE_DEV_IOC_BACKING_OPEN registers a file on a connection (the
+ * caller needs CAP_SYS_ADMIN) and returns its backing id, which an OPEN reply names with
+ * FOPEN_PASSTHROUGH; reads of that open file then go to the backing file without the server. Not in
+ * Debian 12's linux/fuse.h (6.1), so spelled out here as the kernel's uapi defines it. */
+struct ecx_fuse_backing_map {
+    int32_t fd;
+    uint32_t flags;
+    uint64_t padding;
+};
+static const unsigned long ecx_fuse_dev_ioc_backing_open = _IOW(229, 1, struct ecx_fuse_backing_map);
+
 /* ---------------------------------------------------------------- mount(2) & friends */
 
 static const unsigned long ecx_ms_rdonly = MS_RDONLY;

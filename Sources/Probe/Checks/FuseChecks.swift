@@ -48,6 +48,11 @@ enum FuseChecks {
         }
         out.append(combined("fuse.passthrough", "FUSE passthrough (kernel FUSE_PASSTHROUGH + libfuse ≥ 3.17)", kernel: flags.map { $0 & FuseWire.passthrough != 0 },
                             kernelEv: kernelEv, libOK: libVersion >= [3, 17], lib: lib.package, config: ctx.configEvidence("CONFIG_FUSE_PASSTHROUGH")))
+        // erofs-compat speaks the protocol itself: for its own servers only the kernel's offer counts.
+        let offered = flags.map { $0 & FuseWire.passthrough != 0 }
+        out.append(Finding("fuse.kernel_passthrough", "FUSE passthrough in the kernel (FUSE_PASSTHROUGH offered in INIT)",
+                           offered.map { $0 ? .present : .absent } ?? .unknown,
+                           value: offered.map { $0 ? "offered" : "not offered" } ?? "unknown", evidence: [kernelEv]))
         var uringEv = [ctx.configEvidence("CONFIG_FUSE_IO_URING")].compactMap { $0 }
         if let p = ctx.host.read("/sys/module/fuse/parameters/enable_uring") {
             uringEv.append(.init("/sys/module/fuse/parameters/enable_uring", p.trimmed))

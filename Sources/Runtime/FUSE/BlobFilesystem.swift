@@ -10,13 +10,17 @@ final class BlobFilesystem: FUSEFilesystem, @unchecked Sendable {  // immutable;
     static let fileNode: UInt64 = 2
     let size: UInt64
     let mtime: UInt64
+    /// The file's passthrough backing id: its opens name the backing file, its reads never come here.
+    let backingID: Int32?
     private let readBytes: @Sendable (UInt64, Int) throws -> [UInt8]
     private let region: @Sendable (UInt64, Int) throws -> FileRegion?
 
-    init(size: UInt64, mtime: UInt64, read: @escaping @Sendable (UInt64, Int) throws -> [UInt8],
+    init(size: UInt64, mtime: UInt64, backing: Int32? = nil, read: @escaping @Sendable (UInt64, Int) throws -> [UInt8],
          region: @escaping @Sendable (UInt64, Int) throws -> FileRegion? = { _, _ in nil }) {
-        (self.size, self.mtime, readBytes, self.region) = (size, mtime, read, region)
+        (self.size, self.mtime, backingID, readBytes, self.region) = (size, mtime, backing, read, region)
     }
+
+    func backing(_ node: UInt64) -> Int32? { node == Self.fileNode ? backingID : nil }
 
     private func attr(_ node: UInt64) throws(FUSEError) -> FUSEAttr {
         switch node {

@@ -25,16 +25,20 @@ public enum FuseWorker {
     /// connection is taken over (from the daemon) with what INIT negotiated and its request journal
     /// (`journalFD`), so its first child answers what the previous server had read. Returns the exit status.
     public static func supervise(spec: [UInt8], fuseFD: Int32, readyFD: Int32,
-                                 negotiated: (flags: UInt64, minor: UInt32)? = nil, journalFD: Int32? = nil) -> Int32 {
+                                 negotiated: ServeSpec.Negotiated? = nil, journalFD: Int32? = nil) -> Int32 {
         func ready(_ line: String) {
             _ = try? FileDescriptor(rawValue: readyFD).writeAll(Array((line + "\n").utf8))
             Sys.close(readyFD)
         }
         let given = negotiated.map { (FUSEInitFlags(rawValue: $0.flags), $0.minor) }
-        guard let (flags, minor) = given ?? handshake(fuseFD) else {
+        let whole = negotiated == nil ? (try? JSONDecoder().decode(ServeSpec.self, from: Data(spec)))?.openWholeBlobFile()
+            : nil
+        defer { whole.map { Sys.close($0.rawValue) } }
+        guard let (flags, minor) = given ?? handshake(fuseFD, passthrough: whole != nil) else {
             ready("error: the kernel sent no FUSE INIT request")
             return 1
         }
+        let backing = negotiated?.backing ?? whole.flatMap { registerBacking(fuseFD, $0, offered: flags, log: log) }
         guard let journal = journalFD ?? (try? FUSEJournal.create()) else {
             ready("error: cannot create the FUSE request journal")
             return 1
@@ -44,7 +48,7 @@ public enum FuseWorker {
         while true {
             let started = ContinuousClock.now
             let child = try? startChild(spec: spec, fuseFD: fuseFD, journalFD: journal, flags: flags, minor: minor,
-                                        resend: restarts > 0)
+                                        backing: backing, resend: restarts > 0)
             guard let (pid, status) = child else {
                 if !readySent { ready("error: cannot start the FUSE server") }
                 return 1
@@ -58,7 +62,7 @@ public enum FuseWorker {
                     ready(first.hasPrefix("error: ") ? first : "error: the FUSE server exited before it served")
                     return 1
                 }
-                ready("ready")
+                ready(Ready.line(passthrough: backing != nil))
                 readySent = true
             }
             let (code, signal) = Sys.wait(pid)
@@ -78,10 +82,26 @@ public enum FuseWorker {
         }
     }
 
+    /// A supervisor's "ready" (or "ready passthrough": the blob file reads its backing file).
+    public struct Ready: Sendable {
+        public var pid: Int32
+        public var passthrough: Bool
+
+        init(_ hosted: (pid: Int32, passthrough: Bool)) { (pid, passthrough) = hosted }
+
+        init?(_ line: String, pid: Int32 = 0) {
+            guard line == "ready" || line == "ready passthrough" else { return nil }
+            (self.pid, passthrough) = (pid, line == "ready passthrough")
+        }
+
+        static func line(passthrough: Bool) -> String { passthrough ? "ready passthrough" : "ready" }
+    }
+
     /// Reads and answers INIT (within 10 s of the mount): the kernel's flags and minor version.
-    static func handshake(_ fd: Int32) -> (FUSEInitFlags, UInt32)? {
-        let session = FUSESession(filesystem: BlobFilesystem(size: 0, mtime: 0) { _, _ in [] })
-        var buffer = [UInt8](repeating: 0, count: FUSELayout.requestBuffer)
+    /// `passthrough`: ask for FUSE passthrough (the blob file has a whole backing file).
+    static func handshake(_ fd: Int32, passthrough: Bool = false) -> (FUSEInitFlags, UInt32)? {
+        let session = FUSESession(filesystem: BlobFilesystem(size: 0, mtime: 0) { _, _ in [] }, passthrough: passthrough)
+        var buffer = FUSELayout.newRequestBuffer()
         guard (try? Sys.poll(fd, timeoutMs: 10_000)) == true,
               let n = try? buffer.withUnsafeMutableBytes({ try Sys.read(fd, into: $0) }),
               let req = FUSERequest(buffer[0..<n]), req.opcode == FUSEOpcode.initialize.rawValue,
@@ -90,26 +110,40 @@ public enum FuseWorker {
         return (session.kernelFlags, session.stats.kernelMinor)
     }
 
+    /// Registers `file` as the connection's passthrough backing file once INIT negotiated passthrough
+    /// (the kernel offered it): its id, or nil (said in the log) when the kernel refuses it.
+    static func registerBacking(_ fuseFD: Int32, _ file: FileDescriptor, offered: FUSEInitFlags,
+                                log: (String) -> Void) -> Int32? {
+        guard offered.contains(.passthrough) else { return nil }
+        do {
+            return try Sys.fuseBackingOpen(device: fuseFD, file: file.rawValue)
+        } catch {
+            log("FUSE passthrough not used: FUSE_DEV_IOC_BACKING_OPEN: \(error); the server answers every read")
+            return nil
+        }
+    }
+
     /// Spawns a serving child with the spec on a pipe; returns its pid and the read end of its status pipe.
     static func startChild(spec: [UInt8], fuseFD: Int32, journalFD: Int32, flags: FUSEInitFlags, minor: UInt32,
-                           resend: Bool) throws -> (Int32, Int32) {
+                           backing: Int32?, resend: Bool) throws -> (Int32, Int32) {
         try ServedProcess.startChild(spec: spec, keeping: [fuseFD, journalFD]) { specFD, statusFD in
             ["__fuse-serve", "--child", "--fuse-fd", String(fuseFD), "--spec-fd", String(specFD),
              "--status-fd", String(statusFD), "--kernel-flags", String(flags.rawValue), "--kernel-minor", String(minor),
              "--journal-fd", String(journalFD)] + (resend ? ["--resend"] : [])
+                + (backing.map { ["--backing-id", String($0)] } ?? [])
         }
     }
 
     /// A serving child: opens what the spec names, says "serving" (or "error: …") on `statusFD`,
     /// and serves until the connection ends.
     public static func serve(spec specBytes: [UInt8], fuseFD: Int32, statusFD: Int32, kernelFlags: UInt64,
-                             kernelMinor: UInt32, journalFD: Int32?, resend: Bool) -> Int32 {
+                             kernelMinor: UInt32, backing: Int32?, journalFD: Int32?, resend: Bool) -> Int32 {
         let status = FileDescriptor(rawValue: statusFD)
         let served: (FUSEFilesystem, ServedSource)
         let spec: ServeSpec
         do {
             spec = try JSONDecoder().decode(ServeSpec.self, from: Data(specBytes))
-            served = try openFilesystem(spec)
+            served = try openFilesystem(spec, backing: backing)
         } catch {
             log("cannot serve: \(error)")
             _ = try? status.writeAll(Array("error: \(error)\n".utf8))
@@ -139,13 +173,15 @@ public enum FuseWorker {
             + (asked ? "; asked the kernel to resend unanswered requests" : " (the kernel cannot resend requests)"))
     }
 
-    static func openFilesystem(_ spec: ServeSpec,
+    /// The source opened and its filesystem made; `backing`: the blob file's passthrough backing id.
+    static func openFilesystem(_ spec: ServeSpec, backing: Int32? = nil,
                                runtime: Runtime = Runtime()) throws -> (FUSEFilesystem, ServedSource) {
         let served = try runtime.openServedSource(spec)
         let mtime = UInt64(Date().timeIntervalSince1970)
         switch spec.filesystem {
         case .blob:
-            let fs = BlobFilesystem(size: served.size, mtime: mtime, read: { try served.read(offset: $0, length: $1) },
+            let fs = BlobFilesystem(size: served.size, mtime: mtime, backing: backing,
+                                    read: { try served.read(offset: $0, length: $1) },
                                     region: { try served.region(offset: $0, length: $1) })
             return (fs, served)
         case .erofs:

@@ -35,7 +35,7 @@ final class HostedFuse: HostedMount, @unchecked Sendable {
     private let phase = Locked(Phase.serving)
     private let token = Locked<ServingPoller.Token?>(nil)
     private let onEnd = Locked<(@Sendable () -> Void)?>(nil)
-    private var buffer = [UInt8](repeating: 0, count: FUSELayout.requestBuffer)
+    private var buffer = FUSELayout.newRequestBuffer()
 
     var spec: ServeSpec { full.stored }
     var durable: [(kind: Character, fd: Int32)] {
@@ -128,9 +128,10 @@ final class HostedFuse: HostedMount, @unchecked Sendable {
         setNonBlocking(false)
         let args = ["--fuse-fd", String(device.rawValue), "--kernel-flags", String(negotiated.flags),
                     "--kernel-minor", String(negotiated.minor), "--adopted", "--journal-fd", String(journalFD.rawValue)]
+            + (negotiated.backing.map { ["--backing-id", String($0)] } ?? [])
         let server = ServedProcess.fuse
         let (pid, line) = try server.start(full, args: args, keeping: [device.rawValue, journalFD.rawValue])
-        guard line == "ready" else {
+        guard FuseWorker.Ready(line) != nil else {
             server.kill(pid)
             throw BackendFailure(detail: "the FUSE server answered '\(line)'", fallback: false)
         }
@@ -157,7 +158,8 @@ final class HostedFuse: HostedMount, @unchecked Sendable {
                      log: @escaping @Sendable (String) -> Void) throws -> HostedFuse {
         guard let negotiated = full.negotiated else { throw RuntimeError.state("the spec has no FUSE INIT outcome") }
         let journal = try FUSEJournal(fd: journalFD)
-        let (filesystem, served) = try FuseWorker.openFilesystem(full, runtime: Runtime(state: state))
+        let (filesystem, served) = try FuseWorker.openFilesystem(full, backing: negotiated.backing,
+                                                                 runtime: Runtime(state: state))
         return HostedFuse(full, negotiated: negotiated, device: device, journal: journal, authFD: authFD,
                           served: served, filesystem: filesystem, log: log)
     }
@@ -180,13 +182,18 @@ final class HostedFuse: HostedMount, @unchecked Sendable {
 
 extension InProcessServing {
     /// Serves the FUSE connection on `fuseFD` (its superblock just created) here: answers INIT,
-    /// opens what `spec` names, stores the device, serves. Returns this process's pid.
-    func hostFuse(_ spec: ServeSpec, fuseFD: Int32) throws -> Int32 {
-        guard let (flags, minor) = FuseWorker.handshake(fuseFD) else {
+    /// opens what `spec` names, stores the device, serves. Returns this process's pid, and whether
+    /// the blob file is passed through to its backing file.
+    func hostFuse(_ spec: ServeSpec, fuseFD: Int32) throws -> (pid: Int32, passthrough: Bool) {
+        let whole = spec.openWholeBlobFile()
+        defer { whole.map { Sys.close($0.rawValue) } }
+        guard let (flags, minor) = FuseWorker.handshake(fuseFD, passthrough: whole != nil) else {
             throw BackendFailure(detail: "the kernel sent no FUSE INIT request", fallback: false)
         }
+        let backing = whole.flatMap { FuseWorker.registerBacking(fuseFD, $0, offered: flags, log: log) }
         var full = spec
-        (full.hostID, full.negotiated) = (Self.newID(), ServeSpec.Negotiated(flags: flags.rawValue, minor: minor))
+        full.hostID = Self.newID()
+        full.negotiated = ServeSpec.Negotiated(flags: flags.rawValue, minor: minor, backing: backing)
         let device = try Sys.dup(fuseFD)
         var (authFD, journalFD): (Int32?, Int32?) = (nil, nil)
         let mount: HostedFuse
@@ -207,7 +214,7 @@ extension InProcessServing {
         }
         try add(mount)
         start(mount, restarted: false)
-        return getpid()
+        return (getpid(), backing != nil)
     }
 }
 
