@@ -100,14 +100,16 @@ public final class ServedSource: @unchecked Sendable {  // immutable after init;
 
 extension Runtime {
     /// What a served mount's spec names: the blob the mount resolved, or the source to resolve.
-    func openServedSource(_ spec: ServeSpec) throws -> ServedSource {
+    /// `fetcher`: the mount's own fetcher of that blob (in the daemon), whose probe bytes the cache
+    /// entry takes.
+    func openServedSource(_ spec: ServeSpec, fetcher: HTTPBlob? = nil) throws -> ServedSource {
         guard let b = spec.blob else {
             return try openServedSource(spec.source, remote: spec.remote ?? RemoteOptions())
         }
         do {
             let lock = try BlobCache.lockForWriting(entry: b.entry)
             do {
-                let lazy = try b.lazyBlob(b.open(auth: spec.registryAuth()))
+                let lazy = try b.lazyBlob(fetcher ?? b.open(auth: spec.registryAuth()))
                 return ServedSource(lazy: lazy, digest: b.digest, entryLock: lock, description: spec.source,
                                     prefetch: b.prefetch)
             } catch {

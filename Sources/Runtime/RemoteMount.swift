@@ -139,7 +139,7 @@ extension Runtime {
             let resolved = blob.wholeOnly ? nil
                 : (BlobSpec(blob, entry: paths.data, remote: req.remote), blob.auth?.secret())
             return try mountServed(req, backend: backend, record: record, plan: plan, target: target, notes: notes,
-                                   resolved: resolved)
+                                   resolved: resolved, fetcher: blob.wholeOnly ? nil : blob)
         }
         let blockSize = try download(req, blob: blob, paths: paths, digest: digest)
         guard let impl = Backends.all[backend] else { throw RuntimeError.noBackend("\(backend.rawValue) is not available") }
@@ -151,13 +151,14 @@ extension Runtime {
     /// A remote image served by a FUSE backend from the lazy reader: the server opens the blob's
     /// cache entry itself (this process has released it), so the mount is as lazy as the reads.
     func mountServed(_ req: MountRequest, backend: Backend, record: MountRecord, plan: Plan, target: MountTarget,
-                     notes: [String], resolved: (BlobSpec, [UInt8]?)? = nil) throws -> MountOutcome {
+                     notes: [String], resolved: (BlobSpec, [UInt8]?)? = nil, fetcher: HTTPBlob? = nil) throws -> MountOutcome {
         guard let impl = Backends.all[backend] else { throw RuntimeError.noBackend("\(backend.rawValue) is not available") }
         var record = record
         record.cachePath = nil
         var prepared = PreparedMount(source: req.source, target: target, options: req.options, blockSize: 4096,
                                      stateRoot: state.root, remote: req.remote, host: serving)
         (prepared.blob, prepared.credentials) = (resolved?.0, resolved?.1 ?? nil)
+        prepared.fetcher = serving == nil ? nil : fetcher
         try state.withLock {
             try checkNotMounted(target, source: req.source)
             let attachment: Attachment

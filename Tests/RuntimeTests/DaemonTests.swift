@@ -373,6 +373,25 @@ struct DaemonTests {
         }
     }
 
+    /// A fuse-blob mount the daemon serves takes the bytes the mount's probe fetched (the first
+    /// 256 KiB) into the cache entry: the EROFS mount's own reads of the superblock area fetch
+    /// nothing again. Fails when the hosted server opens a fetcher of its own.
+    @Test(.enabled(if: fuseSkipReason == nil, Comment(rawValue: fuseSkipReason ?? "")))
+    func hostedFuseTakesTheProbesBytes() throws {
+        try withDaemonMount("daemon-fuse-head", proxied: true, args: ["--backend", "fuse-blob"]) { f, _, expected, proxy in
+            #expect(TreeFactsLite(f.mnt) == expected)
+            let ranges = proxy!.log.compactMap { line -> (Int, Int)? in
+                guard let r = line.split(separator: " ").last, r.hasPrefix("bytes=") else { return nil }
+                let p = r.dropFirst(6).split(separator: "-").compactMap { Int($0) }
+                return p.count == 2 ? (p[0], p[1]) : nil
+            }
+            #expect(ranges.first.map { $0 == (0, (256 << 10) - 1) } == true, "the probe first: \(ranges)")
+            #expect(ranges.dropFirst().allSatisfy { $0.1 >= 256 << 10 && $0.0 > 0 }, "fetched again: \(ranges)")
+            let u = try cli(f.runtime.state.root, ["umount", f.mnt])
+            #expect(u.status == 0, Comment(rawValue: u.stderr))
+        }
+    }
+
     /// A hosted fuse-blob mount of a complete cache entry is passed through (no read reaches the
     /// daemon). Every later open must name the backing file too, or the kernel refuses it: after a
     /// SIGKILL of the daemon (the restored mount keeps the backing id) and after a clean stop (the
@@ -394,7 +413,7 @@ struct DaemonTests {
             }
             #expect(st.fuse?.passthroughOpens == 1 && st.fuse?.reads == 0, "\(String(describing: st.fuse))")
             let blob = try Sys.readFile(f.server.root + "/img.erofs")
-            let image = try #require(try f.runtime.state.load(f.mnt)?.fuseMount) + "/image"
+            let image = try #require(f.runtime.state.load(f.mnt)?.fuseMount) + "/image"
             let before = daemon.child()
             _ = Glibc.kill(before ?? 0, SIGKILL)
             for _ in 0..<100 where daemon.child() == before || !daemon.logText().contains("serving again after a restart") {

@@ -1,5 +1,6 @@
 import CHeaders
 import Glibc
+import Remote
 import Probe
 import Syscall
 import SystemPackage
@@ -65,6 +66,9 @@ struct PreparedMount {
     /// served as it is. Nil: the server resolves `remote` itself.
     var blob: BlobSpec?
     var credentials: [UInt8]?
+    /// The mount's own fetcher of `blob`, for a server hosted in this process (the daemon): it holds
+    /// the probe's first bytes, which then go into the cache entry instead of being fetched again.
+    var fetcher: HTTPBlob?
 
     /// The spec of the server of this mount.
     func serveSpec(_ frontend: ServeSpec.Frontend, _ filesystem: ServeSpec.Filesystem, statsPath: String) -> ServeSpec {

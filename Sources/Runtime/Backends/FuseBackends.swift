@@ -4,6 +4,7 @@ import FoundationEssentials
 import Foundation
 #endif
 import Glibc
+import Remote
 import Probe
 import Syscall
 import SystemPackage
@@ -19,8 +20,10 @@ struct FuseMounter {
     var stateRoot: String
     /// Where the server runs: the daemon's host, or (nil) a supervisor process of its own.
     var host: InProcessServing?
+    /// The mount's fetcher, for a hosted server.
+    var fetcher: HTTPBlob?
 
-    init(_ request: PreparedMount) { (stateRoot, host) = (request.stateRoot, request.host) }
+    init(_ request: PreparedMount) { (stateRoot, host, fetcher) = (request.stateRoot, request.host, request.fetcher) }
 
     /// Builds the FUSE superblock for `spec`, starts its server (hosted, or a supervisor process),
     /// waits until it serves, and attaches the mount to `target`. Returns the server's pid.
@@ -40,7 +43,7 @@ struct FuseMounter {
             throw BackendFailure(detail: "creating the FUSE mount: \(error)", fallback: true)
         }
         defer { Sys.close(mnt.rawValue) }
-        let ready = try host.map { FuseWorker.Ready(try $0.hostFuse(spec, fuseFD: dev.rawValue)) }
+        let ready = try host.map { FuseWorker.Ready(try $0.hostFuse(spec, fuseFD: dev.rawValue, fetcher: fetcher)) }
             ?? startSupervisor(spec, fuseFD: dev.rawValue)
         do {
             try MountAPI.move(mnt, to: target)

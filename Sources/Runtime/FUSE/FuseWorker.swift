@@ -173,10 +173,11 @@ public enum FuseWorker {
             + (asked ? "; asked the kernel to resend unanswered requests" : " (the kernel cannot resend requests)"))
     }
 
-    /// The source opened and its filesystem made; `backing`: the blob file's passthrough backing id.
-    static func openFilesystem(_ spec: ServeSpec, backing: Int32? = nil,
+    /// The source opened and its filesystem made; `backing`: the blob file's passthrough backing id;
+    /// `fetcher`: the mount's own (in the daemon).
+    static func openFilesystem(_ spec: ServeSpec, backing: Int32? = nil, fetcher: HTTPBlob? = nil,
                                runtime: Runtime = Runtime()) throws -> (FUSEFilesystem, ServedSource) {
-        let served = try runtime.openServedSource(spec)
+        let served = try runtime.openServedSource(spec, fetcher: fetcher)
         let mtime = UInt64(Date().timeIntervalSince1970)
         switch spec.filesystem {
         case .blob:

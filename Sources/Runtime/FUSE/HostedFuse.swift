@@ -5,6 +5,7 @@ import Foundation
 #endif
 import FUSE
 import Glibc
+import Remote
 import Syscall
 import SystemPackage
 
@@ -155,10 +156,10 @@ final class HostedFuse: HostedMount, @unchecked Sendable {
 
     /// The source opened and its filesystem made, on the device whose INIT is answered.
     static func open(_ full: ServeSpec, device: Int32, journalFD: Int32, authFD: Int32?, state: StateStore,
-                     log: @escaping @Sendable (String) -> Void) throws -> HostedFuse {
+                     fetcher: HTTPBlob? = nil, log: @escaping @Sendable (String) -> Void) throws -> HostedFuse {
         guard let negotiated = full.negotiated else { throw RuntimeError.state("the spec has no FUSE INIT outcome") }
         let journal = try FUSEJournal(fd: journalFD)
-        let (filesystem, served) = try FuseWorker.openFilesystem(full, backing: negotiated.backing,
+        let (filesystem, served) = try FuseWorker.openFilesystem(full, backing: negotiated.backing, fetcher: fetcher,
                                                                  runtime: Runtime(state: state))
         return HostedFuse(full, negotiated: negotiated, device: device, journal: journal, authFD: authFD,
                           served: served, filesystem: filesystem, log: log)
@@ -184,7 +185,7 @@ extension InProcessServing {
     /// Serves the FUSE connection on `fuseFD` (its superblock just created) here: answers INIT,
     /// opens what `spec` names, stores the device, serves. Returns this process's pid, and whether
     /// the blob file is passed through to its backing file.
-    func hostFuse(_ spec: ServeSpec, fuseFD: Int32) throws -> (pid: Int32, passthrough: Bool) {
+    func hostFuse(_ spec: ServeSpec, fuseFD: Int32, fetcher: HTTPBlob? = nil) throws -> (pid: Int32, passthrough: Bool) {
         let whole = spec.openWholeBlobFile()
         defer { whole.map { Sys.close($0.rawValue) } }
         guard let (flags, minor) = FuseWorker.handshake(fuseFD, passthrough: whole != nil) else {
@@ -205,7 +206,7 @@ extension InProcessServing {
             let journal = try FUSEJournal.create()
             journalFD = journal
             mount = try HostedFuse.open(full, device: device, journalFD: journal, authFD: authFD, state: state,
-                                        log: log)
+                                        fetcher: fetcher, log: log)
         } catch {
             Sys.close(device)
             authFD.map(Sys.close)
