@@ -83,9 +83,10 @@ public final class FUSEServer: Sendable {
         case nil: return
         case .bytes(let reply): _ = write(reply)
         case .file(let header, let region):
-            guard splicer.send(header, region, to: fd) == .failed else { return }
-            if let reply = session.handle(request) { _ = write(reply) }
+            if splicer.send(header, region, to: fd) == .failed, let reply = session.handle(request) { _ = write(reply) }
         }
+        // After the reply: the reader is not kept waiting for what it may read next.
+        for store in session.pushAhead(request) { _ = write(store) }
     }
 
     /// ENOENT from the kernel means the request was interrupted and needs no answer.

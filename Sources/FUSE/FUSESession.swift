@@ -37,6 +37,9 @@ public protocol FUSEFilesystem: Sendable {
     /// The passthrough backing id (FUSE_DEV_IOC_BACKING_OPEN) whose file holds exactly this node's
     /// bytes, for good: its opens are answered with FOPEN_PASSTHROUGH. nil: the server answers reads.
     func backing(_ node: UInt64) -> Int32?
+    /// The regular files a reader walking `node`'s directory in listing order reads next (node and
+    /// size), as far as the kernel already knows them (listed by READDIRPLUS); at most `limit`.
+    func following(_ node: UInt64, limit: Int) -> [(node: UInt64, size: UInt64)]
 }
 
 /// Bytes of an open file: a READ reply's data, spliced to the device without passing through the server.
@@ -56,6 +59,7 @@ public enum FUSEOutput: Sendable {
 
 extension FUSEFilesystem {
     public func backing(_ node: UInt64) -> Int32? { nil }
+    public func following(_ node: UInt64, limit: Int) -> [(node: UInt64, size: UInt64)] { [] }
 
     /// Through `read(_:offset:size:)` and a copy, for filesystems without a direct path.
     public func read(_ node: UInt64, offset: UInt64,
@@ -96,6 +100,8 @@ public final class FUSESession: Sendable {
     public let keepCache: Bool
     private let state = Mutex<(initialized: Bool, kernelFlags: FUSEInitFlags, stats: FUSEStats)>(
         (false, [], FUSEStats()))
+    /// Files whose bytes were pushed into the page cache (`pushAhead`), not to be pushed again.
+    private let pushed = Mutex<Set<UInt64>>([])
     /// Read replies larger than this are split by the kernel; what INIT negotiated (max_pages).
     public static let maxPages: UInt16 = 256
     /// max_write in INIT: the mount is read-only, but the kernel patch "fuse: enable large folios"
@@ -158,6 +164,29 @@ public final class FUSESession: Sendable {
             s.stats.readMicros += micros
             s.stats.maxReadMicros = max(s.stats.maxReadMicros, micros)
         }
+    }
+
+    /// After a READ from the start of a file: the files a reader walking its directory reads next,
+    /// as FUSE_NOTIFY_STORE messages of their whole bytes (small files only, at most `budget` bytes),
+    /// so that those reads find the page cache filled instead of each waiting for a round trip.
+    /// Empty for any other request, and for files pushed before.
+    public func pushAhead(_ bytes: ArraySlice<UInt8>, files: Int = 16, budget: Int = 1 << 20) -> [[UInt8]] {
+        guard let req = FUSERequest(bytes), req.opcode == FUSEOpcode.read.rawValue, req.args.u64(8) == 0,
+              state.withLock({ $0.initialized }) else { return [] }
+        var out: [[UInt8]] = []
+        var left = budget
+        for (node, size) in filesystem.following(req.node, limit: files) where size > 0 && Int(size) <= left {
+            guard pushed.withLock({ p -> Bool in
+                if p.count >= 1 << 16 { p.removeAll(keepingCapacity: true) }
+                return p.insert(node).inserted
+            }) else { continue }
+            guard let data = try? filesystem.read(node, offset: 0, size: Int(size)), data.count == Int(size) else {
+                continue
+            }
+            out.append(FUSEReply.store(node: node, offset: 0, data))
+            left -= data.count
+        }
+        return out
     }
 
     /// The reply to one request, or nil for requests that get none (FORGET, BATCH_FORGET, INTERRUPT).

@@ -68,6 +68,8 @@ public enum FUSELayout {
     public static let protocolMinor: UInt32 = 40
     /// fuse_notify_code FUSE_NOTIFY_RESEND.
     public static let notifyResend: Int32 = 7
+    /// fuse_notify_code FUSE_NOTIFY_STORE.
+    public static let notifyStore: Int32 = 4
 }
 
 /// A request as read from /dev/fuse: fuse_in_header and the opcode's arguments.
@@ -255,6 +257,21 @@ public enum FUSEReply {
         w.u32(UInt32(FUSELayout.outHeader))
         w.i32(-errno)
         w.u64(unique)
+        return w.bytes
+    }
+
+    /// FUSE_NOTIFY_STORE: `data` into the kernel's page cache of `node` at `offset` (no request
+    /// asked for it; the kernel takes it only for an inode it has, else the write fails ENOENT).
+    public static func store(node: UInt64, offset: UInt64, _ data: [UInt8]) -> [UInt8] {
+        var w = WireWriter(capacity: FUSELayout.outHeader + 24 + data.count)
+        w.u32(UInt32(FUSELayout.outHeader + 24 + data.count))
+        w.i32(FUSELayout.notifyStore)
+        w.u64(0)
+        w.u64(node)
+        w.u64(offset)
+        w.u32(UInt32(data.count))
+        w.u32(0)
+        w.append(data)
         return w.bytes
     }
 

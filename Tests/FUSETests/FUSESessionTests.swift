@@ -181,6 +181,23 @@ struct FUSESessionTests {
         #expect(s.stats.passthroughOpens == 1)
     }
 
+    /// A READ from the start of a file pushes the files that follow it as FUSE_NOTIFY_STORE
+    /// messages (whole bytes, unique 0, code 4), once each; a READ further in pushes nothing.
+    @Test func aReadFromAFilesStartPushesTheNextFiles() throws {
+        let s = FUSESession(filesystem: WalkFS())
+        _ = try parse(s.handle(request(.initialize, unique: 1, u32s([7, 45, 65536, 0, 0]))))
+        #expect(s.pushAhead(request(.read, unique: 2, node: 2, readArgs(offset: 4096, size: 4096))).isEmpty)
+        let pushed = s.pushAhead(request(.read, unique: 3, node: 2, readArgs(offset: 0, size: 4096)))
+        #expect(pushed.count == 2)
+        for (k, node) in [UInt64(3), 4].enumerated() {
+            let m = WireReader(pushed[k][...])
+            #expect(m.u32(0) == UInt32(16 + 24 + 100) && Int32(bitPattern: m.u32(4)) == 4 && m.u64(8) == 0)
+            #expect(m.u64(16) == node && m.u64(24) == 0 && m.u32(32) == 100)
+            #expect(Array(pushed[k].dropFirst(40)) == [UInt8](repeating: UInt8(node), count: 100))
+        }
+        #expect(s.pushAhead(request(.read, unique: 4, node: 2, readArgs(offset: 0, size: 4096))).isEmpty, "once each")
+    }
+
     /// Entries are 8-byte aligned, stop before overflowing the buffer, and continue from a cookie.
     @Test func readdirPagesWithStableCookies() throws {
         let s = try initialized()
@@ -219,6 +236,26 @@ struct FUSESessionTests {
     @Test func resendNotificationIsFramedAsTheKernelExpects() throws {
         let n = try parse(FUSEReply.notify(FUSELayout.notifyResend))
         #expect(n.len == 16 && n.error == 7 && n.unique == 0)
+    }
+}
+
+/// Three files of 100 bytes (node n holds n), read in the order 2, 3, 4.
+final class WalkFS: FUSEFilesystem, @unchecked Sendable {
+    let tiny = TinyFS()
+    func lookup(parent: UInt64, name: [UInt8]) throws(FUSEError) -> FUSEEntry { try tiny.lookup(parent: parent, name: name) }
+    func getattr(_ node: UInt64) throws(FUSEError) -> FUSEAttr { try tiny.getattr(node) }
+    func readlink(_ node: UInt64) throws(FUSEError) -> [UInt8] { throw .invalid }
+    func open(_ node: UInt64, directory: Bool) throws(FUSEError) {}
+    func read(_ node: UInt64, offset: UInt64, size: Int) throws(FUSEError) -> [UInt8] {
+        [UInt8](repeating: UInt8(node), count: max(0, min(size, 100 - Int(offset))))
+    }
+    func readdir(_ node: UInt64, after: UInt64, plus: Bool) throws(FUSEError) -> [FUSEDirEntry] { [] }
+    func getxattr(_ node: UInt64, name: [UInt8]) throws(FUSEError) -> [UInt8] { throw .noData }
+    func listxattr(_ node: UInt64) throws(FUSEError) -> [[UInt8]] { [] }
+    func statfs() -> FUSEStatfs { tiny.statfs() }
+    func readRegion(_ node: UInt64, offset: UInt64, size: Int) throws(FUSEError) -> FUSEFileRegion? { nil }
+    func following(_ node: UInt64, limit: Int) -> [(node: UInt64, size: UInt64)] {
+        (node + 1...4).prefix(limit).map { ($0, 100) }
     }
 }
 

@@ -121,6 +121,36 @@ struct FuseMountTests {
         #expect(runtime.state.all().isEmpty)
     }
 
+    /// A walk of a directory of small files in listing order reads most of them from the page cache:
+    /// the server pushes each READ's next files into it (FUSE_NOTIFY_STORE), and every byte is the
+    /// kernel's. Fails when nothing is pushed (one READ per file).
+    @Test func smallFilesAreReadAheadIntoThePageCache() throws {
+        let f = try LocalFixture("fuse-push")
+        defer { f.remove() }
+        let tree = f.dir.file("tree/d")
+        try FileManager.default.createDirectory(atPath: tree, withIntermediateDirectories: true)
+        for i in 0..<200 {
+            let bytes = (0..<(1000 + i * 37)).map { UInt8(truncatingIfNeeded: $0 &* (i + 3)) }
+            try Data(bytes).write(to: URL(fileURLWithPath: tree + String(format: "/f%03d", i)))
+        }
+        try Samples.mkfs(f.dir.file("tree"), f.dir.file("img"), ["-zlz4hc"])
+        for d in ["mnt", "oracle"] { try FileManager.default.createDirectory(atPath: f.dir.file(d), withIntermediateDirectories: false) }
+        let kernel = try withKernelMount(f.dir.file("img"), f.dir.file("oracle")) { TreeFacts(f.dir.file("oracle"), content: true) }
+        _ = try f.runtime.mount(MountRequest(source: f.dir.file("img"), mountpoint: f.dir.file("mnt"), backend: .fuseErofs))
+        let names = try FileManager.default.contentsOfDirectory(atPath: f.dir.file("mnt/d"))
+        #expect(names.count == 200)
+        let ours = TreeFacts(f.dir.file("mnt"), content: true)
+        var st = try #require(try f.runtime.status(f.dir.file("mnt")).first)
+        for _ in 0..<40 where (st.fuse?.reads ?? 0) == 0 {
+            usleep(100_000)
+            st = try #require(try f.runtime.status(f.dir.file("mnt")).first)
+        }
+        let reads = try #require(st.fuse).reads
+        #expect(reads > 0 && reads < 60, "\(reads) READs for 200 files read in listing order")
+        try umountRetryingBusy(f.runtime, f.dir.file("mnt"))
+        #expect(kernel.diff(ours).isEmpty, "\(kernel.diff(ours).prefix(4))")
+    }
+
     /// An image whose compression the kernel lacks (as Debian's 6.1 lacks zstd; simulated in the
     /// planner's findings only) is mounted by auto with fuse-erofs; naming a kernel backend is refused
     /// with that reason.

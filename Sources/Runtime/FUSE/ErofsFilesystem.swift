@@ -14,6 +14,11 @@ final class ErofsFilesystem: FUSEFilesystem, @unchecked Sendable {  // the reade
     /// Parsed inodes and directory listings: every getattr, lookup and readdir would parse them again.
     private let inodes = BoundedCache<UInt64, Inode>(limit: 1 << 16)
     private let listings = BoundedCache<UInt64, [FUSEDirEntry]>(limit: 1 << 12)
+    /// Where READDIRPLUS listed each node (its directory and index): the kernel has those inodes, so
+    /// their bytes can be pushed into its page cache (`following`).
+    private let listed = BoundedCache<UInt64, (dir: UInt64, index: Int)>(limit: 1 << 17)
+    /// Files larger than this are left to the kernel's own readahead.
+    static let pushLimit: UInt64 = 256 << 10
 
     init(image: EROFSImage) {
         self.image = image
@@ -104,7 +109,19 @@ final class ErofsFilesystem: FUSEFilesystem, @unchecked Sendable {  // the reade
             for k in out.indices where out[k].name != [0x2e] && out[k].name != [0x2e, 0x2e] {
                 let n = self.node(out[k].ino)
                 out[k].entry = FUSEEntry(node: n, attr: attr(try inode(n)))
+                listed[n] = (node, Int(after) + k)
             }
+        }
+        return out
+    }
+
+    func following(_ node: UInt64, limit: Int) -> [(node: UInt64, size: UInt64)] {
+        guard let (dir, index) = listed[node], let entries = listings[dir] else { return [] }
+        var out: [(node: UInt64, size: UInt64)] = []
+        for e in entries.dropFirst(index + 1) where e.type == 8 {
+            let n = self.node(e.ino)
+            guard out.count < limit, listed[n] != nil, let i = try? inode(n) else { break }
+            if i.size <= Self.pushLimit { out.append((n, i.size)) }
         }
         return out
     }
