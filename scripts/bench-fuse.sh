@@ -8,10 +8,14 @@ work=$2
 . "$(dirname "$0")/bench-lib.sh"
 if [ "$(id -u)" -ne 0 ] || [ ! -e /dev/fuse ]; then echo "fuse benches skipped: need root and /dev/fuse"; exit 0; fi
 export EROFS_COMPAT_STATE_DIR=/dev/shm/erofs-compat-bench-fuse
-mkdir -p "$work/fk" "$work/ff"
+mkdir -p "$work/fk" "$work/ff" "$work/fp"
+# The peer a user would run instead: erofsfuse, built from Debian's erofs-utils source once.
+peer=$("$(dirname "$0")/build-peer-erofsfuse.sh" "$(dirname "$0")/../.build/peer" 2>"$work/peer.err") \
+    || { echo "peer erofsfuse skipped: $(cat "$work/peer.err")"; peer=; }
 cleanup() {
     mountpoint -q "$work/ff" && { "$BIN" umount "$work/ff" >/dev/null 2>&1 || umount -l "$work/ff"; }
     mountpoint -q "$work/fk" && umount -l "$work/fk"
+    mountpoint -q "$work/fp" && { fusermount3 -u "$work/fp" || umount -l "$work/fp"; }
     rm -rf "$EROFS_COMPAT_STATE_DIR"
 }
 trap cleanup EXIT
@@ -27,9 +31,10 @@ hot5() {
     echo $(((e - s) / 5))
 }
 
-# IMAGE LABEL TARGET: cold and hot full reads, kernel vs fuse-erofs, median of 5 each.
+# IMAGE LABEL: cold and hot full reads, kernel vs fuse-erofs (and the peer erofsfuse where it
+# built), median of 5 each, the three interleaved.
 compare() {
-    local kc=() kh=() fc=() fh=() s e
+    local kc=() kh=() fc=() fh=() pc=() ph=() s e
     for i in 1 2 3 4 5; do
         mountkernel "$1" "$work/fk"
         drop; s=$(now_us); readall "$work/fk"; e=$(now_us); kc+=($((e - s)))
@@ -39,6 +44,11 @@ compare() {
         drop; s=$(now_us); readall "$work/ff"; e=$(now_us); fc+=($((e - s)))
         fh+=($(hot5 "$work/ff"))
         "$BIN" umount "$work/ff" >/dev/null
+        [ -n "$peer" ] || continue
+        "$peer" "$1" "$work/fp" >/dev/null 2>&1
+        drop; s=$(now_us); readall "$work/fp"; e=$(now_us); pc+=($((e - s)))
+        ph+=($(hot5 "$work/fp"))
+        fusermount3 -u "$work/fp"
     done
     local a b c d
     a=$(printf '%s\n' "${kc[@]}" | median); b=$(printf '%s\n' "${fc[@]}" | median)
@@ -46,6 +56,12 @@ compare() {
     awk -v a="$a" -v b="$b" -v c="$c" -v d="$d" -v n="$2" 'BEGIN {
         printf "%s: cold kernel %.3f s, fuse-erofs %.3f s, ratio %.2f (target <= 1.25); ", n, a/1e6, b/1e6, b/a
         printf "hot kernel %.3f s, fuse-erofs %.3f s, ratio %.2f (target <= 1.1)\n", c/1e6, d/1e6, d/c }'
+    [ -n "$peer" ] || return 0
+    local p q
+    p=$(printf '%s\n' "${pc[@]}" | median); q=$(printf '%s\n' "${ph[@]}" | median)
+    awk -v a="$a" -v b="$b" -v c="$c" -v d="$d" -v p="$p" -v q="$q" 'BEGIN {
+        printf "   peer erofsfuse 1.9.4: cold %.3f s, %.2fx the kernel, fuse-erofs %.2fx of it; ", p/1e6, p/a, b/p
+        printf "hot %.3f s, %.2fx the kernel, fuse-erofs %.2fx of it\n", q/1e6, q/c, d/q }'
 }
 
 echo "== fuse-erofs vs the kernel's file-backed mount: full read, one sequential reader (median of 5; hot: 5 passes each)"
