@@ -140,12 +140,12 @@ public enum Planner {
         if b == .fuseErofs {
             passthrough = "no FUSE passthrough (an image's files are ranges of one file, not whole backing files)"
         } else {
-            let use = "FUSE passthrough once the blob is whole in the cache (a mount of a complete entry reads the"
-                + " cache file without the server, through a loop device: file-backed EROFS refuses a stacked file)"
+            let use = " once the blob is whole in the cache (a mount of a complete entry reads the cache file without"
+                + " the server, through a loop device: file-backed EROFS refuses a stacked file)"
             switch findings.status("fuse.kernel_passthrough") {
-            case .present: passthrough = use
+            case .present: passthrough = "FUSE passthrough" + use
             case .absent: passthrough = "no FUSE passthrough (the kernel does not offer FUSE_PASSTHROUGH)"
-            default: passthrough = use + ", if the kernel offers it (not decided)"
+            default: passthrough = "FUSE passthrough, where the kernel offers it," + use
             }
         }
         return [passthrough, "no FUSE-over-io_uring (not implemented: /dev/fuse is read by 4 threads)"]

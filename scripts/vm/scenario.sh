@@ -132,6 +132,20 @@ echo "VMINFO fuse-inflight $journal_line"
 check fuse-killed-umount $E umount /w/m3
 check remote-umount $E umount /w/m
 check remote-nothing-left nothing_left
+# A blob whole in the cache, mounted again with fuse-blob: passed through to the cache file where the
+# kernel offers FUSE passthrough (6.9+: 6.12 here), served by the server on 6.1; the same bytes.
+mkdir -p /w/m4
+$E mount --backend fuse-blob --prefetch all --cache-dir /w/cache-pt http://127.0.0.1:8080/local.erofs /w/m4 >/dev/null 2>&1
+for _ in $(seq 100); do $E status /w/m4 2>/dev/null | grep -q 'complete' && break; sleep 0.1; done
+$E umount /w/m4 >/dev/null 2>&1
+$E mount --backend fuse-blob --cache-dir /w/cache-pt http://127.0.0.1:8080/local.erofs /w/m4 > /tmp/pt.out 2>&1
+check passthrough-content same_tree /w/m4 /w/local.sums
+sleep 0.6
+$E status /w/m4 > /tmp/pt-status.out 2>&1
+if [ "$V" = 6.1 ]; then check passthrough-absent-on-6.1 sh -c '! grep -q passthru /tmp/pt-status.out'
+else check passthrough-used grep -q passthru /tmp/pt-status.out; fi
+check passthrough-umount $E umount /w/m4
+check passthrough-nothing-left nothing_left
 
 # --- A cache on ext4 with the verity feature: the complete, verified entry goes to the kernel's
 # fs-verity (measured equal to the tree's digest) once its server is gone; after that the kernel
