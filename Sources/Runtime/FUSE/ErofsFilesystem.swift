@@ -118,7 +118,8 @@ final class ErofsFilesystem: FUSEFilesystem, @unchecked Sendable {  // the reade
     func following(_ node: UInt64, limit: Int) -> [(node: UInt64, size: UInt64)] {
         guard let (dir, index) = listed[node], let entries = listings[dir] else { return [] }
         var out: [(node: UInt64, size: UInt64)] = []
-        for e in entries.dropFirst(index + 1) where e.type == 8 {
+        // A bounded look: a directory of large files is not scanned to its end on every read.
+        for e in entries.dropFirst(index + 1).prefix(limit * 4) where e.type == 8 {
             let n = self.node(e.ino)
             guard out.count < limit, listed[n] != nil, let i = try? inode(n) else { break }
             if i.size <= Self.pushLimit { out.append((n, i.size)) }
