@@ -140,6 +140,7 @@ for _ in $(seq 100); do $E status /w/m4 2>/dev/null | grep -q 'complete' && brea
 $E umount /w/m4 >/dev/null 2>&1
 $E mount --backend fuse-blob --cache-dir /w/cache-pt http://127.0.0.1:8080/local.erofs /w/m4 > /tmp/pt.out 2>&1
 check passthrough-content same_tree /w/m4 /w/local.sums
+echo "VMINFO passthrough-mount $(tr '\n' ' ' < /tmp/pt.out) $(dmesg | tail -4 | tr '\n' ' ')"
 sleep 0.6
 $E status /w/m4 > /tmp/pt-status.out 2>&1
 if [ "$V" = 6.1 ]; then check passthrough-absent-on-6.1 sh -c '! grep -q passthru /tmp/pt-status.out'
