@@ -6,6 +6,8 @@ import SystemPackage
 /// Kernel EROFS on a read-only, auto-clearing loop device over the image (LOOP_CONFIGURE, 5.8+).
 struct LoopBackend: MountBackend {
     var kind: Backend { .loop }
+    /// Direct I/O to the backing file (one copy of the image's pages in memory, not two).
+    var directIO = true
 
     func attach(_ r: PreparedMount) throws -> Attachment {
         let backing: FileDescriptor
@@ -28,7 +30,8 @@ struct LoopBackend: MountBackend {
             defer { Sys.close(dev.rawValue) }
             do {
                 do {
-                    try Loop.configure(device: dev.rawValue, backing: backing.rawValue, flags: [.readOnly, .autoClear, .directIO],
+                    try Loop.configure(device: dev.rawValue, backing: backing.rawValue,
+                                       flags: directIO ? [.readOnly, .autoClear, .directIO] : [.readOnly, .autoClear],
                                        blockSize: blockSize, offset: r.options.fsOffset)
                 } catch let e as Errno where e == .invalidArgument {
                     // Direct I/O or this logical block size is not possible for the backing file.
