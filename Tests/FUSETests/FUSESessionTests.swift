@@ -171,7 +171,7 @@ struct FUSESessionTests {
     /// A node with a backing file is opened with FOPEN_PASSTHROUGH and its id, even where the kernel
     /// could open without asking (the reply must name the backing file); other nodes as before.
     @Test func aBackedFileIsOpenedForPassthrough() throws {
-        let s = FUSESession(filesystem: BackedFS(), passthrough: true)
+        let s = FUSESession(filesystem: WalkFS(backing: 7), passthrough: true)
         _ = try parse(s.handle(request(.initialize, unique: 1, u32s([7, 45, 65536, 0xffff_ffff, 0xffff]))))
         let r = try parse(s.handle(request(.open, unique: 2, node: 2, u32s([0, 0]))))
         let open = WireReader(r.payload[...])
@@ -239,9 +239,12 @@ struct FUSESessionTests {
     }
 }
 
-/// Three files of 100 bytes (node n holds n), read in the order 2, 3, 4.
+/// Three files of 100 bytes (node n holds n), read in the order 2, 3, 4; node 2 has passthrough
+/// backing id `backingID` when one is given.
 final class WalkFS: FUSEFilesystem, @unchecked Sendable {
     let tiny = TinyFS()
+    let backingID: Int32?
+    init(backing: Int32? = nil) { backingID = backing }
     func lookup(parent: UInt64, name: [UInt8]) throws(FUSEError) -> FUSEEntry { try tiny.lookup(parent: parent, name: name) }
     func getattr(_ node: UInt64) throws(FUSEError) -> FUSEAttr { try tiny.getattr(node) }
     func readlink(_ node: UInt64) throws(FUSEError) -> [UInt8] { throw .invalid }
@@ -254,25 +257,10 @@ final class WalkFS: FUSEFilesystem, @unchecked Sendable {
     func listxattr(_ node: UInt64) throws(FUSEError) -> [[UInt8]] { [] }
     func statfs() -> FUSEStatfs { tiny.statfs() }
     func readRegion(_ node: UInt64, offset: UInt64, size: Int) throws(FUSEError) -> FUSEFileRegion? { nil }
+    func backing(_ node: UInt64) -> Int32? { node == 2 ? backingID : nil }
     func following(_ node: UInt64, limit: Int) -> [(node: UInt64, size: UInt64)] {
         (node + 1...4).prefix(limit).map { ($0, 100) }
     }
-}
-
-/// TinyFS whose file has passthrough backing id 7.
-final class BackedFS: FUSEFilesystem, @unchecked Sendable {
-    let tiny = TinyFS()
-    func lookup(parent: UInt64, name: [UInt8]) throws(FUSEError) -> FUSEEntry { try tiny.lookup(parent: parent, name: name) }
-    func getattr(_ node: UInt64) throws(FUSEError) -> FUSEAttr { try tiny.getattr(node) }
-    func readlink(_ node: UInt64) throws(FUSEError) -> [UInt8] { throw .invalid }
-    func open(_ node: UInt64, directory: Bool) throws(FUSEError) {}
-    func read(_ node: UInt64, offset: UInt64, size: Int) throws(FUSEError) -> [UInt8] { throw .io }
-    func readdir(_ node: UInt64, after: UInt64, plus: Bool) throws(FUSEError) -> [FUSEDirEntry] { [] }
-    func getxattr(_ node: UInt64, name: [UInt8]) throws(FUSEError) -> [UInt8] { throw .noData }
-    func listxattr(_ node: UInt64) throws(FUSEError) -> [[UInt8]] { [] }
-    func statfs() -> FUSEStatfs { tiny.statfs() }
-    func readRegion(_ node: UInt64, offset: UInt64, size: Int) throws(FUSEError) -> FUSEFileRegion? { nil }
-    func backing(_ node: UInt64) -> Int32? { node == 2 ? 7 : nil }
 }
 
 /// TinyFS whose file's bytes also lie in a real file, as a flat image's data does.

@@ -1,7 +1,7 @@
 import CHeaders
 import Glibc
-import Remote
 import Probe
+import Remote
 import Syscall
 import SystemPackage
 

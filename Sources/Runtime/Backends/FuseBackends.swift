@@ -4,8 +4,8 @@ import FoundationEssentials
 import Foundation
 #endif
 import Glibc
-import Remote
 import Probe
+import Remote
 import Syscall
 import SystemPackage
 
@@ -43,7 +43,7 @@ struct FuseMounter {
             throw BackendFailure(detail: "creating the FUSE mount: \(error)", fallback: true)
         }
         defer { Sys.close(mnt.rawValue) }
-        let ready = try host.map { FuseWorker.Ready(try $0.hostFuse(spec, fuseFD: dev.rawValue, fetcher: fetcher)) }
+        let ready = try host.map { try $0.hostFuse(spec, fuseFD: dev.rawValue, fetcher: fetcher) }
             ?? startSupervisor(spec, fuseFD: dev.rawValue)
         do {
             try MountAPI.move(mnt, to: target)

@@ -87,7 +87,7 @@ public enum FuseWorker {
         public var pid: Int32
         public var passthrough: Bool
 
-        init(_ hosted: (pid: Int32, passthrough: Bool)) { (pid, passthrough) = hosted }
+        init(pid: Int32, passthrough: Bool) { (self.pid, self.passthrough) = (pid, passthrough) }
 
         init?(_ line: String, pid: Int32 = 0) {
             guard line == "ready" || line == "ready passthrough" else { return nil }

@@ -185,7 +185,7 @@ extension InProcessServing {
     /// Serves the FUSE connection on `fuseFD` (its superblock just created) here: answers INIT,
     /// opens what `spec` names, stores the device, serves. Returns this process's pid, and whether
     /// the blob file is passed through to its backing file.
-    func hostFuse(_ spec: ServeSpec, fuseFD: Int32, fetcher: HTTPBlob? = nil) throws -> (pid: Int32, passthrough: Bool) {
+    func hostFuse(_ spec: ServeSpec, fuseFD: Int32, fetcher: HTTPBlob? = nil) throws -> FuseWorker.Ready {
         let whole = spec.openWholeBlobFile()
         defer { whole.map { Sys.close($0.rawValue) } }
         guard let (flags, minor) = FuseWorker.handshake(fuseFD, passthrough: whole != nil) else {
@@ -215,7 +215,7 @@ extension InProcessServing {
         }
         try add(mount)
         start(mount, restarted: false)
-        return (getpid(), backing != nil)
+        return FuseWorker.Ready(pid: getpid(), passthrough: backing != nil)
     }
 }
 
