@@ -22,8 +22,9 @@ public final class LazyBlob: ImageSource, @unchecked Sendable {  // state behind
     let writer: FileDescriptor
     public var size: UInt64 { blob.size }
     public var granule: UInt64 { record.granule }
-    /// Largest single Range request.
-    public var maxRequest: UInt64 = 4 << 20
+    /// Largest single Range request: 16 MiB, 4 MiB when checked against a tree (a checked response
+    /// is held in memory until its blocks are hashed).
+    public var maxRequest: UInt64
     /// For the `ImageSource` view: a read that misses fetches the aligned window of this size around
     /// it (0: just the granules read). The metadata walk uses it so that one request covers the
     /// neighbouring inodes and directory blocks the next level of the walk reads.
@@ -51,6 +52,7 @@ public final class LazyBlob: ImageSource, @unchecked Sendable {  // state behind
         // Checked blocks are the unit of what may be served: 4 KiB granules then (requests still
         // cover runs of up to `maxRequest`), so a bad block fails only the reads that need it.
         let granule = verifier == nil ? granule : 4096
+        maxRequest = verifier == nil ? 16 << 20 : 4 << 20
         writer = try writerFD.map { FileDescriptor(rawValue: $0) } ?? Sys.openNoSymlinks(dataPath, O_RDWR | O_CREAT, mode: 0o600)
         do {
             let st = try Sys.fstat(writer.rawValue)
