@@ -124,6 +124,14 @@ extension Runtime {
         if backend != plan.candidates.first(where: { $0.verdict == .viable })?.backend, req.backend == nil, blob.wholeOnly {
             note("using \(backend.rawValue): the server answers without Range support")
         }
+        if req.backend == nil, req.allowed == nil, digest == nil, [.fuseBlob, .nbd].contains(backend),
+           Self.isComplete(paths.data, size: blob.size) {
+            // Nothing is left to fetch and there is no digest to check: the entry is a local image (as
+            // a verified one is), which the kernel reads without a server in between — a FUSE file,
+            // a loop device over it and a second page cache cost a warm read 1.2-1.6x a local mount.
+            return try mountVerified(req, blob: blob, paths: paths, plan: plan, target: target,
+                                     notes: notes + ["cached and complete"])
+        }
         var record = MountRecord(source: req.source, sourceKind: OCIReference.isOCI(req.source) ? "oci" : "http", backend: backend.rawValue,
                                  mountpoint: target.path, options: req.options.summary, device: nil, workerPID: nil,
                                  since: Date().timeIntervalSince1970, sourceIdentity: blob.etag ?? blob.lastModified ?? "",
@@ -262,7 +270,8 @@ extension Runtime {
         }
     }
 
-    /// A complete, verified cache entry: mounted straight from the cache file (no worker, no mark).
+    /// A complete cache entry, verified against its digest or with none to check: mounted straight
+    /// from the cache file (no worker, no mark).
     func mountVerified(_ req: MountRequest, blob: HTTPBlob, paths: (data: String, record: String, info: String, lock: String),
                        plan: Plan, target: MountTarget, notes: [String]) throws -> MountOutcome {
         // The complete cache file is a local image now: the kernel mounts it where it can.
@@ -290,6 +299,13 @@ extension Runtime {
         if let note = BlobCache.handToKernel(entry: paths.data) { notes.append(note) }
         try attachCacheFile(impl, paths.data, blockSize: blockSize, req, target: target, record: &record)
         return MountOutcome(plan: plan, record: record, notes: notes)
+    }
+
+    /// True when the entry holds every byte of a blob of `size` (its record says so, the file is whole).
+    static func isComplete(_ data: String, size: UInt64) -> Bool {
+        guard PopulationRecord.presentFraction(path: data + ".pop") == 1,
+              let st = try? Sys.lstat(data) else { return false }
+        return st.st_mode & S_IFMT == S_IFREG && UInt64(st.st_size) == size
     }
 
     /// Mounts a complete cache file with a local backend and records it (under the state lock).

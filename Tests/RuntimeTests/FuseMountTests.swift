@@ -277,6 +277,41 @@ struct FuseMountTests {
         #expect(fuseServers(under: f.dir).isEmpty)
     }
 
+    /// On a host without pre-content fanotify (findings shaped like Debian's 6.12; simulated in the
+    /// planner only) auto serves a cold remote image with fuse-blob; once the entry is complete a new
+    /// mount of it is the kernel's own mount of the cache file (no FUSE server, no READs), with the
+    /// image's bytes, and it leaves nothing behind. A named `--backend fuse-blob` still gets FUSE.
+    @Test func aCompleteEntryIsMountedByTheKernelWhenAutoWouldServeIt() throws {
+        let f = try RemoteFixture("fuse-complete")
+        defer { f.remove() }
+        let expected = try f.oracle()
+        let noPreContent = Finding("fanotify.pre_access", "FAN_PRE_ACCESS", .absent,
+                                   evidence: [.init("fanotify_mark", "EINVAL (simulated: Linux 6.12)")])
+        var opts = f.remote
+        opts.prefetch = .all
+        let cold = try f.runtime.mount(MountRequest(source: f.url, mountpoint: f.mnt, remote: opts), override: [noPreContent])
+        #expect(cold.record?.backend == "fuse-blob", "\(cold.plan.candidates)")
+        let record = BlobCache(directory: f.dir.file("cache")).paths(key: BlobCache.partialKey(source: f.url)).data
+        for _ in 0..<100 where (PopulationRecord.presentFraction(path: record + ".pop") ?? 0) < 1 { usleep(100_000) }
+        try f.runtime.umount(f.mnt)
+        try #require(PopulationRecord.presentFraction(path: record + ".pop") == 1)
+
+        let warm = try f.runtime.mount(MountRequest(source: f.url, mountpoint: f.mnt, remote: f.remote), override: [noPreContent])
+        #expect(warm.record?.backend == "file" || warm.record?.backend == "loop", "\(String(describing: warm.record))")
+        #expect(warm.notes.contains("cached and complete"), "\(warm.notes)")
+        #expect(fuseServers(under: f.dir).isEmpty, "no server for a complete entry")
+        #expect(TreeFactsLite(f.mnt) == expected)
+        #expect(try f.runtime.status(f.mnt).first?.problems.isEmpty == true)
+        try f.runtime.umount(f.mnt)
+
+        let named = try f.runtime.mount(MountRequest(source: f.url, mountpoint: f.mnt, backend: .fuseBlob, remote: f.remote),
+                                        override: [noPreContent])
+        #expect(named.record?.backend == "fuse-blob")
+        try f.runtime.umount(f.mnt)
+        #expect(!currentMounts().contains { $0.hasPrefix(f.dir.path) }, "\(currentMounts())")
+        #expect(fuseServers(under: f.dir).isEmpty && f.runtime.state.all().isEmpty)
+    }
+
     /// `--prefetch all` on a served mount: the server fills the whole cache in the background
     /// without a reader asking (the record reaches 100 %), and the bytes are the image's.
     @Test func servedMountsPrefetchEverything() throws {

@@ -147,6 +147,15 @@ if [ "$V" = 6.1 ]; then check passthrough-absent-on-6.1 sh -c '! grep -q passthr
 else check passthrough-used grep -q passthru /tmp/pt-status.out; fi
 check passthrough-umount $E umount /w/m4
 check passthrough-nothing-left nothing_left
+# The same complete entry mounted by auto (which serves a cold image with fuse-blob here): the kernel's
+# own mount of the cache file, file-backed on 6.12 and on a loop device on 6.1, with no FUSE server.
+$E mount --cache-dir /w/cache-pt http://127.0.0.1:8080/local.erofs /w/m4 > /tmp/complete.out 2>&1
+if [ "$V" = 6.1 ]; then check complete-entry-by-the-kernel backend_is /tmp/complete.out loop
+else check complete-entry-by-the-kernel backend_is /tmp/complete.out file; fi
+check complete-entry-no-server sh -c '! ps -o args | grep -v grep | grep -q __fuse-serve'
+check complete-entry-content same_tree /w/m4 /w/local.sums
+check complete-entry-umount $E umount /w/m4
+check complete-entry-nothing-left nothing_left
 
 # --- A cache on ext4 with the verity feature: the complete, verified entry goes to the kernel's
 # fs-verity (measured equal to the tree's digest) once its server is gone; after that the kernel
