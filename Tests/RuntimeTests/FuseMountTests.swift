@@ -13,6 +13,17 @@ import TestSupport
 let fuseHostFindings = hostFindings([FuseChecks.planning, EROFSChecks.planning])
 
 /// Why the FUSE mount tests cannot run here, or nil.
+/// Why the directio test cannot run: the kernel's EROFS refuses the `directio` flag (before ~6.13), or
+/// fincore (util-linux) is missing.
+let directioSkipReason: String? = {
+    if let fuseSkipReason { return fuseSkipReason }
+    if TestEnv.which("fincore") == nil { return "needs fincore (util-linux)" }
+    guard let fc = try? MountAPI.fsopen("erofs"), (try? MountAPI.setFlag(fc, "directio")) != nil else {
+        return "this kernel's EROFS has no directio option"
+    }
+    return nil
+}()
+
 let fuseSkipReason: String? = {
     if !TestEnv.isRoot { return "needs root (mounts FUSE with its own /dev/fuse descriptor)" }
     if fuseHostFindings.status("fuse.device") != .present { return "the probe finds no usable /dev/fuse" }
@@ -275,6 +286,29 @@ struct FuseMountTests {
         try f.runtime.umount(f.mnt)
         #expect(!currentMounts().contains { $0.hasPrefix(f.dir.path) }, "\(currentMounts())")
         #expect(fuseServers(under: f.dir).isEmpty)
+    }
+
+    /// Where the kernel's EROFS takes `directio` (asked of the kernel: fsconfig accepts the flag),
+    /// fuse-blob's EROFS mount uses it: after a read of every file the FUSE file's page cache (fincore)
+    /// holds only the metadata EROFS reads through it (a quarter of this small-file image), while the
+    /// bytes are the image's. Without directio it held the whole image.
+    @Test(.enabled(if: directioSkipReason == nil, Comment(rawValue: directioSkipReason ?? "")))
+    func fuseBlobKeepsNoSecondPageCache() throws {
+        let f = try RemoteFixture("fuse-directio")
+        defer { f.remove() }
+        let req = MountRequest(source: f.url, mountpoint: f.mnt, backend: .fuseBlob, remote: f.remote)
+        let out = try f.runtime.mount(req)
+        let line = try #require(MountInfo.current().first { $0.mountPoint == f.mnt })
+        #expect(line.superOptions.contains("directio"), "\(line.superOptions)")
+        #expect(TreeFactsLite(f.mnt) == (try f.oracle()))
+        // EROFS still reads its metadata through the file's page cache; the file data bypasses it.
+        let file = try #require(out.record?.fuseMount) + "/image"
+        let fincore = try run("/usr/bin/fincore", ["--bytes", "--noheadings", "--output", "RES", file])
+        let cached = try #require(UInt64(fincore.stdout.trimmingCharacters(in: .whitespacesAndNewlines)), "\(fincore)")
+        let size = UInt64(try Sys.lstat(f.server.root + "/img.erofs").st_size)
+        #expect(cached * 2 < size, "FUSE file page cache: \(cached) of \(size) bytes (all of it without directio)")
+        try f.runtime.umount(f.mnt)
+        #expect(fuseServers(under: f.dir).isEmpty && f.runtime.state.all().isEmpty)
     }
 
     /// On a host without pre-content fanotify (findings shaped like Debian's 6.12; simulated in the

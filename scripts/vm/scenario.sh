@@ -105,6 +105,7 @@ $E mount --explain --cache-dir /w/cache http://127.0.0.1:8080/local.erofs /w/m >
 check remote-backend-fuse-blob backend_is /tmp/remote.out fuse-blob
 [ "$V" = 6.1 ] && check remote-through-loop grep -q '/dev/loop' /tmp/remote.out
 check remote-content same_tree /w/m /w/local.sums
+echo "VMINFO fuse-blob-erofs-options $(grep ' /w/m ' /proc/mounts | cut -d' ' -f4)"
 $E status /w/m > /tmp/status.out 2>&1
 check remote-status grep -q 'health   ok' /tmp/status.out
 # The FUSE server killed while it serves a read: httpd is stopped, so the read of a file not yet

@@ -223,8 +223,24 @@ struct FuseBlobBackend: MountBackend {
     /// memory reporting).
     func attachKernelEROFS(_ inner: PreparedMount, passthrough: Bool) throws -> Attachment {
         if passthrough { return try LoopBackend(directIO: false).attach(inner) }
-        do { return try FileBackend().attach(inner) } catch let f as BackendFailure where f.fallback {
+        do { return try attachFileBacked(inner) } catch let f as BackendFailure where f.fallback {
             return try LoopBackend().attach(inner)
+        }
+    }
+
+    /// File-backed with EROFS's `directio` where the kernel has the option: EROFS then reads the
+    /// FUSE file without filling its page cache, a copy of what EROFS's own page cache and the
+    /// server's cache file already hold. Warm re-reads of the mount that filled the cache (page
+    /// cache dropped, 256 MiB of 16 MiB files, 15 passes each): median 193 -> 150 ms against a local
+    /// file-backed mount's ~135 ms; cold lazy reads 593 -> 521 ms (5 alternating runs). A kernel that
+    /// lacks the option refuses it at fsconfig: then the mount is made without it.
+    func attachFileBacked(_ inner: PreparedMount) throws -> Attachment {
+        guard !inner.options.erofs.contains("directio") else { return try FileBackend().attach(inner) }
+        var direct = inner
+        direct.options.erofs.append("directio")
+        do { return try FileBackend().attach(direct) } catch let f as BackendFailure
+            where f.detail.hasPrefix("fsconfig(directio)") {
+            return try FileBackend().attach(inner)
         }
     }
 
