@@ -107,7 +107,7 @@ public struct ServeSpec: Codable, Sendable {
     /// checked ones without the entry's lock. nil when there is none.
     func openWholeBlobFile() -> FileDescriptor? {
         guard frontend == .fuse, filesystem == .blob else { return nil }
-        guard let b = blob else { return remote == nil ? try? Sys.open(source, O_RDONLY) : nil }
+        guard let b = blob else { return remote == nil ? try? Sys.openNoSymlinks(source, O_RDONLY) : nil }
         guard let fd = try? Sys.openNoSymlinks(b.entry, O_RDONLY) else { return nil }
         let info = BlobCache.readInfo(b.entry + ".json")
         // Checked after the open, against the opened inode: an entry replaced meanwhile is not taken.
