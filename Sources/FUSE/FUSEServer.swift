@@ -86,7 +86,7 @@ public final class FUSEServer: Sendable {
             if splicer.send(header, region, to: fd) == .failed, let reply = session.handle(request) { _ = write(reply) }
         }
         // After the reply: the reader is not kept waiting for what it may read next.
-        for store in session.pushAhead(request) { _ = write(store) }
+        session.pushAhead(request) { _ = write($0) }
     }
 
     /// ENOENT from the kernel means the request was interrupted and needs no answer.

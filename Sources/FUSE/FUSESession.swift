@@ -171,9 +171,17 @@ public final class FUSESession: Sendable {
     /// so that those reads find the page cache filled instead of each waiting for a round trip.
     /// Empty for any other request, and for files pushed before.
     public func pushAhead(_ bytes: ArraySlice<UInt8>, files: Int = 16, budget: Int = 1 << 20) -> [[UInt8]] {
-        guard let req = FUSERequest(bytes), req.opcode == FUSEOpcode.read.rawValue, req.args.u64(8) == 0,
-              state.withLock({ $0.initialized }) else { return [] }
         var out: [[UInt8]] = []
+        pushAhead(bytes, files: files, budget: budget) { out.append($0) }
+        return out
+    }
+
+    /// `pushAhead`, handing each message to `send` as soon as it is made: the reader wants the next
+    /// file first, and it would otherwise wait for the last of them to be decompressed.
+    public func pushAhead(_ bytes: ArraySlice<UInt8>, files: Int = 16, budget: Int = 1 << 20,
+                          send: ([UInt8]) -> Void) {
+        guard let req = FUSERequest(bytes), req.opcode == FUSEOpcode.read.rawValue, req.args.u64(8) == 0,
+              state.withLock({ $0.initialized }) else { return }
         var left = budget
         for (node, size) in filesystem.following(req.node, limit: files) where size > 0 && Int(size) <= left {
             guard pushed.withLock({ p -> Bool in
@@ -183,10 +191,9 @@ public final class FUSESession: Sendable {
             guard let data = try? filesystem.read(node, offset: 0, size: Int(size)), data.count == Int(size) else {
                 continue
             }
-            out.append(FUSEReply.store(node: node, offset: 0, data))
+            send(FUSEReply.store(node: node, offset: 0, data))
             left -= data.count
         }
-        return out
     }
 
     /// The reply to one request, or nil for requests that get none (FORGET, BATCH_FORGET, INTERRUPT).

@@ -198,6 +198,18 @@ struct FUSESessionTests {
         #expect(s.pushAhead(request(.read, unique: 4, node: 2, readArgs(offset: 0, size: 4096))).isEmpty, "once each")
     }
 
+    /// Each pushed file is handed on before the next is read: the reader wants the first of them
+    /// first, and waiting for the last one's bytes before sending any made it overtake the pushes.
+    @Test func pushedFilesAreSentAsTheyAreRead() throws {
+        let fs = WalkFS()
+        let s = FUSESession(filesystem: fs)
+        _ = try parse(s.handle(request(.initialize, unique: 1, u32s([7, 45, 65536, 0, 0]))))
+        s.pushAhead(request(.read, unique: 2, node: 2, readArgs(offset: 0, size: 4096))) { message in
+            fs.log.append("send \(WireReader(message[...]).u64(16))")
+        }
+        #expect(fs.log == ["read 3", "send 3", "read 4", "send 4"])
+    }
+
     /// Entries are 8-byte aligned, stop before overflowing the buffer, and continue from a cookie.
     @Test func readdirPagesWithStableCookies() throws {
         let s = try initialized()
@@ -244,13 +256,16 @@ struct FUSESessionTests {
 final class WalkFS: FUSEFilesystem, @unchecked Sendable {
     let tiny = TinyFS()
     let backingID: Int32?
+    /// "read N" for every read, in order (tests add what they observe between reads).
+    var log: [String] = []
     init(backing: Int32? = nil) { backingID = backing }
     func lookup(parent: UInt64, name: [UInt8]) throws(FUSEError) -> FUSEEntry { try tiny.lookup(parent: parent, name: name) }
     func getattr(_ node: UInt64) throws(FUSEError) -> FUSEAttr { try tiny.getattr(node) }
     func readlink(_ node: UInt64) throws(FUSEError) -> [UInt8] { throw .invalid }
     func open(_ node: UInt64, directory: Bool) throws(FUSEError) {}
     func read(_ node: UInt64, offset: UInt64, size: Int) throws(FUSEError) -> [UInt8] {
-        [UInt8](repeating: UInt8(node), count: max(0, min(size, 100 - Int(offset))))
+        log.append("read \(node)")
+        return [UInt8](repeating: UInt8(node), count: max(0, min(size, 100 - Int(offset))))
     }
     func readdir(_ node: UInt64, after: UInt64, plus: Bool) throws(FUSEError) -> [FUSEDirEntry] { [] }
     func getxattr(_ node: UInt64, name: [UInt8]) throws(FUSEError) -> [UInt8] { throw .noData }
