@@ -67,10 +67,54 @@ public final class FileSource: ImageSource {
         offset + UInt64(count) <= size ? FileRegion(fd: fd, offset: offset) : nil
     }
 
+    /// The streams being read ahead (a few: a server reads one directory's inodes in one part of
+    /// an image while it reads another's file data), each with where its last read ended, how far
+    /// ahead the kernel was asked to read, how many reads followed one another, and when it was used.
+    private let streams = Locked<[ReadStream]>([])
+    private struct ReadStream { var end, hinted, reads, used: UInt64 }
+    private static let maxStreams = 4
+    /// How far ahead of a forward-moving reader the file is read.
+    static let readAheadWindow: UInt64 = 8 << 20
+    /// The largest gap (or step back: threads race) between reads of one stream.
+    static let streamGap: UInt64 = 1 << 20
+
+    /// A reader moving forward through the file (a server walking a tree) gets the next window
+    /// read in large requests. The kernel's own readahead keys on one position per open file, and
+    /// a server's reads of inodes, indexes and data in different places, by several threads, make
+    /// it see a random reader: it read an image in 41 KiB requests on average (1 473 single pages:
+    /// a directory's inodes, spread among its files' data, read before the data) where the kernel's
+    /// EROFS makes 1.3 MiB requests of the same image. A stream is read ahead from its third read
+    /// on, so scattered reads make no hints.
+    private func readAhead(_ offset: UInt64, _ count: Int) {
+        let end = offset + UInt64(count), gap = Self.streamGap
+        let hint: (from: UInt64, to: UInt64)? = streams.withLock { list in
+            let now = (list.map(\.used).max() ?? 0) + 1
+            guard let i = list.firstIndex(where: { offset &+ gap >= $0.end && offset <= $0.end &+ gap }) else {
+                if list.count >= Self.maxStreams, let lru = list.indices.min(by: { list[$0].used < list[$1].used }) {
+                    list.remove(at: lru)
+                }
+                list.append(ReadStream(end: end, hinted: end, reads: 1, used: now))
+                return nil
+            }
+            list[i].end = max(list[i].end, end)
+            list[i].used = now
+            list[i].reads += 1
+            let window = Self.readAheadWindow
+            guard list[i].reads >= 3, end + window / 2 > list[i].hinted else { return nil }
+            let from = max(list[i].hinted, offset)
+            list[i].hinted = min(size, offset + window)
+            return from < list[i].hinted ? (from, list[i].hinted) : nil
+        }
+        guard let hint else { return }
+        // A hint only: a file system without readahead makes plain preads of the same bytes.
+        try? Sys.adviseWillNeed(fd, offset: Int64(hint.from), length: Int64(hint.to - hint.from))
+    }
+
     /// pread(2) straight into the caller's buffer (the FUSE server's reply).
     public func read(at offset: UInt64, into buffer: UnsafeMutableRawBufferPointer) throws -> Int {
         guard buffer.count > 0, offset < size else { return 0 }
         let want = Int(min(UInt64(buffer.count), size - offset))
+        readAhead(offset, want)
         var done = 0
         while done < want {
             let n: Int
@@ -87,6 +131,7 @@ public final class FileSource: ImageSource {
 
     public func read(at offset: UInt64, count: Int) throws -> [UInt8] {
         guard count > 0, offset < size else { return [] }
+        readAhead(offset, Int(min(UInt64(count), size - offset)))
         do {
             return try Sys.preadFully(fd, count: Int(min(UInt64(count), size - offset)), at: Int64(offset))
         } catch {

@@ -83,6 +83,13 @@ package enum Sys {
         try call { Glibc.pread(fd, buffer.baseAddress, buffer.count, off_t(offset)) }
     }
 
+    /// posix_fadvise(POSIX_FADV_WILLNEED): the kernel starts reading the range into the page cache
+    /// and returns without waiting for it. (posix_fadvise returns its error instead of setting errno.)
+    package static func adviseWillNeed(_ fd: Int32, offset: Int64, length: Int64) throws {
+        let rc = posix_fadvise(fd, off_t(offset), off_t(length), POSIX_FADV_WILLNEED)
+        if rc != 0 { throw Errno(rawValue: rc) }
+    }
+
     package static func pwrite(_ fd: Int32, _ buffer: UnsafeRawBufferPointer, at offset: Int64) throws -> Int {
         try call { Glibc.pwrite(fd, buffer.baseAddress, buffer.count, off_t(offset)) }
     }
