@@ -67,16 +67,10 @@ public final class FileSource: ImageSource {
         offset + UInt64(count) <= size ? FileRegion(fd: fd, offset: offset) : nil
     }
 
-    /// The streams being read ahead (a few: a server reads one directory's inodes in one part of
-    /// an image while it reads another's file data), each with where its last read ended, how far
-    /// ahead the kernel was asked to read, how many reads followed one another, and when it was used.
-    private let streams = Locked<[ReadStream]>([])
-    private struct ReadStream { var end, hinted, reads, used: UInt64 }
-    private static let maxStreams = 4
+    /// The streams being read ahead (see `readAhead`).
+    private let streams = Locked(ReadStreams())
     /// How far ahead of a forward-moving reader the file is read.
     static let readAheadWindow: UInt64 = 8 << 20
-    /// The largest gap (or step back: threads race) between reads of one stream.
-    static let streamGap: UInt64 = 1 << 20
 
     /// A reader moving forward through the file (a server walking a tree) gets the next window
     /// read in large requests. The kernel's own readahead keys on one position per open file, and
@@ -86,28 +80,11 @@ public final class FileSource: ImageSource {
     /// EROFS makes 1.3 MiB requests of the same image. A stream is read ahead from its third read
     /// on, so scattered reads make no hints.
     private func readAhead(_ offset: UInt64, _ count: Int) {
-        let end = offset + UInt64(count), gap = Self.streamGap
-        let hint: (from: UInt64, to: UInt64)? = streams.withLock { list in
-            let now = (list.map(\.used).max() ?? 0) + 1
-            guard let i = list.firstIndex(where: { offset &+ gap >= $0.end && offset <= $0.end &+ gap }) else {
-                if list.count >= Self.maxStreams, let lru = list.indices.min(by: { list[$0].used < list[$1].used }) {
-                    list.remove(at: lru)
-                }
-                list.append(ReadStream(end: end, hinted: end, reads: 1, used: now))
-                return nil
-            }
-            list[i].end = max(list[i].end, end)
-            list[i].used = now
-            list[i].reads += 1
-            let window = Self.readAheadWindow
-            guard list[i].reads >= 3, end + window / 2 > list[i].hinted else { return nil }
-            let from = max(list[i].hinted, offset)
-            list[i].hinted = min(size, offset + window)
-            return from < list[i].hinted ? (from, list[i].hinted) : nil
-        }
-        guard let hint else { return }
+        let size = size
+        guard let hint = streams.withLock({ $0.note(offset, offset + UInt64(count), window: Self.readAheadWindow,
+                                                    fileSize: size) }) else { return }
         // A hint only: a file system without readahead makes plain preads of the same bytes.
-        try? Sys.adviseWillNeed(fd, offset: Int64(hint.from), length: Int64(hint.to - hint.from))
+        try? Sys.adviseWillNeed(fd, offset: Int64(hint.lowerBound), length: Int64(hint.count))
     }
 
     /// pread(2) straight into the caller's buffer (the FUSE server's reply).
@@ -137,6 +114,38 @@ public final class FileSource: ImageSource {
         } catch {
             throw EROFSError.io(offset: offset, length: count, errno: (error as? Errno)?.rawValue ?? -1)
         }
+    }
+}
+
+/// A few forward streams of reads in one file (a server reads one directory's inodes in one part of
+/// an image while it reads another's file data), each with where its last read ended, how far
+/// ahead the kernel was asked to read, how many reads followed one another, and when it was used.
+struct ReadStreams {
+    private struct Stream { var end, hinted, reads, used: UInt64 }
+    private var list: [Stream] = []
+    private var clock: UInt64 = 0
+    static let maxStreams = 4
+    /// The largest gap (or step back: threads race) between reads of one stream.
+    static let gap: UInt64 = 1 << 20
+
+    /// Records a read of [offset, end); the range to read ahead, if the read carries a stream of
+    /// three or more reads to within half a window of what was hinted.
+    mutating func note(_ offset: UInt64, _ end: UInt64, window: UInt64, fileSize: UInt64) -> Range<UInt64>? {
+        clock += 1
+        guard let i = list.firstIndex(where: { offset &+ Self.gap >= $0.end && offset <= $0.end &+ Self.gap }) else {
+            if list.count >= Self.maxStreams, let lru = list.indices.min(by: { list[$0].used < list[$1].used }) {
+                list.remove(at: lru)
+            }
+            list.append(Stream(end: end, hinted: end, reads: 1, used: clock))
+            return nil
+        }
+        list[i].end = max(list[i].end, end)
+        list[i].used = clock
+        list[i].reads += 1
+        guard list[i].reads >= 3, end + window / 2 > list[i].hinted else { return nil }
+        let from = max(list[i].hinted, offset)
+        list[i].hinted = min(fileSize, offset + window)
+        return from < list[i].hinted ? from..<list[i].hinted : nil
     }
 }
 

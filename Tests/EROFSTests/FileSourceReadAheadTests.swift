@@ -29,6 +29,32 @@ import TestSupport
         #expect(try resident(path, 47 << 20, 1 << 20) == 0)
     }
 
+    /// The stream bookkeeping alone: a stream is hinted from its third read, a window at a time, and
+    /// not again until its reads come within half a window of the hinted end; a fifth stream
+    /// replaces the least recently used; a step back of less than the gap stays in the stream.
+    @Test func streamsAreHintedFromTheirThirdRead() {
+        var s = ReadStreams()
+        let w: UInt64 = 8 << 20, size: UInt64 = 1 << 30
+        #expect(s.note(0, 64, window: w, fileSize: size) == nil)
+        #expect(s.note(32768, 32832, window: w, fileSize: size) == nil)
+        #expect(s.note(65536, 65600, window: w, fileSize: size) == 65536..<(65536 + w))
+        #expect(s.note(131072, 135168, window: w, fileSize: size) == nil, "well inside the hinted window")
+        #expect(s.note(4 << 20, (4 << 20) + 4096, window: w, fileSize: size) == nil, "gap over 1 MiB: a new stream")
+        let back = (4 << 20) - 4096 as UInt64
+        #expect(s.note(back, back + 4096, window: w, fileSize: size) == nil, "a step back stays in that stream")
+        #expect(s.note((4 << 20) + 4096, (4 << 20) + 8192, window: w, fileSize: size) != nil, "its third read")
+        for k: UInt64 in 1...3 { _ = s.note(k << 28, (k << 28) + 64, window: w, fileSize: size) }
+        // The first stream was the least recently used: it starts over (had it stayed, the third read
+        // would fall inside its hinted window and make no hint).
+        #expect(s.note(196608, 196672, window: w, fileSize: size) == nil)
+        #expect(s.note(200704, 200768, window: w, fileSize: size) == nil)
+        #expect(s.note(204800, 204864, window: w, fileSize: size) == 204800..<(204800 + w))
+        #expect(s.note(size - 8192, size - 4096, window: w, fileSize: size) == nil)
+        #expect(s.note(size - 4096, size, window: w, fileSize: size) == nil)
+        #expect(s.note(size - 4096, size, window: w, fileSize: size) == (size - 4096)..<size, "up to the end")
+        #expect(s.note(size - 4096, size, window: w, fileSize: size) == nil, "nothing past the end to read")
+    }
+
     /// Writes back and drops the file's pages; true when none is left cached.
     private func evict(_ path: String) throws -> Bool {
         let fd = open(path, O_RDONLY)
