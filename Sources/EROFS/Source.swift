@@ -108,9 +108,10 @@ public final class FileSource: ImageSource {
 
     public func read(at offset: UInt64, count: Int) throws -> [UInt8] {
         guard count > 0, offset < size else { return [] }
-        readAhead(offset, Int(min(UInt64(count), size - offset)))
+        let want = Int(min(UInt64(count), size - offset))
+        readAhead(offset, want)
         do {
-            return try Sys.preadFully(fd, count: Int(min(UInt64(count), size - offset)), at: Int64(offset))
+            return try Sys.preadFully(fd, count: want, at: Int64(offset))
         } catch {
             throw EROFSError.io(offset: offset, length: count, errno: (error as? Errno)?.rawValue ?? -1)
         }

@@ -169,15 +169,9 @@ public final class FUSESession: Sendable {
     /// After a READ from the start of a file: the files a reader walking its directory reads next,
     /// as FUSE_NOTIFY_STORE messages of their whole bytes (small files only, at most `budget` bytes),
     /// so that those reads find the page cache filled instead of each waiting for a round trip.
-    /// Empty for any other request, and for files pushed before.
-    public func pushAhead(_ bytes: ArraySlice<UInt8>, files: Int = 16, budget: Int = 1 << 20) -> [[UInt8]] {
-        var out: [[UInt8]] = []
-        pushAhead(bytes, files: files, budget: budget) { out.append($0) }
-        return out
-    }
-
-    /// `pushAhead`, handing each message to `send` as soon as it is made: the reader wants the next
-    /// file first, and it would otherwise wait for the last of them to be decompressed.
+    /// Nothing for any other request, nor for files pushed before. Each message goes to `send` as
+    /// soon as it is made: the reader wants the next file first, and it would otherwise wait for
+    /// the last of them to be decompressed.
     public func pushAhead(_ bytes: ArraySlice<UInt8>, files: Int = 16, budget: Int = 1 << 20,
                           send: ([UInt8]) -> Void) {
         guard let req = FUSERequest(bytes), req.opcode == FUSEOpcode.read.rawValue, req.args.u64(8) == 0,

@@ -251,6 +251,15 @@ struct FUSESessionTests {
     }
 }
 
+extension FUSESession {
+    /// The messages `pushAhead` sends, collected.
+    func pushAhead(_ bytes: ArraySlice<UInt8>) -> [[UInt8]] {
+        var out: [[UInt8]] = []
+        pushAhead(bytes) { out.append($0) }
+        return out
+    }
+}
+
 /// Three files of 100 bytes (node n holds n), read in the order 2, 3, 4; node 2 has passthrough
 /// backing id `backingID` when one is given.
 final class WalkFS: FUSEFilesystem, @unchecked Sendable {
